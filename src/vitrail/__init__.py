@@ -1,0 +1,39 @@
+"""vitrail: the Vision Transformer as a first-class citizen of the Hugging Face ecosystem.
+
+Importing vitrail registers its config, models and image processor with transformers' Auto classes.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForMaskedImageModeling,
+)
+
+from .configuration_vitrail import VARIANTS, VitrailConfig
+from .image_processing_vitrail import VitrailImageProcessor
+from .modeling_vitrail import (
+    VitrailForImageClassification,
+    VitrailForMaskedImageModeling,
+    VitrailModel,
+    VitrailPreTrainedModel,
+)
+
+__version__ = "0.1.0"
+
+AutoConfig.register(VitrailConfig.model_type, VitrailConfig, exist_ok=True)
+AutoModel.register(VitrailConfig, VitrailModel, exist_ok=True)
+AutoModelForImageClassification.register(VitrailConfig, VitrailForImageClassification, exist_ok=True)
+AutoModelForMaskedImageModeling.register(VitrailConfig, VitrailForMaskedImageModeling, exist_ok=True)
+AutoImageProcessor.register(VitrailConfig, image_processor_classes={"pil": VitrailImageProcessor}, exist_ok=True)
+
+__all__ = [
+    "VARIANTS",
+    "VitrailConfig",
+    "VitrailForImageClassification",
+    "VitrailForMaskedImageModeling",
+    "VitrailImageProcessor",
+    "VitrailModel",
+    "VitrailPreTrainedModel",
+]

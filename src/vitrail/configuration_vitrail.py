@@ -1,0 +1,270 @@
+"""Configuration of vitrail's Vision Transformer.
+
+This file travels to the Hub with every checkpoint: it imports only transformers and huggingface_hub.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+POOLINGS = ("cls", "mean", "cls_mean")
+POSITION_EMBEDDING_TYPES = ("learned", "sincos2d", "none")
+PREFIX_POSITIONS = ("cls", "all", "none")
+
+# Width, depth, heads and MLP size of the published ViT sizes. Ti/S/B/L/H come from Dosovitskiy et al. 2020 and
+# Touvron et al. 2021 (DeiT); M, g and G from Zhai et al. 2021 ("Scaling Vision Transformers"), DINOv2 uses g.
+VARIANTS: dict[str, tuple[int, int, int, int]] = {
+    "Ti": (192, 12, 3, 768),
+    "S": (384, 12, 6, 1536),
+    "M": (512, 12, 8, 2048),
+    "B": (768, 12, 12, 3072),
+    "L": (1024, 24, 16, 4096),
+    "H": (1280, 32, 16, 5120),
+    "g": (1408, 40, 16, 6144),
+    "G": (1664, 48, 16, 8192),
+}
+
+
+def _pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    return int(value[0]), int(value[1])
+
+
+@strict
+class VitrailConfig(PreTrainedConfig):
+    r"""
+    Configuration of a vitrail Vision Transformer. Defaults give ViT-B/16 at 224 px, laid out as in
+    Dosovitskiy et al. 2020: a class token with a learned position, pre-norm layers, class-token pooling.
+    Field names shared with transformers' `ViTConfig` mean the same thing here.
+
+    Args:
+        hidden_size (`int`, defaults to 768): width of every token.
+        num_hidden_layers (`int`, defaults to 12): number of Transformer layers.
+        num_attention_heads (`int`, defaults to 12): heads per attention layer; must divide `hidden_size`.
+        intermediate_size (`int`, defaults to 3072): hidden width of the MLP.
+        hidden_act (`str`, defaults to `"gelu"`): MLP activation, any key of `transformers.activations.ACT2FN`.
+        hidden_dropout_prob (`float`, defaults to 0.0): dropout after the embeddings, attention and MLP outputs.
+        attention_probs_dropout_prob (`float`, defaults to 0.0): dropout on the attention weights.
+        initializer_range (`float`, defaults to 0.02): std of the truncated normal used for weights.
+        layer_norm_eps (`float`, defaults to 1e-12): LayerNorm epsilon (1e-12 as in transformers' ViT; timm and
+            big_vision use 1e-6).
+        image_size (`int` or `(height, width)`, defaults to 224): the resolution the position table is made for.
+        patch_size (`int` or `(height, width)`, defaults to 16): kernel and stride of the patch convolution.
+        num_channels (`int`, defaults to 3): channels of the input images.
+        qkv_bias (`bool`, defaults to `True`): bias in the query/key/value projection.
+        encoder_stride (`int`, defaults to 16): upsampling factor of the masked-image-modeling decoder; must equal
+            `patch_size` to reconstruct at input resolution.
+        pooling (`str`, defaults to `"cls"`): the representation the head sees: `"cls"` (the class token),
+            `"mean"` (mean of the patch tokens, big_vision's "gap"), or `"cls_mean"` (both concatenated, as in
+            DINOv2's linear classifier, giving `2 * hidden_size` features).
+        use_cls_token (`bool`, defaults to `True`): prepend a learned class token.
+        num_register_tokens (`int`, defaults to 0): extra learned tokens (Darcet et al. 2023, "Vision Transformers
+            Need Registers") placed after the class token; they are dropped from pooling.
+        position_embedding_type (`str`, defaults to `"learned"`): `"learned"`, `"sincos2d"` (fixed 2D sin-cos,
+            big_vision's `posemb="sincos2d"`), or `"none"`.
+        prefix_position_embeddings (`str`, *optional*): which prefix tokens get a learned position of their own:
+            `"cls"` (transformers' ViT, DeiT and DINOv2: only the class token), `"all"` (timm with registers:
+            class and register tokens) or `"none"` (timm's `no_embed_class`, big_vision). Defaults to `"cls"` for
+            learned positions with a class token and to `"none"` otherwise.
+        use_fc_norm (`bool`, defaults to `False`): apply the final LayerNorm to the pooled vector instead of to
+            every token (timm's `fc_norm`, the default of its `global_pool="avg"` models).
+        drop_path_rate (`float`, defaults to 0.0): stochastic depth (Huang et al. 2016) of the last layer; layer
+            `i` drops its residual branches with probability `drop_path_rate * i / (num_hidden_layers - 1)`.
+        layer_scale_init_value (`float`, *optional*): when set, LayerScale (Touvron et al. 2021, CaiT) multiplies
+            each residual branch by a learned per-channel vector initialised to this value.
+        qk_norm (`bool`, defaults to `False`): LayerNorm on queries and keys per head (Dehghani et al. 2023).
+        dynamic_image_size (`bool`, defaults to `False`): accept any input size. Inputs whose sides are not
+            multiples of the patch size are padded at the bottom/right, and the learned position table is
+            resampled (bicubic) to the input's patch grid at run time.
+
+    Example:
+
+    ```python
+    >>> from vitrail import VitrailConfig, VitrailForImageClassification
+    >>> config = VitrailConfig.from_variant("S/16", num_labels=10)
+    >>> model = VitrailForImageClassification(config)
+    ```
+    """
+
+    model_type = "vitrail"
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float | int = 0.0
+    attention_probs_dropout_prob: float | int = 0.0
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    image_size: int | list[int] | tuple[int, int] = 224
+    patch_size: int | list[int] | tuple[int, int] = 16
+    num_channels: int = 3
+    qkv_bias: bool = True
+    encoder_stride: int = 16
+    pooling: str = "cls"
+    use_cls_token: bool = True
+    num_register_tokens: int = 0
+    position_embedding_type: str = "learned"
+    prefix_position_embeddings: str | None = None
+    use_fc_norm: bool = False
+    drop_path_rate: float | int = 0.0
+    layer_scale_init_value: float | None = None
+    qk_norm: bool = False
+    dynamic_image_size: bool = False
+
+    def __post_init__(self, **kwargs):
+        if self.prefix_position_embeddings is None:
+            learned_cls = self.position_embedding_type == "learned" and self.use_cls_token
+            self.prefix_position_embeddings = "cls" if learned_cls else "none"
+        super().__post_init__(**kwargs)
+
+    # ---- derived values: computed here and nowhere else -------------------------------------------------------
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return _pair(self.image_size)
+
+    @property
+    def patch_hw(self) -> tuple[int, int]:
+        return _pair(self.patch_size)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patch grid `(rows, columns)` at `image_size` (padded up when sizes are dynamic)."""
+        (h, w), (ph, pw) = self.image_hw, self.patch_hw
+        return -(-h // ph), -(-w // pw)
+
+    @property
+    def num_patches(self) -> int:
+        rows, cols = self.grid_size
+        return rows * cols
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches: the class token, then the registers."""
+        return int(self.use_cls_token) + self.num_register_tokens
+
+    @property
+    def num_prefix_positions(self) -> int:
+        """Prefix tokens that own a row of the learned position table."""
+        return {"cls": 1, "all": self.num_prefix_tokens, "none": 0}[self.prefix_position_embeddings]
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def pooled_size(self) -> int:
+        """Width of `pooler_output`, the vector the classification head reads."""
+        return 2 * self.hidden_size if self.pooling == "cls_mean" else self.hidden_size
+
+    # ---- construction from the size table ---------------------------------------------------------------------
+
+    @classmethod
+    def from_variant(cls, variant: str, **overrides) -> VitrailConfig:
+        """Build a config from a size name such as `"S/16"`, `"B/32"` or `"L/14"`; keyword arguments override.
+
+        The patch size after the slash can be any positive integer.
+        """
+        name, _, patch = variant.partition("/")
+        if name not in VARIANTS or not patch.isdigit() or int(patch) <= 0:
+            raise ValueError(
+                f"Unknown variant {variant!r}: write '<size>/<patch>' with size one of {list(VARIANTS)} and a "
+                "positive integer patch size, e.g. 'S/16' or 'L/14'."
+            )
+        width, depth, heads, mlp = VARIANTS[name]
+        fields = {
+            "hidden_size": width,
+            "num_hidden_layers": depth,
+            "num_attention_heads": heads,
+            "intermediate_size": mlp,
+            "patch_size": int(patch),
+            "encoder_stride": int(patch),
+        }
+        fields.update(overrides)
+        return cls(**fields)
+
+    # ---- validation (runs at construction and again in save_pretrained) ---------------------------------------
+
+    def validate_architecture(self):
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_channels"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
+                f"({self.num_attention_heads}) so that every head gets the same width; pick a head count that "
+                f"divides {self.hidden_size}, or a multiple of {self.num_attention_heads} as width."
+            )
+        for name in ("image_size", "patch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) and len(value) != 2:
+                raise ValueError(f"`{name}` must be an int or a (height, width) pair, got {value!r}.")
+            if min(_pair(value)) <= 0:
+                raise ValueError(f"`{name}` must be positive, got {value!r}.")
+        (h, w), (ph, pw) = self.image_hw, self.patch_hw
+        if not self.dynamic_image_size and (h % ph or w % pw):
+            raise ValueError(
+                f"`image_size` {h}x{w} is not divisible by `patch_size` {ph}x{pw}, so border pixels would be lost. "
+                "Choose sizes that divide, or set `dynamic_image_size=True` to pad inputs up to whole patches."
+            )
+        if self.encoder_stride <= 0:
+            raise ValueError(f"`encoder_stride` must be positive, got {self.encoder_stride}.")
+
+    def validate_tokens_and_pooling(self):
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"Unknown `pooling` {self.pooling!r}; choose one of {POOLINGS}.")
+        if self.pooling in ("cls", "cls_mean") and not self.use_cls_token:
+            raise ValueError(
+                f"`pooling={self.pooling!r}` reads the class token, but `use_cls_token=False`. "
+                "Set `use_cls_token=True` or use `pooling='mean'`."
+            )
+        if self.num_register_tokens < 0:
+            raise ValueError(f"`num_register_tokens` must be >= 0, got {self.num_register_tokens}.")
+        if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
+            raise ValueError(
+                f"Unknown `position_embedding_type` {self.position_embedding_type!r}; "
+                f"choose one of {POSITION_EMBEDDING_TYPES}."
+            )
+        if self.prefix_position_embeddings not in PREFIX_POSITIONS:
+            raise ValueError(
+                f"Unknown `prefix_position_embeddings` {self.prefix_position_embeddings!r}; "
+                f"choose one of {PREFIX_POSITIONS}."
+            )
+        if self.position_embedding_type == "sincos2d" and self.hidden_size % 4:
+            raise ValueError(
+                f"`position_embedding_type='sincos2d'` splits channels into four sin/cos groups, so `hidden_size` "
+                f"must be divisible by 4 (got {self.hidden_size})."
+            )
+        if self.prefix_position_embeddings != "none":
+            if self.position_embedding_type != "learned":
+                raise ValueError(
+                    f"`prefix_position_embeddings={self.prefix_position_embeddings!r}` gives prefix tokens learned "
+                    f"positions, which needs `position_embedding_type='learned'` (got "
+                    f"{self.position_embedding_type!r}); set `prefix_position_embeddings='none'`."
+                )
+            if self.num_prefix_tokens == 0 or (self.prefix_position_embeddings == "cls" and not self.use_cls_token):
+                raise ValueError(
+                    f"`prefix_position_embeddings={self.prefix_position_embeddings!r}` but the model has no such "
+                    "prefix token; set it to 'none' or enable `use_cls_token`."
+                )
+
+    def validate_regularisation(self):
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"`{name}` is a probability in [0, 1), got {value}.")
+        if self.layer_scale_init_value is not None and self.layer_scale_init_value <= 0:
+            raise ValueError(
+                f"`layer_scale_init_value` must be positive (or None to disable LayerScale), "
+                f"got {self.layer_scale_init_value}."
+            )
+
+
+# Checkpoints carry this file and name it in `auto_map`, so they open where vitrail is not installed.
+VitrailConfig.register_for_auto_class()
+
+__all__ = ["VitrailConfig", "VARIANTS"]

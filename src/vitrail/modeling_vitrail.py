@@ -1,0 +1,629 @@
+"""vitrail's Vision Transformer: ViT = Transformer(Patch(x)).
+
+Patch embedding (a Conv2d with kernel = stride = patch) -> prefix tokens and positions -> pre-norm Transformer
+layers (attention `softmax(QK^T / sqrt(d)) V`, then an MLP) -> final LayerNorm -> pooling -> heads.
+
+This file travels to the Hub with every checkpoint: it imports only torch, transformers and
+`configuration_vitrail`. Parameter names are the checkpoint format; the README lists them.
+
+Layout choices measured on a 2-core CPU at ViT-B/16 shapes (`python scripts/benchmark.py --layout`): one fused
+`qkv` projection instead of three, and positions added to the patch tokens before the prefix tokens are
+concatenated (no copy of a `(B, N, C)` tensor for the add).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    ImageClassifierOutput,
+    MaskedImageModelingOutput,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .configuration_vitrail import VitrailConfig
+
+
+def sincos_2d_position_embeddings(
+    rows: int, cols: int, width: int, temperature: float = 10000.0, dtype=torch.float32, device=None
+) -> torch.Tensor:
+    """Fixed 2D sin-cos positions, `(1, rows * cols, width)`, in big_vision's `posemb_sincos_2d` layout:
+    the channels are `[sin(x), cos(x), sin(y), cos(y)]`, a quarter each, over `width // 4` frequencies."""
+    quarter = width // 4
+    omega = torch.arange(quarter, dtype=torch.float64, device=device) / max(quarter - 1, 1)
+    omega = temperature**-omega
+    y, x = torch.meshgrid(
+        torch.arange(rows, dtype=torch.float64, device=device),
+        torch.arange(cols, dtype=torch.float64, device=device),
+        indexing="ij",
+    )
+    x = x.reshape(-1, 1) * omega  # (rows * cols, quarter)
+    y = y.reshape(-1, 1) * omega
+    table = torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
+    return table.to(dtype).unsqueeze(0)
+
+
+def resample_position_grid(table: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
+    """Resample the patch part of a position table `(1, old_rows * old_cols, C)` to another grid, bicubically.
+
+    Upsampling matches transformers' `interpolate_pos_encoding`; downsampling is antialiased, as in timm's
+    `resample_abs_pos_embed`, so that shrinking a grid does not alias.
+    """
+    if tuple(old_grid) == tuple(new_grid):
+        return table
+    dim = table.shape[-1]
+    grid = table.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)  # (1, N, C) -> (1, C, rows, cols)
+    shrinking = new_grid[0] < old_grid[0] or new_grid[1] < old_grid[1]
+    grid = F.interpolate(
+        grid.float(), size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=shrinking
+    ).to(table.dtype)
+    return grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim)  # (1, C, r, c) -> (1, r * c, C)
+
+
+class VitrailPatchEmbeddings(nn.Module):
+    """Turns `(B, C, H, W)` images into `(B, rows * cols, hidden)` patch tokens with one strided convolution."""
+
+    def __init__(self, config: VitrailConfig):
+        super().__init__()
+        self.image_hw = config.image_hw
+        self.patch_hw = config.patch_hw
+        self.num_channels = config.num_channels
+        self.projection = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=self.patch_hw, stride=self.patch_hw
+        )
+
+    def forward(self, pixel_values: torch.Tensor, dynamic_size: bool) -> tuple[torch.Tensor, tuple[int, int]]:
+        if pixel_values.ndim != 4:
+            raise ValueError(
+                f"`pixel_values` must have shape (batch, channels, height, width), got {tuple(pixel_values.shape)}."
+            )
+        _, channels, height, width = pixel_values.shape
+        if channels != self.num_channels:
+            raise ValueError(
+                f"`pixel_values` has {channels} channels but the model expects {self.num_channels} "
+                f"(`config.num_channels`). Convert the images (the image processor does this for you) or build "
+                f"the model with `num_channels={channels}`."
+            )
+        if dynamic_size:
+            # Pad bottom/right up to whole patches so no border pixel is dropped.
+            pad_h = -height % self.patch_hw[0]
+            pad_w = -width % self.patch_hw[1]
+            if pad_h or pad_w:
+                pixel_values = F.pad(pixel_values, (0, pad_w, 0, pad_h))
+        elif (height, width) != self.image_hw:
+            raise ValueError(
+                f"Input image size {height}x{width} does not match the model's {self.image_hw[0]}x{self.image_hw[1]} "
+                "(`config.image_size`). Resize the images (the image processor does this), pass "
+                "`interpolate_pos_encoding=True`, or set `config.dynamic_image_size=True` to accept any size."
+            )
+        patches = self.projection(pixel_values.to(self.projection.weight.dtype))  # (B, C, H, W) -> (B, D, r, c)
+        grid = (patches.shape[-2], patches.shape[-1])
+        return patches.flatten(2).transpose(1, 2), grid  # (B, D, r, c) -> (B, r * c, D)
+
+
+class VitrailEmbeddings(nn.Module):
+    """Patch tokens plus positions, behind the prefix tokens: `[cls] [registers...] patches`."""
+
+    def __init__(self, config: VitrailConfig, use_mask_token: bool = False):
+        super().__init__()
+        hidden = config.hidden_size
+        self.config = config
+        self.patch_embeddings = VitrailPatchEmbeddings(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden)) if config.use_cls_token else None
+        self.register_tokens = (
+            nn.Parameter(torch.zeros(1, config.num_register_tokens, hidden)) if config.num_register_tokens else None
+        )
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden)) if use_mask_token else None
+        self.num_prefix_positions = config.num_prefix_positions
+        self.grid_size = config.grid_size
+        self.position_embeddings = None
+        if config.position_embedding_type == "learned":
+            self.position_embeddings = nn.Parameter(
+                torch.zeros(1, self.num_prefix_positions + config.num_patches, hidden)
+            )
+        elif config.position_embedding_type == "sincos2d":
+            table = sincos_2d_position_embeddings(*self.grid_size, hidden)
+            self.register_buffer("sincos_position_embeddings", table, persistent=False)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def patch_positions(self, grid: tuple[int, int], dtype: torch.dtype) -> torch.Tensor | None:
+        """Positions for a `grid` of patches, `(1, rows * cols, hidden)`, resampled or recomputed as needed."""
+        kind = self.config.position_embedding_type
+        if kind == "learned":
+            table = self.position_embeddings[:, self.num_prefix_positions :]
+            return resample_position_grid(table, self.grid_size, grid)
+        if kind == "sincos2d":
+            if tuple(grid) == tuple(self.grid_size):
+                return self.sincos_position_embeddings.to(dtype)
+            table = sincos_2d_position_embeddings(*grid, self.config.hidden_size, device=self.device)
+            return table.to(dtype)
+        return None
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embeddings.projection.weight.device
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
+        dynamic_size: bool = False,
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        patches, grid = self.patch_embeddings(pixel_values, dynamic_size)
+        batch = patches.shape[0]
+
+        if bool_masked_pos is not None:
+            if self.mask_token is None:
+                raise ValueError("`bool_masked_pos` needs a mask token: use `VitrailForMaskedImageModeling`.")
+            if bool_masked_pos.shape != patches.shape[:2]:
+                raise ValueError(
+                    f"`bool_masked_pos` must have shape (batch, num_patches) = {tuple(patches.shape[:2])} for this "
+                    f"input ({grid[0]}x{grid[1]} patches), got {tuple(bool_masked_pos.shape)}."
+                )
+            patches = torch.where(bool_masked_pos.unsqueeze(-1).bool(), self.mask_token.to(patches.dtype), patches)
+
+        positions = self.patch_positions(grid, patches.dtype)
+        if positions is not None:
+            patches = patches + positions
+
+        prefix = []
+        if self.cls_token is not None:
+            cls = self.cls_token
+            if self.num_prefix_positions:
+                cls = cls + self.position_embeddings[:, :1]
+            prefix.append(cls.expand(batch, -1, -1))
+        if self.register_tokens is not None:
+            registers = self.register_tokens
+            if self.num_prefix_positions > 1:
+                registers = registers + self.position_embeddings[:, 1 : self.num_prefix_positions]
+            prefix.append(registers.expand(batch, -1, -1))
+        tokens = torch.cat([*prefix, patches], dim=1) if prefix else patches  # (B, P + r * c, D)
+        return self.dropout(tokens), grid
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(Q K^T / sqrt(d)) V, written out. Inputs `(B, heads, N, d)`; returns `(B, N, heads, d)` and the
+    weights `(B, heads, N, N)`, the contract of transformers' attention interface."""
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()  # (B, h, N, d) -> (B, N, h, d)
+    return output, weights
+
+
+class VitrailAttention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection; the kernel comes from transformers' registry."""
+
+    is_causal = False
+
+    def __init__(self, config: VitrailConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.dropout_p = config.attention_probs_dropout_prob
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps) if config.qk_norm else None
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps) if config.qk_norm else None
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, tokens, width = hidden_states.shape
+        qkv = self.qkv(hidden_states).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, N, 3, h, d) -> 3 x (B, h, N, d)
+        if self.q_norm is not None:
+            query, key = self.q_norm(query), self.k_norm(key)
+
+        # Fused kernels (sdpa, flash) never materialise the weights; asking for them switches this call to eager.
+        implementation = "eager" if output_attentions else self.config._attn_implementation
+        attention: Callable = eager_attention_forward
+        if implementation not in (None, "eager"):
+            attention = ALL_ATTENTION_FUNCTIONS[implementation]
+        output, weights = attention(
+            self,
+            query,
+            key,
+            value,
+            None,
+            dropout=self.dropout_p if self.training else 0.0,
+            scaling=self.scaling,
+            is_causal=False,
+        )
+        output = output.reshape(batch, tokens, width)  # (B, N, h, d) -> (B, N, D)
+        return self.proj(output), (weights if output_attentions else None)
+
+
+class VitrailMLP(nn.Module):
+    """Two linear layers with the configured activation between them."""
+
+    def __init__(self, config: VitrailConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(hidden_states)))
+
+
+class VitrailLayerScale(nn.Module):
+    """Per-channel learned scale of a residual branch (Touvron et al. 2021, CaiT)."""
+
+    def __init__(self, config: VitrailConfig):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((config.hidden_size,), float(config.layer_scale_init_value)))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states * self.scale
+
+
+class VitrailDropPath(nn.Module):
+    """Stochastic depth: drops a residual branch for whole samples, rescaling the kept ones (Huang et al. 2016)."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop_prob == 0.0:
+            return hidden_states
+        keep = 1.0 - self.drop_prob
+        mask_shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
+        mask = hidden_states.new_empty(mask_shape).bernoulli_(keep)
+        return hidden_states * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class VitrailLayer(GradientCheckpointingLayer):
+    """One pre-norm Transformer layer: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: VitrailConfig, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = VitrailAttention(config)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = VitrailMLP(config)
+        layer_scale = config.layer_scale_init_value is not None
+        self.layer_scale1 = VitrailLayerScale(config) if layer_scale else nn.Identity()
+        self.layer_scale2 = VitrailLayerScale(config) if layer_scale else nn.Identity()
+        self.drop_path = VitrailDropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attended, weights = self.attention(self.norm1(hidden_states), output_attentions)
+        hidden_states = hidden_states + self.drop_path(self.layer_scale1(self.dropout(attended)))
+        mixed = self.mlp(self.norm2(hidden_states))
+        hidden_states = hidden_states + self.drop_path(self.layer_scale2(self.dropout(mixed)))
+        return hidden_states, weights
+
+
+class VitrailEncoder(nn.Module):
+    """The stack of layers; drop-path probability grows linearly from 0 at the first layer to the configured rate."""
+
+    def __init__(self, config: VitrailConfig):
+        super().__init__()
+        depth = config.num_hidden_layers
+        rates = [config.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.layers = nn.ModuleList([VitrailLayer(config, rate) for rate in rates])
+
+    def forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False, output_hidden_states: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        all_weights = () if output_attentions else None
+        for layer in self.layers:
+            hidden_states, weights = layer(hidden_states, output_attentions)
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+            if output_attentions:
+                all_weights += (weights,)
+        return hidden_states, all_hidden, all_weights
+
+
+# Every saved checkpoint opens with these Auto classes, whatever head it holds (the head's own class is added by
+# transformers when it saves): `AutoModel` on a classifier checkpoint gives its backbone.
+_AUTO_MAP = {
+    "AutoConfig": "configuration_vitrail.VitrailConfig",
+    "AutoModel": "modeling_vitrail.VitrailModel",
+}
+_PROCESSOR_FILE = "image_processing_vitrail.py"
+
+
+class VitrailPreTrainedModel(PreTrainedModel):
+    """Weight initialisation, attention-backend flags and Hub-ready saving shared by all vitrail models."""
+
+    config_class = VitrailConfig
+    config: VitrailConfig
+    base_model_prefix = "vitrail"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["VitrailEmbeddings", "VitrailLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.trunc_normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, VitrailEmbeddings):
+            for token in (module.cls_token, module.register_tokens, module.position_embeddings):
+                if token is not None:
+                    init.trunc_normal_(token, mean=0.0, std=std)
+            if module.mask_token is not None:
+                init.zeros_(module.mask_token)
+            if module.config.position_embedding_type == "sincos2d":
+                init.copy_(
+                    module.sincos_position_embeddings,
+                    sincos_2d_position_embeddings(*module.grid_size, module.config.hidden_size),
+                )
+        elif isinstance(module, VitrailLayerScale):
+            init.constant_(module.scale, self.config.layer_scale_init_value)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save weights and config as transformers does, plus the code files and a complete `auto_map`, so the
+        folder opens with `trust_remote_code=True` where vitrail is not installed."""
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **_AUTO_MAP}
+        processor_code = Path(__file__).with_name(_PROCESSOR_FILE)
+        if processor_code.exists():
+            self.config.auto_map["AutoImageProcessor"] = "image_processing_vitrail.VitrailImageProcessor"
+            Path(save_directory).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(processor_code, Path(save_directory) / _PROCESSOR_FILE)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _use_dynamic_size(self, interpolate_pos_encoding: bool | None) -> bool:
+        return self.config.dynamic_image_size if interpolate_pos_encoding is None else interpolate_pos_encoding
+
+    def _flag(self, value: bool | None, name: str) -> bool:
+        return bool(getattr(self.config, name, False) if value is None else value)
+
+
+class VitrailModel(VitrailPreTrainedModel):
+    r"""
+    The bare vitrail Vision Transformer: embeddings, encoder, final LayerNorm and pooling.
+
+    Returns a [`~transformers.modeling_outputs.BaseModelOutputWithPooling`] whose `last_hidden_state` holds every
+    token `(batch, prefix + patches, hidden_size)` and whose `pooler_output` is the representation chosen by
+    `config.pooling`, `(batch, config.pooled_size)`.
+
+    Args:
+        config ([`VitrailConfig`]): the model configuration.
+        use_mask_token (`bool`, *optional*, defaults to `False`): add the learned mask token used by masked image
+            modeling.
+    """
+
+    def __init__(self, config: VitrailConfig, use_mask_token: bool = False):
+        super().__init__(config)
+        self.embeddings = VitrailEmbeddings(config, use_mask_token=use_mask_token)
+        self.encoder = VitrailEncoder(config)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embeddings
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`(B, N, D)` tokens -> the `(B, pooled_size)` vector the head reads; registers are never pooled."""
+        patches = tokens[:, self.config.num_prefix_tokens :]
+        if self.config.pooling == "cls":
+            return tokens[:, 0]
+        if self.config.pooling == "mean":
+            return patches.mean(dim=1)
+        return torch.cat([tokens[:, 0], patches.mean(dim=1)], dim=-1)  # "cls_mean"
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.Tensor` of shape `(batch, num_channels, height, width)`): the images, as the image
+                processor makes them.
+            bool_masked_pos (`torch.BoolTensor` of shape `(batch, num_patches)`, *optional*): patches to replace
+                with the mask token (masked image modeling only).
+            interpolate_pos_encoding (`bool`, *optional*): accept an input size other than `config.image_size` for
+                this call (pad to whole patches, resample positions). Defaults to `config.dynamic_image_size`.
+            output_attentions (`bool`, *optional*): also return each layer's attention weights, whatever the
+                attention backend.
+            output_hidden_states (`bool`, *optional*): also return the embeddings and each layer's output.
+            return_dict (`bool`, *optional*): return a `ModelOutput` (default) rather than a tuple.
+        """
+        if pixel_values is None:
+            raise ValueError("`pixel_values` is required: pass a (batch, channels, height, width) tensor.")
+        output_attentions = self._flag(output_attentions, "output_attentions")
+        output_hidden_states = self._flag(output_hidden_states, "output_hidden_states")
+        return_dict = self._flag(return_dict, "return_dict")
+
+        tokens, _ = self.embeddings(
+            pixel_values, bool_masked_pos, dynamic_size=self._use_dynamic_size(interpolate_pos_encoding)
+        )
+        tokens, hidden_states, attentions = self.encoder(tokens, output_attentions, output_hidden_states)
+        if self.config.use_fc_norm:
+            pooled = self.layernorm(self.pool(tokens))
+        else:
+            tokens = self.layernorm(tokens)
+            pooled = self.pool(tokens)
+
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=tokens, pooler_output=pooled, hidden_states=hidden_states, attentions=attentions
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class VitrailForImageClassification(VitrailPreTrainedModel):
+    r"""
+    vitrail with a linear head on the pooled representation (`config.pooling`). With `labels`, the loss follows
+    `config.problem_type`: cross-entropy for single-label, BCE-with-logits for multi-label, MSE for regression
+    (inferred from `num_labels` and the label dtype when unset).
+
+    Args:
+        config ([`VitrailConfig`]): the model configuration; `num_labels`, `id2label` and `label2id` name the classes.
+    """
+
+    def __init__(self, config: VitrailConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.vitrail = VitrailModel(config)
+        self.classifier = (
+            nn.Linear(config.pooled_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        )
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.Tensor` of shape `(batch, num_channels, height, width)`): the images.
+            labels (`torch.Tensor`, *optional*): class indices `(batch,)` for single-label classification, multi-hot
+                floats `(batch, num_labels)` for multi-label, floats for regression.
+            interpolate_pos_encoding, output_attentions, output_hidden_states, return_dict: as in [`VitrailModel`].
+        """
+        return_dict = self._flag(return_dict, "return_dict")
+        outputs = self.vitrail(
+            pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.classifier(outputs.pooler_output)
+        loss = self.loss_function(labels, logits, self.config, **kwargs) if labels is not None else None
+        output = ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class VitrailForMaskedImageModeling(VitrailPreTrainedModel):
+    r"""
+    vitrail with the SimMIM decoder (Xie et al. 2021): masked patches are replaced by a learned mask token, and a
+    1x1 convolution followed by a pixel shuffle predicts the pixels; the loss is the L1 error on masked pixels only.
+
+    Args:
+        config ([`VitrailConfig`]): the model configuration; `encoder_stride` must equal `patch_size`.
+    """
+
+    def __init__(self, config: VitrailConfig):
+        super().__init__(config)
+        if config.patch_hw != (config.encoder_stride, config.encoder_stride):
+            raise ValueError(
+                f"Masked image modeling reconstructs one patch per token, so `encoder_stride` "
+                f"({config.encoder_stride}) must equal `patch_size` ({config.patch_size}); set both the same."
+            )
+        self.vitrail = VitrailModel(config, use_mask_token=True)
+        self.decoder = nn.Sequential(
+            nn.Conv2d(config.hidden_size, config.encoder_stride**2 * config.num_channels, kernel_size=1),
+            nn.PixelShuffle(config.encoder_stride),
+        )
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MaskedImageModelingOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.Tensor` of shape `(batch, num_channels, height, width)`): the images.
+            bool_masked_pos (`torch.BoolTensor` of shape `(batch, num_patches)`, *optional*): the patches to hide;
+                without it there is no loss, only a reconstruction.
+            interpolate_pos_encoding, output_attentions, output_hidden_states, return_dict: as in [`VitrailModel`].
+        """
+        return_dict = self._flag(return_dict, "return_dict")
+        dynamic_size = self._use_dynamic_size(interpolate_pos_encoding)
+        outputs = self.vitrail(
+            pixel_values,
+            bool_masked_pos=bool_masked_pos,
+            interpolate_pos_encoding=dynamic_size,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        batch, _, height, width = pixel_values.shape
+        patch = self.config.encoder_stride
+        rows, cols = -(-height // patch), -(-width // patch)
+        tokens = outputs.last_hidden_state[:, self.config.num_prefix_tokens :]
+        tokens = tokens.transpose(1, 2).reshape(batch, -1, rows, cols)  # (B, r * c, D) -> (B, D, r, c)
+        reconstruction = self.decoder(tokens)[..., :height, :width]  # (B, D, r, c) -> (B, C, H, W)
+
+        loss = None
+        if bool_masked_pos is not None:
+            mask = bool_masked_pos.reshape(batch, 1, rows, cols).to(reconstruction.dtype)
+            mask = mask.repeat_interleave(patch, 2).repeat_interleave(patch, 3)[..., :height, :width]
+            error = F.l1_loss(reconstruction, pixel_values.to(reconstruction.dtype), reduction="none")
+            # Mean over masked pixels and channels; the epsilon keeps a batch with nothing masked at zero loss.
+            loss = (error * mask).sum() / (mask.sum() * self.config.num_channels + 1e-5)
+
+        output = MaskedImageModelingOutput(
+            loss=loss,
+            reconstruction=reconstruction,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+VitrailModel.register_for_auto_class("AutoModel")
+VitrailForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+VitrailForMaskedImageModeling.register_for_auto_class("AutoModelForMaskedImageModeling")
+
+__all__ = [
+    "VitrailPreTrainedModel",
+    "VitrailModel",
+    "VitrailForImageClassification",
+    "VitrailForMaskedImageModeling",
+]
