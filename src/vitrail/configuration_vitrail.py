@@ -1,9 +1,8 @@
 """Configuration of vitrail's Vision Transformer.
 
 This file travels to the Hub with every checkpoint: it imports only transformers and huggingface_hub.
+No `from __future__ import annotations` here: `@strict` checks field types, and needs them as real types.
 """
-
-from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
@@ -164,7 +163,7 @@ class VitrailConfig(PreTrainedConfig):
     # ---- construction from the size table ---------------------------------------------------------------------
 
     @classmethod
-    def from_variant(cls, variant: str, **overrides) -> VitrailConfig:
+    def from_variant(cls, variant: str, **overrides) -> "VitrailConfig":
         """Build a config from a size name such as `"S/16"`, `"B/32"` or `"L/14"`; keyword arguments override.
 
         The patch size after the slash can be any positive integer.

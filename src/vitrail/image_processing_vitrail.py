@@ -41,7 +41,9 @@ def _to_channel_count(image: np.ndarray, num_channels: int) -> np.ndarray:
         # Composite over white, as a viewer shows a transparent image, instead of dropping alpha.
         white = 255.0 if np.issubdtype(image.dtype, np.integer) else 1.0
         alpha = image[3:4].astype(np.float32) / white
-        image = (image[:3].astype(np.float32) * alpha + white * (1.0 - alpha)).astype(image.dtype)
+        composite = image[:3].astype(np.float32) * alpha + white * (1.0 - alpha)
+        # Round integer pixels (as PIL's alpha_composite does) rather than truncate them a level down.
+        image = (composite.round() if white == 255.0 else composite).astype(image.dtype)
         channels = 3
     if channels not in (1, 3):
         raise ValueError(
@@ -55,6 +57,19 @@ def _to_channel_count(image: np.ndarray, num_channels: int) -> np.ndarray:
     # ITU-R 601-2 luma, the weights PIL uses for mode "L".
     luma = 0.299 * image[0].astype(np.float32) + 0.587 * image[1] + 0.114 * image[2]
     return luma[None].astype(image.dtype) if np.issubdtype(image.dtype, np.floating) else luma[None].round().astype(image.dtype)
+
+
+def _grayscale_statistic(value, name: str):
+    """`image_mean` / `image_std` for a one-channel output: a per-RGB triple of equal values (the default 0.5)
+    collapses to one value; a triple of different values is ambiguous for grayscale and raises."""
+    if value is None or isinstance(value, (int, float)) or len(value) == 1:
+        return value
+    if len(set(value)) == 1:
+        return float(value[0])
+    raise ValueError(
+        f"`num_channels=1` makes grayscale images, but `{name}` has one value per RGB channel: {tuple(value)}. "
+        f"Pass a single value, e.g. `{name}=[{sum(value) / len(value):.3f}]`."
+    )
 
 
 def _pil_to_channel_count(image: PIL.Image.Image, num_channels: int) -> np.ndarray:
@@ -132,14 +147,42 @@ class VitrailImageProcessor(PilBackend):
             image = image[None]
         elif image.ndim == 3:
             if input_data_format is None:
-                input_data_format = infer_channel_dimension_format(image, num_channels=(1, 3, 4))
+                try:
+                    input_data_format = infer_channel_dimension_format(image, num_channels=(1, 3, 4))
+                except ValueError:
+                    raise ValueError(
+                        f"Cannot read an image of shape {tuple(image.shape)}: expected 1 (grayscale), 3 (RGB) or "
+                        "4 (RGBA) channels, first or last."
+                    ) from None
             if input_data_format == ChannelDimension.LAST:
                 image = np.moveaxis(image, -1, 0)
         else:
             raise ValueError(f"An image must have 2 or 3 dimensions, got shape {image.shape}.")
         return _to_channel_count(image, num_channels)
 
+    def _prepare_images_structure(self, images, expected_ndims: int = 3) -> list:
+        """Flatten the input into a list of single images: a 4-D array or tensor is a batch, a 2-D or 3-D one is
+        one image (transformers' own flattening rejects 2-D grayscale arrays), lists may nest."""
+        images = self.fetch_images(images)
+        flat = []
+        for item in images if isinstance(images, (list, tuple)) else [images]:
+            if isinstance(item, (list, tuple)):
+                flat.extend(self._prepare_images_structure(item, expected_ndims))
+            elif isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 4:
+                flat.extend(item)
+            elif isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim not in (2, 3):
+                raise ValueError(
+                    f"Cannot read an image array of shape {tuple(item.shape)}: pass (H, W), (H, W, C), (C, H, W) or "
+                    "a batch (B, C, H, W)."
+                )
+            else:
+                flat.append(item)
+        return flat
+
     def _preprocess(self, images, do_resize, size, resample, crop_pct=None, **kwargs):
+        if (kwargs.get("num_channels") or self.num_channels) == 1 and kwargs.get("do_normalize"):
+            for name in ("image_mean", "image_std"):
+                kwargs[name] = _grayscale_statistic(kwargs.get(name), name)
         if do_resize and crop_pct is not None:
             if not 0.0 < crop_pct <= 1.0:
                 raise ValueError(f"`crop_pct` is the kept fraction of the image, in (0, 1]; got {crop_pct}.")

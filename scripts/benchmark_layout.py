@@ -1,0 +1,322 @@
+"""Measure three layout choices of the ViT block at ViT-B/16 shapes on this CPU.
+
+Each question pits layout A against layout B, both computing the same function from the same parameters:
+
+  (a) attention input projection, full attention block (projection -> SDPA -> out-projection):
+      A = one fused Linear(768, 2304) split into q, k, v;  B = three Linear(768, 768).
+  (b) where the learned positions are added (class token + 196 patch tokens):
+      A = concatenate the class token, then add the (1, 197, 768) table;
+      B = add rows 1: to the patches and row 0 to the class token, then concatenate.
+  (c) MLP Linear(768, 3072) -> GELU -> Linear(3072, 768): A = exact erf GELU;  B = tanh approximation.
+
+Every question is timed at batch 8 and 32 (197 tokens, width 768, 12 heads), in fp32 and under bf16 autocast
+(this CPU has AMX-bf16), for inference (forward under `torch.inference_mode`) and for training (forward +
+backward, gradients for the parameters and the input). The variants run interleaved, A B A B ..., for several
+rounds, because the machine is shared and noisy; the table gives the median ms per call, B/A as the ratio of
+the medians, and the interquartile range of the per-round paired ratios B_r / A_r as the noise band.
+
+Command (2 threads by default; `--threads N` to change, `--quick` for a ~20 s smoke run):
+
+    .venv/bin/python scripts/benchmark_layout.py
+
+Runtime here (2-core Sapphire Rapids, torch 2.14.1): RUNTIME_PLACEHOLDER
+
+Result here: RESULT_PLACEHOLDER
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ViT-B/16 at 224 px.
+WIDTH = 768
+HEADS = 12
+MLP_WIDTH = 3072
+PATCHES = 196
+TOKENS = PATCHES + 1
+
+
+class FusedQKVAttention(nn.Module):
+    """Attention with one (C, 3C) input projection."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        # (B, N, 3C) -> (3, B, heads, N, C/heads)
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)
+        # (B, heads, N, C/heads) -> (B, N, C)
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+class SeparateQKVAttention(nn.Module):
+    """Attention with three (C, C) input projections."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(width, width)
+        self.k = nn.Linear(width, width)
+        self.v = nn.Linear(width, width)
+        self.proj = nn.Linear(width, width)
+
+    @classmethod
+    def like(cls, fused: FusedQKVAttention) -> SeparateQKVAttention:
+        # Same weights as `fused`, so the timed variants are checked to compute the same function.
+        new = cls(fused.proj.in_features, fused.heads)
+        with torch.no_grad():
+            for linear, w, b in zip(
+                (new.q, new.k, new.v), fused.qkv.weight.chunk(3), fused.qkv.bias.chunk(3), strict=True
+            ):
+                linear.weight.copy_(w)
+                linear.bias.copy_(b)
+        new.proj.load_state_dict(fused.proj.state_dict())
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        d = c // self.heads
+        # (B, N, C) -> (B, heads, N, C/heads)
+        q = self.q(x).view(b, n, self.heads, d).transpose(1, 2)
+        k = self.k(x).view(b, n, self.heads, d).transpose(1, 2)
+        v = self.v(x).view(b, n, self.heads, d).transpose(1, 2)
+        x = F.scaled_dot_product_attention(q, k, v)
+        # (B, heads, N, C/heads) -> (B, N, C)
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+class ConcatThenAdd(nn.Module):
+    """Prepend the class token, then add the whole (1, 1 + P, C) position table."""
+
+    def __init__(self, cls_token: torch.Tensor, positions: torch.Tensor) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(cls_token.clone())
+        self.positions = nn.Parameter(positions.clone())
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        cls = self.cls_token.expand(patches.shape[0], -1, -1)
+        # (B, P, C) -> (B, 1 + P, C)
+        return torch.cat([cls, patches], dim=1) + self.positions
+
+
+class AddThenConcat(nn.Module):
+    """Add positions to the patches and to the class token separately, then prepend the class token."""
+
+    def __init__(self, cls_token: torch.Tensor, positions: torch.Tensor) -> None:
+        super().__init__()
+        # One (1, 1 + P, C) table sliced at run time, not two tables: both layouts then load the same
+        # checkpoint, which is how the question arises in practice (the model, not the file format, decides).
+        self.cls_token = nn.Parameter(cls_token.clone())
+        self.positions = nn.Parameter(positions.clone())
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        # The class token's add is on one row, before the batch expand, so it costs nothing per image.
+        cls = (self.cls_token + self.positions[:, :1]).expand(patches.shape[0], -1, -1)
+        # (B, P, C) -> (B, 1 + P, C)
+        return torch.cat([cls, patches + self.positions[:, 1:]], dim=1)
+
+
+class Mlp(nn.Module):
+    """The transformer MLP with a choice of GELU."""
+
+    def __init__(self, width: int, hidden: int, approximate: str) -> None:
+        super().__init__()
+        self.approximate = approximate
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
+
+
+@dataclass
+class Question:
+    key: str
+    label: str  # "A vs B", as the table prints it
+    # Builds (module A, module B, input shape, input dtype under bf16 autocast, fp32 tolerance of A vs B).
+    build: Callable[[int], tuple[nn.Module, nn.Module, tuple[int, ...], torch.dtype, float]]
+
+
+def build_attention(batch: int):
+    fused = FusedQKVAttention(WIDTH, HEADS)
+    # Under CPU autocast LayerNorm returns fp32, so the attention input stays fp32 and each of the three
+    # separate projections casts it to bf16 on its own: part of the real cost of layout B.
+    return fused, SeparateQKVAttention.like(fused), (batch, TOKENS, WIDTH), torch.float32, 1e-5
+
+
+def build_positions(batch: int):
+    cls_token = torch.randn(1, 1, WIDTH) * 0.02
+    positions = torch.randn(1, TOKENS, WIDTH) * 0.02
+    a, b = ConcatThenAdd(cls_token, positions), AddThenConcat(cls_token, positions)
+    # The patch embedding is a Conv2d, which autocast runs in bf16: the patches arrive in bf16.
+    return a, b, (batch, PATCHES, WIDTH), torch.bfloat16, 1e-6
+
+
+def build_mlp(batch: int):
+    exact = Mlp(WIDTH, MLP_WIDTH, "none")
+    tanh = Mlp(WIDTH, MLP_WIDTH, "tanh")
+    tanh.load_state_dict(exact.state_dict())
+    # The tanh form differs from erf by up to ~3e-4 per unit, so only a loose check applies.
+    return exact, tanh, (batch, TOKENS, WIDTH), torch.float32, 1e-2
+
+
+QUESTIONS = {
+    "qkv": Question("qkv", "qkv: fused vs 3 separate", build_attention),
+    "pos": Question("pos", "pos: cat+add vs add+cat", build_positions),
+    "gelu": Question("gelu", "gelu: erf vs tanh", build_mlp),
+}
+
+
+def make_runner(module: nn.Module, x: torch.Tensor, bf16: bool, train: bool) -> Callable[[int], None]:
+    """Return `run(calls)`, which performs `calls` steps of one variant."""
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    if not train:
+
+        def run(calls: int) -> None:
+            with torch.inference_mode(), autocast():
+                for _ in range(calls):
+                    module(x)
+
+        return run
+
+    x = x.detach().requires_grad_(True)  # the block's input comes from earlier layers and needs a gradient
+    params = list(module.parameters())
+    with autocast():
+        grad_out = torch.ones_like(module(x))
+
+    def run(calls: int) -> None:
+        for _ in range(calls):
+            # set_to_none, as `optimizer.zero_grad()` does: backward then writes fresh gradients, not `+=`.
+            for p in params:
+                p.grad = None
+            x.grad = None
+            with autocast():
+                out = module(x)
+            out.backward(grad_out)
+
+    return run
+
+
+def time_pair(
+    run_a: Callable[[int], None], run_b: Callable[[int], None], rounds: int, warmup_s: float, sample_s: float
+) -> tuple[list[float], list[float]]:
+    """Per-call seconds of A and B, one sample of each per round, interleaved A B A B ..."""
+    # The first calls create oneDNN primitives and grow the allocator's pools; keep them out of the samples.
+    start = time.perf_counter()
+    while True:
+        run_a(1)
+        run_b(1)
+        if time.perf_counter() - start >= warmup_s:
+            break
+    # Small ops take well under a millisecond, where timer and Python overhead would dominate one call:
+    # repeat them so that each sample lasts at least `sample_s`. A and B use the same count.
+    t0 = time.perf_counter()
+    run_a(1)
+    calls = max(1, math.ceil(sample_s / max(time.perf_counter() - t0, 1e-6)))
+
+    times_a, times_b = [], []
+    for _ in range(rounds):
+        for run, times in ((run_a, times_a), (run_b, times_b)):
+            t0 = time.perf_counter()
+            run(calls)
+            times.append((time.perf_counter() - t0) / calls)
+    return times_a, times_b
+
+
+def check_same_function(a: nn.Module, b: nn.Module, x: torch.Tensor, tolerance: float) -> None:
+    with torch.inference_mode():
+        ya, yb = a(x.float()), b(x.float())
+    err = (ya - yb).abs().max().item()
+    if err > tolerance:
+        raise AssertionError(f"{type(a).__name__} and {type(b).__name__} disagree by {err:.2e} > {tolerance}")
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 4:
+        return min(values), max(values)
+    q = statistics.quantiles(values, n=4)
+    return q[0], q[2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--rounds", type=int, default=9, help="A/B samples per variant (default 9)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", nargs="+", choices=list(QUESTIONS), default=list(QUESTIONS))
+    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    parser.add_argument("--warmup", type=float, default=0.3, help="seconds of warm-up per comparison")
+    parser.add_argument("--sample", type=float, default=0.05, help="minimum seconds per timed sample")
+    parser.add_argument("--quick", action="store_true", help="batch 8, 3 rounds, short warm-up: a smoke run")
+    args = parser.parse_args()
+    if args.quick:
+        args.batch_sizes, args.rounds, args.warmup, args.sample = [8], 3, 0.05, 0.01
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    began = time.perf_counter()
+
+    rows = []
+    for key in args.only:
+        question = QUESTIONS[key]
+        for batch in args.batch_sizes:
+            module_a, module_b, shape, bf16_input_dtype, tolerance = question.build(batch)
+            x32 = torch.randn(shape)
+            check_same_function(module_a, module_b, x32, tolerance)
+            for precision in args.precisions:
+                bf16 = precision == "bf16"
+                x = x32.to(bf16_input_dtype) if bf16 else x32
+                for mode in ("infer", "train"):
+                    train = mode == "train"
+                    module_a.train(train)
+                    module_b.train(train)
+                    gc.collect()
+                    times_a, times_b = time_pair(
+                        make_runner(module_a, x, bf16, train),
+                        make_runner(module_b, x, bf16, train),
+                        args.rounds,
+                        args.warmup,
+                        args.sample,
+                    )
+                    med_a, med_b = statistics.median(times_a), statistics.median(times_b)
+                    low, high = quartiles([b / a for a, b in zip(times_a, times_b, strict=True)])
+                    rows.append((question.label, batch, precision, mode, med_a, med_b, low, high))
+                    print(
+                        f"[{time.perf_counter() - began:5.0f} s] {question.label:26} B={batch:<3} {precision} "
+                        f"{mode}: A {med_a * 1e3:8.3f} ms  B {med_b * 1e3:8.3f} ms  B/A {med_b / med_a:.3f}",
+                        file=sys.stderr,
+                    )
+
+    print(
+        f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds, "
+        f"median ms per call; B/A < 1 means B is faster. Total {time.perf_counter() - began:.0f} s.\n"
+    )
+    print("| A vs B | batch | precision | pass | A ms | B ms | B/A | paired B/A, IQR |")
+    print("|---|--:|---|---|--:|--:|--:|--:|")
+    for label, batch, precision, mode, med_a, med_b, low, high in rows:
+        print(
+            f"| {label} | {batch} | {precision} | {mode} | {med_a * 1e3:.3f} | {med_b * 1e3:.3f} "
+            f"| {med_b / med_a:.3f} | {low:.3f}–{high:.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
