@@ -126,7 +126,7 @@ def test_gradient_checkpointing_gives_same_gradients(config, pixels):
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     plain = grads()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     assert all(layer.gradient_checkpointing for layer in model.vitrail.encoder.layers)
     checkpointed = grads()
     assert plain.keys() == checkpointed.keys()
@@ -413,3 +413,12 @@ def test_other_bad_inputs(config):
         mim(torch.randn(1, 3, 30, 30), bool_masked_pos=torch.zeros(1, 100, dtype=torch.bool))
     with pytest.raises(ValueError, match="must equal `patch_size`"):
         VitrailForMaskedImageModeling(tiny_config(encoder_stride=16))
+
+
+@pytest.mark.slow  # reason: torch.compile of the flex kernel takes ~50 s on this 2-core CPU
+def test_flex_attention_matches_eager_at_inference(config, pixels, tmp_path):
+    VitrailForImageClassification(config).save_pretrained(tmp_path)
+    eager = VitrailForImageClassification.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    flex = VitrailForImageClassification.from_pretrained(tmp_path, attn_implementation="flex_attention").eval()
+    with torch.no_grad():  # torch has no flex-attention backward on CPU
+        torch.testing.assert_close(flex(pixels).logits, eager(pixels).logits, atol=1e-5, rtol=0)

@@ -10,6 +10,7 @@ from transformers import (
     AutoModelForImageClassification,
     AutoModelForMaskedImageModeling,
 )
+from transformers.utils import is_torchvision_available
 
 from .configuration_vitrail import VARIANTS, VitrailConfig
 from .image_processing_vitrail import VitrailImageProcessor
@@ -27,6 +28,12 @@ AutoModel.register(VitrailConfig, VitrailModel, exist_ok=True)
 AutoModelForImageClassification.register(VitrailConfig, VitrailForImageClassification, exist_ok=True)
 AutoModelForMaskedImageModeling.register(VitrailConfig, VitrailForMaskedImageModeling, exist_ok=True)
 AutoImageProcessor.register(VitrailConfig, image_processor_classes={"pil": VitrailImageProcessor}, exist_ok=True)
+# vitrail has no video processor. Saying so stops pipelines from guessing a remote "VitrailVideoProcessor" from the
+# image processor's auto_map and asking on stdin whether to run it. (Video processors exist only with torchvision.)
+if is_torchvision_available():
+    from transformers import AutoVideoProcessor
+
+    AutoVideoProcessor.register(VitrailConfig, video_processor_classes={}, exist_ok=True)
 
 __all__ = [
     "VARIANTS",

@@ -1,0 +1,321 @@
+"""The Hub-code path: a saved vitrail folder opens with `trust_remote_code=True` where vitrail is absent.
+
+One subprocess, with `vitrail` blocked in `sys.modules`, loads the folder through the Auto classes and
+pipelines and reports what it got; the tests compare that report with references computed with vitrail.
+"""
+
+import builtins
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForMaskedImageModeling, pipeline
+
+from vitrail import (
+    VitrailConfig,
+    VitrailForImageClassification,
+    VitrailForMaskedImageModeling,
+    VitrailImageProcessor,
+)
+
+ID2LABEL = {0: "cat", 1: "dog", 2: "bird"}
+TINY = dict(
+    image_size=30,
+    patch_size=2,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+)
+CODE_FILES = ("configuration_vitrail.py", "modeling_vitrail.py", "image_processing_vitrail.py")
+ATOL = 1e-6
+
+
+def randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Weights far from the initialisation, so that outputs differ clearly between inputs and labels."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> Path:
+    """A classifier folder (with its processor), a masked-image-modeling folder, a PNG and references."""
+    root = tmp_path_factory.mktemp("hub_code")
+    classifier = randomise(
+        VitrailForImageClassification(
+            VitrailConfig(
+                **TINY, num_labels=3, id2label=ID2LABEL, label2id={v: k for k, v in ID2LABEL.items()}
+            )
+        ),
+        seed=0,
+    )
+    classifier.save_pretrained(root / "classifier")
+    processor = VitrailImageProcessor(size={"height": 30, "width": 30})
+    processor.save_pretrained(root / "classifier")
+    mim = randomise(VitrailForMaskedImageModeling(VitrailConfig(**TINY, encoder_stride=2)), seed=1)
+    mim.save_pretrained(root / "mim")
+
+    image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (41, 37, 3), dtype=np.uint8))
+    image.save(root / "image.png")
+    generator = torch.Generator().manual_seed(2)
+    inputs = torch.randn(2, 3, 30, 30, generator=generator)
+    bool_masked_pos = torch.rand(2, 225, generator=generator) < 0.4
+    with torch.no_grad():
+        image_pixels = processor(image, return_tensors="pt")["pixel_values"]
+        image_backbone = classifier.vitrail(image_pixels)
+        reconstruction = mim(inputs, bool_masked_pos=bool_masked_pos)
+        reference = {
+            "inputs": inputs,
+            "logits": classifier(inputs).logits,
+            "pooler_output": classifier.vitrail(inputs).pooler_output,
+            "image_pixel_values": image_pixels,
+            "image_probabilities": classifier(image_pixels).logits.softmax(-1)[0],
+            "image_hidden_state": image_backbone.last_hidden_state,
+            "image_pooler_output": image_backbone.pooler_output,
+            "bool_masked_pos": bool_masked_pos,
+            "reconstruction": reconstruction.reconstruction,
+            "mim_loss": reconstruction.loss,
+        }
+    save_file(
+        {name: tensor.clone().contiguous() for name, tensor in reference.items()},
+        root / "reference.safetensors",
+    )
+    return root
+
+
+REMOTE = textwrap.dedent(
+    """
+    import sys
+    sys.modules["vitrail"] = None  # vitrail is installed (editable): block it so only the folder's code runs
+    import json
+    from pathlib import Path
+
+    import PIL.Image
+    import torch
+    from safetensors.torch import load_file
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModel,
+        AutoModelForImageClassification,
+        AutoModelForMaskedImageModeling,
+        pipeline,
+    )
+
+    root = Path(sys.argv[1])
+    classifier_dir, mim_dir = str(root / "classifier"), str(root / "mim")
+    ref = load_file(root / "reference.safetensors")
+    image = PIL.Image.open(root / "image.png")
+    report = {}
+    try:
+        import vitrail  # noqa: F401
+        report["vitrail_importable"] = True
+    except ImportError:
+        report["vitrail_importable"] = False
+
+    def max_diff(a, b):
+        return float((a - b).abs().max())
+
+    loaded = {"config": AutoConfig.from_pretrained(classifier_dir, trust_remote_code=True)}
+    report["loading"] = {}
+    for name, auto, folder in [
+        ("classifier", AutoModelForImageClassification, classifier_dir),
+        ("backbone", AutoModel, classifier_dir),
+        ("mim", AutoModelForMaskedImageModeling, mim_dir),
+    ]:
+        loaded[name], info = auto.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
+        report["loading"][name] = {key: sorted(info[key]) for key in ("missing_keys", "unexpected_keys")}
+    loaded["processor"] = AutoImageProcessor.from_pretrained(classifier_dir, trust_remote_code=True)
+    report["classes"] = {name: [type(obj).__module__, type(obj).__name__] for name, obj in loaded.items()}
+    report["id2label"] = {str(k): v for k, v in loaded["config"].id2label.items()}
+
+    with torch.no_grad():
+        pixel_values = loaded["processor"](image, return_tensors="pt")["pixel_values"]
+        logits = loaded["classifier"](ref["inputs"]).logits
+        mim = loaded["mim"](ref["inputs"], bool_masked_pos=ref["bool_masked_pos"])
+        report["pixel_values_diff"] = max_diff(pixel_values, ref["image_pixel_values"])
+        report["logits_equal"] = torch.equal(logits, ref["logits"])
+        report["logits_diff"] = max_diff(logits, ref["logits"])
+        pooled = loaded["backbone"](ref["inputs"]).pooler_output
+        report["pooler_diff"] = max_diff(pooled, ref["pooler_output"])
+        report["reconstruction_diff"] = max_diff(mim.reconstruction, ref["reconstruction"])
+        report["mim_loss_diff"] = abs(mim.loss.item() - ref["mim_loss"].item())
+
+    classify = pipeline("image-classification", model=classifier_dir, trust_remote_code=True)
+    report["classification"] = classify(image, top_k=None)
+    report["classification_model"] = type(classify.model).__module__
+    extract = pipeline("image-feature-extraction", model=classifier_dir, trust_remote_code=True)
+    features = torch.tensor(extract(image))
+    report["features_shape"] = list(features.shape)
+    report["features_diff"] = max_diff(features, ref["image_hidden_state"])
+    pooled = torch.tensor(extract(image, pool=True))
+    report["pooled_features_diff"] = max_diff(pooled, ref["image_pooler_output"])
+    report["extraction_model"] = [type(extract.model).__module__, type(extract.model).__name__]
+
+    report["vitrail_modules"] = sorted(
+        name for name, module in sys.modules.items() if module is not None and name.split(".")[0] == "vitrail"
+    )
+    Path(sys.argv[2]).write_text(json.dumps(report))
+    print("remote checks done")
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def remote(folders) -> dict:
+    """Run every Hub-code check in one fresh interpreter that cannot import vitrail; return its report."""
+    workdir = (
+        folders / "elsewhere"
+    )  # an empty cwd: neither src/ nor the checkpoint code is on sys.path by accident
+    workdir.mkdir()
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(folders / "hf_home"),
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        TRANSFORMERS_VERBOSITY="error",
+    )
+    report_path = folders / "report.json"
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE, str(folders), str(report_path)],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert "remote checks done" in result.stdout
+    return json.loads(report_path.read_text())
+
+
+def test_folder_carries_code_and_auto_map(folders):
+    """save_pretrained copies the three code files and maps every Auto class a user may reach for."""
+    for name, head in (
+        ("classifier", "AutoModelForImageClassification"),
+        ("mim", "AutoModelForMaskedImageModeling"),
+    ):
+        folder = folders / name
+        for code in CODE_FILES:
+            assert (folder / code).is_file(), (name, code)
+        auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+        assert auto_map["AutoConfig"] == "configuration_vitrail.VitrailConfig"
+        assert auto_map["AutoModel"] == "modeling_vitrail.VitrailModel"
+        assert auto_map[head].startswith("modeling_vitrail.Vitrail")
+        assert auto_map["AutoImageProcessor"] == "image_processing_vitrail.VitrailImageProcessor"
+    processor_config = json.loads((folders / "classifier" / "preprocessor_config.json").read_text())
+    assert (
+        processor_config["auto_map"]["AutoImageProcessor"] == "image_processing_vitrail.VitrailImageProcessor"
+    )
+
+
+def test_remote_process_cannot_see_vitrail(remote):
+    """The checks below ran on the folder's copied code: vitrail itself was never imported."""
+    assert remote["vitrail_importable"] is False
+    assert remote["vitrail_modules"] == []
+
+
+def test_remote_classes_come_from_the_folder(remote):
+    """Config, heads, backbone and processor are the right classes, loaded from `transformers_modules`."""
+    expected = {
+        "config": "VitrailConfig",
+        "classifier": "VitrailForImageClassification",
+        "backbone": "VitrailModel",
+        "mim": "VitrailForMaskedImageModeling",
+        "processor": "VitrailImageProcessor",
+    }
+    for name, class_name in expected.items():
+        module, loaded_name = remote["classes"][name]
+        assert loaded_name == class_name, name
+        assert module.startswith("transformers_modules."), (name, module)
+        assert not module.startswith("vitrail"), (name, module)
+    assert remote["id2label"] == {str(k): v for k, v in ID2LABEL.items()}
+
+
+def test_remote_weights_load_completely(remote):
+    """No weight is left at initialisation; AutoModel on a classifier drops only the head."""
+    for name in ("classifier", "backbone", "mim"):
+        assert remote["loading"][name]["missing_keys"] == [], name
+    assert remote["loading"]["classifier"]["unexpected_keys"] == []
+    assert remote["loading"]["mim"]["unexpected_keys"] == []
+    assert remote["loading"]["backbone"]["unexpected_keys"] == ["classifier.bias", "classifier.weight"]
+
+
+def test_remote_outputs_match_references(remote):
+    """Processor pixels, classifier logits, backbone pooler output and MIM reconstruction all reproduce."""
+    assert remote["pixel_values_diff"] <= ATOL
+    assert remote["logits_equal"] or remote["logits_diff"] <= ATOL, remote["logits_diff"]
+    assert remote["pooler_diff"] <= ATOL
+    assert remote["reconstruction_diff"] <= ATOL
+    assert remote["mim_loss_diff"] <= ATOL
+
+
+def test_remote_classification_pipeline(remote, folders):
+    """The pipeline names classes from id2label with the model's own probabilities, which sum to 1."""
+    results = remote["classification"]
+    assert remote["classification_model"].startswith("transformers_modules.")
+    assert sorted(r["label"] for r in results) == sorted(ID2LABEL.values())
+    assert sum(r["score"] for r in results) == pytest.approx(1.0, abs=1e-5)
+    assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
+    probabilities = load_file(folders / "reference.safetensors")["image_probabilities"]
+    for result in results:
+        label_id = next(k for k, v in ID2LABEL.items() if v == result["label"])
+        assert result["score"] == pytest.approx(probabilities[label_id].item(), abs=1e-5), result
+    assert max(probabilities) - min(probabilities) > 0.05  # the scores above are not all ~1/3 by accident
+
+
+def test_remote_feature_extraction_pipeline(remote):
+    """image-feature-extraction gives every backbone token, (1, 1 + 15 * 15, hidden), or the pooled vector."""
+    assert remote["extraction_model"][1] == "VitrailModel"
+    assert remote["extraction_model"][0].startswith("transformers_modules.")
+    assert remote["features_shape"] == [1, 226, 32]
+    assert remote["features_diff"] <= 1e-5
+    assert remote["pooled_features_diff"] <= 1e-5
+
+
+@pytest.fixture
+def no_prompt(monkeypatch) -> list:
+    """Answer transformers' interactive trust question as a non-interactive session does, and record it."""
+    prompts = []
+
+    def refuse(prompt=""):
+        prompts.append(prompt)
+        raise EOFError
+
+    monkeypatch.setattr(builtins, "input", refuse)
+    return prompts
+
+
+def test_local_pipeline_without_trust_remote_code(folders, no_prompt):
+    """With vitrail imported, the registered local classes load the folder: no trust_remote_code needed."""
+    classify = pipeline("image-classification", model=str(folders / "classifier"))
+    assert type(classify.model).__module__ == "vitrail.modeling_vitrail"
+    assert type(classify.image_processor) is VitrailImageProcessor
+    results = classify(PIL.Image.open(folders / "image.png"), top_k=None)
+    reference = load_file(folders / "reference.safetensors")
+    for result in results:
+        label_id = next(k for k, v in ID2LABEL.items() if v == result["label"])
+        assert result["score"] == pytest.approx(reference["image_probabilities"][label_id].item(), abs=1e-5)
+
+    mim = AutoModelForMaskedImageModeling.from_pretrained(folders / "mim")
+    assert type(mim) is VitrailForMaskedImageModeling
+    with torch.no_grad():
+        out = mim(reference["inputs"], bool_masked_pos=reference["bool_masked_pos"])
+    torch.testing.assert_close(out.reconstruction, reference["reconstruction"], atol=ATOL, rtol=0)
+
+
+def test_local_pipeline_asks_nothing(folders, no_prompt):
+    """An installed vitrail should open its own folders without an interactive trust_remote_code prompt."""
+    pipeline("image-classification", model=str(folders / "classifier"))
+    assert no_prompt == []
