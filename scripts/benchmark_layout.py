@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import gc
 import math
+import platform
 import statistics
 import sys
 import time
@@ -233,9 +235,12 @@ def time_pair(
     # repeat them so that each sample lasts at least `sample_s`. A and B use the same count.
     calls = max(1, math.ceil(sample_s / max(per_call, 1e-6)))
 
+    # A and B back to back form one round, so both see about the same background load, and the order flips
+    # every round (A B B A A B ...) so that load rising or falling within a round favours neither.
     times_a, times_b = [], []
-    for _ in range(rounds):
-        for run, times in ((run_a, times_a), (run_b, times_b)):
+    for r in range(rounds):
+        pair = ((run_a, times_a), (run_b, times_b))
+        for run, times in pair if r % 2 == 0 else pair[::-1]:
             t0 = time.perf_counter()
             run(calls)
             times.append((time.perf_counter() - t0) / calls)
@@ -256,6 +261,31 @@ def check_same_function(a: nn.Module, b: nn.Module, x: torch.Tensor, tolerance: 
     err = (ya - yb).abs().max().item()
     if err > tolerance:
         raise AssertionError(f"{type(a).__name__} and {type(b).__name__} disagree by {err:.2e} > {tolerance}")
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc reuse freed memory instead of returning it to the kernel; False where that is not possible.
+
+    By default glibc serves large blocks with fresh mmap pages and hands them back on free, so every (B, N, C)
+    temporary costs a page fault per 4 KiB on first touch. In this VM that is ~2-7 us a page: 6 ms of faults
+    against 0.8 ms of work for the position add at batch 8, and the count flips with glibc's adaptive
+    threshold, so the layouts' own costs drown. Caching allocators (jemalloc, tcmalloc, PyTorch's CUDA one)
+    reuse blocks the same way this does.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    m_trim_threshold, m_mmap_max = -1, -4  # from <malloc.h>
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**30))
+
+
+def cpu_stall_s() -> float | None:
+    """Seconds, since boot, in which some runnable task waited for a CPU (Linux PSI); None where unavailable."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return int(dict(field.split("=") for field in f.readline().split()[1:])["total"]) / 1e6
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def quartiles(values: list[float]) -> tuple[float, float]:
@@ -279,6 +309,11 @@ def main() -> None:
     )
     parser.add_argument("--warmup", type=float, default=0.3, help="seconds of warm-up per comparison")
     parser.add_argument("--sample", type=float, default=0.05, help="minimum seconds per timed sample")
+    parser.add_argument(
+        "--stock-malloc",
+        action="store_true",
+        help="keep glibc's default of returning freed memory to the kernel",
+    )
     parser.add_argument("--quick", action="store_true", help="batch 8, 3 rounds, short warm-up: a smoke run")
     args = parser.parse_args()
     if args.quick:
@@ -292,8 +327,9 @@ def main() -> None:
             )
 
     torch.set_num_threads(args.threads)
+    reuse_memory = not args.stock_malloc and keep_freed_memory()
     torch.manual_seed(0)
-    began = time.perf_counter()
+    began, stall_began = time.perf_counter(), cpu_stall_s()
 
     rows = []
     for key in args.only:
@@ -318,25 +354,37 @@ def main() -> None:
                         args.sample,
                     )
                     med_a, med_b = statistics.median(times_a), statistics.median(times_b)
-                    low, high = quartiles([b / a for a, b in zip(times_a, times_b, strict=True)])
-                    rows.append((question.label, batch, precision, mode, med_a, med_b, low, high))
+                    # The ratio is taken per round, then the median: a busy spell slows both members of a
+                    # round and cancels, where it would shift a ratio of two separately taken medians.
+                    ratios = [b / a for a, b in zip(times_a, times_b, strict=True)]
+                    ratio = statistics.median(ratios)
+                    low, high = quartiles(ratios)
+                    rows.append((question.label, batch, precision, mode, med_a, med_b, ratio, low, high))
                     print(
                         f"[{time.perf_counter() - began:5.0f} s] {question.label:26} B={batch:<3} {precision} "
-                        f"{mode}: A {med_a * 1e3:8.3f} ms  B {med_b * 1e3:8.3f} ms  B/A {med_b / med_a:.3f}",
+                        f"{mode}: A {med_a * 1e3:8.3f} ms  B {med_b * 1e3:8.3f} ms  B/A {ratio:.3f}",
                         file=sys.stderr,
                     )
 
+    # Our threads alone never queue for the two cores, so waiting during the run means other work shared them.
+    elapsed, stall_ended = time.perf_counter() - began, cpu_stall_s()
+    busy = (
+        ""
+        if stall_ended is None
+        else f", tasks queued for a CPU {(stall_ended - stall_began) / elapsed:.0%} of it"
+    )
     print(
         f"\ntorch {torch.__version__}, CPU {torch.backends.cpu.get_cpu_capability()}, native bf16 {native_bf16()}, "
-        f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds, "
-        f"median ms per call; B/A < 1 means B is faster. Total {time.perf_counter() - began:.0f} s.\n"
+        f"{torch.get_num_threads()} threads, {args.rounds} rounds, "
+        f"{'freed memory reused' if reuse_memory else 'stock malloc'}, {elapsed:.0f} s"
+        f"{busy}. ms: median per call. B/A: median of the per-round ratios (< 1: B is faster).\n"
     )
-    print("| A vs B | batch | precision | pass | A ms | B ms | B/A | paired B/A, IQR |")
+    print("| A vs B | batch | precision | pass | A ms | B ms | B/A | B/A IQR |")
     print("|---|--:|---|---|--:|--:|--:|--:|")
-    for label, batch, precision, mode, med_a, med_b, low, high in rows:
+    for label, batch, precision, mode, med_a, med_b, ratio, low, high in rows:
         print(
             f"| {label} | {batch} | {precision} | {mode} | {med_a * 1e3:.3f} | {med_b * 1e3:.3f} "
-            f"| {med_b / med_a:.3f} | {low:.3f}–{high:.3f} |"
+            f"| {ratio:.3f} | {low:.2f}–{high:.2f} |"
         )
 
 

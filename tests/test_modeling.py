@@ -83,7 +83,10 @@ def test_auto_classes_open_vitrail_checkpoints(config, pixels, tmp_path):
         pooled = backbone(pixels).pooler_output
         assert torch.equal(classifier.classifier(pooled), classifier(pixels).logits)
     VitrailForMaskedImageModeling(config).save_pretrained(tmp_path / "mim")
-    assert type(AutoModelForMaskedImageModeling.from_pretrained(tmp_path / "mim")) is VitrailForMaskedImageModeling
+    assert (
+        type(AutoModelForMaskedImageModeling.from_pretrained(tmp_path / "mim"))
+        is VitrailForMaskedImageModeling
+    )
 
 
 # ---- attention backends -------------------------------------------------------------------------------------
@@ -157,7 +160,9 @@ def test_pooling_modes(pixels):
     mean_model = VitrailModel(tiny_config(pooling="mean")).eval()
     mean_model.load_state_dict(state)
     mean_out = mean_model(pixels)
-    torch.testing.assert_close(mean_out.last_hidden_state, out.last_hidden_state)  # pooling changes only the pool
+    torch.testing.assert_close(
+        mean_out.last_hidden_state, out.last_hidden_state
+    )  # pooling changes only the pool
     torch.testing.assert_close(mean_out.pooler_output, out.last_hidden_state[:, 1:].mean(1))
     assert not torch.allclose(mean_out.pooler_output, out.pooler_output)
 
@@ -200,7 +205,9 @@ def test_sincos_positions_are_fixed_and_follow_big_vision(pixels):
 
 def test_no_positions_makes_the_encoder_permutation_equivariant():
     """Without positions nothing tells tokens apart but their content: permuting them permutes the output."""
-    model = VitrailModel(tiny_config(position_embedding_type="none", pooling="mean", use_cls_token=False)).eval()
+    model = VitrailModel(
+        tiny_config(position_embedding_type="none", pooling="mean", use_cls_token=False)
+    ).eval()
     assert model.embeddings.position_embeddings is None
     tokens = torch.randn(2, 225, 32)
     perm = torch.randperm(225)
@@ -293,12 +300,18 @@ def test_interpolate_pos_encoding_per_call(config, pixels):
 def test_classification_losses_follow_problem_type(pixels):
     single = VitrailForImageClassification(tiny_config(num_labels=5)).eval()
     out = single(pixels, labels=torch.tensor([0, 1, 4]))
-    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, torch.tensor([0, 1, 4])))
+    torch.testing.assert_close(
+        out.loss, torch.nn.functional.cross_entropy(out.logits, torch.tensor([0, 1, 4]))
+    )
 
-    multi = VitrailForImageClassification(tiny_config(num_labels=5, problem_type="multi_label_classification"))
+    multi = VitrailForImageClassification(
+        tiny_config(num_labels=5, problem_type="multi_label_classification")
+    )
     targets = torch.tensor([[1, 0, 1, 0, 0], [0, 0, 0, 0, 1], [1, 1, 1, 1, 1]], dtype=torch.float32)
     out = multi.eval()(pixels, labels=targets)
-    torch.testing.assert_close(out.loss, torch.nn.functional.binary_cross_entropy_with_logits(out.logits, targets))
+    torch.testing.assert_close(
+        out.loss, torch.nn.functional.binary_cross_entropy_with_logits(out.logits, targets)
+    )
 
     regression = VitrailForImageClassification(tiny_config(num_labels=1)).eval()
     target = torch.tensor([0.5, -1.0, 2.0])
@@ -419,6 +432,8 @@ def test_other_bad_inputs(config):
 def test_flex_attention_matches_eager_at_inference(config, pixels, tmp_path):
     VitrailForImageClassification(config).save_pretrained(tmp_path)
     eager = VitrailForImageClassification.from_pretrained(tmp_path, attn_implementation="eager").eval()
-    flex = VitrailForImageClassification.from_pretrained(tmp_path, attn_implementation="flex_attention").eval()
+    flex = VitrailForImageClassification.from_pretrained(
+        tmp_path, attn_implementation="flex_attention"
+    ).eval()
     with torch.no_grad():  # torch has no flex-attention backward on CPU
         torch.testing.assert_close(flex(pixels).logits, eager(pixels).logits, atol=1e-5, rtol=0)

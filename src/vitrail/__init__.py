@@ -27,7 +27,9 @@ AutoConfig.register(VitrailConfig.model_type, VitrailConfig, exist_ok=True)
 AutoModel.register(VitrailConfig, VitrailModel, exist_ok=True)
 AutoModelForImageClassification.register(VitrailConfig, VitrailForImageClassification, exist_ok=True)
 AutoModelForMaskedImageModeling.register(VitrailConfig, VitrailForMaskedImageModeling, exist_ok=True)
-AutoImageProcessor.register(VitrailConfig, image_processor_classes={"pil": VitrailImageProcessor}, exist_ok=True)
+AutoImageProcessor.register(
+    VitrailConfig, image_processor_classes={"pil": VitrailImageProcessor}, exist_ok=True
+)
 # vitrail has no video processor. Saying so stops pipelines from guessing a remote "VitrailVideoProcessor" from the
 # image processor's auto_map and asking on stdin whether to run it. (Video processors exist only with torchvision.)
 if is_torchvision_available():

@@ -189,7 +189,13 @@ class VitrailConfig(PreTrainedConfig):
     # ---- validation (runs at construction and again in save_pretrained) ---------------------------------------
 
     def validate_architecture(self):
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "num_channels"):
+        for name in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "num_channels",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
         if self.hidden_size % self.num_attention_heads != 0:
@@ -245,7 +251,9 @@ class VitrailConfig(PreTrainedConfig):
                     f"positions, which needs `position_embedding_type='learned'` (got "
                     f"{self.position_embedding_type!r}); set `prefix_position_embeddings='none'`."
                 )
-            if self.num_prefix_tokens == 0 or (self.prefix_position_embeddings == "cls" and not self.use_cls_token):
+            if self.num_prefix_tokens == 0 or (
+                self.prefix_position_embeddings == "cls" and not self.use_cls_token
+            ):
                 raise ValueError(
                     f"`prefix_position_embeddings={self.prefix_position_embeddings!r}` but the model has no such "
                     "prefix token; set it to 'none' or enable `use_cls_token`."

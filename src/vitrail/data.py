@@ -35,22 +35,24 @@ def digits_dataset() -> Dataset:
 def split_dataset(
     dataset: Dataset, label_column: str, test_size: float, validation_size: float, seed: int
 ) -> DatasetDict:
-    """Stratified train / validation / test split. `test_size` and `validation_size` are fractions of the whole;
-    the test split is held out for the final report and never used for model selection."""
-    if not 0.0 < test_size < 1.0 or not 0.0 <= validation_size < 1.0 or test_size + validation_size >= 1.0:
+    """Stratified train / validation / test split; the fractions are of the whole, and 0 skips a split. The test
+    split is held out for the final report and never used for model selection."""
+    if not (0.0 <= test_size < 1.0 and 0.0 <= validation_size < 1.0 and test_size + validation_size < 1.0):
         raise ValueError(
-            f"Split fractions must satisfy 0 < test ({test_size}) and test + validation ({validation_size}) < 1."
+            f"Split fractions must be in [0, 1) and leave data to train on: test={test_size}, "
+            f"validation={validation_size}."
         )
     stratify = label_column if isinstance(dataset.features[label_column], ClassLabel) else None
-    first = dataset.train_test_split(test_size=test_size, stratify_by_column=stratify, seed=seed)
-    splits = {"test": first["test"]}
-    if validation_size > 0:
-        second = first["train"].train_test_split(
-            test_size=validation_size / (1.0 - test_size), stratify_by_column=stratify, seed=seed
-        )
-        splits.update(train=second["train"], validation=second["test"])
-    else:
-        splits["train"] = first["train"]
+    splits = {"train": dataset}
+    for name, fraction, of_rest in (
+        ("test", test_size, 1.0),
+        ("validation", validation_size, 1.0 - test_size),
+    ):
+        if fraction > 0:
+            parts = splits["train"].train_test_split(
+                test_size=fraction / of_rest, stratify_by_column=stratify, seed=seed
+            )
+            splits.update(train=parts["train"], **{name: parts["test"]})
     return DatasetDict(splits)
 
 
@@ -122,8 +124,7 @@ class AugmentationConfig:
 
 def train_transform(processor, aug: AugmentationConfig):
     """A callable PIL image -> normalised `(C, H, W)` float tensor, with random augmentation."""
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import v2
+    from torchvision.transforms import InterpolationMode, v2
 
     size = (processor.size["height"], processor.size["width"])
     steps = [v2.ToImage()]

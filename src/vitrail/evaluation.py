@@ -5,10 +5,10 @@
 - `make_compute_metrics(num_labels)`: the `compute_metrics` callback for `transformers.Trainer`.
 - `confusion_matrix(references, predictions, num_labels)`: counts, rows = reference class.
 
-`make_compute_metrics` calls the metric's numpy functions directly instead of `metric.compute`: the `evaluate`
-route encodes every score through Arrow features one row at a time, which for ImageNet-sized evaluations
-(50,000 × 1,000 logits) costs more than the evaluation itself, and the Trainer has already gathered the
-predictions from all processes. Both routes run the same code (see the tests).
+`make_compute_metrics` goes through `metric.compute`. That route encodes every score through Arrow features:
+fine at our evaluation sizes (360 x 10 logits: milliseconds), slow for ImageNet-size logits (4.5 s for
+10,000 x 1,000 here, against 0.03 s for `classification_metrics` in numpy, which gives the same numbers).
+Each process computes on the predictions the Trainer has already gathered from all processes.
 """
 
 from collections.abc import Callable
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics.classification import classification_metrics, confusion_matrix
+from .metrics.classification import confusion_matrix
 
 CLASSIFICATION_METRIC_PATH = Path(__file__).resolve().parent / "metrics" / "classification.py"
 
@@ -69,8 +69,9 @@ def make_compute_metrics(num_labels: int, top_k: int = 5) -> Callable[..., dict[
         logits = np.asarray(logits)
         if logits.ndim != 2 or logits.shape[1] != num_labels:
             raise ValueError(f"Expected logits of shape (N, {num_labels}), got {logits.shape}.")
-        return classification_metrics(logits, labels, top_k=top_k, num_labels=num_labels)
+        return metric.compute(predictions=logits, references=labels, top_k=top_k, num_labels=num_labels)
 
+    metric = load_classification_metric()
     return compute_metrics
 
 

@@ -56,7 +56,11 @@ def _to_channel_count(image: np.ndarray, num_channels: int) -> np.ndarray:
         return np.repeat(image, 3, axis=0)
     # ITU-R 601-2 luma, the weights PIL uses for mode "L".
     luma = 0.299 * image[0].astype(np.float32) + 0.587 * image[1] + 0.114 * image[2]
-    return luma[None].astype(image.dtype) if np.issubdtype(image.dtype, np.floating) else luma[None].round().astype(image.dtype)
+    return (
+        luma[None].astype(image.dtype)
+        if np.issubdtype(image.dtype, np.floating)
+        else luma[None].round().astype(image.dtype)
+    )
 
 
 def _grayscale_statistic(value, name: str):
@@ -191,10 +195,14 @@ class VitrailImageProcessor(PilBackend):
                 height, width = image.shape[-2:]
                 target_h = math.floor(size.height / crop_pct)
                 target_w = math.floor(size.width / crop_pct)
-                if size.height == size.width:  # shorter side, keeping the aspect ratio (timm's eval transform)
+                if (
+                    size.height == size.width
+                ):  # shorter side, keeping the aspect ratio (timm's eval transform)
                     scale = target_h / min(height, width)
                     target_h, target_w = round(height * scale), round(width * scale)
-                resized.append(self.resize(image, size=type(size)(height=target_h, width=target_w), resample=resample))
+                resized.append(
+                    self.resize(image, size=type(size)(height=target_h, width=target_w), resample=resample)
+                )
             images = resized
             kwargs.update(do_center_crop=True, crop_size=size)
             do_resize = False

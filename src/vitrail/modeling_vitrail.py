@@ -53,7 +53,9 @@ def sincos_2d_position_embeddings(
     return table.to(dtype).unsqueeze(0)
 
 
-def resample_position_grid(table: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
+def resample_position_grid(
+    table: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]
+) -> torch.Tensor:
     """Resample the patch part of a position table `(1, old_rows * old_cols, C)` to another grid, bicubically.
 
     Upsampling matches transformers' `interpolate_pos_encoding`; downsampling is antialiased, as in timm's
@@ -62,12 +64,16 @@ def resample_position_grid(table: torch.Tensor, old_grid: tuple[int, int], new_g
     if tuple(old_grid) == tuple(new_grid):
         return table
     dim = table.shape[-1]
-    grid = table.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)  # (1, N, C) -> (1, C, rows, cols)
+    grid = table.reshape(1, old_grid[0], old_grid[1], dim).permute(
+        0, 3, 1, 2
+    )  # (1, N, C) -> (1, C, rows, cols)
     shrinking = new_grid[0] < old_grid[0] or new_grid[1] < old_grid[1]
     grid = F.interpolate(
         grid.float(), size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=shrinking
     ).to(table.dtype)
-    return grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim)  # (1, C, r, c) -> (1, r * c, C)
+    return grid.permute(0, 2, 3, 1).reshape(
+        1, new_grid[0] * new_grid[1], dim
+    )  # (1, C, r, c) -> (1, r * c, C)
 
 
 class VitrailPatchEmbeddings(nn.Module):
@@ -106,7 +112,9 @@ class VitrailPatchEmbeddings(nn.Module):
                 "(`config.image_size`). Resize the images (the image processor does this), pass "
                 "`interpolate_pos_encoding=True`, or set `config.dynamic_image_size=True` to accept any size."
             )
-        patches = self.projection(pixel_values.to(self.projection.weight.dtype))  # (B, C, H, W) -> (B, D, r, c)
+        patches = self.projection(
+            pixel_values.to(self.projection.weight.dtype)
+        )  # (B, C, H, W) -> (B, D, r, c)
         grid = (patches.shape[-2], patches.shape[-1])
         return patches.flatten(2).transpose(1, 2), grid  # (B, D, r, c) -> (B, r * c, D)
 
@@ -121,7 +129,9 @@ class VitrailEmbeddings(nn.Module):
         self.patch_embeddings = VitrailPatchEmbeddings(config)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden)) if config.use_cls_token else None
         self.register_tokens = (
-            nn.Parameter(torch.zeros(1, config.num_register_tokens, hidden)) if config.num_register_tokens else None
+            nn.Parameter(torch.zeros(1, config.num_register_tokens, hidden))
+            if config.num_register_tokens
+            else None
         )
         self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden)) if use_mask_token else None
         self.num_prefix_positions = config.num_prefix_positions
@@ -170,7 +180,9 @@ class VitrailEmbeddings(nn.Module):
                     f"`bool_masked_pos` must have shape (batch, num_patches) = {tuple(patches.shape[:2])} for this "
                     f"input ({grid[0]}x{grid[1]} patches), got {tuple(bool_masked_pos.shape)}."
                 )
-            patches = torch.where(bool_masked_pos.unsqueeze(-1).bool(), self.mask_token.to(patches.dtype), patches)
+            patches = torch.where(
+                bool_masked_pos.unsqueeze(-1).bool(), self.mask_token.to(patches.dtype), patches
+            )
 
         positions = self.patch_positions(grid, patches.dtype)
         if positions is not None:
@@ -371,6 +383,9 @@ class VitrailPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # The heads' losses are per-batch means; the Trainer must not pass `num_items_in_batch` and skip its own
+    # gradient-accumulation scaling.
+    accepts_loss_kwargs = False
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -406,8 +421,30 @@ class VitrailPreTrainedModel(PreTrainedModel):
             shutil.copyfile(processor_code, Path(save_directory) / _PROCESSOR_FILE)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def set_image_size(self, image_size: int | tuple[int, int]) -> None:
+        """Make the model's native input size `image_size`, resampling the learned position table (bicubic,
+        antialiased when shrinking) instead of re-initialising it; fine-tuning at a new resolution starts here."""
+        new = VitrailConfig(**{**self.config.to_dict(), "image_size": image_size})  # validates the new size
+        embeddings = self.base_model.embeddings
+        if embeddings.position_embeddings is not None:
+            table = embeddings.position_embeddings.data
+            prefix, patches = (
+                table[:, : embeddings.num_prefix_positions],
+                table[:, embeddings.num_prefix_positions :],
+            )
+            patches = resample_position_grid(patches, embeddings.grid_size, new.grid_size)
+            embeddings.position_embeddings = nn.Parameter(torch.cat([prefix, patches], dim=1))
+        if embeddings.config.position_embedding_type == "sincos2d":
+            table = sincos_2d_position_embeddings(*new.grid_size, new.hidden_size, device=embeddings.device)
+            embeddings.register_buffer("sincos_position_embeddings", table, persistent=False)
+        self.config.image_size = image_size
+        embeddings.grid_size = new.grid_size
+        embeddings.patch_embeddings.image_hw = new.image_hw
+
     def _use_dynamic_size(self, interpolate_pos_encoding: bool | None) -> bool:
-        return self.config.dynamic_image_size if interpolate_pos_encoding is None else interpolate_pos_encoding
+        return (
+            self.config.dynamic_image_size if interpolate_pos_encoding is None else interpolate_pos_encoding
+        )
 
     def _flag(self, value: bool | None, name: str) -> bool:
         return bool(getattr(self.config, name, False) if value is None else value)

@@ -124,7 +124,9 @@ def top_k_accuracy(scores, references, k: int) -> float:
     rows = np.arange(len(references))
     true_scores = scores[rows, references][:, None]  # (N, 1)
     # Rank of the reference class: classes scoring strictly higher, plus equal ones with a lower index.
-    ahead = (scores > true_scores) | ((scores == true_scores) & (np.arange(scores.shape[1]) < references[:, None]))
+    ahead = (scores > true_scores) | (
+        (scores == true_scores) & (np.arange(scores.shape[1]) < references[:, None])
+    )
     return float(np.mean(ahead.sum(axis=1) < k))
 
 
@@ -177,12 +179,14 @@ class VitrailClassification(evaluate.Metric):
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            # Tried in order: class scores first, then predicted class ids.
+            # Tried in order: class scores first, then predicted class ids. (No `format="numpy"`: evaluate
+            # allows it only for scalar features; `classification_metrics` converts the lists itself.)
             features=[
-                datasets.Features({"predictions": datasets.Sequence(datasets.Value("float32")), "references": label}),
+                datasets.Features(
+                    {"predictions": datasets.Sequence(datasets.Value("float32")), "references": label}
+                ),
                 datasets.Features({"predictions": label, "references": label}),
             ],
-            format="numpy",
             reference_urls=[
                 "https://scikit-learn.org/stable/modules/model_evaluation.html#classification-metrics",
             ],

@@ -1,0 +1,112 @@
+"""SimMIM masked-image-modeling pretraining (Xie et al. 2021) with the Trainer; `scripts/pretrain_mim.py` is the
+command line. The checkpoint it writes is what `scripts/train.py --model_name_or_path` fine-tunes."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from .configuration_vitrail import VitrailConfig
+from .data import AugmentationConfig, train_transform
+from .modeling_vitrail import VitrailForMaskedImageModeling
+from .training import DataArguments, load_splits, parse_overrides
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PretrainArguments:
+    variant: str | None = field(default=None, metadata={"help": "Model size, e.g. 'Ti/16'."})
+    config_overrides: str | None = field(default=None, metadata={"help": "Comma-separated config fields."})
+    image_size: int | None = field(default=None, metadata={"help": "Input size."})
+    mask_ratio: float = field(default=0.6, metadata={"help": "Fraction of patches hidden from the encoder."})
+    mask_patch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Side of the square blocks that are masked together, in pixels (SimMIM uses 32); a "
+            "multiple of the model's patch size. Default: one model patch."
+        },  # fmt: skip
+    )
+
+
+class MaskingCollator:
+    """Stacks images and draws a SimMIM mask per image: `mask_ratio` of the blocks of `block` x `block` patches."""
+
+    def __init__(self, grid: tuple[int, int], mask_ratio: float, block: int = 1):
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"`mask_ratio` is a fraction in (0, 1), got {mask_ratio}.")
+        self.grid, self.ratio, self.block = grid, mask_ratio, block
+        self.blocks = (-(-grid[0] // block), -(-grid[1] // block))
+
+    def __call__(self, samples):
+        pixels = torch.stack([s["pixel_values"] for s in samples])
+        count = self.blocks[0] * self.blocks[1]
+        hidden = max(1, round(count * self.ratio))
+        # The `hidden` lowest of uniform scores per image: an exact count of masked blocks, in random places.
+        order = torch.rand(len(samples), count).argsort(dim=1)
+        masked = torch.zeros(len(samples), count, dtype=torch.bool)
+        masked.scatter_(1, order[:, :hidden], True)
+        masked = masked.reshape(-1, *self.blocks)
+        masked = masked.repeat_interleave(self.block, 1).repeat_interleave(self.block, 2)
+        masked = masked[:, : self.grid[0], : self.grid[1]].reshape(len(samples), -1)
+        return {"pixel_values": pixels, "bool_masked_pos": masked}
+
+
+def pretrain(args: PretrainArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
+    splits, _ = load_splits(data_args)
+    overrides = parse_overrides(args.config_overrides)
+    if args.image_size:
+        overrides["image_size"] = args.image_size
+    if "patch_size" in overrides:  # SimMIM reconstructs one patch per token
+        overrides.setdefault("encoder_stride", overrides["patch_size"])
+    config = (
+        VitrailConfig.from_variant(args.variant, **overrides) if args.variant else VitrailConfig(**overrides)
+    )
+    model = VitrailForMaskedImageModeling(config)
+    from .image_processing_vitrail import VitrailImageProcessor
+
+    height, width = config.image_hw
+    processor = VitrailImageProcessor(
+        size={"height": height, "width": width}, num_channels=config.num_channels
+    )
+    augment = train_transform(
+        processor, AugmentationConfig(crop_scale=data_args.crop_scale, hflip=data_args.hflip)
+    )
+    image_col = data_args.image_column_name
+    for key in ("train", "validation"):
+        if splits.get(key) is not None:
+            splits[key].set_transform(
+                lambda batch: {"pixel_values": [augment(im) for im in batch[image_col]]}
+            )
+
+    block = 1
+    if args.mask_patch_size:
+        patch = config.patch_hw[0]
+        if args.mask_patch_size % patch:
+            raise ValueError(
+                f"--mask_patch_size {args.mask_patch_size} must be a multiple of the patch size {patch}."
+            )
+        block = args.mask_patch_size // patch
+    training_args.remove_unused_columns = False
+    last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=splits["train"],
+        eval_dataset=splits.get("validation"),
+        data_collator=MaskingCollator(config.grid_size, args.mask_ratio, block),
+        processing_class=processor,
+    )
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last)
+    metrics = dict(result.metrics)
+    if splits.get("validation") is not None:
+        metrics.update(trainer.evaluate())
+    trainer.save_model()
+    trainer.save_metrics("all", metrics, combined=False)
+    trainer.save_state()
+    return metrics

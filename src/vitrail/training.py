@@ -1,0 +1,479 @@
+"""Fine-tuning and training from scratch with transformers' Trainer; `scripts/train.py` is the command line.
+
+Runs unchanged as `python scripts/train.py ...` and `accelerate launch [--num_processes N] scripts/train.py ...`:
+the Trainer takes its distributed setup (DDP, FSDP, DeepSpeed) from Accelerate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from .configuration_vitrail import VitrailConfig
+from .data import (
+    AugmentationConfig,
+    check_columns,
+    digits_dataset,
+    image_folder_dataset,
+    split_dataset,
+    train_transform,
+)
+from .image_processing_vitrail import VitrailImageProcessor
+from .modeling_vitrail import VitrailForImageClassification
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DATASET = "sklearn-digits"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A vitrail checkpoint (folder or Hub id) to fine-tune."}
+    )
+    variant: str | None = field(
+        default=None,
+        metadata={"help": "Train from scratch at this size, e.g. 'Ti/16' (see VitrailConfig.VARIANTS)."},
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated config fields, e.g. 'hidden_size=128,num_hidden_layers=4,pooling=mean'."
+        },
+    )
+    image_size: int | None = field(
+        default=None,
+        metadata={"help": "Input size; a checkpoint made for another size gets resampled positions."},
+    )
+    layer_decay: float | None = field(
+        default=None, metadata={"help": "Layer-wise learning-rate decay (e.g. 0.75); None disables it."}
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": f"A Hub dataset (needs network). Default: {DEFAULT_DATASET}, embedded."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's config name."})
+    train_dir: str | None = field(
+        default=None, metadata={"help": "Image folder <dir>/<class>/<image> to train on."}
+    )
+    validation_dir: str | None = field(default=None, metadata={"help": "Image folder for validation."})
+    image_column_name: str = field(default="image", metadata={"help": "Column holding the images."})
+    label_column_name: str = field(default="label", metadata={"help": "Column holding the class labels."})
+    test_size: float = field(
+        default=0.2, metadata={"help": "Held-out test fraction when the data has no test split."}
+    )
+    validation_size: float = field(
+        default=0.1,
+        metadata={"help": "Validation fraction (of the whole) when the data has no validation split."},
+    )
+    split_seed: int = field(default=0, metadata={"help": "Seed of the stratified splits."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Truncate training data (for tests)."}
+    )
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate validation/test data."})
+    crop_scale: float = field(default=1.0, metadata={"help": "RandomResizedCrop min area (1.0 = no crop)."})
+    hflip: float = field(default=0.0, metadata={"help": "Horizontal flip probability."})
+    rotation: float = field(default=0.0, metadata={"help": "Random rotation, degrees."})
+    translate: float = field(default=0.0, metadata={"help": "Random shift, fraction of the side."})
+    scale_jitter: float = field(default=0.0, metadata={"help": "Random zoom range +-."})
+    rand_augment: bool = field(default=False, metadata={"help": "Apply RandAugment."})
+    mixup_alpha: float = field(default=0.0, metadata={"help": "MixUp alpha (0 disables)."})
+    cutmix_alpha: float = field(default=0.0, metadata={"help": "CutMix alpha (0 disables)."})
+
+
+def parse_overrides(text: str | None) -> dict[str, Any]:
+    """'a=1,b=mean,c=true' -> typed values, using VitrailConfig's field types so that mistakes fail early."""
+    if not text:
+        return {}
+    known = {f.name: f.type for f in fields(VitrailConfig)}
+    values: dict[str, Any] = {}
+    for item in text.split(","):
+        name, sep, raw = item.partition("=")
+        name, raw = name.strip(), raw.strip()
+        if not sep or name not in known:
+            raise ValueError(
+                f"--config_overrides: cannot use {item!r}; write name=value with a VitrailConfig field."
+            )
+        lowered = raw.lower()
+        if lowered in ("true", "false"):
+            values[name] = lowered == "true"
+        elif lowered in ("none", "null"):
+            values[name] = None
+        else:
+            try:
+                number = float(raw)
+                values[name] = (
+                    int(number) if number.is_integer() and "." not in raw and "e" not in lowered else number
+                )
+            except ValueError:
+                values[name] = raw
+    return values
+
+
+# ---- data -------------------------------------------------------------------------------------------------------
+
+
+def load_splits(data_args: DataArguments):
+    """train / validation / test splits from the Hub, image folders, or the embedded default."""
+    if data_args.train_dir:
+        splits = image_folder_dataset(data_args.train_dir, data_args.validation_dir)
+        name = Path(data_args.train_dir).name
+    elif data_args.dataset_name:
+        from datasets import load_dataset
+
+        splits = load_dataset(data_args.dataset_name, data_args.dataset_config_name)
+        name = data_args.dataset_name
+    else:
+        splits = {"train": digits_dataset()}
+        name = DEFAULT_DATASET
+    splits = dict(splits)
+    if "train" not in splits:
+        raise ValueError(f"The dataset has no 'train' split (it has {sorted(splits)}).")
+    check_columns(splits["train"], data_args.image_column_name, data_args.label_column_name)
+    if "test" not in splits or "validation" not in splits:
+        carved = split_dataset(
+            splits.pop("train"),
+            data_args.label_column_name,
+            test_size=0.0 if "test" in splits else data_args.test_size,
+            validation_size=0.0 if "validation" in splits else data_args.validation_size,
+            seed=data_args.split_seed,
+        )
+        for key in ("train", "validation", "test"):
+            splits.setdefault(key, carved.get(key))
+    for key, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples),
+                       ("test", data_args.max_eval_samples)):  # fmt: skip
+        if limit is not None and splits[key] is not None and len(splits[key]) > limit:
+            splits[key] = splits[key].select(range(limit))
+    for key in ("train", "validation", "test"):
+        if splits.get(key) is not None and len(splits[key]) == 0:
+            raise ValueError(f"The {key} split is empty; give it some images or change the split fractions.")
+    return splits, name
+
+
+def attach_transforms(splits, processor, data_args: DataArguments) -> None:
+    """Training images get augmentation, evaluation images the processor's deterministic transform."""
+    image_col, label_col = data_args.image_column_name, data_args.label_column_name
+    augment = train_transform(
+        processor,
+        AugmentationConfig(
+            crop_scale=data_args.crop_scale,
+            hflip=data_args.hflip,
+            rotation=data_args.rotation,
+            translate=data_args.translate,
+            scale=data_args.scale_jitter,
+            rand_augment=data_args.rand_augment,
+        ),
+    )
+
+    def train_batch(batch):
+        return {"pixel_values": [augment(image) for image in batch[image_col]], "labels": batch[label_col]}
+
+    def eval_batch(batch):
+        pixels = processor(batch[image_col], return_tensors="pt")["pixel_values"]
+        return {"pixel_values": list(pixels), "labels": batch[label_col]}
+
+    splits["train"].set_transform(train_batch)
+    for key in ("validation", "test"):
+        if splits.get(key) is not None:
+            splits[key].set_transform(eval_batch)
+
+
+class Collator:
+    """Stacks samples; with MixUp/CutMix on, mixes training batches (labels become soft)."""
+
+    def __init__(self, num_labels: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0):
+        self.mix = None
+        if mixup_alpha > 0 or cutmix_alpha > 0:
+            from torchvision.transforms import v2
+
+            choices = []
+            if mixup_alpha > 0:
+                choices.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_labels))
+            if cutmix_alpha > 0:
+                choices.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_labels))
+            self.mix = v2.RandomChoice(choices)
+        self.training = True
+
+    def __call__(self, samples):
+        pixels = torch.stack([s["pixel_values"] for s in samples])
+        labels = torch.tensor([s["labels"] for s in samples])
+        if self.mix is not None and self.training:
+            pixels, labels = self.mix(pixels, labels)
+        return {"pixel_values": pixels, "labels": labels}
+
+
+# ---- model --------------------------------------------------------------------------------------------------
+
+
+def build_model(model_args: ModelArguments, labels: list[str], default_processor_size: int | None = None):
+    """A classifier for `labels`: from a checkpoint (new label set -> new head, new size -> resampled positions)
+    or from scratch (`--variant` and/or `--config_overrides`)."""
+    id2label = dict(enumerate(labels))
+    label2id = {name: i for i, name in id2label.items()}
+    overrides = parse_overrides(model_args.config_overrides)
+    if model_args.model_name_or_path:
+        source = model_args.model_name_or_path
+        config = VitrailConfig.from_pretrained(source)
+        same_labels = (
+            config.num_labels == len(labels) and [config.id2label[i] for i in range(len(labels))] == labels
+        )
+        if not same_labels:
+            logger.warning(
+                "The checkpoint's head predicts %d classes %s; this data has %d %s. The classification head is "
+                "re-initialised; everything else is loaded.",
+                config.num_labels, list(config.id2label.values())[:5], len(labels), labels[:5],
+            )  # fmt: skip
+        model = VitrailForImageClassification.from_pretrained(
+            source,
+            num_labels=len(labels),
+            id2label=id2label,
+            label2id=label2id,
+            ignore_mismatched_sizes=not same_labels,
+            **overrides,
+        )
+        processor = VitrailImageProcessor.from_pretrained(source) if _has_processor(source) else None
+        if model_args.image_size and model_args.image_size != model.config.image_size:
+            logger.warning(
+                "Resampling position embeddings from %s to %s px.",
+                model.config.image_size,
+                model_args.image_size,
+            )
+            model.set_image_size(model_args.image_size)
+    else:
+        fields_ = {"num_labels": len(labels), "id2label": id2label, "label2id": label2id, **overrides}
+        if model_args.image_size:
+            fields_["image_size"] = model_args.image_size
+        if model_args.variant:
+            config = VitrailConfig.from_variant(model_args.variant, **fields_)
+        else:
+            config = VitrailConfig(**fields_)
+        model = VitrailForImageClassification(config)
+        processor = None
+    if processor is None:
+        size = model.config.image_hw
+        processor = VitrailImageProcessor(
+            size={"height": size[0], "width": size[1]}, num_channels=model.config.num_channels
+        )
+    else:
+        processor.size = {"height": model.config.image_hw[0], "width": model.config.image_hw[1]}
+    return model, processor
+
+
+def _has_processor(source: str) -> bool:
+    from transformers.utils import cached_file
+
+    return (
+        cached_file(source, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
+        is not None
+    )
+
+
+def no_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """Biases, norms, positions and learned tokens are not weights to shrink (timm's `no_weight_decay`)."""
+    return param.ndim <= 1 or name.endswith(
+        ("cls_token", "register_tokens", "mask_token", "position_embeddings")
+    )
+
+
+def layer_id(name: str, depth: int) -> int:
+    """0 for the embeddings, i + 1 for encoder layer i, depth + 1 for the final norm and the head."""
+    if ".embeddings." in f".{name}":
+        return 0
+    marker = "encoder.layers."
+    if marker in name:
+        return int(name.split(marker)[1].split(".")[0]) + 1
+    return depth + 1
+
+
+def parameter_groups(model, weight_decay: float, learning_rate: float, layer_decay: float | None = None):
+    """AdamW groups: no decay where it does not belong, and optionally a learning rate that shrinks by
+    `layer_decay` per layer from the head down (BEiT, Bao et al. 2021), so pretrained early layers move least."""
+    depth = model.config.num_hidden_layers
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        layer = layer_id(name, depth) if layer_decay else depth + 1
+        decay = not no_decay(name, param)
+        scale = layer_decay ** (depth + 1 - layer) if layer_decay else 1.0
+        group = groups.setdefault(
+            (layer, decay),
+            {
+                "params": [],
+                "names": [],
+                "weight_decay": weight_decay if decay else 0.0,
+                "lr": learning_rate * scale,
+            },
+        )
+        group["params"].append(param)
+        group["names"].append(name)
+    return list(groups.values())
+
+
+class VitrailTrainer(Trainer):
+    """Trainer with vitrail's parameter groups and a soft-label loss for MixUp/CutMix batches."""
+
+    def __init__(self, *args, layer_decay: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.layer_decay = layer_decay
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
+            groups = parameter_groups(
+                model, self.args.weight_decay, self.args.learning_rate, self.layer_decay
+            )
+            for group in groups:
+                group.pop("names")
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.get("labels")
+        if labels is not None and labels.is_floating_point() and labels.ndim == 2 and model.training:
+            inputs = {k: v for k, v in inputs.items() if k != "labels"}
+            outputs = model(**inputs)
+            smoothing = self.args.label_smoothing_factor
+            targets = labels * (1 - smoothing) + smoothing / labels.shape[-1]
+            loss = torch.sum(-targets * F.log_softmax(outputs.logits.float(), dim=-1), dim=-1).mean()
+            return (loss, outputs) if return_outputs else loss
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+# ---- the job ----------------------------------------------------------------------------------------------------
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
+    """Train, evaluate on validation and the held-out test split, and write a shareable checkpoint folder."""
+    from .evaluation import confusion_matrix, make_compute_metrics
+    from .model_card import render_model_card
+    from .plots import plot_confusion_matrix, plot_training_curves
+
+    splits, dataset_name = load_splits(data_args)
+    labels = splits["train"].features[data_args.label_column_name].names
+    model, processor = build_model(model_args, labels)
+    attach_transforms(splits, processor, data_args)
+    collator = Collator(len(labels), data_args.mixup_alpha, data_args.cutmix_alpha)
+
+    training_args.remove_unused_columns = False  # set_transform needs the raw image column
+    last_checkpoint = None
+    if training_args.resume_from_checkpoint is None and os.path.isdir(training_args.output_dir):
+        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+        if last_checkpoint:
+            logger.warning("Resuming from %s (found in --output_dir).", last_checkpoint)
+
+    trainer = VitrailTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=splits["train"],
+        eval_dataset=splits.get("validation"),
+        data_collator=collator,
+        processing_class=processor,
+        compute_metrics=make_compute_metrics(len(labels)),
+        layer_decay=model_args.layer_decay,
+    )
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
+    metrics = dict(result.metrics)
+    metrics["train_wall_time"] = time.perf_counter() - started
+    collator.training = False
+
+    if splits.get("validation") is not None:
+        metrics.update(trainer.evaluate(splits["validation"], metric_key_prefix="eval"))
+    prediction = trainer.predict(splits["test"], metric_key_prefix="test")
+    metrics.update(prediction.metrics)
+
+    trainer.save_model()  # weights (safetensors), config, code files, processor
+    if trainer.is_world_process_zero():
+        # The Trainer also pickles its arguments; a shareable folder keeps them as JSON instead (checkpoint-N
+        # folders keep the Trainer's own resume files).
+        output = Path(training_args.output_dir)
+        (output / "training_args.bin").unlink(missing_ok=True)
+        (output / "training_args.json").write_text(training_args.to_json_string())
+    trainer.log_metrics("all", metrics)
+    trainer.save_metrics("all", metrics, combined=False)
+    trainer.save_state()
+
+    if trainer.is_world_process_zero():
+        logits = (
+            prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        )
+        matrix = confusion_matrix(prediction.label_ids, logits.argmax(-1), len(labels))
+        plots = [
+            plot_training_curves(trainer.state.log_history, output / "training_curves.png").name,
+            plot_confusion_matrix(matrix, labels, output / "confusion_matrix.png", title="Test split").name,
+        ]
+        (output / "confusion_matrix.json").write_text(
+            json.dumps({"labels": labels, "matrix": matrix.tolist()})
+        )
+        render_model_card(
+            model_name=output.name,
+            output_dir=output,
+            metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+            dataset_name=dataset_name,
+            dataset_id=data_args.dataset_name,
+            base_model=model_args.model_name_or_path,
+            hyperparameters=_hyperparameters(model_args, data_args, training_args),
+            recipe=_recipe(model_args, data_args, training_args),
+            config_summary=_config_summary(model.config),
+            plots=plots,
+        )
+    return metrics
+
+
+def _hyperparameters(model_args, data_args, training_args) -> dict:
+    keep = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "weight_decay",
+            "lr_scheduler_type", "warmup_steps", "label_smoothing_factor", "seed", "bf16")  # fmt: skip
+    values = {k: getattr(training_args, k) for k in keep}
+    values.update({k: v for k, v in asdict(model_args).items() if v is not None})
+    values.update(
+        {k: v for k, v in asdict(data_args).items() if v not in (None, 0.0, False) and k != "split_seed"}
+    )
+    values["world_size"] = training_args.world_size
+    return values
+
+
+def _recipe(model_args, data_args, training_args) -> str:
+    start = (
+        f"Fine-tuned from `{model_args.model_name_or_path}`"
+        if model_args.model_name_or_path
+        else "Trained from scratch"
+    )
+    schedule = getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
+    return (
+        f"{start} with vitrail's `scripts/train.py` (transformers Trainer, AdamW, {schedule} "
+        f"schedule, no weight decay on biases, norms, positions and tokens)."
+    )
+
+
+def _config_summary(config: VitrailConfig) -> dict:
+    keep = ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "intermediate_size", "pooling", "use_cls_token", "position_embedding_type", "num_register_tokens")  # fmt: skip
+    return {k: getattr(config, k) for k in keep}
+
+
+def parse_args(argv: list[str] | None = None):
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    if argv and len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+__all__ = ["DataArguments", "ModelArguments", "VitrailTrainer", "build_model", "parameter_groups", "train"]

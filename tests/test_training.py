@@ -1,0 +1,201 @@
+"""Training: short real runs of scripts/train.py and scripts/pretrain_mim.py, not the full job."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from vitrail.data import digits_dataset, split_dataset
+from vitrail.training import DataArguments, ModelArguments, build_model, parameter_groups, parse_args, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = (
+    "image_size=8,patch_size=2,encoder_stride=2,num_channels=1,hidden_size=32,num_hidden_layers=2,"
+    "num_attention_heads=4,intermediate_size=64,pooling=mean,use_cls_token=false,layer_norm_eps=1e-6"
+)
+QUIET = ["--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true", "--logging_steps", "5"]
+OUTPUTS = {
+    "model.safetensors", "config.json", "preprocessor_config.json", "configuration_vitrail.py",
+    "modeling_vitrail.py", "image_processing_vitrail.py", "all_results.json", "README.md",
+    "training_curves.png", "confusion_matrix.png",
+}  # fmt: skip
+
+
+def run_train(tmp_path: Path, *extra: str, name: str = "run") -> tuple[dict, Path]:
+    out = tmp_path / name
+    args = ["--output_dir", str(out), "--config_overrides", TINY, *QUIET, *extra]
+    metrics = train(*parse_args(args))
+    return metrics, out
+
+
+def test_split_is_stratified_and_disjoint():
+    splits = split_dataset(digits_dataset(), "label", test_size=0.2, validation_size=0.1, seed=0)
+    sizes = {k: len(v) for k, v in splits.items()}
+    assert sizes["test"] == 360 and sum(sizes.values()) == 1797
+    for split in splits.values():
+        counts = np.bincount(split["label"], minlength=10) / len(split)
+        assert np.all(np.abs(counts - 0.1) < 0.03)  # every class near 10% in every split
+    again = split_dataset(digits_dataset(), "label", test_size=0.2, validation_size=0.1, seed=0)
+    assert again["test"]["label"] == splits["test"]["label"]
+
+
+def test_one_process_training_learns(tmp_path):
+    metrics, out = run_train(
+        tmp_path, "--num_train_epochs", "12", "--learning_rate", "3e-3", "--per_device_train_batch_size", "64",
+        "--rotation", "8", "--eval_strategy", "epoch", "--save_strategy", "no",
+    )  # fmt: skip
+    assert metrics["test_accuracy"] > 0.6  # chance is 0.1
+    assert OUTPUTS <= {p.name for p in out.iterdir()}
+    results = json.loads((out / "all_results.json").read_text())
+    assert (
+        results["test_accuracy"] == pytest.approx(metrics["test_accuracy"]) and results["train_runtime"] > 0
+    )
+    card = (out / "README.md").read_text()
+    assert "model-index" in card and f"{metrics['test_accuracy']:.4f}"[:4] in card
+    assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
+
+
+def test_weight_decay_and_layer_decay_groups():
+    model, _ = build_model(ModelArguments(config_overrides=TINY.replace("use_cls_token=false", "use_cls_token=true")
+                                          .replace("pooling=mean", "pooling=cls")), [str(i) for i in range(3)])  # fmt: skip
+    groups = parameter_groups(model, weight_decay=0.05, learning_rate=1e-3, layer_decay=0.5)
+    by_name = {name: g for g in groups for name in g["names"]}
+    for name in ("vitrail.embeddings.position_embeddings", "vitrail.embeddings.cls_token",
+                 "vitrail.encoder.layers.0.norm1.weight", "vitrail.encoder.layers.1.mlp.fc1.bias"):  # fmt: skip
+        assert by_name[name]["weight_decay"] == 0.0, name
+    assert by_name["vitrail.encoder.layers.0.mlp.fc1.weight"]["weight_decay"] == 0.05
+    assert by_name["classifier.weight"]["lr"] == pytest.approx(1e-3)
+    assert by_name["vitrail.encoder.layers.1.attention.qkv.weight"]["lr"] == pytest.approx(1e-3 * 0.5)
+    assert by_name["vitrail.encoder.layers.0.attention.qkv.weight"]["lr"] == pytest.approx(1e-3 * 0.25)
+    assert by_name["vitrail.embeddings.patch_embeddings.projection.weight"]["lr"] == pytest.approx(
+        1e-3 * 0.125
+    )
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_resume_continues_from_the_saved_step(tmp_path):
+    common = ["--per_device_train_batch_size", "128", "--save_strategy", "steps", "--save_steps", "4",
+              "--max_train_samples", "512"]  # fmt: skip
+    run_train(tmp_path, *common, "--max_steps", "4", name="resume")
+    out = tmp_path / "resume"
+    assert (out / "checkpoint-4").is_dir()
+    # Same output_dir, longer budget: picks up checkpoint-4 by itself and runs steps 5..8 only.
+    metrics, _ = run_train(tmp_path, *common, "--max_steps", "8", name="resume")
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 8
+    train_logs = [e for e in state["log_history"] if "loss" in e]
+    assert train_logs and all(e["step"] > 4 for e in train_logs)  # nothing re-run before step 4
+    # ... and an explicit --resume_from_checkpoint works too.
+    metrics, _ = run_train(tmp_path, *common, "--max_steps", "8", "--resume_from_checkpoint",
+                           str(out / "checkpoint-4"), name="explicit")  # fmt: skip
+    assert metrics["train_runtime"] >= 0
+
+
+def make_image_folder(root: Path, classes=("cat", "dog", "owl"), per_class=6) -> Path:
+    rng = np.random.default_rng(0)
+    for index, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            array = np.full((12, 10, 3), 60 * index, dtype=np.uint8) + rng.integers(
+                0, 40, (12, 10, 3), dtype=np.uint8
+            )
+            PIL.Image.fromarray(array).save(root / name / f"{i}.png")
+    return root
+
+
+def test_image_folder_trains(tmp_path):
+    folder = make_image_folder(tmp_path / "pets")
+    overrides = TINY.replace("num_channels=1", "num_channels=3")
+    metrics, out = run_train(
+        tmp_path, "--train_dir", str(folder), "--config_overrides", overrides, "--num_train_epochs", "2",
+        "--save_strategy", "no", "--test_size", "0.34", "--validation_size", "0.17",
+    )  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert sorted(config["id2label"].values()) == ["cat", "dog", "owl"]
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["test_samples_per_second"] > 0
+
+
+def test_bad_data_is_named(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        run_train(tmp_path, "--train_dir", str(empty))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_train(tmp_path, "--train_dir", str(tmp_path / "missing"))
+    corrupt = make_image_folder(tmp_path / "corrupt")
+    (corrupt / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    with pytest.raises(ValueError, match=r"Cannot read image .*broken\.png"):
+        run_train(tmp_path, "--train_dir", str(corrupt))
+    loose = make_image_folder(tmp_path / "loose")
+    PIL.Image.new("RGB", (4, 4)).save(loose / "stray.png")
+    with pytest.raises(ValueError, match="directly inside"):
+        run_train(tmp_path, "--train_dir", str(loose))
+    with pytest.raises(ValueError, match="no label column 'digit'"):
+        run_train(tmp_path, "--label_column_name", "digit")
+
+
+def test_bad_config_override_is_named(tmp_path):
+    with pytest.raises(ValueError, match="name=value with a VitrailConfig field"):
+        build_model(ModelArguments(config_overrides="hidden_sise=3"), ["a", "b"])
+
+
+def test_changed_labels_reinit_head_and_image_size_resamples(tmp_path):
+    _, source = run_train(tmp_path, "--max_steps", "2", "--save_strategy", "no", name="source")
+    model, processor = build_model(
+        ModelArguments(model_name_or_path=str(source), image_size=12), ["yes", "no"]
+    )
+    assert model.config.num_labels == 2 and model.classifier.out_features == 2
+    assert model.vitrail.embeddings.position_embeddings.shape == (1, 36, 32)  # 6x6 grid, no class token
+    assert processor.size == {"height": 12, "width": 12}
+    assert model(torch.randn(1, 1, 12, 12)).logits.shape == (1, 2)
+
+
+def test_mim_pretraining_then_fine_tuning(tmp_path):
+    from vitrail.pretraining import MaskingCollator, PretrainArguments, pretrain
+
+    collator = MaskingCollator((4, 4), mask_ratio=0.5, block=2)
+    masks = collator([{"pixel_values": torch.zeros(1, 8, 8)}] * 3)["bool_masked_pos"]
+    assert masks.shape == (3, 16) and (masks.sum(1) == 8).all()
+
+    from transformers import TrainingArguments
+
+    overrides = TINY.replace(",pooling=mean,use_cls_token=false", "")
+    args = TrainingArguments(output_dir=str(tmp_path / "mim"), num_train_epochs=6, learning_rate=3e-3,
+                             per_device_train_batch_size=128, report_to=[], use_cpu=True, logging_steps=3,
+                             save_strategy="no", disable_tqdm=True)  # fmt: skip
+    metrics = pretrain(
+        PretrainArguments(config_overrides=overrides), DataArguments(max_train_samples=768), args
+    )
+    state = json.loads((tmp_path / "mim" / "trainer_state.json").read_text())
+    losses = [e["loss"] for e in state["log_history"] if "loss" in e]
+    assert len(losses) >= 4 and losses[-1] < 0.8 * losses[0]  # the masked loss falls
+    assert metrics["eval_loss"] > 0
+    fine, out = run_train(tmp_path, "--model_name_or_path", str(tmp_path / "mim"), "--config_overrides", "",
+                          "--num_train_epochs", "2", "--save_strategy", "no", name="ft")  # fmt: skip
+    assert 0.0 <= fine["test_accuracy"] <= 1.0
+    assert json.loads((out / "config.json").read_text())["num_labels"] == 10
+
+
+def test_two_process_accelerate_launch(tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "scripts" / "train.py"),
+        "--output_dir", str(out), "--config_overrides", TINY, *QUIET, "--max_steps", "4",
+        "--per_device_train_batch_size", "32", "--save_strategy", "no", "--max_train_samples", "256",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert OUTPUTS <= {p.name for p in out.iterdir()}
+    results = json.loads((out / "all_results.json").read_text())
+    assert "test_accuracy" in results
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert "test_accuracy=" in result.stdout and result.stdout.count("test_accuracy=") == 1  # printed once
