@@ -59,6 +59,14 @@ def test_one_process_training_learns(tmp_path):
     card = (out / "README.md").read_text()
     assert "model-index" in card and f"{metrics['test_accuracy']:.4f}"[:4] in card
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
+    # scripts/evaluate_checkpoint.py scores the saved folder on the same test split and gets the same accuracy.
+    from vitrail.evaluating import EvaluateArguments, evaluate_checkpoint
+
+    scored = evaluate_checkpoint(
+        EvaluateArguments(model=str(out), output_dir=str(tmp_path / "eval")), DataArguments()
+    )
+    assert scored["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    assert (tmp_path / "eval" / "confusion_matrix.png").stat().st_size > 1000
 
 
 def test_weight_decay_and_layer_decay_groups():
@@ -199,3 +207,42 @@ def test_two_process_accelerate_launch(tmp_path):
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 4
     assert "test_accuracy=" in result.stdout and result.stdout.count("test_accuracy=") == 1  # printed once
+
+
+def test_batch_augment_is_exact_where_it_should_be():
+    from vitrail.data import AugmentationConfig, BatchAugment
+
+    images = torch.randn(4, 3, 10, 6)
+    assert torch.equal(BatchAugment(AugmentationConfig())(images), images)  # no option: identity
+    flipped = BatchAugment(AugmentationConfig(hflip=1.0))(images)
+    torch.testing.assert_close(flipped, images.flip(-1))
+    # A shift pulls in pixels from outside the image; they take the fill value (normalised black), not zero.
+    ones = torch.ones(64, 1, 8, 8)
+    shifted = BatchAugment(AugmentationConfig(translate=0.4), fill=-1.0)(ones)
+    assert shifted.min() == pytest.approx(-1.0) and shifted.max() == pytest.approx(1.0)
+    per_sample = shifted.flatten(1).mean(1)
+    assert per_sample.unique().numel() > 32  # every sample gets its own shift
+    crops = BatchAugment(AugmentationConfig(crop_scale=0.3))(images)
+    assert crops.shape == images.shape and not torch.allclose(crops, images)
+
+
+def test_evaluation_batches_are_not_augmented(tmp_path):
+    from transformers import TrainingArguments
+
+    from vitrail.data import AugmentationConfig, BatchAugment
+    from vitrail.training import Collator, ProcessedSplit, VitrailTrainer
+
+    model, _ = build_model(ModelArguments(config_overrides=TINY), [str(i) for i in range(10)])
+    pixels, labels = torch.randn(20, 1, 8, 8), torch.randint(0, 10, (20,))
+    args = TrainingArguments(
+        output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_eval_batch_size=8
+    )
+    trainer = VitrailTrainer(
+        model=model.eval(),
+        args=args,
+        data_collator=Collator(),
+        augment=BatchAugment(AugmentationConfig(rotation=30, translate=0.3, hflip=0.5)),
+    )
+    predicted = trainer.predict(ProcessedSplit(pixels, labels)).predictions
+    with torch.no_grad():
+        torch.testing.assert_close(torch.as_tensor(predicted), model(pixels).logits)

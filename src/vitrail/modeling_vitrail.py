@@ -6,9 +6,10 @@ layers (attention `softmax(QK^T / sqrt(d)) V`, then an MLP) -> final LayerNorm -
 This file travels to the Hub with every checkpoint: it imports only torch, transformers and
 `configuration_vitrail`. Parameter names are the checkpoint format; the README lists them.
 
-Layout choices measured on a 2-core CPU at ViT-B/16 shapes (`python scripts/benchmark.py --layout`): one fused
-`qkv` projection instead of three, and positions added to the patch tokens before the prefix tokens are
-concatenated (no copy of a `(B, N, C)` tensor for the add).
+Layout choices were measured on a 2-core CPU at ViT-B/16 shapes (`python scripts/benchmark_layout.py`): one fused
+`qkv` projection and three separate ones, and adding positions before or after the prefix tokens are
+concatenated, run within noise of each other. The fused `(3D, D)` projection is kept because it is one tensor,
+as in timm and big_vision; the conversion tables split or join it for other layouts.
 """
 
 from __future__ import annotations

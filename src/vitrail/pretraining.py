@@ -8,13 +8,20 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from .configuration_vitrail import VitrailConfig
-from .data import AugmentationConfig, train_transform
+from .data import BatchAugment, black_level
 from .modeling_vitrail import VitrailForMaskedImageModeling
-from .training import DataArguments, load_splits, parse_overrides
+from .training import (
+    DataArguments,
+    VitrailTrainer,
+    augmentation_config,
+    load_splits,
+    parse_overrides,
+    prepare_splits,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +51,7 @@ class MaskingCollator:
         self.blocks = (-(-grid[0] // block), -(-grid[1] // block))
 
     def __call__(self, samples):
-        pixels = torch.stack([s["pixel_values"] for s in samples])
+        pixels = torch.stack([torch.as_tensor(s["pixel_values"]) for s in samples])
         count = self.blocks[0] * self.blocks[1]
         hidden = max(1, round(count * self.ratio))
         # The `hidden` lowest of uniform scores per image: an exact count of masked blocks, in random places.
@@ -74,15 +81,8 @@ def pretrain(args: PretrainArguments, data_args: DataArguments, training_args: T
     processor = VitrailImageProcessor(
         size={"height": height, "width": width}, num_channels=config.num_channels
     )
-    augment = train_transform(
-        processor, AugmentationConfig(crop_scale=data_args.crop_scale, hflip=data_args.hflip)
-    )
-    image_col = data_args.image_column_name
-    for key in ("train", "validation"):
-        if splits.get(key) is not None:
-            splits[key].set_transform(
-                lambda batch: {"pixel_values": [augment(im) for im in batch[image_col]]}
-            )
+    prepare_splits(splits, processor, data_args)
+    aug = augmentation_config(data_args)
 
     block = 1
     if args.mask_patch_size:
@@ -94,7 +94,8 @@ def pretrain(args: PretrainArguments, data_args: DataArguments, training_args: T
         block = args.mask_patch_size // patch
     training_args.remove_unused_columns = False
     last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-    trainer = Trainer(
+    trainer = VitrailTrainer(
+        augment=BatchAugment(aug, fill=black_level(processor)) if aug.geometric else None,
         model=model,
         args=training_args,
         train_dataset=splits["train"],

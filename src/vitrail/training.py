@@ -11,22 +11,25 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from .configuration_vitrail import VitrailConfig
 from .data import (
     AugmentationConfig,
+    BatchAugment,
+    black_level,
     check_columns,
     digits_dataset,
     image_folder_dataset,
+    rand_augment_transform,
     split_dataset,
-    train_transform,
 )
 from .image_processing_vitrail import VitrailImageProcessor
 from .modeling_vitrail import VitrailForImageClassification
@@ -93,6 +96,23 @@ class DataArguments:
     rand_augment: bool = field(default=False, metadata={"help": "Apply RandAugment."})
     mixup_alpha: float = field(default=0.0, metadata={"help": "MixUp alpha (0 disables)."})
     cutmix_alpha: float = field(default=0.0, metadata={"help": "CutMix alpha (0 disables)."})
+    cache_pixels: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Process images once instead of every epoch (default: when the result fits in 1 GiB)."
+        },
+    )
+
+
+def augmentation_config(data_args: DataArguments) -> AugmentationConfig:
+    return AugmentationConfig(
+        crop_scale=data_args.crop_scale,
+        hflip=data_args.hflip,
+        rotation=data_args.rotation,
+        translate=data_args.translate,
+        scale=data_args.scale_jitter,
+        rand_augment=data_args.rand_augment,
+    )
 
 
 def parse_overrides(text: str | None) -> dict[str, Any]:
@@ -164,55 +184,59 @@ def load_splits(data_args: DataArguments):
     return splits, name
 
 
-def attach_transforms(splits, processor, data_args: DataArguments) -> None:
-    """Training images get augmentation, evaluation images the processor's deterministic transform."""
+class ProcessedSplit(torch.utils.data.Dataset):
+    """A split whose images are already processed, held as one `(N, C, H, W)` tensor: fetching a batch is a few
+    tensor indexings, where a `datasets` row format costs about 1 ms an image here."""
+
+    def __init__(self, pixel_values: torch.Tensor, labels: torch.Tensor):
+        self.pixel_values, self.labels = pixel_values, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"pixel_values": self.pixel_values[index], "labels": self.labels[index]}
+
+
+def prepare_splits(splits, processor, data_args: DataArguments) -> None:
+    """Turn images into `pixel_values` with the image processor (the evaluation transform). When the processed
+    data is small (`--cache_pixels`, default: up to 1 GiB) it is computed once, not every epoch; RandAugment needs
+    the images themselves and keeps training on the fly. Geometric augmentation comes later, per batch."""
     image_col, label_col = data_args.image_column_name, data_args.label_column_name
-    augment = train_transform(
-        processor,
-        AugmentationConfig(
-            crop_scale=data_args.crop_scale,
-            hflip=data_args.hflip,
-            rotation=data_args.rotation,
-            translate=data_args.translate,
-            scale=data_args.scale_jitter,
-            rand_augment=data_args.rand_augment,
-        ),
-    )
+    rand_augment = rand_augment_transform() if data_args.rand_augment else None
 
-    def train_batch(batch):
-        return {"pixel_values": [augment(image) for image in batch[image_col]], "labels": batch[label_col]}
-
-    def eval_batch(batch):
-        pixels = processor(batch[image_col], return_tensors="pt")["pixel_values"]
+    def process(batch, augment: bool = False):
+        images = batch[image_col]
+        if augment:
+            images = [rand_augment(im if im.mode in ("L", "RGB") else im.convert("RGB")) for im in images]
+        pixels = processor(images, return_tensors="pt")["pixel_values"]
         return {"pixel_values": list(pixels), "labels": batch[label_col]}
 
-    splits["train"].set_transform(train_batch)
-    for key in ("validation", "test"):
-        if splits.get(key) is not None:
-            splits[key].set_transform(eval_batch)
+    height, width = processor.size["height"], processor.size["width"]
+    for key in ("train", "validation", "test"):
+        split = splits.get(key)
+        if split is None:
+            continue
+        on_the_fly = key == "train" and rand_augment is not None
+        cache = data_args.cache_pixels
+        if cache is None:
+            cache = len(split) * processor.num_channels * height * width * 4 <= 2**30
+        if cache and not on_the_fly:
+            chunks = [
+                processor(split[start : start + 256][image_col], return_tensors="pt")["pixel_values"]
+                for start in range(0, len(split), 256)
+            ]
+            splits[key] = ProcessedSplit(torch.cat(chunks), torch.tensor(split[label_col]))
+        else:
+            split.set_transform(partial(process, augment=on_the_fly))
 
 
 class Collator:
-    """Stacks samples; with MixUp/CutMix on, mixes training batches (labels become soft)."""
-
-    def __init__(self, num_labels: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0):
-        self.mix = None
-        if mixup_alpha > 0 or cutmix_alpha > 0:
-            from torchvision.transforms import v2
-
-            choices = []
-            if mixup_alpha > 0:
-                choices.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_labels))
-            if cutmix_alpha > 0:
-                choices.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_labels))
-            self.mix = v2.RandomChoice(choices)
-        self.training = True
+    """Stacks processed samples into a batch."""
 
     def __call__(self, samples):
-        pixels = torch.stack([s["pixel_values"] for s in samples])
-        labels = torch.tensor([s["labels"] for s in samples])
-        if self.mix is not None and self.training:
-            pixels, labels = self.mix(pixels, labels)
+        pixels = torch.stack([torch.as_tensor(s["pixel_values"]) for s in samples])
+        labels = torch.tensor([int(s["labels"]) for s in samples])
         return {"pixel_values": pixels, "labels": labels}
 
 
@@ -325,11 +349,29 @@ def parameter_groups(model, weight_decay: float, learning_rate: float, layer_dec
 
 
 class VitrailTrainer(Trainer):
-    """Trainer with vitrail's parameter groups and a soft-label loss for MixUp/CutMix batches."""
+    """Trainer with vitrail's parameter groups, batch augmentation applied in training steps only (evaluation
+    batches are never augmented), MixUp/CutMix, and a soft-label loss for mixed batches."""
 
-    def __init__(self, *args, layer_decay: float | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        layer_decay: float | None = None,
+        augment: BatchAugment | None = None,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.layer_decay = layer_decay
+        self.augment = augment
+        self.mix = None
+        if mixup_alpha > 0 or cutmix_alpha > 0:
+            from torchvision.transforms import v2
+
+            num_labels = self.model.config.num_labels
+            choices = [v2.MixUp(alpha=mixup_alpha, num_classes=num_labels)] if mixup_alpha > 0 else []
+            choices += [v2.CutMix(alpha=cutmix_alpha, num_classes=num_labels)] if cutmix_alpha > 0 else []
+            self.mix = v2.RandomChoice(choices)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -343,11 +385,19 @@ class VitrailTrainer(Trainer):
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.augment is not None or self.mix is not None:
+            inputs = dict(inputs)
+            if self.augment is not None:
+                inputs["pixel_values"] = self.augment(inputs["pixel_values"])
+            if self.mix is not None:
+                inputs["pixel_values"], inputs["labels"] = self.mix(inputs["pixel_values"], inputs["labels"])
+        return super().training_step(model, inputs, num_items_in_batch)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.get("labels")
         if labels is not None and labels.is_floating_point() and labels.ndim == 2 and model.training:
-            inputs = {k: v for k, v in inputs.items() if k != "labels"}
-            outputs = model(**inputs)
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
             smoothing = self.args.label_smoothing_factor
             targets = labels * (1 - smoothing) + smoothing / labels.shape[-1]
             loss = torch.sum(-targets * F.log_softmax(outputs.logits.float(), dim=-1), dim=-1).mean()
@@ -366,9 +416,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
 
     splits, dataset_name = load_splits(data_args)
     labels = splits["train"].features[data_args.label_column_name].names
+    set_seed(
+        training_args.seed
+    )  # the head (or the whole model) is initialised here, before the Trainer seeds
     model, processor = build_model(model_args, labels)
-    attach_transforms(splits, processor, data_args)
-    collator = Collator(len(labels), data_args.mixup_alpha, data_args.cutmix_alpha)
+    prepare_splits(splits, processor, data_args)
+    aug = augmentation_config(data_args)
 
     training_args.remove_unused_columns = False  # set_transform needs the raw image column
     last_checkpoint = None
@@ -382,16 +435,18 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         args=training_args,
         train_dataset=splits["train"],
         eval_dataset=splits.get("validation"),
-        data_collator=collator,
+        data_collator=Collator(),
         processing_class=processor,
         compute_metrics=make_compute_metrics(len(labels)),
         layer_decay=model_args.layer_decay,
+        augment=BatchAugment(aug, fill=black_level(processor)) if aug.geometric else None,
+        mixup_alpha=data_args.mixup_alpha,
+        cutmix_alpha=data_args.cutmix_alpha,
     )
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
     metrics = dict(result.metrics)
     metrics["train_wall_time"] = time.perf_counter() - started
-    collator.training = False
 
     if splits.get("validation") is not None:
         metrics.update(trainer.evaluate(splits["validation"], metric_key_prefix="eval"))
