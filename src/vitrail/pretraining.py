@@ -93,6 +93,8 @@ def pretrain(args: PretrainArguments, data_args: DataArguments, training_args: T
             )
         block = args.mask_patch_size // patch
     training_args.remove_unused_columns = False
+    # The masks play the part of labels: with them named so, evaluation computes the masked loss.
+    training_args.label_names = ["bool_masked_pos"]
     last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
     trainer = VitrailTrainer(
         augment=BatchAugment(aug, fill=black_level(processor)) if aug.geometric else None,
