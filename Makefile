@@ -24,8 +24,8 @@ test-all: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check src tests scripts
-	$(BIN)/ruff format --check src tests scripts
+	$(BIN)/ruff check src tests scripts benchmarks
+	$(BIN)/ruff format --check src tests scripts benchmarks
 
 # The main job: a ViT trained from scratch on the embedded digits (see README, "Training"). Extra flags: ARGS="...".
 DIGITS_MODEL  := image_size=8,patch_size=2,encoder_stride=2,num_channels=1,hidden_size=64,num_hidden_layers=4,$\
