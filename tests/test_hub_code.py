@@ -20,21 +20,14 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForMaskedImageModeling, pipeline
 
 from vitrail import (
-    VitrailConfig,
     VitrailForImageClassification,
     VitrailForMaskedImageModeling,
     VitrailImageProcessor,
 )
 
+from .conftest import tiny_config
+
 ID2LABEL = {0: "cat", 1: "dog", 2: "bird"}
-TINY = dict(
-    image_size=30,
-    patch_size=2,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=37,
-)
 CODE_FILES = ("configuration_vitrail.py", "modeling_vitrail.py", "image_processing_vitrail.py")
 ATOL = 1e-6
 
@@ -54,16 +47,14 @@ def folders(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("hub_code")
     classifier = randomise(
         VitrailForImageClassification(
-            VitrailConfig(
-                **TINY, num_labels=3, id2label=ID2LABEL, label2id={v: k for k, v in ID2LABEL.items()}
-            )
+            tiny_config(num_labels=3, id2label=ID2LABEL, label2id={v: k for k, v in ID2LABEL.items()})
         ),
         seed=0,
     )
     classifier.save_pretrained(root / "classifier")
     processor = VitrailImageProcessor(size={"height": 30, "width": 30})
     processor.save_pretrained(root / "classifier")
-    mim = randomise(VitrailForMaskedImageModeling(VitrailConfig(**TINY, encoder_stride=2)), seed=1)
+    mim = randomise(VitrailForMaskedImageModeling(tiny_config()), seed=1)
     mim.save_pretrained(root / "mim")
 
     image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (41, 37, 3), dtype=np.uint8))

@@ -248,3 +248,22 @@ def test_evaluation_batches_are_not_augmented(tmp_path):
     predicted = trainer.predict(ProcessedSplit(pixels, labels)).predictions
     with torch.no_grad():
         torch.testing.assert_close(torch.as_tensor(predicted), model(pixels).logits)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--bf16", "true"],
+        ["--rand_augment", "true", "--crop_scale", "0.5", "--hflip", "0.5"],
+        ["--mixup_alpha", "0.8", "--cutmix_alpha", "1.0", "--layer_decay", "0.75"],
+    ],
+    ids=["bf16-autocast", "randaugment-crop-flip", "mixup-cutmix-layer-decay"],
+)
+def test_optional_training_paths_run(tmp_path, flags):
+    """Each optional path trains a few steps and ends with finite losses and a full output folder."""
+    metrics, out = run_train(
+        tmp_path, "--max_steps", "3", "--per_device_train_batch_size", "32", "--save_strategy", "no",
+        "--max_train_samples", "96", "--max_eval_samples", "64", *flags,
+    )  # fmt: skip
+    assert np.isfinite(metrics["train_loss"]) and np.isfinite(metrics["test_loss"])
+    assert OUTPUTS <= {p.name for p in out.iterdir()}
