@@ -49,9 +49,16 @@ def test_tuple_outputs(config, pixels):
 # ---- save / load --------------------------------------------------------------------------------------------
 
 
+OPTIONS = dict(
+    position_embedding_type="sincos2d", num_register_tokens=2, layer_scale_init_value=0.1, qk_norm=True
+)
+
+
+@pytest.mark.parametrize("options", [{}, OPTIONS], ids=["default", "sincos-registers-layerscale-qknorm"])
 @pytest.mark.parametrize("cls", HEADS)
-def test_save_load_gives_identical_outputs(cls, config, pixels, tmp_path):
-    model = cls(config).eval()
+def test_save_load_gives_identical_outputs(cls, options, pixels, tmp_path):
+    """Every tensor round-trips, including the sin-cos table that is recomputed rather than saved."""
+    model = cls(tiny_config(num_labels=5, **options)).eval()
     model.save_pretrained(tmp_path)
     files = {p.name for p in tmp_path.iterdir()}
     assert {"model.safetensors", "config.json", "configuration_vitrail.py", "modeling_vitrail.py"} <= files
