@@ -424,6 +424,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     aug = augmentation_config(data_args)
 
     training_args.remove_unused_columns = False  # set_transform needs the raw image column
+    # The Trainer's own push would upload training_args.bin (a pickle) and replace our card, before the card,
+    # plots and results exist: the finished folder is pushed with vitrail.hub at the end instead.
+    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
     last_checkpoint = None
     if training_args.resume_from_checkpoint is None and os.path.isdir(training_args.output_dir):
         last_checkpoint = get_last_checkpoint(training_args.output_dir)
@@ -454,6 +457,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     metrics.update(prediction.metrics)
 
     trainer.save_model()  # weights (safetensors), config, code files, processor
+    training_args.push_to_hub = (
+        push_to_hub  # restored after save_model (which would push); recorded in the JSON
+    )
     if trainer.is_world_process_zero():
         # The Trainer also pickles its arguments; a shareable folder keeps them as JSON instead (checkpoint-N
         # folders keep the Trainer's own resume files).
@@ -487,7 +493,20 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
             recipe=_recipe(model_args, data_args, training_args),
             config_summary=_config_summary(model.config),
             plots=plots,
+            repo_id=training_args.hub_model_id if push_to_hub else None,
         )
+        if push_to_hub:
+            from .hub import push_checkpoint
+
+            commit = push_checkpoint(
+                output,
+                training_args.hub_model_id or output.name,
+                private=bool(training_args.hub_private_repo),
+                revision=training_args.hub_revision,
+                token=training_args.hub_token,
+                commit_message=f"vitrail: test accuracy {metrics['test_accuracy']:.4f}",
+            )
+            logger.info("Hub: %s", commit.commit_url if commit else "unchanged, no new commit")
     return metrics
 
 
