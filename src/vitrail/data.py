@@ -114,15 +114,14 @@ def check_columns(dataset: Dataset, image_column: str, label_column: str) -> Non
 
 @dataclass
 class AugmentationConfig:
-    """Random training augmentation. The geometric part runs on whole batches of processed tensors
-    (`BatchAugment`); RandAugment, which needs PIL-level ops, runs per image before the processor."""
+    """Random geometric training augmentation, run on whole batches of processed tensors by `BatchAugment`.
+    (RandAugment, which needs PIL-level ops, runs per image before the processor: `rand_augment_transform`.)"""
 
     crop_scale: float = 1.0  # RandomResizedCrop's smallest kept area fraction; 1.0 disables the crop
     hflip: float = 0.0  # horizontal-flip probability (off by default: it changes the meaning of digits)
     rotation: float = 0.0  # max rotation, degrees
     translate: float = 0.0  # max shift, as a fraction of the side
     scale: float = 0.0  # zoom range +-
-    rand_augment: bool = False
 
     @property
     def geometric(self) -> bool:

@@ -111,7 +111,6 @@ def augmentation_config(data_args: DataArguments) -> AugmentationConfig:
         rotation=data_args.rotation,
         translate=data_args.translate,
         scale=data_args.scale_jitter,
-        rand_augment=data_args.rand_augment,
     )
 
 
