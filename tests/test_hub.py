@@ -599,19 +599,23 @@ def test_trainer_push_to_hub_uploads_the_code(hub, checkpoints, tmp_path, repo_i
     assert b"generated_from_trainer" in files["README.md"]  # the Trainer's card, written over any other
 
 
-def test_train_py_output_round_trip(hub, tmp_path, repo_id):
-    """A real `vitrail.training` output folder (a few steps on the digits, with checkpoint-* folders) passes
-    the check, is pushed without its resume state, and pulls back as a loadable classifier."""
+def train_tiny(out: Path, *extra: str) -> Path:
+    """Four steps of `vitrail.training` (what `scripts/train.py` runs) on the digits with a tiny model."""
     from vitrail.training import parse_args, train
 
     overrides = (
         "image_size=8,patch_size=2,encoder_stride=2,num_channels=1,hidden_size=32,num_hidden_layers=2,"
         "num_attention_heads=4,intermediate_size=64,pooling=mean,use_cls_token=false"
     )
-    out = tmp_path / "run"
-    train(*parse_args(["--output_dir", str(out), "--config_overrides", overrides, "--max_steps", "4",
-                       "--save_strategy", "steps", "--save_steps", "2", "--report_to", "none",
-                       "--disable_tqdm", "true", "--use_cpu", "true"]))  # fmt: skip
+    common = ["--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true", "--max_steps", "4"]
+    train(*parse_args(["--output_dir", str(out), "--config_overrides", overrides, *common, *extra]))
+    return out
+
+
+def test_train_py_output_round_trip(hub, tmp_path, repo_id):
+    """A real `vitrail.training` output folder (a few steps on the digits, with checkpoint-* folders) passes
+    the check, is pushed without its resume state, and pulls back as a loadable classifier."""
+    out = train_tiny(tmp_path / "run", "--save_strategy", "steps", "--save_steps", "2")
     assert any(out.glob("checkpoint-*/optimizer.pt"))
 
     push_checkpoint(out, repo_id)
@@ -630,16 +634,9 @@ def test_train_py_output_round_trip(hub, tmp_path, repo_id):
 def test_train_py_push_to_hub(hub, tmp_path, repo_id):
     """`scripts/train.py --push_to_hub` pushes the finished folder through vitrail.hub: code, our card, plots and
     results, and neither the pickled training_args.bin nor the Trainer's card."""
-    from vitrail.training import parse_args, train
-
-    overrides = (
-        "image_size=8,patch_size=2,encoder_stride=2,num_channels=1,hidden_size=32,num_hidden_layers=2,"
-        "num_attention_heads=4,intermediate_size=64,pooling=mean,use_cls_token=false"
+    out = train_tiny(
+        tmp_path / "run", "--save_strategy", "no", "--push_to_hub", "true", "--hub_model_id", repo_id
     )
-    out = tmp_path / "run"
-    train(*parse_args(["--output_dir", str(out), "--config_overrides", overrides, "--max_steps", "4",
-                       "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
-                       "--use_cpu", "true", "--push_to_hub", "true", "--hub_model_id", repo_id]))  # fmt: skip
     files = hub.files(repo_id)
     assert set(files) == set(checkpoint_files(out)) | {".gitattributes"}
     assert {*CODE_FILES, "model.safetensors", "README.md", "training_curves.png", "all_results.json"} <= set(
