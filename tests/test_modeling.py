@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModel, AutoModelForImageClassification, AutoModelForMaskedImageModeling
 
 from vitrail import VitrailForImageClassification, VitrailForMaskedImageModeling, VitrailModel
+from vitrail.convert import convert_hf_state_dict
 from vitrail.modeling_vitrail import sincos_2d_position_embeddings
 
 from .conftest import tiny_config
@@ -357,32 +358,6 @@ def test_mim_loss_falls_when_training(pixels):
 # ---- parity with transformers' ViT --------------------------------------------------------------------------
 
 
-def hf_vit_to_vitrail(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
-    """transformers 5.x ViTForImageClassification (in-memory names) -> vitrail names; q/k/v fused by concat."""
-    out = {
-        "vitrail.embeddings.cls_token": state["vit.embeddings.cls_token"],
-        "vitrail.embeddings.position_embeddings": state["vit.embeddings.position_embeddings"],
-        "vitrail.layernorm.weight": state["vit.layernorm.weight"],
-        "vitrail.layernorm.bias": state["vit.layernorm.bias"],
-        "classifier.weight": state["classifier.weight"],
-        "classifier.bias": state["classifier.bias"],
-    }
-    for kind in ("weight", "bias"):
-        out[f"vitrail.embeddings.patch_embeddings.projection.{kind}"] = state[
-            f"vit.embeddings.patch_embeddings.projection.{kind}"
-        ]
-        for i in range(depth):
-            src, dst = f"vit.layers.{i}.", f"vitrail.encoder.layers.{i}."
-            qkv = [state[f"{src}attention.{p}_proj.{kind}"] for p in "qkv"]
-            out[f"{dst}attention.qkv.{kind}"] = torch.cat(qkv)
-            out[f"{dst}attention.proj.{kind}"] = state[f"{src}attention.o_proj.{kind}"]
-            out[f"{dst}norm1.{kind}"] = state[f"{src}layernorm_before.{kind}"]
-            out[f"{dst}norm2.{kind}"] = state[f"{src}layernorm_after.{kind}"]
-            out[f"{dst}mlp.fc1.{kind}"] = state[f"{src}mlp.fc1.{kind}"]
-            out[f"{dst}mlp.fc2.{kind}"] = state[f"{src}mlp.fc2.{kind}"]
-    return out
-
-
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_parity_with_transformers_vit(attn, pixels):
     from transformers import ViTConfig, ViTForImageClassification
@@ -395,7 +370,9 @@ def test_parity_with_transformers_vit(attn, pixels):
         for p in reference.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     model = VitrailForImageClassification(tiny_config(**shape, attn_implementation=attn)).eval()
-    missing, unexpected = model.load_state_dict(hf_vit_to_vitrail(reference.state_dict(), 2), strict=True)
+    # vitrail.convert's rename table (checked key by key there); tests/test_convert.py covers the other layouts.
+    converted = convert_hf_state_dict(reference.state_dict(), reference.config)
+    missing, unexpected = model.load_state_dict(converted, strict=True)
     assert not missing and not unexpected
     with torch.no_grad():
         want = reference(pixels, output_hidden_states=True)
