@@ -45,8 +45,12 @@ def hf_vit(cls=ViTForImageClassification, config_cls=ViTConfig, **kw):
     return perturbed(cls(config_cls(**SHAPE, **labels, **kw)))
 
 
-def save_v5_layout(model, folder: Path):
-    """A folder whose safetensors holds transformers 5.x in-memory names (`save_pretrained` writes the Hub ones)."""
+def save_in_layout(model, folder: Path, layout: str):
+    """A checkpoint folder in the "hub" layout (what `save_pretrained` writes) or the "v5" one (transformers 5.x
+    in-memory names, written by hand)."""
+    if layout == "hub":
+        model.save_pretrained(folder)
+        return
     model.config.save_pretrained(folder)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
 
@@ -68,10 +72,7 @@ def test_save_pretrained_writes_hub_layout_and_state_dict_is_v5(tmp_path):
 @pytest.mark.parametrize("layout", ["hub", "v5"])
 def test_vit_classification_parity(layout, tmp_path, pixels, caplog):
     reference = hf_vit()
-    if layout == "hub":
-        reference.save_pretrained(tmp_path)
-    else:
-        save_v5_layout(reference, tmp_path)
+    save_in_layout(reference, tmp_path, layout)
     with caplog.at_level(logging.INFO, logger="vitrail.convert"):
         model = load_hf_checkpoint(tmp_path)
     assert f"{layout} layout" in caplog.text and "Fused q/k/v projections of 2 layers" in caplog.text
@@ -98,10 +99,7 @@ def test_in_memory_state_dict_converts(qkv_bias, pixels):
 def test_vit_model_with_pooler(layout, tmp_path, pixels, caplog):
     reference = hf_vit(ViTModel)
     assert "pooler.dense.weight" in reference.state_dict()
-    if layout == "hub":
-        reference.save_pretrained(tmp_path)
-    else:
-        save_v5_layout(reference, tmp_path)
+    save_in_layout(reference, tmp_path, layout)
     with caplog.at_level(logging.INFO, logger="vitrail.convert"):
         model = load_hf_checkpoint(tmp_path)
     assert isinstance(model, VitrailModel)
@@ -114,10 +112,7 @@ def test_vit_model_with_pooler(layout, tmp_path, pixels, caplog):
 @pytest.mark.parametrize("layout", ["hub", "v5"])
 def test_deit_classification_parity(layout, tmp_path, pixels, caplog):
     reference = hf_vit(DeiTForImageClassification, DeiTConfig)
-    if layout == "hub":
-        reference.save_pretrained(tmp_path)
-    else:
-        save_v5_layout(reference, tmp_path)
+    save_in_layout(reference, tmp_path, layout)
     with caplog.at_level(logging.INFO, logger="vitrail.convert"):
         model = load_hf_checkpoint(tmp_path)
     assert "distillation token becomes register token 0" in caplog.text
