@@ -49,6 +49,10 @@ def test_derived_values_non_square():
     assert config.image_hw == (30, 22) and config.grid_size == (15, 11) and config.num_patches == 165
     assert config.num_prefix_tokens == 5 and config.num_prefix_positions == 1
     assert tiny_config(num_register_tokens=4, prefix_position_embeddings="all").num_prefix_positions == 5
+    distilled = tiny_config(
+        use_distillation_token=True, num_register_tokens=2, prefix_position_embeddings="all"
+    )
+    assert distilled.num_prefix_tokens == 4 and distilled.num_prefix_positions == 4
 
 
 def test_round_trip_and_auto_config(tmp_path):
@@ -65,6 +69,9 @@ def test_round_trip_and_auto_config(tmp_path):
         (dict(hidden_size=30, num_attention_heads=4), "divisible by `num_attention_heads`"),
         (dict(image_size=31), "not divisible by `patch_size`"),
         (dict(pooling="max"), "Unknown `pooling`"),
+        (dict(mlp_type="geglu"), "Unknown `mlp_type`"),
+        (dict(position_interpolation="bilinear"), "Unknown `position_interpolation`"),
+        (dict(use_distillation_token=True, use_cls_token=False, pooling="mean"), "after the class token"),
         (dict(use_cls_token=False), "reads the class token"),
         (dict(position_embedding_type="rope"), "Unknown `position_embedding_type`"),
         (dict(position_embedding_type="sincos2d", hidden_size=30, num_attention_heads=5), "divisible by 4"),

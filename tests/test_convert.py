@@ -12,6 +12,12 @@ from transformers import (
     DeiTConfig,
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
+    Dinov2Config,
+    Dinov2ForImageClassification,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersForImageClassification,
+    Dinov2WithRegistersModel,
     ViTConfig,
     ViTForImageClassification,
     ViTModel,
@@ -19,12 +25,12 @@ from transformers import (
 
 from vitrail import VitrailForImageClassification, VitrailImageProcessor, VitrailModel
 from vitrail.convert import (
-    HF_LAYER_RENAMES,
     convert_hf_state_dict,
     detect_hf_layout,
     load_hf_checkpoint,
     vitrail_config_from_hf,
 )
+from vitrail.convert.hf import FAMILIES, hf_rename_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = dict(image_size=30, patch_size=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -75,7 +81,9 @@ def test_vit_classification_parity(layout, tmp_path, pixels, caplog):
     save_in_layout(reference, tmp_path, layout)
     with caplog.at_level(logging.INFO, logger="vitrail.convert"):
         model = load_hf_checkpoint(tmp_path)
-    assert f"{layout} layout" in caplog.text and "Fused q/k/v projections of 2 layers" in caplog.text
+    assert (
+        f"{layout} layout" in caplog.text and "Joined 12 source tensors into 4 vitrail tensors" in caplog.text
+    )
     assert isinstance(model, VitrailForImageClassification)
     assert model.config.id2label == LABELS and model.config.label2id["emu"] == 2
     assert model.config.layer_norm_eps == 1e-12 and model.config.image_hw == (30, 30)
@@ -115,28 +123,114 @@ def test_deit_classification_parity(layout, tmp_path, pixels, caplog):
     save_in_layout(reference, tmp_path, layout)
     with caplog.at_level(logging.INFO, logger="vitrail.convert"):
         model = load_hf_checkpoint(tmp_path)
-    assert "distillation token becomes register token 0" in caplog.text
+    assert "becomes register token 0" in caplog.text
     assert model.config.num_register_tokens == 1 and model.config.prefix_position_embeddings == "all"
     with torch.no_grad():
         torch.testing.assert_close(model(pixels).logits, reference(pixels).logits, atol=1e-5, rtol=0)
 
 
-def test_distilled_deit_is_refused_clearly(tmp_path):
+@pytest.mark.parametrize("layout", ["hub", "v5"])
+def test_distilled_deit_parity(layout, tmp_path, pixels, caplog):
+    """Two heads, averaged at inference, and each head's logits exposed as transformers does."""
     reference = hf_vit(DeiTForImageClassificationWithTeacher, DeiTConfig)
-    reference.save_pretrained(tmp_path)
-    with pytest.raises(NotImplementedError, match="distillation_classifier.*averaged"):
-        load_hf_checkpoint(tmp_path)
-    # Also when the config does not say so: the two heads' keys give it away.
-    config = DeiTConfig(**SHAPE)
-    with pytest.raises(NotImplementedError, match="single `classifier`"):
-        convert_hf_state_dict(reference.state_dict(), config)
+    save_in_layout(reference, tmp_path, layout)
+    with caplog.at_level(logging.INFO, logger="vitrail.convert"):
+        model = load_hf_checkpoint(tmp_path)
+    assert "Distilled DeiT" in caplog.text
+    assert model.config.use_distillation_token and model.config.num_register_tokens == 0
+    with torch.no_grad():
+        got, want = model(pixels), reference(pixels)
+    for name in ("logits", "cls_logits", "distillation_logits"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), atol=1e-5, rtol=0)
+    # Without the config's word for it, the second head's tensors identify a distilled checkpoint.
+    config = DeiTConfig(**SHAPE, num_labels=5)
+    assert "distillation_classifier.weight" in convert_hf_state_dict(reference.state_dict(), config)
+
+
+def test_distilled_deit_trains_both_heads(tmp_path, pixels):
+    model = load_hf_checkpoint(_saved(hf_vit(DeiTForImageClassificationWithTeacher, DeiTConfig), tmp_path))
+    labels, teacher = torch.tensor([0, 1]), torch.tensor([2, 3])
+    out = model(pixels, labels=labels, distillation_labels=teacher)
+    ce = torch.nn.functional.cross_entropy
+    expected = (ce(out.cls_logits, labels) + ce(out.distillation_logits, teacher)) / 2
+    torch.testing.assert_close(out.loss, expected)
+    out.loss.backward()
+    assert (
+        model.distillation_classifier.weight.grad.abs().sum() > 0
+        and model.classifier.weight.grad.abs().sum() > 0
+    )
+
+
+def _saved(model, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    return folder
+
+
+# ---- DINOv2 ----------------------------------------------------------------------------------------------------
+
+DINO = dict(image_size=28, patch_size=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=4,
+            layerscale_value=0.5)  # fmt: skip
+
+
+def hf_dinov2(cls, **kw):
+    config_cls = Dinov2WithRegistersConfig if "WithRegisters" in cls.__name__ else Dinov2Config
+    labels = (
+        dict(id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
+        if "Classification" in cls.__name__
+        else {}
+    )
+    return perturbed(cls(config_cls(**DINO, **labels, **kw)))
+
+
+DINOV2_CASES = {
+    "dinov2": (Dinov2Model, {}),
+    "dinov2-head": (Dinov2ForImageClassification, {}),
+    "dinov2-swiglu-head": (Dinov2ForImageClassification, {"use_swiglu_ffn": True}),
+    "dinov2-registers": (Dinov2WithRegistersModel, {"num_register_tokens": 4}),
+    "dinov2-registers-head": (Dinov2WithRegistersForImageClassification, {"num_register_tokens": 4}),
+}
+
+
+@pytest.mark.parametrize("layout", ["hub", "v5"])
+@pytest.mark.parametrize("case", list(DINOV2_CASES))
+def test_dinov2_parity_at_native_and_other_sizes(case, layout, tmp_path):
+    """DINOv2 resamples its position table to every input; so does the converted model, the same way."""
+    cls, kw = DINOV2_CASES[case]
+    reference = hf_dinov2(cls, **kw)
+    save_in_layout(reference, tmp_path, layout)
+    model = load_hf_checkpoint(tmp_path)
+    config = model.config
+    assert (
+        config.layer_scale_init_value == 0.5 and config.layer_norm_eps == 1e-6 and config.dynamic_image_size
+    )
+    assert config.num_register_tokens == kw.get("num_register_tokens", 0)
+    assert config.pooling == ("cls_mean" if "head" in case else "cls")
+    if "swiglu" in case:
+        assert config.mlp_type == "swiglu" and config.intermediate_size == 88
+    generator = torch.Generator().manual_seed(2)
+    for size in [(28, 28), (20, 20), (36, 24)]:  # native, smaller, larger and non-square
+        pixels = torch.randn(2, 3, *size, generator=generator)
+        with torch.no_grad():
+            got, want = model(pixels), reference(pixels)
+        if "head" in case:
+            torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=0)
+        else:
+            torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, atol=1e-5, rtol=0)
+            torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-5, rtol=0)
+
+
+def test_dinov2_mask_token_is_dropped_with_a_reason(tmp_path, caplog):
+    reference = hf_dinov2(Dinov2Model)
+    with caplog.at_level(logging.INFO, logger="vitrail.convert"):
+        load_hf_checkpoint(_saved(reference, tmp_path))
+    assert "Dropped embeddings.mask_token: DINOv2's mask token serves only" in caplog.text
 
 
 def test_pickle_only_folder_is_refused_without_allow_pickle(tmp_path, pixels):
     reference = hf_vit()
     reference.config.save_pretrained(tmp_path)
     torch.save(reference.state_dict(), tmp_path / "pytorch_model.bin")
-    with pytest.raises(ValueError, match="only pytorch_model.bin.*allow_pickle=True"):
+    with pytest.raises(ValueError, match="pytorch_model.bin is a pickle.*allow_pickle=True"):
         load_hf_checkpoint(tmp_path)
     model = load_hf_checkpoint(tmp_path, allow_pickle=True)
     with torch.no_grad():
@@ -167,10 +261,16 @@ def test_missing_and_misshaped_keys_are_named():
         convert_hf_state_dict(state, reference.config)
 
 
-def test_rename_tables_cover_the_same_vitrail_names():
-    """One table per layout, and both reach the same vitrail parameters in the same q/k/v slots."""
-    hub, v5 = ([(dst, slot) for _, dst, slot in HF_LAYER_RENAMES[layout][1]] for layout in ("hub", "v5"))
-    assert hub == v5
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_rename_tables_reach_the_same_vitrail_names_in_both_layouts(family):
+    """Both layouts of a family fill the same vitrail tensors (SwiGLU's fused input is one row in one layout and
+    two slots in the other, so slots are compared as a set of targets)."""
+
+    def targets(layout):
+        return {(row.target, row.slot and row.slot[1]) for row in hf_rename_rows(family, layout)}
+
+    hub, v5 = targets("hub"), targets("v5")
+    assert {t for t, _ in hub} == {t for t, _ in v5}
 
 
 def _script():
@@ -201,7 +301,7 @@ def test_script_end_to_end(tmp_path, capsys, pixels):
     assert _script().main(["--from", "hf", "--input", str(src), "--output", str(dst)]) == 0
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("max abs logit difference: "))
-    assert float(line.split(": ")[1]) < 1e-5
+    assert float(line.split(": ")[1]) < 1e-5 and "(converted, before saving)" in out
 
     model = VitrailForImageClassification.from_pretrained(dst).eval()
     with torch.no_grad():
@@ -218,9 +318,118 @@ def test_script_end_to_end(tmp_path, capsys, pixels):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("source", ["timm", "npz"])
-def test_script_other_sources_not_implemented_yet(source, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        _script().main(["--from", source, "--input", str(tmp_path), "--output", str(tmp_path / "out")])
-    assert exit_info.value.code != 0
-    assert f"--from {source} is not implemented yet" in capsys.readouterr().err
+def test_script_resamples_to_another_size_and_compares_with_the_source(tmp_path, capsys):
+    """`--image-size 38x26`: transformers' DeiT run with `interpolate_pos_encoding=True` at that size is the
+    reference; vitrail resamples the table once, the same way (plain bicubic for this family)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    hf_vit(DeiTForImageClassificationWithTeacher, DeiTConfig).save_pretrained(src)
+    argv = ["--from", "hf", "--input", str(src), "--output", str(dst), "--image-size", "38x26"]
+    assert _script().main(argv) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("max abs logit difference (resampled to 38x26)"))
+    assert float(line.rsplit(": ", 1)[1]) < 1e-5
+    assert json.loads((dst / "config.json").read_text())["image_size"] == [38, 26]
+    assert not (dst / "preprocessor_config.json").exists()  # the source had none; nothing is invented
+
+
+# ---- from_pretrained on foreign checkpoints ----------------------------------------------------------------------
+
+FOREIGN = {
+    "vit-hub": (lambda: hf_vit(), "hub"),
+    "vit-v5": (lambda: hf_vit(), "v5"),
+    "deit-distilled": (lambda: hf_vit(DeiTForImageClassificationWithTeacher, DeiTConfig), "hub"),
+    "dinov2-registers": (
+        lambda: hf_dinov2(Dinov2WithRegistersForImageClassification, num_register_tokens=2),
+        "hub",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(FOREIGN))
+def test_from_pretrained_opens_foreign_checkpoints(case, tmp_path):
+    build, layout = FOREIGN[case]
+    reference = build()
+    save_in_layout(reference, tmp_path, layout)
+    size = reference.config.image_size
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))
+    model = VitrailForImageClassification.from_pretrained(tmp_path)
+    assert not model.training and model.config.model_type == "vitrail"
+    backbone = VitrailModel.from_pretrained(tmp_path)  # the head is left out
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixels).logits, reference(pixels).logits, atol=1e-5, rtol=0)
+        want = reference.base_model(pixels).last_hidden_state
+        torch.testing.assert_close(backbone(pixels).last_hidden_state, want, atol=1e-5, rtol=0)
+
+
+def test_from_pretrained_resamples_positions_to_a_new_non_square_size(tmp_path):
+    """The converted model at 38x26 equals transformers' ViT run at 38x26 with its own interpolation."""
+    reference = hf_vit()
+    reference.save_pretrained(tmp_path)
+    model = VitrailForImageClassification.from_pretrained(tmp_path, image_size=[38, 26])
+    assert model.config.image_hw == (38, 26)
+    assert model.vitrail.embeddings.position_embeddings.shape == (1, 1 + 19 * 13, 32)
+    pixels = torch.randn(2, 3, 38, 26, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = reference(pixels, interpolate_pos_encoding=True).logits
+        torch.testing.assert_close(model(pixels).logits, want, atol=1e-5, rtol=0)
+
+
+def test_from_pretrained_new_labels_reinitialise_only_the_heads(tmp_path, caplog):
+    reference = hf_vit(DeiTForImageClassificationWithTeacher, DeiTConfig)
+    reference.save_pretrained(tmp_path)
+    full = VitrailForImageClassification.from_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        model = VitrailForImageClassification.from_pretrained(tmp_path, id2label={0: "yes", 1: "no"})
+    assert "predicts 5 classes" in caplog.text and "re-initialised" in caplog.text
+    assert model.config.num_labels == 2 and model.config.label2id == {"yes": 0, "no": 1}
+    assert model.classifier.weight.shape == (2, 32) and model.distillation_classifier.weight.shape == (2, 32)
+    for name, tensor in full.vitrail.state_dict().items():
+        torch.testing.assert_close(model.vitrail.state_dict()[name], tensor, atol=0, rtol=0)
+    # The same label count and names: nothing is re-initialised.
+    same = VitrailForImageClassification.from_pretrained(tmp_path, num_labels=5)
+    torch.testing.assert_close(same.classifier.weight, full.classifier.weight, atol=0, rtol=0)
+
+
+def test_from_pretrained_backbone_checkpoint_gets_a_new_head(tmp_path, caplog):
+    hf_dinov2(Dinov2Model).save_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        model = VitrailForImageClassification.from_pretrained(tmp_path, num_labels=3)
+    assert "backbone without a classification head" in caplog.text
+    assert model.classifier.weight.shape == (3, 32)  # DINOv2 backbones pool the class token
+
+
+def test_from_pretrained_applies_config_fields_and_refuses_unknown_arguments(tmp_path):
+    hf_vit().save_pretrained(tmp_path)
+    model = VitrailForImageClassification.from_pretrained(
+        tmp_path, drop_path_rate=0.1, attn_implementation="eager", dtype=torch.float64
+    )
+    assert model.config.drop_path_rate == 0.1 and model.config._attn_implementation == "eager"
+    assert model.classifier.weight.dtype == torch.float64
+    with pytest.raises(TypeError, match="cannot apply.*'frobnicate'"):
+        VitrailForImageClassification.from_pretrained(tmp_path, frobnicate=1)
+
+
+def test_from_pretrained_names_unsupported_model_types(tmp_path):
+    from transformers import BertConfig
+
+    BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37
+    ).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="holds a 'bert' checkpoint"):
+        VitrailModel.from_pretrained(tmp_path)
+
+
+def test_vitrail_checkpoint_from_pretrained_resamples_and_relabels(tmp_path, pixels):
+    """The same two additions on vitrail's own checkpoints."""
+    from .conftest import tiny_config
+
+    source = perturbed(VitrailForImageClassification(tiny_config(num_labels=5)))
+    source.save_pretrained(tmp_path)
+    model = VitrailForImageClassification.from_pretrained(tmp_path, image_size=20, num_labels=2)
+    assert model.config.image_hw == (20, 20) and model.classifier.weight.shape == (2, 32)
+    expected = source.vitrail.embeddings.position_embeddings.detach().clone()
+    source.set_image_size(20)
+    torch.testing.assert_close(
+        model.vitrail.embeddings.position_embeddings, source.vitrail.embeddings.position_embeddings
+    )
+    assert not torch.equal(expected[:, 1:26], model.vitrail.embeddings.position_embeddings[:, 1:26])

@@ -280,20 +280,23 @@ def test_dynamic_size_pads_instead_of_dropping_pixels():
     assert not torch.allclose(model(image).last_hidden_state, model(changed).last_hidden_state)
 
 
-def test_position_resampling_keeps_the_native_grid_and_resizes_others():
-    model = VitrailModel(tiny_config(dynamic_image_size=True))
+@pytest.mark.parametrize("method", ["bicubic_antialias", "bicubic"])
+def test_position_resampling_keeps_the_native_grid_and_resizes_others(method):
+    model = VitrailModel(tiny_config(dynamic_image_size=True, position_interpolation=method))
     table = model.embeddings.position_embeddings[:, 1:]
     assert torch.equal(model.embeddings.patch_positions((15, 15), torch.float32), table)
     grid = table.reshape(1, 15, 15, 32).permute(0, 3, 1, 2)
-    # Growing: plain bicubic, the same numbers as transformers' interpolate_pos_encoding.
-    up = model.embeddings.patch_positions((20, 18), torch.float32)
-    expected_up = torch.nn.functional.interpolate(grid, size=(20, 18), mode="bicubic", align_corners=False)
-    torch.testing.assert_close(up, expected_up.permute(0, 2, 3, 1).reshape(1, 360, 32))
-    # Shrinking: antialiased, so a high-frequency table is smoothed rather than subsampled.
-    down = model.embeddings.patch_positions((5, 5), torch.float32)
-    aliased = torch.nn.functional.interpolate(grid, size=(5, 5), mode="bicubic", align_corners=False)
-    assert down.shape == (1, 25, 32)
-    assert down.std() < aliased.std()
+    antialias = method == "bicubic_antialias"
+    for size in [(20, 18), (5, 7)]:  # growing and shrinking, non-square
+        got = model.embeddings.patch_positions(size, torch.float32)
+        want = torch.nn.functional.interpolate(
+            grid, size=size, mode="bicubic", align_corners=False, antialias=antialias
+        )
+        torch.testing.assert_close(got, want.permute(0, 2, 3, 1).reshape(1, size[0] * size[1], 32))
+    # Antialiasing smooths a high-frequency table when shrinking instead of subsampling it.
+    if antialias:
+        aliased = torch.nn.functional.interpolate(grid, size=(5, 5), mode="bicubic", align_corners=False)
+        assert model.embeddings.patch_positions((5, 5), torch.float32).std() < aliased.std()
 
 
 def test_interpolate_pos_encoding_per_call(config, pixels):
@@ -421,3 +424,29 @@ def test_flex_attention_matches_eager_at_inference(config, pixels, tmp_path):
     ).eval()
     with torch.no_grad():  # torch has no flex-attention backward on CPU
         torch.testing.assert_close(flex(pixels).logits, eager(pixels).logits, atol=1e-5, rtol=0)
+
+
+def test_swiglu_mlp_gates_the_second_half_with_the_first():
+    config = tiny_config(mlp_type="swiglu", hidden_act="silu")
+    mlp = VitrailModel(config).encoder.layers[0].mlp
+    assert mlp.fc1.weight.shape == (2 * 37, 32) and mlp.fc2.weight.shape == (32, 37)
+    x = torch.randn(2, 5, 32)
+    gate, value = (x @ mlp.fc1.weight.T + mlp.fc1.bias).split(37, dim=-1)
+    expected = (torch.nn.functional.silu(gate) * value) @ mlp.fc2.weight.T + mlp.fc2.bias
+    torch.testing.assert_close(mlp(x), expected)
+
+
+def test_distillation_token_and_head(pixels, tmp_path):
+    """[cls, distillation, registers, patches]; two heads averaged; both survive save/load and a head reset."""
+    config = tiny_config(num_labels=5, use_distillation_token=True, num_register_tokens=2)
+    model = VitrailForImageClassification(config).eval()
+    out = model(pixels, output_hidden_states=True)
+    assert out.hidden_states[0].shape == (3, 1 + 1 + 2 + 225, 32)
+    torch.testing.assert_close(out.logits, (out.cls_logits + out.distillation_logits) / 2)
+    token = model.vitrail(pixels).last_hidden_state[:, 1]
+    torch.testing.assert_close(out.distillation_logits, model.distillation_classifier(token))
+    model.save_pretrained(tmp_path)
+    loaded = VitrailForImageClassification.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(loaded(pixels).logits, out.logits, atol=0, rtol=0)
+    loaded.reset_classifier({0: "a", 1: "b"})
+    assert loaded(pixels).distillation_logits.shape == (3, 2)

@@ -10,6 +10,8 @@ from transformers import PreTrainedConfig
 POOLINGS = ("cls", "mean", "cls_mean")
 POSITION_EMBEDDING_TYPES = ("learned", "sincos2d", "none")
 PREFIX_POSITIONS = ("cls", "all", "none")
+POSITION_INTERPOLATIONS = ("bicubic_antialias", "bicubic")
+MLP_TYPES = ("mlp", "swiglu")
 
 # Width, depth, heads and MLP size of the published ViT sizes. Ti/S/B/L/H come from Dosovitskiy et al. 2020 and
 # Touvron et al. 2021 (DeiT); M, g and G from Zhai et al. 2021 ("Scaling Vision Transformers"), DINOv2 uses g.
@@ -43,7 +45,10 @@ class VitrailConfig(PreTrainedConfig):
         num_hidden_layers (`int`, defaults to 12): number of Transformer layers.
         num_attention_heads (`int`, defaults to 12): heads per attention layer; must divide `hidden_size`.
         intermediate_size (`int`, defaults to 3072): hidden width of the MLP.
-        hidden_act (`str`, defaults to `"gelu"`): MLP activation, any key of `transformers.activations.ACT2FN`.
+        hidden_act (`str`, defaults to `"gelu"`): MLP activation, any key of `transformers.activations.ACT2FN`
+            (the gate's activation when `mlp_type="swiglu"`).
+        mlp_type (`str`, defaults to `"mlp"`): `"mlp"` (fc1, activation, fc2) or `"swiglu"` (Shazeer 2020, as in
+            DINOv2-g: `fc1` makes `2 * intermediate_size` features `[a; b]`, then `fc2(act(a) * b)`).
         hidden_dropout_prob (`float`, defaults to 0.0): dropout after the embeddings, attention and MLP outputs.
         attention_probs_dropout_prob (`float`, defaults to 0.0): dropout on the attention weights.
         initializer_range (`float`, defaults to 0.02): std of the truncated normal used for weights.
@@ -59,13 +64,17 @@ class VitrailConfig(PreTrainedConfig):
             `"mean"` (mean of the patch tokens, big_vision's "gap"), or `"cls_mean"` (both concatenated, as in
             DINOv2's linear classifier, giving `2 * hidden_size` features).
         use_cls_token (`bool`, defaults to `True`): prepend a learned class token.
+        use_distillation_token (`bool`, defaults to `False`): a learned distillation token right after the class
+            token (Touvron et al. 2021, distilled DeiT). `VitrailForImageClassification` then has a second head,
+            `distillation_classifier`, on that token, and its logits are the mean of both heads. (A DeiT fine-tuned
+            without its teacher has the token but no head reading it; it converts to one register token.)
         num_register_tokens (`int`, defaults to 0): extra learned tokens (Darcet et al. 2023, "Vision Transformers
             Need Registers") placed after the class token; they are dropped from pooling.
         position_embedding_type (`str`, defaults to `"learned"`): `"learned"`, `"sincos2d"` (fixed 2D sin-cos,
             big_vision's `posemb="sincos2d"`), or `"none"`.
         prefix_position_embeddings (`str`, *optional*): which prefix tokens get a learned position of their own:
-            `"cls"` (transformers' ViT, DeiT and DINOv2: only the class token), `"all"` (timm with registers:
-            class and register tokens) or `"none"` (timm's `no_embed_class`, big_vision). Defaults to `"cls"` for
+            `"cls"` (transformers' ViT and DINOv2: only the class token), `"all"` (DeiT's class and distillation
+            tokens, timm's class and register tokens) or `"none"` (timm's `no_embed_class`, big_vision). Defaults to `"cls"` for
             learned positions with a class token and to `"none"` otherwise.
         use_fc_norm (`bool`, defaults to `False`): apply the final LayerNorm to the pooled vector instead of to
             every token (timm's `fc_norm`, the default of its `global_pool="avg"` models).
@@ -76,7 +85,12 @@ class VitrailConfig(PreTrainedConfig):
         qk_norm (`bool`, defaults to `False`): LayerNorm on queries and keys per head (Dehghani et al. 2023).
         dynamic_image_size (`bool`, defaults to `False`): accept any input size. Inputs whose sides are not
             multiples of the patch size are padded at the bottom/right, and the learned position table is
-            resampled (bicubic) to the input's patch grid at run time.
+            resampled to the input's patch grid at run time.
+        position_interpolation (`str`, defaults to `"bicubic_antialias"`): how a learned position table is resampled
+            to another grid, at run time and by `set_image_size`: `"bicubic_antialias"` (timm's
+            `resample_abs_pos_embed`, DINOv2 with registers) or `"bicubic"` (plain `F.interpolate`, transformers'
+            ViT, DeiT and DINOv2 `interpolate_pos_encoding`). Converted checkpoints keep their source's choice, so
+            they match it at every resolution.
 
     Example:
 
@@ -94,6 +108,7 @@ class VitrailConfig(PreTrainedConfig):
     num_attention_heads: int = 12
     intermediate_size: int = 3072
     hidden_act: str = "gelu"
+    mlp_type: str = "mlp"
     hidden_dropout_prob: float | int = 0.0
     attention_probs_dropout_prob: float | int = 0.0
     initializer_range: float = 0.02
@@ -105,6 +120,7 @@ class VitrailConfig(PreTrainedConfig):
     encoder_stride: int = 16
     pooling: str = "cls"
     use_cls_token: bool = True
+    use_distillation_token: bool = False
     num_register_tokens: int = 0
     position_embedding_type: str = "learned"
     prefix_position_embeddings: str | None = None
@@ -113,6 +129,7 @@ class VitrailConfig(PreTrainedConfig):
     layer_scale_init_value: float | None = None
     qk_norm: bool = False
     dynamic_image_size: bool = False
+    position_interpolation: str = "bicubic_antialias"
 
     def __post_init__(self, **kwargs):
         if self.prefix_position_embeddings is None:
@@ -143,8 +160,8 @@ class VitrailConfig(PreTrainedConfig):
 
     @property
     def num_prefix_tokens(self) -> int:
-        """Tokens before the patches: the class token, then the registers."""
-        return int(self.use_cls_token) + self.num_register_tokens
+        """Tokens before the patches: the class token, the distillation token, then the registers."""
+        return int(self.use_cls_token) + int(self.use_distillation_token) + self.num_register_tokens
 
     @property
     def num_prefix_positions(self) -> int:
@@ -198,6 +215,8 @@ class VitrailConfig(PreTrainedConfig):
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
+        if self.mlp_type not in MLP_TYPES:
+            raise ValueError(f"Unknown `mlp_type` {self.mlp_type!r}; choose one of {MLP_TYPES}.")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
@@ -227,12 +246,22 @@ class VitrailConfig(PreTrainedConfig):
                 f"`pooling={self.pooling!r}` reads the class token, but `use_cls_token=False`. "
                 "Set `use_cls_token=True` or use `pooling='mean'`."
             )
+        if self.use_distillation_token and not self.use_cls_token:
+            raise ValueError(
+                "`use_distillation_token=True` places the distillation token after the class token (DeiT), but "
+                "`use_cls_token=False`; enable the class token too."
+            )
         if self.num_register_tokens < 0:
             raise ValueError(f"`num_register_tokens` must be >= 0, got {self.num_register_tokens}.")
         if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
             raise ValueError(
                 f"Unknown `position_embedding_type` {self.position_embedding_type!r}; "
                 f"choose one of {POSITION_EMBEDDING_TYPES}."
+            )
+        if self.position_interpolation not in POSITION_INTERPOLATIONS:
+            raise ValueError(
+                f"Unknown `position_interpolation` {self.position_interpolation!r}; "
+                f"choose one of {POSITION_INTERPOLATIONS}."
             )
         if self.prefix_position_embeddings not in PREFIX_POSITIONS:
             raise ValueError(

@@ -14,8 +14,10 @@ as in timm and big_vision; the conversion tables split or join it for other layo
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,6 +35,21 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_vitrail import VitrailConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class VitrailImageClassifierOutput(ImageClassifierOutput):
+    """`ImageClassifierOutput`, plus each head's own logits when the model has a distillation token.
+
+    cls_logits (`torch.FloatTensor` of shape `(batch, num_labels)`, *optional*): the class-token head's logits.
+    distillation_logits (`torch.FloatTensor` of shape `(batch, num_labels)`, *optional*): the distillation-token
+        head's logits; `logits` is the mean of the two.
+    """
+
+    cls_logits: torch.FloatTensor | None = None
+    distillation_logits: torch.FloatTensor | None = None
 
 
 def sincos_2d_position_embeddings(
@@ -55,12 +72,13 @@ def sincos_2d_position_embeddings(
 
 
 def resample_position_grid(
-    table: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]
+    table: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int], antialias: bool = True
 ) -> torch.Tensor:
     """Resample the patch part of a position table `(1, old_rows * old_cols, C)` to another grid, bicubically.
 
-    Upsampling matches transformers' `interpolate_pos_encoding`; downsampling is antialiased, as in timm's
-    `resample_abs_pos_embed`, so that shrinking a grid does not alias.
+    `antialias=True` is timm's `resample_abs_pos_embed` (a PIL-style bicubic kernel that low-passes when
+    shrinking); `antialias=False` is plain `F.interpolate`, what transformers' `interpolate_pos_encoding` does.
+    Rows and columns are resampled independently, so non-square grids keep their aspect.
     """
     if tuple(old_grid) == tuple(new_grid):
         return table
@@ -68,9 +86,8 @@ def resample_position_grid(
     grid = table.reshape(1, old_grid[0], old_grid[1], dim).permute(
         0, 3, 1, 2
     )  # (1, N, C) -> (1, C, rows, cols)
-    shrinking = new_grid[0] < old_grid[0] or new_grid[1] < old_grid[1]
     grid = F.interpolate(
-        grid.float(), size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=shrinking
+        grid.float(), size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=antialias
     ).to(table.dtype)
     return grid.permute(0, 2, 3, 1).reshape(
         1, new_grid[0] * new_grid[1], dim
@@ -121,7 +138,7 @@ class VitrailPatchEmbeddings(nn.Module):
 
 
 class VitrailEmbeddings(nn.Module):
-    """Patch tokens plus positions, behind the prefix tokens: `[cls] [registers...] patches`."""
+    """Patch tokens plus positions, behind the prefix tokens: `[cls] [distillation] [registers...] patches`."""
 
     def __init__(self, config: VitrailConfig, use_mask_token: bool = False):
         super().__init__()
@@ -129,6 +146,9 @@ class VitrailEmbeddings(nn.Module):
         self.config = config
         self.patch_embeddings = VitrailPatchEmbeddings(config)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden)) if config.use_cls_token else None
+        self.distillation_token = (
+            nn.Parameter(torch.zeros(1, 1, hidden)) if config.use_distillation_token else None
+        )
         self.register_tokens = (
             nn.Parameter(torch.zeros(1, config.num_register_tokens, hidden))
             if config.num_register_tokens
@@ -152,7 +172,8 @@ class VitrailEmbeddings(nn.Module):
         kind = self.config.position_embedding_type
         if kind == "learned":
             table = self.position_embeddings[:, self.num_prefix_positions :]
-            return resample_position_grid(table, self.grid_size, grid)
+            antialias = self.config.position_interpolation == "bicubic_antialias"
+            return resample_position_grid(table, self.grid_size, grid, antialias=antialias)
         if kind == "sincos2d":
             if tuple(grid) == tuple(self.grid_size):
                 return self.sincos_position_embeddings.to(dtype)
@@ -189,18 +210,15 @@ class VitrailEmbeddings(nn.Module):
         if positions is not None:
             patches = patches + positions
 
-        prefix = []
-        if self.cls_token is not None:
-            cls = self.cls_token
-            if self.num_prefix_positions:
-                cls = cls + self.position_embeddings[:, :1]
-            prefix.append(cls.expand(batch, -1, -1))
-        if self.register_tokens is not None:
-            registers = self.register_tokens
-            if self.num_prefix_positions > 1:
-                registers = registers + self.position_embeddings[:, 1 : self.num_prefix_positions]
-            prefix.append(registers.expand(batch, -1, -1))
-        tokens = torch.cat([*prefix, patches], dim=1) if prefix else patches  # (B, P + r * c, D)
+        prefix = [t for t in (self.cls_token, self.distillation_token, self.register_tokens) if t is not None]
+        tokens = patches
+        if prefix:
+            prefix = torch.cat(prefix, dim=1)  # (1, P, D) in token order
+            owned = self.num_prefix_positions  # the first `owned` prefix tokens have a position of their own
+            if owned:
+                positioned = prefix[:, :owned] + self.position_embeddings[:, :owned]
+                prefix = torch.cat([positioned, prefix[:, owned:]], dim=1)
+            tokens = torch.cat([prefix.expand(batch, -1, -1), patches], dim=1)  # (B, P + r * c, D)
         return self.dropout(tokens), grid
 
 
@@ -271,16 +289,22 @@ class VitrailAttention(nn.Module):
 
 
 class VitrailMLP(nn.Module):
-    """Two linear layers with the configured activation between them."""
+    """Two linear layers with the configured activation between them; with `mlp_type="swiglu"`, fc1 makes a gate
+    and a value half and the activated gate multiplies the value (a gated linear unit)."""
 
     def __init__(self, config: VitrailConfig):
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.gated = config.mlp_type == "swiglu"
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size * (2 if self.gated else 1))
         self.act = ACT2FN[config.hidden_act]
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(hidden_states)))
+        hidden_states = self.fc1(hidden_states)
+        if self.gated:
+            gate, value = hidden_states.chunk(2, dim=-1)  # (B, N, 2H) -> 2 x (B, N, H)
+            return self.fc2(self.act(gate) * value)
+        return self.fc2(self.act(hidden_states))
 
 
 class VitrailLayerScale(nn.Module):
@@ -361,6 +385,18 @@ class VitrailEncoder(nn.Module):
         return hidden_states, all_hidden, all_weights
 
 
+_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+
+
+def _read_config_dict(path, kwargs: dict) -> dict | None:
+    """The checkpoint's raw config.json as a dict, or None when there is none (transformers then says why)."""
+    try:
+        config, _ = VitrailConfig.get_config_dict(path, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
+    except (OSError, ValueError):
+        return None
+    return config
+
+
 # Every saved checkpoint opens with these Auto classes, whatever head it holds (the head's own class is added by
 # transformers when it saves): `AutoModel` on a classifier checkpoint gives its backbone.
 _AUTO_MAP = {
@@ -398,7 +434,13 @@ class VitrailPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             init.zeros_(module.bias)
         elif isinstance(module, VitrailEmbeddings):
-            for token in (module.cls_token, module.register_tokens, module.position_embeddings):
+            tokens = (
+                module.cls_token,
+                module.distillation_token,
+                module.register_tokens,
+                module.position_embeddings,
+            )
+            for token in tokens:
                 if token is not None:
                     init.trunc_normal_(token, mean=0.0, std=std)
             if module.mask_token is not None:
@@ -410,6 +452,85 @@ class VitrailPreTrainedModel(PreTrainedModel):
                 )
         elif isinstance(module, VitrailLayerScale):
             init.constant_(module.scale, self.config.layer_scale_init_value)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' `from_pretrained`, with three additions:
+
+        - a checkpoint of another implementation (transformers ViT / DeiT / DINOv2 `config.json`, or a timm folder
+          with its `config.json`) is converted on the way in by `vitrail.convert` (needs the vitrail package;
+          pickled weights only with `allow_pickle=True`);
+        - `image_size=` other than the checkpoint's resamples the learned position table
+          (`config.position_interpolation`) instead of re-initialising it;
+        - a label set (`num_labels=` / `id2label=`) other than the checkpoint's re-initialises only the
+          classification head(s), with a warning; the rest is loaded.
+        """
+        image_size = kwargs.pop("image_size", None)
+        labels = {name: kwargs.pop(name) for name in ("num_labels", "id2label", "label2id") if name in kwargs}
+        source = (
+            None
+            if kwargs.get("config") is not None
+            else _read_config_dict(pretrained_model_name_or_path, kwargs)
+        )
+        if source is not None and source.get("model_type") != VitrailConfig.model_type:
+            try:
+                from vitrail.convert import load_foreign_pretrained
+            except ImportError as error:  # running from Hub-carried code without the package
+                raise ImportError(
+                    f"{pretrained_model_name_or_path} is not a vitrail checkpoint (model_type "
+                    f"{source.get('model_type')!r}); converting it needs the vitrail package: `pip install vitrail`."
+                ) from error
+            model = load_foreign_pretrained(cls, pretrained_model_name_or_path, source, *model_args, **kwargs)
+        else:
+            kwargs.pop("allow_pickle", None)  # vitrail checkpoints are always safetensors
+            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        if isinstance(model, tuple):  # output_loading_info=True
+            model[0]._adapt(image_size, labels)
+            return model
+        model._adapt(image_size, labels)
+        return model
+
+    def _adapt(self, image_size, labels: dict) -> None:
+        """Apply the label set and image size asked of `from_pretrained`."""
+        self._adapt_labels(**labels)
+        requested = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size or ())
+        if image_size is not None and requested != self.config.image_hw:
+            logger.warning(
+                "Resampling the position table from %s to %s px (%s).",
+                self.config.image_size,
+                image_size,
+                self.config.position_interpolation,
+            )
+            self.set_image_size(image_size)
+
+    def _adapt_labels(self, num_labels=None, id2label=None, label2id=None) -> None:
+        """Apply a requested label set; a different one means a new head (heads only exist on classifiers)."""
+        if id2label is None and label2id is not None:
+            id2label = {i: name for name, i in label2id.items()}
+        if id2label is None and num_labels is None:
+            return
+        if id2label is None:
+            if num_labels == self.config.num_labels:
+                return
+            id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
+        id2label = {int(k): v for k, v in id2label.items()}
+        if num_labels is not None and num_labels != len(id2label):
+            raise ValueError(f"`num_labels={num_labels}` but `id2label` names {len(id2label)} classes.")
+        if id2label == self.config.id2label:
+            return
+        if hasattr(self, "reset_classifier"):
+            logger.warning(
+                "The checkpoint's head predicts %d classes %s; %d classes %s were asked for. The classification "
+                "head is re-initialised (train it before use); every other weight is loaded.",
+                self.config.num_labels,
+                list(self.config.id2label.values())[:5],
+                len(id2label),
+                list(id2label.values())[:5],
+            )
+            self.reset_classifier(id2label)
+        else:
+            self.config.id2label = id2label
+            self.config.label2id = {v: k for k, v in id2label.items()}
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights and config as transformers does, plus the code files and a complete `auto_map`, so the
@@ -423,8 +544,9 @@ class VitrailPreTrainedModel(PreTrainedModel):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def set_image_size(self, image_size: int | tuple[int, int]) -> None:
-        """Make the model's native input size `image_size`, resampling the learned position table (bicubic,
-        antialiased when shrinking) instead of re-initialising it; fine-tuning at a new resolution starts here."""
+        """Make the model's native input size `image_size`, resampling the learned position table (bicubic, as
+        `config.position_interpolation` says; prefix-token positions are kept as they are) instead of
+        re-initialising it. Fine-tuning or evaluating at a new resolution starts here."""
         new = VitrailConfig(**{**self.config.to_dict(), "image_size": image_size})  # validates the new size
         embeddings = self.base_model.embeddings
         if embeddings.position_embeddings is not None:
@@ -433,7 +555,10 @@ class VitrailPreTrainedModel(PreTrainedModel):
                 table[:, : embeddings.num_prefix_positions],
                 table[:, embeddings.num_prefix_positions :],
             )
-            patches = resample_position_grid(patches, embeddings.grid_size, new.grid_size)
+            antialias = self.config.position_interpolation == "bicubic_antialias"
+            patches = resample_position_grid(
+                patches, embeddings.grid_size, new.grid_size, antialias=antialias
+            )
             embeddings.position_embeddings = nn.Parameter(torch.cat([prefix, patches], dim=1))
         if embeddings.config.position_embedding_type == "sincos2d":
             table = sincos_2d_position_embeddings(*new.grid_size, new.hidden_size, device=embeddings.device)
@@ -543,10 +668,29 @@ class VitrailForImageClassification(VitrailPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.vitrail = VitrailModel(config)
-        self.classifier = (
-            nn.Linear(config.pooled_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.classifier = self._new_head(config.pooled_size)
+        self.distillation_classifier = (
+            self._new_head(config.hidden_size) if config.use_distillation_token else None
         )
         self.post_init()
+
+    def _new_head(self, width: int) -> nn.Module:
+        labels = self.config.num_labels
+        return nn.Linear(width, labels) if labels > 0 else nn.Identity()
+
+    def reset_classifier(self, id2label: dict[int, str]) -> None:
+        """Give the model a freshly initialised head for a new label set (everything else is kept)."""
+        self.config.id2label = {int(k): v for k, v in id2label.items()}
+        self.config.label2id = {v: k for k, v in self.config.id2label.items()}
+        self.num_labels = self.config.num_labels
+        reference = next(self.parameters())
+        self.classifier = self._new_head(self.config.pooled_size)
+        if self.distillation_classifier is not None:
+            self.distillation_classifier = self._new_head(self.config.hidden_size)
+        for head in (self.classifier, self.distillation_classifier):
+            if head is not None:
+                head.apply(self._init_weights)
+                head.to(device=reference.device, dtype=reference.dtype)
 
     def forward(
         self,
@@ -557,15 +701,19 @@ class VitrailForImageClassification(VitrailPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> ImageClassifierOutput | tuple:
+    ) -> VitrailImageClassifierOutput | tuple:
         r"""
         Args:
             pixel_values (`torch.Tensor` of shape `(batch, num_channels, height, width)`): the images.
             labels (`torch.Tensor`, *optional*): class indices `(batch,)` for single-label classification, multi-hot
                 floats `(batch, num_labels)` for multi-label, floats for regression.
+            distillation_labels (`torch.Tensor`, *optional*): with a distillation token, the targets of the
+                distillation head (a teacher's predictions, same format as `labels`); defaults to `labels`. The loss
+                is the mean of the two heads' losses, DeiT's hard-distillation objective.
             interpolate_pos_encoding, output_attentions, output_hidden_states, return_dict: as in [`VitrailModel`].
         """
         return_dict = self._flag(return_dict, "return_dict")
+        distillation_labels = kwargs.pop("distillation_labels", None)
         outputs = self.vitrail(
             pixel_values,
             interpolate_pos_encoding=interpolate_pos_encoding,
@@ -574,9 +722,29 @@ class VitrailForImageClassification(VitrailPreTrainedModel):
             return_dict=True,
         )
         logits = self.classifier(outputs.pooler_output)
-        loss = self.loss_function(labels, logits, self.config, **kwargs) if labels is not None else None
-        output = ImageClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        cls_logits = distillation_logits = None
+        if self.distillation_classifier is not None:
+            token = outputs.last_hidden_state[:, 1]  # [cls, distillation, ...]
+            if self.config.use_fc_norm:  # the final norm is applied to pooled vectors only
+                token = self.vitrail.layernorm(token)
+            cls_logits, distillation_logits = logits, self.distillation_classifier(token)
+            logits = (cls_logits + distillation_logits) / 2
+        loss = None
+        if labels is not None and distillation_logits is None:
+            loss = self.loss_function(labels, logits, self.config, **kwargs)
+        elif labels is not None:
+            targets = labels if distillation_labels is None else distillation_labels
+            loss = (
+                self.loss_function(labels, cls_logits, self.config, **kwargs)
+                + self.loss_function(targets, distillation_logits, self.config, **kwargs)
+            ) / 2
+        output = VitrailImageClassifierOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            cls_logits=cls_logits,
+            distillation_logits=distillation_logits,
         )
         return output if return_dict else output.to_tuple()
 
@@ -660,6 +828,7 @@ VitrailForImageClassification.register_for_auto_class("AutoModelForImageClassifi
 VitrailForMaskedImageModeling.register_for_auto_class("AutoModelForMaskedImageModeling")
 
 __all__ = [
+    "VitrailImageClassifierOutput",
     "VitrailPreTrainedModel",
     "VitrailModel",
     "VitrailForImageClassification",

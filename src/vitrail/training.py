@@ -21,6 +21,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from .configuration_vitrail import VitrailConfig
+from .convert import fit_processor_to, load_image_processor
 from .data import (
     AugmentationConfig,
     BatchAugment,
@@ -249,33 +250,13 @@ def build_model(model_args: ModelArguments, labels: list[str], default_processor
     label2id = {name: i for i, name in id2label.items()}
     overrides = parse_overrides(model_args.config_overrides)
     if model_args.model_name_or_path:
+        # A vitrail, transformers (ViT/DeiT/DINOv2) or timm checkpoint; from_pretrained converts foreign ones,
+        # re-initialises the head for a new label set and resamples positions for a new size, saying so.
         source = model_args.model_name_or_path
-        config = VitrailConfig.from_pretrained(source)
-        same_labels = (
-            config.num_labels == len(labels) and [config.id2label[i] for i in range(len(labels))] == labels
-        )
-        if not same_labels:
-            logger.warning(
-                "The checkpoint's head predicts %d classes %s; this data has %d %s. The classification head is "
-                "re-initialised; everything else is loaded.",
-                config.num_labels, list(config.id2label.values())[:5], len(labels), labels[:5],
-            )  # fmt: skip
         model = VitrailForImageClassification.from_pretrained(
-            source,
-            num_labels=len(labels),
-            id2label=id2label,
-            label2id=label2id,
-            ignore_mismatched_sizes=not same_labels,
-            **overrides,
+            source, id2label=id2label, image_size=model_args.image_size or None, **overrides
         )
-        processor = VitrailImageProcessor.from_pretrained(source) if _has_processor(source) else None
-        if model_args.image_size and model_args.image_size != model.config.image_size:
-            logger.warning(
-                "Resampling position embeddings from %s to %s px.",
-                model.config.image_size,
-                model_args.image_size,
-            )
-            model.set_image_size(model_args.image_size)
+        processor = load_image_processor(source)
     else:
         fields_ = {"num_labels": len(labels), "id2label": id2label, "label2id": label2id, **overrides}
         if model_args.image_size:
@@ -292,23 +273,14 @@ def build_model(model_args: ModelArguments, labels: list[str], default_processor
             size={"height": size[0], "width": size[1]}, num_channels=model.config.num_channels
         )
     else:
-        processor.size = {"height": model.config.image_hw[0], "width": model.config.image_hw[1]}
+        fit_processor_to(processor, model.config.image_hw)
     return model, processor
-
-
-def _has_processor(source: str) -> bool:
-    from transformers.utils import cached_file
-
-    return (
-        cached_file(source, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
-        is not None
-    )
 
 
 def no_decay(name: str, param: torch.nn.Parameter) -> bool:
     """Biases, norms, positions and learned tokens are not weights to shrink (timm's `no_weight_decay`)."""
     return param.ndim <= 1 or name.endswith(
-        ("cls_token", "register_tokens", "mask_token", "position_embeddings")
+        ("cls_token", "distillation_token", "register_tokens", "mask_token", "position_embeddings")
     )
 
 
