@@ -55,7 +55,7 @@ def _compare(model, reference, pixels: torch.Tensor, what: str) -> float:
     return diff
 
 
-def convert(source_format: str, src: Path, dst: Path, image_size=None, **options) -> float:
+def convert(source_format: str, src: Path, dst: Path, target_size=None, **options) -> float:
     """Convert, compare, (resample, compare,) save, reload, compare; returns the largest difference seen."""
     module = importlib.import_module(f"vitrail.convert.{source_format}")
     converted = module.open_source(src, **{k: v for k, v in options.items() if v is not None})
@@ -66,10 +66,10 @@ def convert(source_format: str, src: Path, dst: Path, image_size=None, **options
     pixels = torch.randn(2, model.config.num_channels, *model.config.image_hw, generator=generator)
     diffs = [_compare(model, converted.reference, pixels, "converted, before saving")]
 
-    if image_size is not None:
-        old_hw, new_hw = model.config.image_hw, VitrailConfig(image_size=image_size, patch_size=1).image_hw
+    if target_size is not None:
+        old_hw, new_hw = model.config.image_hw, VitrailConfig(image_size=target_size, patch_size=1).image_hw
         if new_hw != old_hw:
-            model.set_image_size(image_size)
+            model.set_image_size(target_size)
             if processor is not None:
                 fit_processor_to(processor, new_hw)
             pixels = torch.randn(2, model.config.num_channels, *new_hw, generator=generator)
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "npz": {"num_heads": args.num_heads, "image_size": args.source_image_size},
     }[args.source_format]
-    diff = convert(args.source_format, args.input, args.output, image_size=args.image_size, **options)
+    diff = convert(args.source_format, args.input, args.output, target_size=args.image_size, **options)
     print(f"max abs logit difference: {diff:.3e}")
     if diff > TOLERANCE:
         print(f"FAILED: difference above {TOLERANCE:g}", file=sys.stderr)

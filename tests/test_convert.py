@@ -433,3 +433,14 @@ def test_vitrail_checkpoint_from_pretrained_resamples_and_relabels(tmp_path, pix
         model.vitrail.embeddings.position_embeddings, source.vitrail.embeddings.position_embeddings
     )
     assert not torch.equal(expected[:, 1:26], model.vitrail.embeddings.position_embeddings[:, 1:26])
+
+
+def test_indivisible_image_size_keeps_the_whole_patch_grid(tmp_path):
+    """transformers' ViT at 31 px with patch 2 has a 15x15 table (the last pixel row/column is dropped)."""
+    reference = perturbed(ViTForImageClassification(ViTConfig(**{**SHAPE, "image_size": 31})))
+    model = load_hf_checkpoint(_saved(reference, tmp_path))
+    assert model.config.image_hw == (30, 30)
+    pixels = torch.randn(2, 3, 31, 31)
+    with torch.no_grad():
+        want = reference(pixels).logits
+        torch.testing.assert_close(model(pixels[..., :30, :30]).logits, want, atol=1e-5, rtol=0)

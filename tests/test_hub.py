@@ -644,3 +644,27 @@ def test_train_py_push_to_hub(hub, tmp_path, repo_id):
     )
     assert "training_args.bin" not in files and b"generated_from_trainer" not in files["README.md"]
     assert repo_id.encode() in files["README.md"]  # the card's usage snippet names the repo
+
+
+def test_from_pretrained_converts_a_transformers_vit_repo(hub, tmp_path, repo_id):
+    """A google/vit-style repo on the Hub (transformers' ViT, its own key layout) opens with vitrail's class: only
+    config, weights and preprocessing are downloaded, then converted."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(image_size=30, patch_size=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=37, num_labels=3)  # fmt: skip
+    reference = ViTForImageClassification(config).eval()
+    source = tmp_path / "vit"
+    reference.save_pretrained(source)
+    (source / "notes.bin").write_bytes(b"never downloaded")
+    api = HfApi()
+    api.create_repo(repo_id)
+    api.upload_folder(folder_path=str(source), repo_id=repo_id)
+    model = VitrailForImageClassification.from_pretrained(repo_id)
+    pixels = torch.randn(2, 3, 30, 30)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixels).logits, reference(pixels).logits, atol=1e-5, rtol=0)
+    downloaded = {
+        p.name for p in Path(constants.HF_HUB_CACHE).rglob("*") if p.is_file() and "snapshots" in str(p)
+    }
+    assert downloaded == {"config.json", "model.safetensors"}

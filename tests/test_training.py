@@ -267,3 +267,22 @@ def test_optional_training_paths_run(tmp_path, flags):
     )  # fmt: skip
     assert np.isfinite(metrics["train_loss"]) and np.isfinite(metrics["test_loss"])
     assert OUTPUTS <= {p.name for p in out.iterdir()}
+
+
+def test_fine_tune_from_a_transformers_vit_checkpoint(tmp_path):
+    """`--model_name_or_path` may name a transformers ViT folder: it is converted on load, gets a new 10-class
+    head, trains, and the result is a vitrail checkpoint."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    source = tmp_path / "hf-vit"
+    vit_config = ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=64, num_labels=3)  # fmt: skip
+    ViTForImageClassification(vit_config).save_pretrained(source)
+    metrics, out = run_train(
+        tmp_path, "--model_name_or_path", str(source), "--max_steps", "3", "--save_strategy", "no",
+        "--config_overrides", "",
+    )  # fmt: skip
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model_type"] == "vitrail" and len(saved["id2label"]) == 10
+    assert saved["position_interpolation"] == "bicubic"  # transformers' ViT convention, carried over

@@ -28,10 +28,13 @@ class VitrailImageProcessorKwargs(ImagesKwargs, total=False):
     num_channels (`int`): channels the model reads (1 or 3); every input is converted to this count.
     crop_pct (`float`): evaluation crop ratio (timm's `crop_pct`): resize to `size / crop_pct`, then center-crop
         `size`. `None` resizes straight to `size`.
+    center_crop_rounding (`str`): where an odd margin puts the crop: `"floor"` (transformers, the default) or
+        `"round"` (torchvision, hence timm), one pixel further down/right.
     """
 
     num_channels: int | None
     crop_pct: float | None
+    center_crop_rounding: str | None
 
 
 def _to_channel_count(image: np.ndarray, num_channels: int) -> np.ndarray:
@@ -112,6 +115,8 @@ class VitrailImageProcessor(PilBackend):
         do_normalize (`bool`, defaults to `True`), image_mean, image_std (defaults to 0.5 per channel, as in
             transformers' ViT): normalisation.
         num_channels (`int`, defaults to 3): channels of the output; 1 turns every input to grayscale.
+        center_crop_rounding (`str`, defaults to `"floor"`): `"floor"` places a center crop with an odd margin as
+            transformers does, `"round"` as torchvision and timm do (converted timm checkpoints use it).
     """
 
     valid_kwargs = VitrailImageProcessorKwargs
@@ -127,6 +132,19 @@ class VitrailImageProcessor(PilBackend):
     image_mean = IMAGENET_STANDARD_MEAN
     image_std = IMAGENET_STANDARD_STD
     num_channels = 3
+    center_crop_rounding = "floor"
+
+    def center_crop(self, image: np.ndarray, size, **kwargs) -> np.ndarray:
+        if self.center_crop_rounding not in ("floor", "round"):
+            raise ValueError(
+                f"`center_crop_rounding` must be 'floor' or 'round', got {self.center_crop_rounding!r}."
+            )
+        height, width = image.shape[-2:]
+        if self.center_crop_rounding == "floor" or size.height > height or size.width > width:
+            return super().center_crop(image, size, **kwargs)
+        top = int(round((height - size.height) / 2.0))
+        left = int(round((width - size.width) / 2.0))
+        return image[..., top : top + size.height, left : left + size.width]
 
     def process_image(
         self,

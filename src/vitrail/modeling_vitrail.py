@@ -457,9 +457,9 @@ class VitrailPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """transformers' `from_pretrained`, with three additions:
 
-        - a checkpoint of another implementation (transformers ViT / DeiT / DINOv2 `config.json`, or a timm folder
-          with its `config.json`) is converted on the way in by `vitrail.convert` (needs the vitrail package;
-          pickled weights only with `allow_pickle=True`);
+        - a checkpoint of another implementation (transformers ViT / DeiT / DINOv2 `config.json`, a timm folder
+          with its `config.json`, or a JAX `.npz` file) is converted on the way in by `vitrail.convert` (needs the
+          vitrail package; pickled weights only with `allow_pickle=True`);
         - `image_size=` other than the checkpoint's resamples the learned position table
           (`config.position_interpolation`) instead of re-initialising it;
         - a label set (`num_labels=` / `id2label=`) other than the checkpoint's re-initialises only the
@@ -472,6 +472,8 @@ class VitrailPreTrainedModel(PreTrainedModel):
             if kwargs.get("config") is not None
             else _read_config_dict(pretrained_model_name_or_path, kwargs)
         )
+        if source is None and str(pretrained_model_name_or_path).endswith(".npz"):
+            source = {"model_type": None, "format": "npz"}  # a JAX checkpoint file: no config.json
         if source is not None and source.get("model_type") != VitrailConfig.model_type:
             try:
                 from vitrail.convert import load_foreign_pretrained

@@ -43,7 +43,11 @@ DEFAULT_DATASET = "sklearn-digits"
 @dataclass
 class ModelArguments:
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "A vitrail checkpoint (folder or Hub id) to fine-tune."}
+        default=None,
+        metadata={
+            "help": "A checkpoint (folder or Hub id) to fine-tune: vitrail's, or a transformers ViT/DeiT/DINOv2 or "
+            "timm one, converted on load."
+        },
     )
     variant: str | None = field(
         default=None,

@@ -2,7 +2,8 @@
 
 - `vitrail.convert.hf`: transformers ViT, DeiT (plain and distilled), DINOv2 (with and without registers), in
   both key layouts transformers writes;
-- `vitrail.convert.timm`: timm `VisionTransformer` state dicts and Hub folders, with their preprocessing;
+- `vitrail.convert.timm`: timm `VisionTransformer` (and distilled DeiT) state dicts and Hub folders, with their
+  preprocessing;
 - `vitrail.convert.npz`: JAX `.npz` files of google-research/vision_transformer and big_vision.
 
 `VitrailForImageClassification.from_pretrained` / `VitrailModel.from_pretrained` call `load_foreign_pretrained`
@@ -28,6 +29,8 @@ from .hf import (
     load_hf_checkpoint,
     vitrail_config_from_hf,
 )
+from .npz import load_npz_checkpoint, read_npz
+from .timm import load_timm_checkpoint, timm_image_processor
 
 logger = logging.getLogger("vitrail.convert")
 
@@ -36,7 +39,9 @@ _IGNORED_KWARGS = ("trust_remote_code", "ignore_mismatched_sizes", "use_safetens
 
 
 def _is_timm(config_dict: dict) -> bool:
-    return "architecture" in config_dict and "model_type" not in config_dict
+    """timm's config.json (`architecture`, no `model_type`; transformers' config reader labels it
+    `timm_wrapper`)."""
+    return "architecture" in config_dict and config_dict.get("model_type") in (None, "timm_wrapper")
 
 
 def resolve_folder(path_or_repo, allow_pickle: bool = False, **hub_kwargs) -> Path:
@@ -58,7 +63,8 @@ def resolve_folder(path_or_repo, allow_pickle: bool = False, **hub_kwargs) -> Pa
 
 
 def load_foreign_pretrained(cls, path_or_repo, config_dict: dict, *model_args, **kwargs):
-    """Open a transformers ViT / DeiT / DINOv2 or timm checkpoint as `cls` (a vitrail model class).
+    """Open a transformers ViT / DeiT / DINOv2 or timm checkpoint, or a JAX `.npz` file (`config_dict` is then
+    `{"format": "npz"}`), as `cls` (a vitrail model class).
 
     The checkpoint is converted into the vitrail class it corresponds to, then fitted to `cls`: asking
     `VitrailModel` of a classifier drops the head (logged); asking a head class of a backbone adds a newly
@@ -83,12 +89,13 @@ def load_foreign_pretrained(cls, path_or_repo, config_dict: dict, *model_args, *
             f"from_pretrained got arguments it cannot apply to a converted checkpoint: {unknown}."
         )
 
-    folder = resolve_folder(path_or_repo, allow_pickle=allow_pickle, **hub)
-    if _is_timm(config_dict):
-        from .timm import load_timm_checkpoint
-
+    if config_dict.get("format") == "npz":
+        source = load_npz_checkpoint(path_or_repo)
+    elif _is_timm(config_dict):
+        folder = resolve_folder(path_or_repo, allow_pickle=allow_pickle, **hub)
         source = load_timm_checkpoint(folder, allow_pickle=allow_pickle)
     elif config_dict.get("model_type") in SUPPORTED_MODEL_TYPES:
+        folder = resolve_folder(path_or_repo, allow_pickle=allow_pickle, **hub)
         source = load_hf_checkpoint(folder, allow_pickle=allow_pickle)
     else:
         raise ValueError(
@@ -126,8 +133,6 @@ def load_image_processor(path_or_repo, **hub_kwargs):
         return image_processor_from_hf(preprocessor)
     config = read("config.json")
     if config is not None and _is_timm(config) and config.get("pretrained_cfg"):
-        from .timm import timm_image_processor
-
         return timm_image_processor(config["pretrained_cfg"])
     return None
 
@@ -197,8 +202,12 @@ __all__ = [
     "load_foreign_pretrained",
     "load_hf_checkpoint",
     "load_image_processor",
+    "load_npz_checkpoint",
+    "load_timm_checkpoint",
+    "read_npz",
     "read_weights",
     "rename_state_dict",
     "resolve_folder",
+    "timm_image_processor",
     "vitrail_config_from_hf",
 ]

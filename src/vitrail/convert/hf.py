@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from ..configuration_vitrail import VitrailConfig
+from ..configuration_vitrail import VitrailConfig, _pair
 from ..modeling_vitrail import VitrailForImageClassification, VitrailModel
 from .common import Converted, Drop, Rename, expected_shapes, read_weights, rename_state_dict
 
@@ -247,6 +247,16 @@ def vitrail_config_from_hf(hf_config, state=None) -> VitrailConfig:
     for name in ("image_size", "patch_size"):
         if isinstance(fields[name], (list, tuple)):
             fields[name] = list(fields[name])
+    # transformers' patch convolution drops a partial last row/column of pixels, so its position table covers
+    # floor(image / patch) patches: the size that table was made for is the whole-patch part of the image.
+    (h, w), (ph, pw) = _pair(fields["image_size"]), _pair(fields["patch_size"])
+    if h % ph or w % pw:
+        fields["image_size"] = [h // ph * ph, w // pw * pw]
+        logger.info(
+            "image_size %s is not a multiple of patch_size %s; transformers' position table covers %dx%d patches, "
+            "so the converted model's image_size is %s.",
+            hf_config.image_size, hf_config.patch_size, h // ph, w // pw, fields["image_size"],
+        )  # fmt: skip
     fields["id2label"] = {int(k): v for k, v in hf_config.id2label.items()}
     fields["label2id"] = dict(hf_config.label2id)
     if getattr(hf_config, "problem_type", None) is not None:
