@@ -444,3 +444,21 @@ def test_indivisible_image_size_keeps_the_whole_patch_grid(tmp_path):
     with torch.no_grad():
         want = reference(pixels).logits
         torch.testing.assert_close(model(pixels[..., :30, :30]).logits, want, atol=1e-5, rtol=0)
+
+
+def test_dinov2_processor_translates_and_matches_on_a_photo(tmp_path):
+    """DINOv2 repos carry a BitImageProcessor config (shortest edge 256, crop 224, bicubic, ImageNet statistics);
+    load_image_processor turns it into a VitrailImageProcessor that gives the same pixels."""
+    from sklearn.datasets import load_sample_images
+    from transformers import BitImageProcessorPil
+
+    from vitrail.convert import load_image_processor
+
+    theirs = BitImageProcessorPil(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
+                                  image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])  # fmt: skip
+    theirs.save_pretrained(tmp_path)
+    ours = load_image_processor(tmp_path)
+    assert isinstance(ours, VitrailImageProcessor)
+    photo = load_sample_images().images[1]
+    want = theirs(photo, return_tensors="pt").pixel_values
+    torch.testing.assert_close(ours(photo, return_tensors="pt").pixel_values, want, atol=1e-5, rtol=0)
