@@ -56,6 +56,11 @@ def folders(tmp_path_factory) -> Path:
     processor.save_pretrained(root / "classifier")
     mim = randomise(VitrailForMaskedImageModeling(tiny_config()), seed=1)
     mim.save_pretrained(root / "mim")
+    from transformers import ViTConfig, ViTModel
+
+    ViTModel(
+        ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
+    ).save_pretrained(root / "hf_vit")
 
     image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (41, 37, 3), dtype=np.uint8))
     image.save(root / "image.png")
@@ -153,6 +158,13 @@ REMOTE = textwrap.dedent(
     pooled = torch.tensor(extract(image, pool=True))
     report["pooled_features_diff"] = max_diff(pooled, ref["image_pooler_output"])
     report["extraction_model"] = [type(extract.model).__module__, type(extract.model).__name__]
+
+    # The Hub-carried class cannot convert a foreign checkpoint (that code lives in the package): it says so.
+    try:
+        type(loaded["classifier"]).from_pretrained(str(root / "hf_vit"))
+        report["foreign_error"] = None
+    except ImportError as error:
+        report["foreign_error"] = str(error)
 
     report["vitrail_modules"] = sorted(
         name for name, module in sys.modules.items() if module is not None and name.split(".")[0] == "vitrail"
@@ -310,3 +322,7 @@ def test_local_pipeline_asks_nothing(folders, no_prompt):
     """An installed vitrail should open its own folders without an interactive trust_remote_code prompt."""
     pipeline("image-classification", model=str(folders / "classifier"))
     assert no_prompt == []
+
+
+def test_remote_class_names_what_converting_a_foreign_checkpoint_needs(remote):
+    assert "model_type 'vit'" in remote["foreign_error"] and "pip install vitrail" in remote["foreign_error"]
