@@ -210,10 +210,10 @@ class VitrailEmbeddings(nn.Module):
         if positions is not None:
             patches = patches + positions
 
-        prefix = [t for t in (self.cls_token, self.distillation_token, self.register_tokens) if t is not None]
+        learned = [t for t in (self.cls_token, self.distillation_token, self.register_tokens) if t is not None]
         tokens = patches
-        if prefix:
-            prefix = torch.cat(prefix, dim=1)  # (1, P, D) in token order
+        if learned:
+            prefix = torch.cat(learned, dim=1)  # (1, P, D) in token order
             owned = self.num_prefix_positions  # the first `owned` prefix tokens have a position of their own
             if owned:
                 positioned = prefix[:, :owned] + self.position_embeddings[:, :owned]
