@@ -210,7 +210,9 @@ class VitrailEmbeddings(nn.Module):
         if positions is not None:
             patches = patches + positions
 
-        learned = [t for t in (self.cls_token, self.distillation_token, self.register_tokens) if t is not None]
+        learned = [
+            t for t in (self.cls_token, self.distillation_token, self.register_tokens) if t is not None
+        ]
         tokens = patches
         if learned:
             prefix = torch.cat(learned, dim=1)  # (1, P, D) in token order
