@@ -265,6 +265,7 @@ def test_is_timm_config():
     assert is_timm_config({"architecture": "vit_base_patch16_224", "num_classes": 1000})
     assert not is_timm_config({"model_type": "vit", "architectures": ["ViTForImageClassification"]})
     assert not is_timm_config({"architecture": "x", "model_type": "vitrail"})
+    assert is_timm_config({"architecture": "x", "model_type": "timm_wrapper"})  # as transformers reads it
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..configuration_vitrail import VitrailConfig
+from ..modeling_vitrail import _HUB_KWARGS
 from .common import Converted, Drop, Rename, expected_shapes, read_weights, rename_state_dict
 from .hf import (
     SUPPORTED_MODEL_TYPES,
@@ -30,18 +31,11 @@ from .hf import (
     vitrail_config_from_hf,
 )
 from .npz import load_npz_checkpoint, read_npz
-from .timm import load_timm_checkpoint, timm_image_processor
+from .timm import is_timm_config, load_timm_checkpoint, timm_image_processor
 
 logger = logging.getLogger("vitrail.convert")
 
-_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
 _IGNORED_KWARGS = ("trust_remote_code", "ignore_mismatched_sizes", "use_safetensors", "weights_only")
-
-
-def _is_timm(config_dict: dict) -> bool:
-    """timm's config.json (`architecture`, no `model_type`; transformers' config reader labels it
-    `timm_wrapper`)."""
-    return "architecture" in config_dict and config_dict.get("model_type") in (None, "timm_wrapper")
 
 
 def resolve_folder(path_or_repo, allow_pickle: bool = False, **hub_kwargs) -> Path:
@@ -89,14 +83,12 @@ def load_foreign_pretrained(cls, path_or_repo, config_dict: dict, *model_args, *
             f"from_pretrained got arguments it cannot apply to a converted checkpoint: {unknown}."
         )
 
+    timm = is_timm_config(config_dict)
     if config_dict.get("format") == "npz":
         source = load_npz_checkpoint(path_or_repo)
-    elif _is_timm(config_dict):
+    elif timm or config_dict.get("model_type") in SUPPORTED_MODEL_TYPES:
         folder = resolve_folder(path_or_repo, allow_pickle=allow_pickle, **hub)
-        source = load_timm_checkpoint(folder, allow_pickle=allow_pickle)
-    elif config_dict.get("model_type") in SUPPORTED_MODEL_TYPES:
-        folder = resolve_folder(path_or_repo, allow_pickle=allow_pickle, **hub)
-        source = load_hf_checkpoint(folder, allow_pickle=allow_pickle)
+        source = (load_timm_checkpoint if timm else load_hf_checkpoint)(folder, allow_pickle=allow_pickle)
     else:
         raise ValueError(
             f"{path_or_repo} holds a {config_dict.get('model_type')!r} checkpoint. vitrail opens its own "
@@ -132,7 +124,7 @@ def load_image_processor(path_or_repo, **hub_kwargs):
             return VitrailImageProcessor.from_pretrained(path_or_repo, **hub_kwargs)
         return image_processor_from_hf(preprocessor)
     config = read("config.json")
-    if config is not None and _is_timm(config) and config.get("pretrained_cfg"):
+    if config is not None and is_timm_config(config) and config.get("pretrained_cfg"):
         return timm_image_processor(config["pretrained_cfg"])
     return None
 

@@ -201,9 +201,9 @@ class Converted:
     notes: list[str] = field(default_factory=list)
 
 
-def model_outputs(model, pixels: torch.Tensor) -> torch.Tensor:
+def model_outputs(model, pixels: torch.Tensor, **forward_kwargs) -> torch.Tensor:
     """The tensor conversions are compared on: logits for classifiers, the last hidden state for backbones."""
     with torch.no_grad():
-        out = model(pixel_values=pixels)
+        out = model(pixel_values=pixels, **forward_kwargs)
     logits = getattr(out, "logits", None)
     return logits if logits is not None else out.last_hidden_state

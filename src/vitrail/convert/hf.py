@@ -37,7 +37,7 @@ from transformers import AutoConfig
 
 from ..configuration_vitrail import VitrailConfig, _pair
 from ..modeling_vitrail import VitrailForImageClassification, VitrailModel
-from .common import Converted, Drop, Rename, expected_shapes, read_weights, rename_state_dict
+from .common import Converted, Drop, Rename, expected_shapes, model_outputs, read_weights, rename_state_dict
 
 logger = logging.getLogger("vitrail.convert")
 
@@ -400,10 +400,7 @@ def open_source(path: str | Path, *, allow_pickle: bool = False) -> Converted:
         kwargs = {}
         if tuple(pixels.shape[-2:]) != native and not hf_config.model_type.startswith("dinov2"):
             kwargs["interpolate_pos_encoding"] = True  # DINOv2 always resamples its table
-        with torch.no_grad():
-            out = reference_model(pixel_values=pixels, **kwargs)
-        logits = getattr(out, "logits", None)
-        return logits if logits is not None else out.last_hidden_state
+        return model_outputs(reference_model, pixels, **kwargs)
 
     notes = (
         []

@@ -128,9 +128,12 @@ _INTERPOLATIONS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box
 
 
 def is_timm_config(config_dict: Mapping) -> bool:
-    """True for a timm Hub config.json: it names an `architecture` and has no transformers `model_type`."""
+    """True for a timm Hub config.json: it names an `architecture` and has no transformers `model_type` (or the
+    `"timm_wrapper"` label transformers' config reader gives timm configs)."""
     return (
-        isinstance(config_dict, Mapping) and "architecture" in config_dict and "model_type" not in config_dict
+        isinstance(config_dict, Mapping)
+        and "architecture" in config_dict
+        and config_dict.get("model_type") in (None, "timm_wrapper")
     )
 
 
