@@ -124,6 +124,39 @@ def test_attention_weights_are_real_under_sdpa(config, pixels, tmp_path):
         torch.testing.assert_close(a.sum(-1), torch.ones_like(a.sum(-1)))
 
 
+def test_set_attn_implementation_switches_a_loaded_model(config, pixels, tmp_path, monkeypatch):
+    """sdpa -> eager -> sdpa on a loaded model: the kernel really changes (counted at torch's sdpa entry point),
+    the logits stay the same, and attention weights come back under either."""
+    VitrailForImageClassification(config).save_pretrained(tmp_path)
+    model = VitrailForImageClassification.from_pretrained(tmp_path).eval()
+    calls = []
+    fused = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or fused(*a, **k)
+    )
+
+    def run(expected: str, fused_calls: int):
+        calls.clear()
+        assert model.config._attn_implementation == expected
+        assert model.vitrail.encoder.layers[0].attention.config._attn_implementation == expected
+        with torch.no_grad():
+            logits = model(pixels).logits
+            weights = model(pixels, output_attentions=True).attentions
+        assert len(calls) == fused_calls  # the second call asked for weights: eager for every layer
+        assert len(weights) == config.num_hidden_layers and all(w.shape == (3, 4, 226, 226) for w in weights)
+        return logits, weights
+
+    first, first_weights = run("sdpa", config.num_hidden_layers)
+    model.set_attn_implementation("eager")
+    eager, eager_weights = run("eager", 0)
+    model.set_attn_implementation("sdpa")
+    again, _ = run("sdpa", config.num_hidden_layers)
+    torch.testing.assert_close(first, eager, atol=1e-5, rtol=0)
+    torch.testing.assert_close(first, again, atol=0, rtol=0)
+    for a, b in zip(first_weights, eager_weights, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
 # ---- gradient checkpointing ---------------------------------------------------------------------------------
 
 

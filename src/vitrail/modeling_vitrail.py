@@ -272,10 +272,10 @@ class VitrailAttention(nn.Module):
             query, key = self.q_norm(query), self.k_norm(key)
 
         # Fused kernels (sdpa, flash) never materialise the weights; asking for them switches this call to eager.
+        # Looked up on every call, so `model.set_attn_implementation(...)` takes effect at once (transformers also
+        # reads this very call in the source to decide that vitrail supports switching).
         implementation = "eager" if output_attentions else self.config._attn_implementation
-        attention: Callable = eager_attention_forward
-        if implementation not in (None, "eager"):
-            attention = ALL_ATTENTION_FUNCTIONS[implementation]
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         output, weights = attention(
             self,
             query,
