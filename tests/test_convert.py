@@ -235,6 +235,12 @@ def test_pickle_only_folder_is_refused_without_allow_pickle(tmp_path, pixels):
     model = load_hf_checkpoint(tmp_path, allow_pickle=True)
     with torch.no_grad():
         torch.testing.assert_close(model(pixels).logits, reference(pixels).logits, atol=1e-5, rtol=0)
+    # The same policy through from_pretrained, which converts foreign folders on the way in.
+    with pytest.raises(ValueError, match="pytorch_model.bin is a pickle.*allow_pickle=True"):
+        VitrailForImageClassification.from_pretrained(tmp_path)
+    model = VitrailForImageClassification.from_pretrained(tmp_path, allow_pickle=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixels).logits, reference(pixels).logits, atol=1e-5, rtol=0)
 
 
 def test_unknown_key_is_named(tmp_path):

@@ -250,6 +250,15 @@ def test_pickle_needs_allow_pickle(tmp_path):
     model = load_timm_checkpoint(file, num_heads=4, allow_pickle=True)
     pixels = pixels_for(reference)
     assert (model_outputs(model, pixels) - timm_outputs(reference, pixels)).abs().max() <= TOLERANCE
+    # A timm Hub folder with only pytorch_model.bin, through from_pretrained: the same policy.
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(timm_config(reference, num_heads=4, reg_tokens=1)))
+    torch.save(reference.state_dict(), folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pytorch_model.bin is a pickle.*allow_pickle=True"):
+        VitrailForImageClassification.from_pretrained(folder)
+    model = VitrailForImageClassification.from_pretrained(folder, allow_pickle=True)
+    assert (model_outputs(model, pixels) - timm_outputs(reference, pixels)).abs().max() <= TOLERANCE
 
 
 def test_convert_state_dict_direct(tmp_path):

@@ -7,6 +7,7 @@ pipelines and reports what it got; the tests compare that report with references
 import builtins
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -56,6 +57,10 @@ def folders(tmp_path_factory) -> Path:
     processor.save_pretrained(root / "classifier")
     mim = randomise(VitrailForMaskedImageModeling(tiny_config()), seed=1)
     mim.save_pretrained(root / "mim")
+    # The classifier with only pickled weights, as older tools write them: refused unless allow_pickle=True.
+    shutil.copytree(root / "classifier", root / "pickled")
+    (root / "pickled" / "model.safetensors").unlink()
+    torch.save(classifier.state_dict(), root / "pickled" / "pytorch_model.bin")
     from transformers import ViTConfig, ViTModel
 
     ViTModel(
@@ -158,6 +163,33 @@ REMOTE = textwrap.dedent(
     pooled = torch.tensor(extract(image, pool=True))
     report["pooled_features_diff"] = max_diff(pooled, ref["image_pooler_output"])
     report["extraction_model"] = [type(extract.model).__module__, type(extract.model).__name__]
+
+    # One pickle policy in the Hub-carried code too.
+    try:
+        AutoModelForImageClassification.from_pretrained(str(root / "pickled"), trust_remote_code=True)
+        report["pickle_error"] = None
+    except OSError as error:
+        report["pickle_error"] = str(error)
+    opted_in = AutoModelForImageClassification.from_pretrained(
+        str(root / "pickled"), trust_remote_code=True, allow_pickle=True
+    )
+    with torch.no_grad():
+        report["pickle_opt_in_logits_diff"] = max_diff(opted_in(ref["inputs"]).logits, ref["logits"])
+
+    # Saving from the Hub-carried code: the MIM folder was loaded without its processor, so its module cache holds
+    # only the model's two files; the saved folder must name no third one. Saving a processor there completes it.
+    resaved = root / "resaved"
+    loaded["mim"].save_pretrained(resaved)
+    report["resaved_alone"] = {
+        "auto_map": json.loads((resaved / "config.json").read_text())["auto_map"],
+        "code": sorted(p.name for p in resaved.glob("*.py")),
+    }
+    loaded["processor"].save_pretrained(resaved)
+    loaded["mim"].save_pretrained(resaved)
+    report["resaved_with_processor"] = {
+        "auto_map": json.loads((resaved / "config.json").read_text())["auto_map"],
+        "code": sorted(p.name for p in resaved.glob("*.py")),
+    }
 
     # The Hub-carried class cannot convert a foreign checkpoint (that code lives in the package): it says so.
     try:
@@ -326,3 +358,19 @@ def test_local_pipeline_asks_nothing(folders, no_prompt):
 
 def test_remote_class_names_what_converting_a_foreign_checkpoint_needs(remote):
     assert "model_type 'vit'" in remote["foreign_error"] and "pip install vitrail" in remote["foreign_error"]
+
+
+def test_remote_refuses_pickled_weights_unless_asked(remote):
+    assert "only pickled ones (pytorch_model.bin)" in remote["pickle_error"]
+    assert "allow_pickle=True" in remote["pickle_error"]
+    assert remote["pickle_opt_in_logits_diff"] <= ATOL
+
+
+def test_remote_save_names_only_code_it_carries(remote):
+    """A model saved from Hub-carried code without its processor names no processor code in `auto_map`; once the
+    processor is saved into the folder, the model's next save maps it, and every named file is present."""
+    for key, processor in (("resaved_alone", False), ("resaved_with_processor", True)):
+        auto_map, code = remote[key]["auto_map"], remote[key]["code"]
+        assert {f"{ref.split('.')[0]}.py" for ref in auto_map.values()} <= set(code), key
+        assert ("AutoImageProcessor" in auto_map) is processor, key
+    assert remote["resaved_alone"]["code"] == ["configuration_vitrail.py", "modeling_vitrail.py"]

@@ -1,10 +1,23 @@
 """The model: shapes, save/load, attention backends, checkpointing, each config option, HF parity, errors."""
 
+import json
+
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForImageClassification, AutoModelForMaskedImageModeling
+from transformers import (
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForMaskedImageModeling,
+    pipeline,
+)
 
-from vitrail import VitrailForImageClassification, VitrailForMaskedImageModeling, VitrailModel
+import vitrail.modeling_vitrail
+from vitrail import (
+    VitrailForImageClassification,
+    VitrailForMaskedImageModeling,
+    VitrailImageProcessor,
+    VitrailModel,
+)
 from vitrail.convert import convert_hf_state_dict
 from vitrail.modeling_vitrail import sincos_2d_position_embeddings
 
@@ -95,6 +108,72 @@ def test_auto_classes_open_vitrail_checkpoints(config, pixels, tmp_path):
         type(AutoModelForMaskedImageModeling.from_pretrained(tmp_path / "mim"))
         is VitrailForMaskedImageModeling
     )
+
+
+def pickle_only_folder(model, folder):
+    """A vitrail folder whose weights are only a pickled `pytorch_model.bin` (as older tools write)."""
+    model.save_pretrained(folder)
+    VitrailImageProcessor(size={"height": 30, "width": 30}).save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "load",
+    [
+        VitrailForImageClassification.from_pretrained,
+        VitrailModel.from_pretrained,
+        AutoModelForImageClassification.from_pretrained,
+        AutoModel.from_pretrained,
+        lambda folder, **kw: pipeline("image-classification", model=str(folder), model_kwargs=kw).model,
+    ],
+    ids=["class", "backbone-class", "AutoModelForImageClassification", "AutoModel", "pipeline"],
+)
+def test_pickled_weights_need_allow_pickle(load, config, pixels, tmp_path):
+    """One policy on every load path of an installed vitrail: pickles are refused, naming the opt-in."""
+    model = VitrailForImageClassification(config).eval()
+    folder = pickle_only_folder(model, tmp_path / "pickled")
+    # (the pipeline wraps each class's loading error, text included, in a ValueError)
+    with pytest.raises(
+        (OSError, ValueError), match=r"only pickled ones \(pytorch_model.bin\).*allow_pickle=True"
+    ):
+        load(folder)
+    loaded = load(folder, allow_pickle=True).eval()
+    with torch.no_grad():
+        want = model(pixels) if hasattr(loaded, "classifier") else model.vitrail(pixels)
+        got = loaded(pixels)
+    assert torch.equal(main_output(loaded, got), main_output(loaded, want))
+
+
+def test_use_safetensors_false_is_not_an_opt_in(config, tmp_path):
+    folder = pickle_only_folder(VitrailForImageClassification(config), tmp_path)
+    with pytest.raises(ValueError, match="allow_pickle=True"):
+        VitrailForImageClassification.from_pretrained(folder, use_safetensors=False)
+
+
+def test_a_folder_without_weights_says_so(config, tmp_path):
+    VitrailForImageClassification(config).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(OSError, match="holds no weights"):
+        VitrailForImageClassification.from_pretrained(tmp_path)
+
+
+def test_saved_auto_map_names_only_code_the_folder_carries(config, tmp_path, monkeypatch, caplog):
+    """With the processor's code file at hand, it is copied and mapped; without it (as Hub-carried code can be),
+    `AutoImageProcessor` is left out instead of naming a file that is not there, even if the loaded config
+    mapped it."""
+    model = VitrailForImageClassification(config)
+    model.save_pretrained(tmp_path / "full")
+    loaded = VitrailForImageClassification.from_pretrained(tmp_path / "full")
+    assert "AutoImageProcessor" in loaded.config.auto_map
+    monkeypatch.setattr(vitrail.modeling_vitrail, "_PROCESSOR_FILE", "not_here.py")
+    loaded.save_pretrained(tmp_path / "alone")
+    auto_map = json.loads((tmp_path / "alone" / "config.json").read_text())["auto_map"]
+    files = {p.name for p in (tmp_path / "alone").iterdir() if p.suffix == ".py"}
+    assert "AutoImageProcessor" not in auto_map and "not_here.py" in caplog.text
+    assert {f"{ref.split('.')[0]}.py" for ref in auto_map.values()} <= files
+    assert files == {"configuration_vitrail.py", "modeling_vitrail.py"}
 
 
 # ---- attention backends -------------------------------------------------------------------------------------

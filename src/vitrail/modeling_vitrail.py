@@ -399,6 +399,34 @@ def _read_config_dict(path, kwargs: dict) -> dict | None:
     return config
 
 
+def _from_pretrained_safely(load: Callable, path, *model_args, allow_pickle: bool = False, **kwargs):
+    """transformers' loading, but safetensors only unless `allow_pickle=True`. transformers falls back to a pickled
+    `pytorch_model.bin` (read with `weights_only=True`); vitrail refuses it by default, as it does for every other
+    source, and names the opt-in."""
+    if allow_pickle:
+        return load(path, *model_args, **kwargs)
+    if kwargs.get("use_safetensors") is False:
+        raise ValueError(
+            "`use_safetensors=False` asks for pickled weights, which can run code when loaded; vitrail reads them "
+            "only when you also pass `allow_pickle=True` (for a source you trust)."
+        )
+    try:
+        return load(path, *model_args, **{**kwargs, "use_safetensors": True})
+    except OSError as error:
+        if "model.safetensors" not in str(error):
+            raise
+        folder = Path(str(path))
+        if folder.is_dir() and not any(folder.glob("*.bin")):
+            raise OSError(
+                f"{path} holds no weights: neither model.safetensors nor a sharded index."
+            ) from error
+        raise OSError(
+            f"{path} has no safetensors weights (model.safetensors or a sharded index), only pickled ones "
+            "(pytorch_model.bin), and unpickling can run code. If you trust the source, pass `allow_pickle=True` "
+            "(read with `weights_only=True`), or re-save the weights once as safetensors."
+        ) from error
+
+
 # Every saved checkpoint opens with these Auto classes, whatever head it holds (the head's own class is added by
 # transformers when it saves): `AutoModel` on a classifier checkpoint gives its backbone.
 _AUTO_MAP = {
@@ -457,11 +485,14 @@ class VitrailPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """transformers' `from_pretrained`, with three additions:
+        """transformers' `from_pretrained`, with four additions:
+
+        - weights are read from safetensors only: a checkpoint that has only pickled weights (`pytorch_model.bin`)
+          is refused unless `allow_pickle=True` (then read with `weights_only=True`), whatever the source;
 
         - a checkpoint of another implementation (transformers ViT / DeiT / DINOv2 `config.json`, a timm folder
           with its `config.json`, or a JAX `.npz` file) is converted on the way in by `vitrail.convert` (needs the
-          vitrail package; pickled weights only with `allow_pickle=True`);
+          vitrail package);
         - `image_size=` other than the checkpoint's resamples the learned position table
           (`config.position_interpolation`) instead of re-initialising it;
         - a label set (`num_labels=` / `id2label=`) other than the checkpoint's re-initialises only the
@@ -486,8 +517,9 @@ class VitrailPreTrainedModel(PreTrainedModel):
                 ) from error
             model = load_foreign_pretrained(cls, pretrained_model_name_or_path, source, *model_args, **kwargs)
         else:
-            kwargs.pop("allow_pickle", None)  # vitrail checkpoints are always safetensors
-            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            model = _from_pretrained_safely(
+                super().from_pretrained, pretrained_model_name_or_path, *model_args, **kwargs
+            )
         if isinstance(model, tuple):  # output_loading_info=True
             model[0]._adapt(image_size, labels)
             return model
@@ -537,14 +569,37 @@ class VitrailPreTrainedModel(PreTrainedModel):
             self.config.label2id = {v: k for k, v in id2label.items()}
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save weights and config as transformers does, plus the code files and a complete `auto_map`, so the
-        folder opens with `trust_remote_code=True` where vitrail is not installed."""
-        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **_AUTO_MAP}
+        """Save weights and config as transformers does, plus the code files and an `auto_map` that names only
+        code the folder carries, so it opens with `trust_remote_code=True` where vitrail is not installed.
+
+        transformers copies this file and the configuration file. The image processor's file is copied beside them
+        when it is at hand (always with vitrail installed; from Hub-carried code only if the processor was loaded
+        too); otherwise `AutoImageProcessor` is left out of `auto_map` until the processor is saved there.
+        """
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
         processor_code = Path(__file__).with_name(_PROCESSOR_FILE)
         if processor_code.exists():
-            self.config.auto_map["AutoImageProcessor"] = "image_processing_vitrail.VitrailImageProcessor"
-            Path(save_directory).mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(processor_code, Path(save_directory) / _PROCESSOR_FILE)
+            shutil.copyfile(processor_code, folder / _PROCESSOR_FILE)
+        carried = {"configuration_vitrail", "modeling_vitrail"}
+        auto_map = {**(getattr(self.config, "auto_map", None) or {}), **_AUTO_MAP}
+        if (folder / _PROCESSOR_FILE).exists():
+            carried.add(Path(_PROCESSOR_FILE).stem)
+            auto_map["AutoImageProcessor"] = "image_processing_vitrail.VitrailImageProcessor"
+        else:
+            logger.warning(
+                "%s is not at hand to copy, so %s/config.json maps no AutoImageProcessor: save the image processor "
+                "into the same folder to make the checkpoint complete.",
+                _PROCESSOR_FILE,
+                folder,
+            )
+
+        def names_carried_code(reference) -> bool:
+            # "module.Class" (or a list of them); "other/repo--module.Class" is code in another repo.
+            refs = reference if isinstance(reference, list) else [reference]
+            return all(r is None or "--" in r or r.split(".")[0] in carried for r in refs)
+
+        self.config.auto_map = {name: ref for name, ref in auto_map.items() if names_carried_code(ref)}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def set_image_size(self, image_size: int | tuple[int, int]) -> None:
