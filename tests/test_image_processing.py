@@ -249,6 +249,13 @@ def test_unit_floats_are_not_rescaled_twice():
     np.testing.assert_allclose(run(resizing, unit), run(resizing, rgb), atol=STEP + 1e-6)
 
 
+def test_floats_are_resized_without_rounding():
+    """A float value between two 8-bit levels survives a resize (the uint8 path would round it to a level)."""
+    value = 0.5 + 0.3 / 255  # 127.8 levels, between 127 and 128
+    out = run(VitrailImageProcessor(size={"height": 5, "width": 7}), np.full((H, W, 3), value, np.float32))
+    np.testing.assert_allclose(out, (value - 0.5) / 0.5, atol=1e-6)
+
+
 def test_float_levels_and_integers_read_as_eight_bit(identity):
     """Floats above 1 are 0..255 levels and integers of any dtype in 0..255 are 8-bit: same output as uint8."""
     rgb = rgb_array(21)
@@ -367,6 +374,8 @@ def test_four_band_pil_images():
     bands = np.random.default_rng(30).integers(0, 256, (H, W, 4), dtype=np.uint8)
     identity = VitrailImageProcessor(do_resize=False, num_channels=4)
     np.testing.assert_array_equal(run(identity, PIL.Image.fromarray(bands, "RGBA")), run(identity, bands))
+    rgbx = PIL.Image.fromarray(bands, "RGBA").convert("RGBX")
+    np.testing.assert_array_equal(run(identity, rgbx), run(identity, np.asarray(rgbx)))
     for mode in ("RGB", "CMYK", "L"):
         with pytest.raises(ValueError, match=rf"reads 4 channels .* mode '{mode}'.*RGBA/RGBX PIL images"):
             identity(PIL.Image.fromarray(bands, "RGBA").convert(mode))

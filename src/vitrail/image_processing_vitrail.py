@@ -15,7 +15,6 @@ import binascii
 import io
 import math
 import os
-import urllib.error
 import urllib.request
 
 import numpy as np
@@ -68,14 +67,14 @@ def open_image_source(source: str) -> PIL.Image.Image:
         try:
             with urllib.request.urlopen(source, timeout=30) as response:
                 data = response.read()
-        except (urllib.error.URLError, OSError) as error:
+        except OSError as error:  # URLError, HTTPError and timeouts are OSErrors
             raise FileNotFoundError(f"Could not download an image from {source!r}: {error}") from error
         return _open_pil(io.BytesIO(data), source)
     if os.path.isfile(source):
         return _open_pil(source, source)
     if os.path.isdir(source):
         raise ValueError(f"{source!r} is a folder; pass the path of an image file.")
-    payload = source.split(",", 1)[1] if source.startswith("data:image/") else source
+    payload = source.partition(",")[2] if source.startswith("data:image/") else source
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -297,13 +296,14 @@ def channel_statistic(value, name: str, num_channels: int):
     )
 
 
-def output_size(height: int, width: int, size) -> tuple[int, int]:
-    """The `(height, width)` a `SizeDict` asks for, for an input of `height` x `width` (transformers' rules)."""
+def output_size(image: np.ndarray, size) -> tuple[int, int]:
+    """The `(height, width)` a `SizeDict` asks for, for a channels-first `image` (transformers' rules)."""
+    height, width = image.shape[-2:]
     if size.shortest_edge and size.longest_edge:
         return get_size_with_aspect_ratio((height, width), size.shortest_edge, size.longest_edge)
     if size.shortest_edge:
         return get_resize_output_image_size(
-            np.empty((1, height, width), np.uint8),
+            image,
             size=size.shortest_edge,
             default_to_square=False,
             input_data_format=ChannelDimension.FIRST,
@@ -462,7 +462,7 @@ class VitrailImageProcessor(PilBackend):
 
     def resize(self, image: np.ndarray, size, resample=None, reducing_gap: int | None = None, **kwargs):
         """Resize a channels-first image band by band (any channel count, float bands kept in float)."""
-        height, width = output_size(*image.shape[-2:], size)
+        height, width = output_size(image, size)
         resample = PILImageResampling(PILImageResampling.BILINEAR if resample is None else resample)
         return resize_bands(image, height, width, resample, reducing_gap)
 
