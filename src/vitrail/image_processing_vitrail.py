@@ -211,7 +211,8 @@ def check_not_empty(height: int, width: int, shape: tuple) -> None:
 
 
 def to_levels(image: np.ndarray, do_rescale: bool = True) -> np.ndarray:
-    """Pixel values -> 8-bit levels (uint8, or float32 within 0..255), the scale `rescale_factor` (1/255) expects.
+    """A non-empty image's values -> 8-bit levels (uint8, or float32 within 0..255), the scale `rescale_factor`
+    (1/255) expects.
 
     uint8 as is; bool False/True -> 0/255; uint16 is 16-bit (/257, as PIL I;16); other integers must lie in
     0..255. Floats must be finite: within [0, 1] they are already scaled (x255, so the rescale restores them),
@@ -236,7 +237,7 @@ def to_levels(image: np.ndarray, do_rescale: bool = True) -> np.ndarray:
         return image.astype(np.uint8) * np.uint8(255)
     if image.dtype == np.uint16:
         return sixteen_to_eight_bit(image)
-    low, high = (image.min(), image.max()) if image.size else (0, 0)
+    low, high = image.min(), image.max()
     if kind in "iu":
         if low < 0 or high > 255:
             raise ValueError(
