@@ -1,10 +1,15 @@
 """VitrailImageProcessor: every input kind and PIL mode in, the right `pixel_values` out, checked by hand."""
 
+import base64
+import http.server
+import io
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import threading
+from functools import partial
 
 import numpy as np
 import PIL.Image
@@ -213,6 +218,313 @@ def test_float_input_without_rescale(identity):
     np.testing.assert_allclose(out[0], (np.moveaxis(image, -1, 0) - 0.5) / 0.5, atol=1e-6)
 
 
+# ---- value ranges -----------------------------------------------------------------------------------------
+
+
+def test_white_is_plus_one_in_every_dtype(identity):
+    """White is +1 after the default normalisation whether it arrives as uint8 255, float 255.0, float 1.0 (what
+    torchvision's ToTensor makes), uint16 65535, bool True or an int64 tensor of 255."""
+    whites = [
+        np.full((H, W, 3), 255, np.uint8),
+        np.full((H, W, 3), 255.0, np.float32),
+        np.ones((H, W, 3), np.float64),
+        torch.ones(3, H, W),
+        torch.ones(3, H, W, dtype=torch.bfloat16),
+        np.full((H, W, 3), 65535, np.uint16),
+        np.ones((H, W), bool),
+        torch.full((3, H, W), 255),
+    ]
+    for image in whites:
+        np.testing.assert_allclose(run(identity, image), 1.0, atol=1e-6, err_msg=str(image.dtype))
+
+
+def test_unit_floats_are_not_rescaled_twice():
+    """A float image in [0, 1] (e.g. `ToTensor()` output) gives the output of the uint8 image it came from: exactly
+    without resize, within one 8-bit level with one (PIL rounds uint8 bands after each resize pass, floats not)."""
+    rgb = rgb_array(20, height=23, width=17)
+    unit = torch.from_numpy(np.moveaxis(rgb, -1, 0).copy()).float() / 255
+    identity = VitrailImageProcessor(do_resize=False)
+    np.testing.assert_allclose(run(identity, unit), run(identity, rgb), atol=1e-6)
+    resizing = VitrailImageProcessor(size={"height": 8, "width": 6})
+    np.testing.assert_allclose(run(resizing, unit), run(resizing, rgb), atol=STEP + 1e-6)
+
+
+def test_floats_are_resized_without_rounding():
+    """A float value between two 8-bit levels survives a resize (the uint8 path would round it to a level)."""
+    value = 0.5 + 0.3 / 255  # 127.8 levels, between 127 and 128
+    out = run(VitrailImageProcessor(size={"height": 5, "width": 7}), np.full((H, W, 3), value, np.float32))
+    np.testing.assert_allclose(out, (value - 0.5) / 0.5, atol=1e-6)
+
+
+def test_float_levels_and_integers_read_as_eight_bit(identity):
+    """Floats above 1 are 0..255 levels and integers of any dtype in 0..255 are 8-bit: same output as uint8."""
+    rgb = rgb_array(21)
+    reference = run(identity, rgb)
+    for image in (
+        rgb.astype(np.float32),
+        rgb.astype(np.int32),
+        torch.from_numpy(rgb).long().permute(2, 0, 1),
+    ):
+        np.testing.assert_allclose(run(identity, image), reference, atol=1e-6)
+
+
+def test_uint16_arrays_match_pil_sixteen_bit():
+    """A uint16 array is a 16-bit image, read as PIL reads mode I;16 (scaled to 8 bits), resized or not."""
+    values = np.random.default_rng(22).integers(0, 65536, (H, W), dtype=np.uint16)
+    image = PIL.Image.fromarray(values)
+    assert image.mode.startswith("I;16")
+    for processor in (
+        VitrailImageProcessor(do_resize=False),
+        VitrailImageProcessor(size={"height": 5, "width": 7}),
+    ):
+        np.testing.assert_array_equal(run(processor, values), run(processor, image))
+
+
+def test_bool_arrays_match_pil_bilevel(identity):
+    """A bool array is black and white, as PIL's mode "1": False -> -1, True -> +1."""
+    mask = np.random.default_rng(23).random((H, W)) < 0.5
+    np.testing.assert_array_equal(run(identity, mask), run(identity, PIL.Image.fromarray(mask)))
+    np.testing.assert_array_equal(run(identity, mask)[0, 0], np.where(mask, 1.0, -1.0))
+
+
+@pytest.mark.parametrize(
+    ("image", "fragment"),
+    [
+        (
+            np.full((H, W, 3), -0.5, np.float32),
+            r"-0.5..-0.5 fit neither \[0, 1\] nor \[0, 255\].*`do_rescale=False`",
+        ),
+        (np.full((H, W, 3), 300.0, np.float32), r"300..300 fit neither"),
+        (np.full((H, W, 3), np.nan, np.float32), "NaN or infinite"),
+        (
+            np.full((H, W, 3), 256, np.int64),
+            r"Integer pixel values must lie in 0..255 \(8-bit\), got 256..256",
+        ),
+        (np.full((H, W, 3), -1, np.int8), r"got -1..-1 \(int8\)"),
+    ],
+    ids=["negative-float", "float-above-255", "nan", "int-above-255", "negative-int"],
+)
+def test_out_of_range_values_are_refused(image, fragment):
+    """Values that fit no pixel scale are refused, never read as something else."""
+    with pytest.raises(ValueError, match=fragment):
+        VitrailImageProcessor()(image)
+
+
+def test_do_rescale_false_keeps_values(identity):
+    """With `do_rescale=False` the caller's values are kept: already normalised floats pass through untouched."""
+    normalised = np.random.default_rng(24).normal(size=(3, H, W)).astype(np.float32)
+    out = run(identity, normalised, do_rescale=False, do_normalize=False)
+    np.testing.assert_array_equal(out[0], normalised)
+
+
+def test_pixel_values_are_float32_whatever_the_flags(identity):
+    """Even with rescale and normalisation off, uint8 input comes out as float32, the dtype the model reads."""
+    out = identity(rgb_array(25), return_tensors="pt", do_rescale=False, do_normalize=False)["pixel_values"]
+    assert out.dtype == torch.float32
+    np.testing.assert_array_equal(out[0].numpy(), np.moveaxis(rgb_array(25), -1, 0))
+
+
+def test_different_sizes_without_resize_name_the_fix(identity):
+    """Images of different sizes cannot form one tensor without resizing: the error says so; as a list they pass."""
+    images = [rgb_array(26), rgb_array(27, height=5, width=7)]
+    with pytest.raises(ValueError, match=r"different shapes .*do_resize=True"):
+        identity(images, return_tensors="pt")
+    assert [x.shape for x in identity(images)["pixel_values"]] == [(3, H, W), (3, 5, 7)]
+
+
+# ---- channel counts beyond 1 and 3 (multi-band images) -------------------------------------------------------
+
+
+def test_four_band_arrays_pass_through_untouched():
+    """num_channels=4: a 4-band array (RGB + near infrared) keeps every band as it is, whatever the layout; each
+    band is only rescaled and normalised (and resized on its own: the fourth band is not alpha)."""
+    bands = np.random.default_rng(28).integers(0, 256, (H, W, 4), dtype=np.uint8)
+    bands[..., 3] = 0  # as alpha, this band would blank out the colours
+    chw = np.moveaxis(bands, -1, 0).copy()
+    identity = VitrailImageProcessor(do_resize=False, num_channels=4)
+    for image in (bands, chw, torch.from_numpy(chw), torch.from_numpy(np.stack([chw, chw]))):
+        out = run(identity, image)
+        np.testing.assert_allclose(out[0], by_hand(bands), atol=1e-6)
+    size = {"height": 5, "width": 7}
+    out = run(VitrailImageProcessor(size=size, num_channels=4), bands)
+    rgb_model, gray_model = VitrailImageProcessor(size=size), VitrailImageProcessor(size=size, num_channels=1)
+    np.testing.assert_array_equal(out[0, :3], run(rgb_model, bands[..., :3])[0])
+    np.testing.assert_array_equal(out[0, 3:], run(gray_model, chw[3])[0])
+
+
+def test_four_band_statistics():
+    """Four channels take one mean/std per band; the default 0.5 triple applies to every band; a per-RGB triple
+    of different values cannot be spread over four bands and is refused."""
+    bands = np.random.default_rng(29).integers(0, 256, (4, H, W), dtype=np.uint8)
+    mean, std = [0.1, 0.2, 0.3, 0.4], [0.5, 0.25, 0.2, 0.1]
+    processor = VitrailImageProcessor(do_resize=False, num_channels=4, image_mean=mean, image_std=std)
+    out = run(processor, bands)[0]
+    expected = (bands / 255 - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    imagenet = VitrailImageProcessor(num_channels=4, image_mean=[0.485, 0.456, 0.406])
+    with pytest.raises(
+        ValueError, match=r"`image_mean` has 3 values.*`num_channels=4`.*one value per channel"
+    ):
+        imagenet(bands)
+
+
+def test_four_band_pil_images():
+    """A 4-channel model reads an RGBA/RGBX PIL image's bands as they are (as the same array); an RGB, CMYK or
+    grayscale PIL image is refused with what the model expects."""
+    bands = np.random.default_rng(30).integers(0, 256, (H, W, 4), dtype=np.uint8)
+    identity = VitrailImageProcessor(do_resize=False, num_channels=4)
+    np.testing.assert_array_equal(run(identity, PIL.Image.fromarray(bands, "RGBA")), run(identity, bands))
+    rgbx = PIL.Image.fromarray(bands, "RGBA").convert("RGBX")
+    np.testing.assert_array_equal(run(identity, rgbx), run(identity, np.asarray(rgbx)))
+    for mode in ("RGB", "CMYK", "L"):
+        with pytest.raises(ValueError, match=rf"reads 4 channels .* mode '{mode}'.*RGBA/RGBX PIL images"):
+            identity(PIL.Image.fromarray(bands, "RGBA").convert(mode))
+
+
+def test_rgb_array_into_four_channels_is_refused():
+    """Three bands cannot become four: the error names the shape and the model's channel count."""
+    with pytest.raises(
+        ValueError, match=r"shape \(12, 10, 3\) for a model with `num_channels=4`: expected 4"
+    ):
+        VitrailImageProcessor(num_channels=4)(rgb_array())
+
+
+def test_four_channel_array_into_rgb_model_is_rgba():
+    """For a 1- or 3-channel model a 4-channel array is RGBA (PIL reads H x W x 4 uint8 so): composited over white."""
+    rgba = np.random.default_rng(31).integers(0, 256, (H, W, 4), dtype=np.uint8)
+    gray = VitrailImageProcessor(do_resize=False, num_channels=1)
+    np.testing.assert_array_equal(run(gray, rgba), run(gray, PIL.Image.fromarray(rgba, "RGBA")))
+
+
+@pytest.mark.parametrize("num_channels", [2, 5])
+def test_other_channel_counts_pass_through(num_channels):
+    """Any channel count: an array with exactly that many channels passes (2 also from an LA PIL image)."""
+    bands = np.random.default_rng(32).integers(0, 256, (H, W, num_channels), dtype=np.uint8)
+    identity = VitrailImageProcessor(do_resize=False, num_channels=num_channels)
+    np.testing.assert_allclose(run(identity, bands)[0], by_hand(bands), atol=1e-6)
+    if num_channels == 2:
+        np.testing.assert_array_equal(run(identity, PIL.Image.fromarray(bands, "LA")), run(identity, bands))
+    with pytest.raises(ValueError, match=rf"`num_channels={num_channels}`: expected {num_channels} channels"):
+        identity(rgb_array())
+
+
+def test_four_band_processor_feeds_a_four_channel_model(tmp_path):
+    """Processor and model agree on 4 channels, also after saving and loading the processor."""
+    from vitrail import VitrailConfig, VitrailModel
+
+    config = VitrailConfig(
+        num_channels=4, image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=16,
+    )  # fmt: skip
+    VitrailImageProcessor(size={"height": 8, "width": 8}, num_channels=4).save_pretrained(tmp_path)
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    bands = np.random.default_rng(33).integers(0, 256, (2, 4, 13, 11), dtype=np.uint8)
+    inputs = processor(bands, return_tensors="pt")
+    assert inputs["pixel_values"].shape == (2, 4, 8, 8)
+    assert VitrailModel(config)(**inputs).last_hidden_state.shape == (2, 1 + 4, 16)
+
+
+# ---- EXIF orientation ------------------------------------------------------------------------------------------
+
+
+def jpeg_with_orientation(path, orientation: int = 6) -> np.ndarray:
+    """Write a 6x10 JPEG whose EXIF tag says "rotate"; return the pixels as stored (before any rotation)."""
+    exif = PIL.Image.Exif()
+    exif[PIL.Image.ExifTags.Base.Orientation] = orientation
+    PIL.Image.fromarray(rgb_array(34, height=6, width=10)).save(path, exif=exif, quality=95)
+    with PIL.Image.open(path) as image:
+        return np.asarray(image)
+
+
+def test_exif_orientation_same_for_training_and_inference(tmp_path):
+    """datasets' imagefolder (the training data path) rotates by the EXIF tag on decode; the processor does the
+    same for `Image.open` images and paths, so both see the same upright picture."""
+    import datasets
+
+    (tmp_path / "data" / "cat").mkdir(parents=True)
+    path = tmp_path / "data" / "cat" / "photo.jpg"
+    stored = jpeg_with_orientation(path)
+    dataset = datasets.load_dataset(
+        "imagefolder", data_dir=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"), split="train"
+    )
+    decoded = dataset[0]["image"]
+    assert decoded.size == (6, 10)  # width 6, height 10: datasets rotated the 10x6 stored picture
+    processor = VitrailImageProcessor(do_resize=False)
+    from_training = run(processor, decoded)
+    assert from_training.shape == (1, 3, 10, 6)
+    np.testing.assert_array_equal(run(processor, PIL.Image.open(path)), from_training)
+    np.testing.assert_array_equal(run(processor, str(path)), from_training)
+    # Orientation 6 means "rotate 90 degrees clockwise to view"; the stored pixels say so too.
+    np.testing.assert_allclose(from_training[0], by_hand(np.rot90(stored, k=-1)), atol=1e-6)
+    resizing = VitrailImageProcessor(size={"height": 8, "width": 8})
+    np.testing.assert_array_equal(run(resizing, PIL.Image.open(path)), run(resizing, decoded))
+
+
+# ---- sources: paths, URLs, base64 -------------------------------------------------------------------------------
+
+
+def test_image_path_keeps_alpha(tmp_path, identity):
+    """A path opens the file in its own mode, so an RGBA PNG is composited over white as the PIL image is
+    (transformers' loader would convert it to RGB and show the colours under transparent pixels)."""
+    rgba = np.random.default_rng(35).integers(0, 256, (H, W, 4), dtype=np.uint8)
+    path = tmp_path / "rgba.png"
+    PIL.Image.fromarray(rgba, "RGBA").save(path)
+    np.testing.assert_array_equal(run(identity, str(path)), run(identity, PIL.Image.fromarray(rgba, "RGBA")))
+
+
+def test_missing_path_names_it(tmp_path):
+    """A path that does not exist is a FileNotFoundError naming it, not a base64 decoding error."""
+    missing = str(tmp_path / "no_such_image.png")
+    with pytest.raises(FileNotFoundError, match=r"No image file at '.*no_such_image\.png'"):
+        VitrailImageProcessor()(missing)
+    with pytest.raises(FileNotFoundError, match="No image file at 'not an image'"):
+        VitrailImageProcessor()(["not an image"])
+
+
+def test_unreadable_sources_name_them(tmp_path):
+    """A folder, or a file that is not an image, is refused by name."""
+    with pytest.raises(ValueError, match="is a folder"):
+        VitrailImageProcessor()(str(tmp_path))
+    text = tmp_path / "notes.png"
+    text.write_text("not pixels")
+    with pytest.raises(ValueError, match=r"Cannot read an image from '.*notes\.png'"):
+        VitrailImageProcessor()(str(text))
+
+
+def test_base64_and_data_uri(identity):
+    """Base64 image data, bare or as a `data:image/png;base64,` URI, reads as the image it encodes."""
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(rgb_array(36)).save(buffer, format="PNG")
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    expected = run(identity, rgb_array(36))
+    np.testing.assert_array_equal(run(identity, encoded), expected)
+    np.testing.assert_array_equal(run(identity, f"data:image/png;base64,{encoded}"), expected)
+
+
+def test_urls(tmp_path, identity, monkeypatch):
+    """An http URL is downloaded and read like the file; a URL that answers 404 is refused by name."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    PIL.Image.fromarray(rgb_array(37)).save(tmp_path / "image.png")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(tmp_path)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        np.testing.assert_array_equal(run(identity, f"{base}/image.png"), run(identity, rgb_array(37)))
+        with pytest.raises(
+            FileNotFoundError, match=r"Could not download an image from 'http://.*/missing\.png'"
+        ):
+            identity(f"{base}/missing.png")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # ---- crop_pct ----------------------------------------------------------------------------------------------
 
 
@@ -286,7 +598,9 @@ def test_grayscale_statistics():
     out = run(VitrailImageProcessor(do_resize=False, num_channels=1, image_mean=[0.5] * 3), gray)
     np.testing.assert_allclose(out[0, 0], (gray / 255 - 0.5) / 0.5, atol=1e-6)
     imagenet = VitrailImageProcessor(num_channels=1, image_mean=[0.485, 0.456, 0.406], image_std=[0.2] * 3)
-    with pytest.raises(ValueError, match="one value per RGB channel"):
+    with pytest.raises(
+        ValueError, match=r"`image_mean` has 3 values.*`num_channels=1`.*image_mean=\[0.449\]"
+    ):
         imagenet(gray)
     out = run(imagenet, gray, image_mean=[0.449], do_resize=False)
     np.testing.assert_allclose(out[0, 0], (gray / 255 - 0.449) / 0.2, atol=1e-5)
@@ -301,14 +615,16 @@ def test_grayscale_statistics():
         (
             np.zeros((H, W, 2), np.uint8),
             ValueError,
-            r"shape \(12, 10, 2\): expected 1 \(grayscale\), 3 \(RGB\)",
+            r"shape \(12, 10, 2\) for a model with `num_channels=3`: expected 1 \(grayscale\), 3 \(RGB\)",
         ),
         (np.zeros((1, 2, 3, H, W), np.uint8), ValueError, r"image array of shape \(1, 2, 3, 12, 10\)"),
         (np.zeros((W,), np.uint8), ValueError, r"image array of shape \(10,\)"),
-        ("not an image", ValueError, "Incorrect image source"),
-        (42, TypeError, "got type=<class 'int'>"),
+        (42, TypeError, "Unsupported image type int: pass PIL images, numpy arrays, torch tensors"),
+        ([], ValueError, "No images given"),
+        (np.zeros((0, 3, H, W), np.uint8), ValueError, "No images given"),
+        (np.zeros((3, H, W), np.complex64), TypeError, "dtype complex64 are not supported"),
     ],
-    ids=["two-channels", "5-d", "1-d", "string", "int"],
+    ids=["two-channels", "5-d", "1-d", "int", "empty-list", "empty-batch", "complex"],
 )
 def test_bad_input_is_refused_clearly(image, error, fragment):
     """Inputs that are not images fail with a message that says what is wrong."""
@@ -316,10 +632,43 @@ def test_bad_input_is_refused_clearly(image, error, fragment):
         VitrailImageProcessor()(image)
 
 
-def test_bad_num_channels():
-    """Only 1 and 3 output channels exist."""
-    with pytest.raises(ValueError, match="`num_channels` must be 1 or 3, got 2"):
-        VitrailImageProcessor(num_channels=2)(rgb_array())
+@pytest.mark.parametrize("num_channels", [0, -1, 2.5])
+def test_bad_num_channels(num_channels):
+    """A channel count is a positive integer."""
+    with pytest.raises(ValueError, match="`num_channels` must be a positive integer"):
+        VitrailImageProcessor(do_resize=False)(rgb_array(), num_channels=num_channels)
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        np.zeros((0, 0, 3), np.uint8),
+        np.zeros((0, W), np.uint8),
+        torch.zeros(3, H, 0),
+        PIL.Image.new("RGB", (0, 5)),
+    ],
+    ids=["0x0", "0xN", "Nx0-tensor", "pil-5x0"],
+)
+def test_empty_images_are_refused(image):
+    """An image without pixels is an error naming its shape, not a valid-looking tensor."""
+    with pytest.raises(ValueError, match=r"The image of shape \(.*0.*\) has no pixels"):
+        VitrailImageProcessor()(image)
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 3), (4, 5, 3), (1, 5, 3)])
+def test_ambiguous_layouts_ask_for_input_data_format(shape):
+    """When both ends of an array could be its channels, the processor asks instead of guessing; passing
+    `input_data_format` settles it."""
+    image = np.random.default_rng(38).integers(0, 256, shape, dtype=np.uint8)
+    identity = VitrailImageProcessor(do_resize=False)
+    with pytest.raises(ValueError, match=r"ambiguous.*input_data_format=\"channels_first\""):
+        identity(image)
+    last = run(identity, image, input_data_format="channels_last")
+    np.testing.assert_array_equal(last, run(identity, PIL.Image.fromarray(image)))
+    first = run(identity, image, input_data_format="channels_first")
+    as_last = np.moveaxis(image, 0, -1).copy()
+    np.testing.assert_array_equal(first, run(identity, as_last, input_data_format="channels_last"))
+    assert not np.array_equal(first, last)
 
 
 # ---- torchvision is optional -------------------------------------------------------------------------------

@@ -217,6 +217,14 @@ class VitrailConfig(PreTrainedConfig):
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
         if self.mlp_type not in MLP_TYPES:
             raise ValueError(f"Unknown `mlp_type` {self.mlp_type!r}; choose one of {MLP_TYPES}.")
+        # Imported here: transformers' activations import torch, which a config alone does not need.
+        from transformers.activations import ACT2FN
+
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(
+                f"Unknown `hidden_act` {self.hidden_act!r}; choose a key of `transformers.activations.ACT2FN`, "
+                "e.g. 'gelu', 'gelu_pytorch_tanh', 'quick_gelu', 'relu' or 'silu'."
+            )
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
@@ -245,6 +253,13 @@ class VitrailConfig(PreTrainedConfig):
             raise ValueError(
                 f"`pooling={self.pooling!r}` reads the class token, but `use_cls_token=False`. "
                 "Set `use_cls_token=True` or use `pooling='mean'`."
+            )
+        if self.pooling == "cls_mean" and self.use_fc_norm:
+            raise ValueError(
+                "`pooling='cls_mean'` concatenates the class token and the patch mean into `2 * hidden_size` "
+                "features, which the final LayerNorm (width `hidden_size`) cannot normalise as `use_fc_norm=True` "
+                "asks; set `use_fc_norm=False` (the norm then applies to every token first, as in DINOv2) or pool "
+                "with 'cls' or 'mean'."
             )
         if self.use_distillation_token and not self.use_cls_token:
             raise ValueError(

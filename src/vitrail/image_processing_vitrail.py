@@ -2,30 +2,50 @@
 
 This file travels to the Hub with every checkpoint: it imports only numpy, PIL, torch and transformers.
 Augmentation is not here: it belongs to training (`vitrail.data`); this processor is the evaluation transform.
+
+The input rules live in small module functions (open a source, set it upright, read a PIL image, find the
+channel axis, bring values to 8-bit levels, convert channels, resize band by band) so that a faster batched path
+can reuse them unchanged.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import math
+import os
+import urllib.request
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 from transformers.image_processing_backends import PilBackend
+from transformers.image_processing_base import BatchFeature
+from transformers.image_transforms import get_resize_output_image_size, get_size_with_aspect_ratio
 from transformers.image_utils import (
     IMAGENET_STANDARD_MEAN,
     IMAGENET_STANDARD_STD,
     ChannelDimension,
     PILImageResampling,
-    infer_channel_dimension_format,
+    get_image_size_for_max_height_width,
 )
 from transformers.processing_utils import ImagesKwargs
+
+# PIL modes whose bands are raw 8-bit values (what PIL makes of a 2- or 4-band uint8 array or multi-band TIFF):
+# a model with that many channels reads them as they are.
+RAW_BAND_MODES = {"LA": 2, "RGBA": 4, "RGBX": 4}
+# Channel counts a 1- or 3-channel model converts: grayscale, RGB, and 4 read as RGBA (as PIL reads HxWx4 uint8).
+CONVERTIBLE_CHANNELS = (1, 3, 4)
+EXIF_ORIENTATION = PIL.Image.ExifTags.Base.Orientation
 
 
 class VitrailImageProcessorKwargs(ImagesKwargs, total=False):
     """Options beyond transformers' standard image kwargs.
 
-    num_channels (`int`): channels the model reads (1 or 3); every input is converted to this count.
+    num_channels (`int`): channels the model reads; 1 and 3 convert any image, other counts take images with
+        exactly that many channels (e.g. 4 for RGB + near infrared).
     crop_pct (`float`): evaluation crop ratio (timm's `crop_pct`): resize to `size / crop_pct`, then center-crop
         `size`. `None` resizes straight to `size`.
     center_crop_rounding (`str`): where an odd margin puts the crop: `"floor"` (transformers, the default) or
@@ -37,53 +57,74 @@ class VitrailImageProcessorKwargs(ImagesKwargs, total=False):
     center_crop_rounding: str | None
 
 
-def _to_channel_count(image: np.ndarray, num_channels: int) -> np.ndarray:
-    """Convert a channels-first array with 1, 3 or 4 (RGBA) channels to `num_channels` (1 or 3)."""
-    channels = image.shape[0]
-    if channels == 4:
-        # Composite over white, as a viewer shows a transparent image, instead of dropping alpha.
-        white = 255.0 if np.issubdtype(image.dtype, np.integer) else 1.0
-        alpha = image[3:4].astype(np.float32) / white
-        composite = image[:3].astype(np.float32) * alpha + white * (1.0 - alpha)
-        # Round integer pixels (as PIL's alpha_composite does) rather than truncate them a level down.
-        image = (composite.round() if white == 255.0 else composite).astype(image.dtype)
-        channels = 3
-    if channels not in (1, 3):
-        raise ValueError(
-            f"Cannot read an image with {channels} channels: expected 1 (grayscale), 3 (RGB) or 4 (RGBA), "
-            "channels first or last."
-        )
-    if channels == num_channels:
-        return image
-    if num_channels == 3:
-        return np.repeat(image, 3, axis=0)
-    # ITU-R 601-2 luma, the weights PIL uses for mode "L".
-    luma = 0.299 * image[0].astype(np.float32) + 0.587 * image[1] + 0.114 * image[2]
-    return (
-        luma[None].astype(image.dtype)
-        if np.issubdtype(image.dtype, np.floating)
-        else luma[None].round().astype(image.dtype)
+# ---- input rules, one function each --------------------------------------------------------------------------
+
+
+def open_image_source(source: str) -> PIL.Image.Image:
+    """A path, an http(s) URL, or base64 image data (optionally as a `data:image/...` URI) -> a PIL image, in
+    its own mode (alpha and bit depth kept; the processor converts later)."""
+    if source.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(source, timeout=30) as response:
+                data = response.read()
+        except OSError as error:  # URLError, HTTPError and timeouts are OSErrors
+            raise FileNotFoundError(f"Could not download an image from {source!r}: {error}") from error
+        return _open_pil(io.BytesIO(data), source)
+    if os.path.isfile(source):
+        return _open_pil(source, source)
+    if os.path.isdir(source):
+        raise ValueError(f"{source!r} is a folder; pass the path of an image file.")
+    payload = source.partition(",")[2] if source.startswith("data:image/") else source
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        data = None
+    if data:
+        try:
+            return _open_pil(io.BytesIO(data), "base64 data")
+        except ValueError:
+            pass
+    raise FileNotFoundError(
+        f"No image file at {source!r}: it is not an existing file, an http(s) URL or base64-encoded image data."
     )
 
 
-def _grayscale_statistic(value, name: str):
-    """`image_mean` / `image_std` for a one-channel output: a per-RGB triple of equal values (the default 0.5)
-    collapses to one value; a triple of different values is ambiguous for grayscale and raises."""
-    if value is None or isinstance(value, (int, float)) or len(value) == 1:
-        return value
-    if len(set(value)) == 1:
-        return float(value[0])
-    raise ValueError(
-        f"`num_channels=1` makes grayscale images, but `{name}` has one value per RGB channel: {tuple(value)}. "
-        f"Pass a single value, e.g. `{name}=[{sum(value) / len(value):.3f}]`."
-    )
+def _open_pil(file, name: str) -> PIL.Image.Image:
+    try:
+        image = PIL.Image.open(file)
+        image.load()  # reads the pixels now and closes the file
+    except (PIL.UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"Cannot read an image from {name!r}: {error}") from error
+    return image
 
 
-def _pil_to_channel_count(image: PIL.Image.Image, num_channels: int) -> np.ndarray:
-    """Any PIL mode (1, L, LA, P, PA, RGB, RGBA, CMYK, YCbCr, I;16, ...) to a channels-first uint8 array."""
+def upright(image: PIL.Image.Image) -> PIL.Image.Image:
+    """Apply the EXIF orientation tag, as `datasets`' Image feature does on decode, so that training and
+    inference see the same picture. The result has no tag, so applying it twice changes nothing."""
+    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        image = PIL.ImageOps.exif_transpose(image)
+    return image
+
+
+def pil_to_array(image: PIL.Image.Image, num_channels: int) -> np.ndarray:
+    """A PIL image (any mode) -> a channels-first uint8 array with `num_channels` channels.
+
+    1 or 3 channels: every mode converts (alpha composited over white, palette, CMYK, 16-bit scaled to 8 bits).
+    Other counts: only images whose raw bands match (`LA` for 2, `RGBA`/`RGBX` for 4) pass, as they are.
+    """
+    if num_channels not in (1, 3):
+        if RAW_BAND_MODES.get(image.mode) != num_channels:
+            modes = [mode for mode, bands in RAW_BAND_MODES.items() if bands == num_channels]
+            also = f" or {'/'.join(modes)} PIL images, whose bands it reads as they are" if modes else ""
+            raise ValueError(
+                f"The model reads {num_channels} channels (`num_channels={num_channels}`) but got a PIL image in "
+                f"mode {image.mode!r} with {len(image.getbands())} band(s). PIL images convert only to 1 or 3 "
+                f"channels; a {num_channels}-channel model takes arrays or tensors with {num_channels} "
+                f"channels{also}."
+            )
+        return np.moveaxis(np.asarray(image), -1, 0)
     if image.mode.startswith("I;16"):
-        # PIL's own 16 -> 8 bit conversion clips at 255; scale the full range down instead.
-        image = PIL.Image.fromarray((np.asarray(image, dtype=np.float32) / 257.0).round().astype(np.uint8))
+        image = PIL.Image.fromarray(sixteen_to_eight_bit(np.asarray(image)))
     elif image.mode in ("I", "F"):
         raise ValueError(
             f"PIL mode {image.mode!r} holds 32-bit values with no fixed range; scale the image to 8 bits "
@@ -99,22 +140,234 @@ def _pil_to_channel_count(image: PIL.Image.Image, num_channels: int) -> np.ndarr
     return array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
 
 
+def sixteen_to_eight_bit(array: np.ndarray) -> np.ndarray:
+    """0..65535 -> 0..255, rounded (PIL's own I;16 -> L conversion clips at 255 instead of scaling)."""
+    return (array.astype(np.float32) / 257.0).round().astype(np.uint8)
+
+
+def to_numpy(image) -> np.ndarray:
+    """A numpy array, or a torch tensor on any device and of any real dtype, -> a numpy array."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+        if image.is_floating_point() and image.dtype not in (torch.float16, torch.float32, torch.float64):
+            image = image.float()  # bfloat16 and float8 have no numpy dtype
+        image = image.numpy()
+    if not isinstance(image, np.ndarray):
+        raise TypeError(
+            f"Unsupported image type {type(image).__name__}: pass PIL images, numpy arrays, torch tensors, or "
+            "paths/URLs of image files."
+        )
+    return image
+
+
+def readable_channels(num_channels: int) -> tuple[int, ...]:
+    """The channel counts an array may have for a model with `num_channels` channels."""
+    return CONVERTIBLE_CHANNELS if num_channels in (1, 3) else (num_channels,)
+
+
+def _channels_message(shape: tuple, num_channels: int) -> str:
+    if num_channels in (1, 3):
+        expected = "1 (grayscale), 3 (RGB) or 4 (RGBA) channels"
+    else:
+        expected = f"{num_channels} channels, as the model reads them"
+    return (
+        f"Cannot read an image of shape {shape} for a model with `num_channels={num_channels}`: expected "
+        f"{expected}, first or last."
+    )
+
+
+def channels_first(
+    image: np.ndarray, num_channels: int, input_data_format: str | ChannelDimension | None = None
+) -> np.ndarray:
+    """`(H, W)`, `(H, W, C)` or `(C, H, W)` -> `(C, H, W)`. The channel axis is the end whose size the model can
+    read; when both ends could be channels (e.g. `(3, 5, 3)`), `input_data_format` must say which."""
+    shape = tuple(image.shape)
+    if image.ndim == 2:
+        return image[None]
+    if image.ndim != 3:
+        raise ValueError(f"An image must have 2 or 3 dimensions, got shape {shape}.")
+    if input_data_format is None:
+        readable = readable_channels(num_channels)
+        first, last = shape[0] in readable, shape[-1] in readable
+        if first and last:
+            raise ValueError(
+                f"The image of shape {shape} is ambiguous: its first and its last dimension could both hold the "
+                'channels. Pass `input_data_format="channels_first"` or `input_data_format="channels_last"`.'
+            )
+        if not (first or last):
+            raise ValueError(_channels_message(shape, num_channels))
+        input_data_format = ChannelDimension.FIRST if first else ChannelDimension.LAST
+    if ChannelDimension(input_data_format) == ChannelDimension.LAST:
+        image = np.moveaxis(image, -1, 0)
+    if image.shape[0] not in readable_channels(num_channels):
+        raise ValueError(_channels_message(shape, num_channels))
+    return image
+
+
+def check_not_empty(height: int, width: int, shape: tuple) -> None:
+    """Refuse an image with no pixels (`shape` is the input's, to name it in the message)."""
+    if height == 0 or width == 0:
+        raise ValueError(f"The image of shape {shape} has no pixels: height and width must be at least 1.")
+
+
+def to_levels(image: np.ndarray, do_rescale: bool = True) -> np.ndarray:
+    """A non-empty image's values -> 8-bit levels (uint8, or float32 within 0..255), the scale `rescale_factor`
+    (1/255) expects.
+
+    uint8 as is; bool False/True -> 0/255; uint16 is 16-bit (/257, as PIL I;16); other integers must lie in
+    0..255. Floats must be finite: within [0, 1] they are already scaled (x255, so the rescale restores them),
+    up to 255 they are levels; negative or larger values are refused. With `do_rescale=False` the values are the
+    caller's and are kept (finite floats, any range).
+    """
+    kind = image.dtype.kind
+    if kind not in "biuf":
+        raise TypeError(
+            f"Pixel values of dtype {image.dtype} are not supported: pass uint8, uint16, bool, other integers "
+            "in 0..255, or floats."
+        )
+    if kind == "f":
+        image = image.astype(np.float32, copy=False)
+        if not np.isfinite(image).all():
+            raise ValueError("The image holds NaN or infinite values; pass finite pixel values.")
+    if not do_rescale:
+        if kind == "f" or image.dtype == np.uint8:
+            return image
+        return image.astype(np.uint8) if image.min() >= 0 and image.max() <= 255 else image.astype(np.float32)
+    if kind == "b":
+        return image.astype(np.uint8) * np.uint8(255)
+    if image.dtype == np.uint16:
+        return sixteen_to_eight_bit(image)
+    low, high = image.min(), image.max()
+    if kind in "iu":
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"Integer pixel values must lie in 0..255 (8-bit), got {low}..{high} ({image.dtype}). Scale them "
+                "to 8 bits, pass uint16 for 16-bit images, or pass floats in [0, 1]."
+            )
+        return image.astype(np.uint8, copy=False)
+    if low < 0 or high > 255:
+        raise ValueError(
+            f"Float pixel values {low:g}..{high:g} fit neither [0, 1] nor [0, 255]. Negative values look "
+            "already normalised: pass `do_rescale=False` (and `do_normalize=False`) for pixel values that are "
+            "ready, or scale the image to [0, 1]."
+        )
+    return image * np.float32(255.0) if high <= 1.0 else image
+
+
+def convert_channels(image: np.ndarray, num_channels: int, white: float = 255.0) -> np.ndarray:
+    """A channels-first array -> `num_channels` channels. Equal counts pass untouched (any count, e.g. 4-band
+    RGB + near infrared). For a 1- or 3-channel model, 4 channels are RGBA composited over `white`, grayscale is
+    repeated, and RGB becomes ITU-R 601-2 luma, the weights PIL uses for mode "L"."""
+    channels = image.shape[0]
+    if channels == num_channels:
+        return image
+    if num_channels not in (1, 3) or channels not in CONVERTIBLE_CHANNELS:
+        raise ValueError(_channels_message(tuple(image.shape), num_channels))
+    integer = np.issubdtype(image.dtype, np.integer)
+    if channels == 4:
+        # Composite over white, as a viewer shows a transparent image, instead of dropping alpha.
+        alpha = image[3:4].astype(np.float32) / white
+        composite = image[:3].astype(np.float32) * alpha + white * (1.0 - alpha)
+        # Round integer pixels (as PIL's alpha_composite does) rather than truncate them a level down.
+        image = (composite.round() if integer else composite).astype(image.dtype)
+        if num_channels == 3:
+            return image
+    elif num_channels == 3:
+        return np.repeat(image, 3, axis=0)
+    luma = 0.299 * image[0].astype(np.float32) + 0.587 * image[1] + 0.114 * image[2]
+    return (luma.round() if integer else luma)[None].astype(image.dtype)
+
+
+def channel_statistic(value, name: str, num_channels: int):
+    """`image_mean` / `image_std` for `num_channels` channels: one value or one per channel. A triple of equal
+    values (the default 0.5) collapses to one value for any channel count; other lengths raise."""
+    if value is None:
+        return None
+    values = [float(v) for v in np.ravel(value)]
+    if not all(math.isfinite(v) for v in values) or (name == "image_std" and min(values) <= 0):
+        raise ValueError(f"`{name}` must hold finite values (and `image_std` positive ones), got {value!r}.")
+    if len(values) == 1 or len(set(values)) == 1:
+        return values[0]
+    if len(values) == num_channels:
+        return tuple(values)
+    hint = f"`{name}=[{sum(values) / len(values):.3f}]`" if num_channels == 1 else f"{num_channels} values"
+    raise ValueError(
+        f"`{name}` has {len(values)} values, {tuple(values)}, but the images have {num_channels} channel(s) "
+        f"(`num_channels={num_channels}`). Pass one value per channel or a single value, e.g. {hint}."
+    )
+
+
+def output_size(image: np.ndarray, size) -> tuple[int, int]:
+    """The `(height, width)` a `SizeDict` asks for, for a channels-first `image` (transformers' rules)."""
+    height, width = image.shape[-2:]
+    if size.shortest_edge and size.longest_edge:
+        return get_size_with_aspect_ratio((height, width), size.shortest_edge, size.longest_edge)
+    if size.shortest_edge:
+        return get_resize_output_image_size(
+            image,
+            size=size.shortest_edge,
+            default_to_square=False,
+            input_data_format=ChannelDimension.FIRST,
+        )
+    if size.max_height and size.max_width:
+        return get_image_size_for_max_height_width((height, width), size.max_height, size.max_width)
+    if size.height and size.width:
+        return size.height, size.width
+    raise ValueError(
+        "`size` must hold 'height' and 'width', 'shortest_edge' (and optionally 'longest_edge'), or 'max_height' "
+        f"and 'max_width'; got {dict(size)}."
+    )
+
+
+def resize_bands(
+    image: np.ndarray, height: int, width: int, resample: PILImageResampling, reducing_gap: int | None = None
+) -> np.ndarray:
+    """Resize a channels-first array band by band with PIL: uint8 bands as mode L (PIL's RGB resize gives the
+    same numbers), float bands as mode F (no 8-bit rounding). Bands stay independent: no band is treated as
+    alpha, so 4-band images keep their fourth band."""
+    mode = "L" if image.dtype == np.uint8 else "F"
+    bands = image if mode == "L" else image.astype(np.float32, copy=False)
+    resized = np.stack(
+        [
+            np.asarray(
+                PIL.Image.fromarray(np.ascontiguousarray(band), mode).resize(
+                    (width, height), resample=resample, reducing_gap=reducing_gap
+                )
+            )
+            for band in bands
+        ]
+    )
+    if mode == "L":
+        return resized
+    # Bicubic and Lanczos overshoot at edges. Mode L clips to 0..255; float levels get the same clip, and values
+    # outside 0..255 (the caller's own scale, `do_rescale=False`) are kept within their own range.
+    return np.clip(resized, min(bands.min(), 0.0), max(bands.max(), 255.0))
+
+
+# ---- the processor ------------------------------------------------------------------------------------------
+
+
 class VitrailImageProcessor(PilBackend):
     r"""
     Prepares images for vitrail: converts them to the model's channel count, resizes (optionally through a
-    center crop with ratio `crop_pct`), rescales to [0, 1] and normalizes. Takes PIL images, numpy arrays and
-    torch tensors (`(H, W)`, `(H, W, C)`, `(C, H, W)`, or batches `(B, C, H, W)`), one or a list. Grayscale,
-    palette, RGBA (composited over white), CMYK and 16-bit PIL images are converted.
+    center crop with ratio `crop_pct`), rescales to [0, 1] and normalizes. Takes PIL images, numpy arrays, torch
+    tensors and image paths/URLs (`(H, W)`, `(H, W, C)`, `(C, H, W)`, or batches `(B, C, H, W)`), one or a list.
+    PIL images are first turned upright by their EXIF orientation. Grayscale, palette, RGBA (composited over
+    white), CMYK and 16-bit PIL images are converted for 1- or 3-channel models; other channel counts (e.g. 4 for
+    RGB + near infrared) take images with that many channels as they are. Float images within [0, 1] are taken
+    as already scaled. `pixel_values` are float32.
 
     Args:
         size (`dict[str, int]`, defaults to `{"height": 224, "width": 224}`): output size.
         resample (`PILImageResampling`, defaults to `BILINEAR`): resampling filter.
         crop_pct (`float`, *optional*): resize to `size / crop_pct` (shorter side for square outputs), then
             center-crop to `size`; 0.875 and 0.9 are common ImageNet evaluation ratios.
-        do_rescale (`bool`, defaults to `True`), rescale_factor (`float`, defaults to 1/255): scale pixel values.
+        do_rescale (`bool`, defaults to `True`), rescale_factor (`float`, defaults to 1/255): scale 8-bit
+            levels to [0, 1]. With `do_rescale=False` pixel values are taken as they are.
         do_normalize (`bool`, defaults to `True`), image_mean, image_std (defaults to 0.5 per channel, as in
-            transformers' ViT): normalisation.
-        num_channels (`int`, defaults to 3): channels of the output; 1 turns every input to grayscale.
+            transformers' ViT): normalisation; one value, or one per channel.
+        num_channels (`int`, defaults to 3): channels of the output; 1 turns every input to grayscale; other
+            counts than 1 and 3 pass images with exactly that many channels.
         center_crop_rounding (`str`, defaults to `"floor"`): `"floor"` places a center crop with an odd margin as
             transformers does, `"round"` as torchvision and timm do (converted timm checkpoints use it).
     """
@@ -134,53 +387,36 @@ class VitrailImageProcessor(PilBackend):
     num_channels = 3
     center_crop_rounding = "floor"
 
-    def center_crop(self, image: np.ndarray, size, **kwargs) -> np.ndarray:
+    def _validate_preprocess_kwargs(self, **kwargs):
+        super()._validate_preprocess_kwargs(**kwargs)
+        num_channels = kwargs.get("num_channels")
+        if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
+            raise ValueError(f"`num_channels` must be a positive integer, got {num_channels!r}.")
+        for name in ("size", "crop_size"):
+            values = dict(kwargs.get(name) or {})
+            if any(not isinstance(v, int) or v < 1 for v in values.values()):
+                raise ValueError(f"`{name}` must hold positive integers, got {values}.")
+        crop_pct = kwargs.get("crop_pct")
+        if kwargs.get("do_resize") and crop_pct is not None and not 0.0 < crop_pct <= 1.0:
+            raise ValueError(f"`crop_pct` is the kept fraction of the image, in (0, 1]; got {crop_pct}.")
         if self.center_crop_rounding not in ("floor", "round"):
             raise ValueError(
                 f"`center_crop_rounding` must be 'floor' or 'round', got {self.center_crop_rounding!r}."
             )
-        height, width = image.shape[-2:]
-        if self.center_crop_rounding == "floor" or size.height > height or size.width > width:
-            return super().center_crop(image, size, **kwargs)
-        top = int(round((height - size.height) / 2.0))
-        left = int(round((width - size.width) / 2.0))
-        return image[..., top : top + size.height, left : left + size.width]
 
-    def process_image(
-        self,
-        image,
-        num_channels: int | None = None,
-        input_data_format: str | ChannelDimension | None = None,
-        **kwargs,
-    ) -> np.ndarray:
-        """One raw image -> a channels-first numpy array with `num_channels` channels."""
-        num_channels = num_channels or self.num_channels
-        if num_channels not in (1, 3):
-            raise ValueError(f"`num_channels` must be 1 or 3, got {num_channels}.")
-        if isinstance(image, PIL.Image.Image):
-            return _pil_to_channel_count(image, num_channels)
-        if isinstance(image, torch.Tensor):
-            image = image.detach().cpu().numpy()
-        if not isinstance(image, np.ndarray):
+    def fetch_images(self, image_url_or_urls):
+        """Open path/URL/base64 strings as PIL images in their own mode (transformers' `load_image` would force
+        RGB, dropping alpha); pass images through; refuse anything else by name."""
+        if isinstance(image_url_or_urls, (list, tuple)):
+            return [self.fetch_images(item) for item in image_url_or_urls]
+        if isinstance(image_url_or_urls, str):
+            return open_image_source(image_url_or_urls)
+        if not isinstance(image_url_or_urls, (PIL.Image.Image, np.ndarray, torch.Tensor)):
             raise TypeError(
-                f"Unsupported image type {type(image).__name__}: pass PIL images, numpy arrays or torch tensors."
+                f"Unsupported image type {type(image_url_or_urls).__name__}: pass PIL images, numpy arrays, "
+                "torch tensors, or paths/URLs of image files (one, or a list)."
             )
-        if image.ndim == 2:
-            image = image[None]
-        elif image.ndim == 3:
-            if input_data_format is None:
-                try:
-                    input_data_format = infer_channel_dimension_format(image, num_channels=(1, 3, 4))
-                except ValueError:
-                    raise ValueError(
-                        f"Cannot read an image of shape {tuple(image.shape)}: expected 1 (grayscale), 3 (RGB) or "
-                        "4 (RGBA) channels, first or last."
-                    ) from None
-            if input_data_format == ChannelDimension.LAST:
-                image = np.moveaxis(image, -1, 0)
-        else:
-            raise ValueError(f"An image must have 2 or 3 dimensions, got shape {image.shape}.")
-        return _to_channel_count(image, num_channels)
+        return image_url_or_urls
 
     def _prepare_images_structure(self, images, expected_ndims: int = 3) -> list:
         """Flatten the input into a list of single images: a 4-D array or tensor is a batch, a 2-D or 3-D one is
@@ -201,13 +437,52 @@ class VitrailImageProcessor(PilBackend):
                 flat.append(item)
         return flat
 
-    def _preprocess(self, images, do_resize, size, resample, crop_pct=None, **kwargs):
-        if (kwargs.get("num_channels") or self.num_channels) == 1 and kwargs.get("do_normalize"):
+    def process_image(
+        self,
+        image,
+        num_channels: int | None = None,
+        input_data_format: str | ChannelDimension | None = None,
+        do_rescale: bool | None = None,
+        **kwargs,
+    ) -> np.ndarray:
+        """One raw image -> a channels-first array with `num_channels` channels, in 8-bit levels when
+        rescaling (uint8, or float32 within 0..255)."""
+        num_channels = num_channels or self.num_channels
+        do_rescale = self.do_rescale if do_rescale is None else do_rescale
+        if isinstance(image, PIL.Image.Image):
+            image = upright(image)
+            check_not_empty(image.height, image.width, (image.height, image.width))
+            return pil_to_array(image, num_channels)
+        image = to_numpy(image)
+        shape = tuple(image.shape)
+        image = channels_first(image, num_channels, input_data_format)
+        check_not_empty(*image.shape[-2:], shape)
+        image = to_levels(image, do_rescale)
+        white = 1.0 if image.dtype.kind == "f" and not do_rescale else 255.0
+        return convert_channels(image, num_channels, white)
+
+    def resize(self, image: np.ndarray, size, resample=None, reducing_gap: int | None = None, **kwargs):
+        """Resize a channels-first image band by band (any channel count, float bands kept in float)."""
+        height, width = output_size(image, size)
+        resample = PILImageResampling(PILImageResampling.BILINEAR if resample is None else resample)
+        return resize_bands(image, height, width, resample, reducing_gap)
+
+    def center_crop(self, image: np.ndarray, size, **kwargs) -> np.ndarray:
+        height, width = image.shape[-2:]
+        if self.center_crop_rounding == "floor" or size.height > height or size.width > width:
+            return super().center_crop(image, size, **kwargs)
+        top = int(round((height - size.height) / 2.0))
+        left = int(round((width - size.width) / 2.0))
+        return image[..., top : top + size.height, left : left + size.width]
+
+    def _preprocess(self, images, do_resize, size, resample, crop_pct=None, return_tensors=None, **kwargs):
+        if not images:
+            raise ValueError("No images given: pass an image or a non-empty list or batch of images.")
+        if kwargs.get("do_normalize"):
+            num_channels = kwargs.get("num_channels") or self.num_channels
             for name in ("image_mean", "image_std"):
-                kwargs[name] = _grayscale_statistic(kwargs.get(name), name)
+                kwargs[name] = channel_statistic(kwargs.get(name), name, num_channels)
         if do_resize and crop_pct is not None:
-            if not 0.0 < crop_pct <= 1.0:
-                raise ValueError(f"`crop_pct` is the kept fraction of the image, in (0, 1]; got {crop_pct}.")
             resized = []
             for image in images:
                 height, width = image.shape[-2:]
@@ -224,7 +499,18 @@ class VitrailImageProcessor(PilBackend):
             images = resized
             kwargs.update(do_center_crop=True, crop_size=size)
             do_resize = False
-        return super()._preprocess(images, do_resize=do_resize, size=size, resample=resample, **kwargs)
+        features = super()._preprocess(
+            images, do_resize=do_resize, size=size, resample=resample, return_tensors=None, **kwargs
+        )
+        # The model reads float32 whatever the flags (uint8 would pass through with rescale and normalise off).
+        pixels = [image.astype(np.float32, copy=False) for image in features["pixel_values"]]
+        shapes = sorted({image.shape for image in pixels})
+        if return_tensors and len(shapes) > 1:
+            raise ValueError(
+                f"The processed images have different shapes {shapes} and cannot form one tensor: keep "
+                "`do_resize=True` (or center-crop to one size), or pass `return_tensors=None` for a list."
+            )
+        return BatchFeature(data={"pixel_values": pixels}, tensor_type=return_tensors)
 
 
 VitrailImageProcessor.register_for_auto_class("AutoImageProcessor")
