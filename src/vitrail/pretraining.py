@@ -18,6 +18,7 @@ from .training import (
     DataArguments,
     VitrailTrainer,
     augmentation_config,
+    check_process_group,
     load_splits,
     parse_overrides,
     prepare_splits,
@@ -65,6 +66,7 @@ class MaskingCollator:
 
 
 def pretrain(args: PretrainArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
+    check_process_group(training_args)
     splits, _ = load_splits(data_args)
     overrides = parse_overrides(args.config_overrides)
     if args.image_size:

@@ -389,6 +389,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     from .model_card import render_model_card
     from .plots import plot_confusion_matrix, plot_training_curves
 
+    check_process_group(training_args)
     splits, dataset_name = load_splits(data_args)
     labels = splits["train"].features[data_args.label_column_name].names
     set_seed(
@@ -514,6 +515,19 @@ def _config_summary(config: VitrailConfig) -> dict:
     keep = ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
             "intermediate_size", "pooling", "use_cls_token", "position_embedding_type", "num_register_tokens")  # fmt: skip
     return {k: getattr(config, k) for k in keep}
+
+
+def check_process_group(training_args: TrainingArguments) -> None:
+    """Refuse a launch whose processes did not join one process group. torchrun, or `accelerate launch --multi_gpu`,
+    on a machine without GPUs and without `--use_cpu true` starts N processes that each train alone, all writing
+    the same output folder."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and training_args.world_size != launched:
+        raise RuntimeError(
+            f"This job was launched as {launched} processes (WORLD_SIZE={launched}), but they did not join one "
+            f"process group (the Trainer sees {training_args.world_size}). Without GPUs, add `--use_cpu true` so "
+            "that they train together over gloo (README, 'Several processes')."
+        )
 
 
 def parse_args(argv: list[str] | None = None):
