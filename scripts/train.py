@@ -31,9 +31,12 @@ def main(argv: list[str] | None = None) -> dict:
     hf_logging.set_verbosity_warning()
     metrics = train(model_args, data_args, training_args)
     if training_args.process_index == 0:
+        # With --test_size 0 the report is on the validation split, and without one there is none.
+        accuracy = next(
+            (f"{k}={metrics[k]:.4f} " for k in ("test_accuracy", "eval_accuracy") if k in metrics), ""
+        )
         print(
-            f"test_accuracy={metrics['test_accuracy']:.4f} train_runtime={metrics['train_runtime']:.1f}s "
-            f"output_dir={training_args.output_dir}"
+            f"{accuracy}train_runtime={metrics['train_runtime']:.1f}s output_dir={training_args.output_dir}"
         )
     return metrics
 
