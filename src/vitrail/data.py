@@ -137,7 +137,7 @@ def scan_image_folder(path: str | Path, role: str) -> dict[str, list[Path]]:
             images = classes.setdefault(entry.name, [])
             for item in sorted(entry.iterdir()):
                 if item.is_dir():
-                    deeper = [p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS]
+                    deeper = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
                     nested.extend(deeper)
                     if not deeper:
                         skipped.append(f"{item.relative_to(folder)}/ (folder)")

@@ -294,7 +294,8 @@ def _skipped_note(names: Sequence[str]) -> str | None:
         return None
     shown = ", ".join(f"`{name}`" for name in names[:20])
     more = f" and {len(names) - 20} more (see `all_results.json`)" if len(names) > 20 else ""
-    return f"{len(names)} unreadable images were left out of the data (`--skip_bad_images`): {shown}{more}."
+    count = "1 unreadable image was" if len(names) == 1 else f"{len(names)} unreadable images were"
+    return f"{count} left out of the data (`--skip_bad_images`): {shown}{more}."
 
 
 def _relative_link(plot, output_dir: Path) -> str:

@@ -37,10 +37,11 @@ RUN_FILES = (
     "trainer_state.json", "training_args.json", "training_args.bin", "README.md", "training_curves.png",
     "confusion_matrix.png", "confusion_matrix.json",
 )  # fmt: skip
-# Config fields that describe how a model is run or saved, not the model that is trained.
+# Config fields that describe how a model is run or saved, not the model that is trained (`problem_type` is
+# filled in by the first training step).
 _RUNTIME_CONFIG_FIELDS = {
     "transformers_version", "architectures", "output_hidden_states", "return_dict", "dtype",
-    "chunk_size_feed_forward", "is_encoder_decoder", "label2id",
+    "chunk_size_feed_forward", "is_encoder_decoder", "label2id", "problem_type",
 }  # fmt: skip
 
 
