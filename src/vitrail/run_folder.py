@@ -118,7 +118,7 @@ def _weights_problem(folder: Path) -> str | None:
     elif (folder / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
-        return "no model.safetensors"
+        return "model.safetensors is missing"
     for name in files:
         try:
             # Opening reads the header and checks that the data it describes covers the whole file.
@@ -231,7 +231,7 @@ class RunStart:
 
 
 def _delete_run(folder: Path) -> None:
-    deleted = [path for path in sorted(folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")) if path.is_dir()]
+    deleted = [Path(path) for path in sort_checkpoints(str(folder), PREFIX_CHECKPOINT_DIR)]
     for path in deleted:
         shutil.rmtree(path)
     for name in RUN_FILES:

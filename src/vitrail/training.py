@@ -348,8 +348,9 @@ def decode_images(batch: dict, image_col: str, feature: Image | None) -> list:
     """The batch's images, decoded here rather than inside datasets so that a file that fails is named."""
     if feature is None:
         return batch[image_col]
+    values = batch[image_col]
     images = []
-    for value, sample in zip(batch[image_col], batch[SAMPLE_ID], strict=True):
+    for value, sample in zip(values, batch.get(SAMPLE_ID) or [None] * len(values), strict=True):
         try:
             image = feature.decode_example(value)
             problem = (
@@ -361,7 +362,7 @@ def decode_images(batch: dict, image_col: str, feature: Image | None) -> list:
             problem = f"{type(error).__name__}: {error}"
         if problem:
             raise ValueError(
-                f"Cannot read image {value.get('path') or sample}: {problem}. Remove or replace it."
+                f"Cannot read image {value.get('path') or sample or 'in memory'}: {problem}. Remove or replace it."
             )
         images.append(image)
     return images
@@ -626,8 +627,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     report = next((key for key in ("test", "validation") if splits.get(key) is not None), None)
     prediction = None
     if report:
-        prefix = "test" if report == "test" else "eval"
-        prediction = trainer.predict(splits[report], metric_key_prefix=prefix)
+        prediction = trainer.predict(splits[report], metric_key_prefix="test" if report == "test" else "eval")
+    if report == "test":  # the validation metrics are in already
         metrics.update(prediction.metrics)
 
     trainer.save_model()  # weights (safetensors), config, code files, processor
@@ -687,11 +688,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
 
 
 def data_settings(data_args: DataArguments) -> dict:
-    """The data arguments that change training beyond the split (which `data_split.json` records)."""
-    in_split_record = {"dataset_name", "dataset_config_name", "train_dir", "validation_dir", "test_size",
-                       "validation_size", "split_seed", "max_train_samples", "max_eval_samples", "skip_bad_images",
-                       "cache_pixels"}  # fmt: skip
-    return {k: v for k, v in asdict(data_args).items() if k not in in_split_record}
+    """The data arguments that change training, less those the split record covers (source, fractions, seed,
+    and through its hashes `--max_*_samples` and `--skip_bad_images`); `--cache_pixels` changes only speed."""
+    left_out = {"dataset_name", "dataset_config_name", "train_dir", "validation_dir", "test_size",
+                "validation_size", "split_seed", "max_train_samples", "max_eval_samples", "skip_bad_images",
+                "cache_pixels"}  # fmt: skip
+    return {k: v for k, v in asdict(data_args).items() if k not in left_out}
 
 
 def _source_id(source: str | None) -> str | None:
