@@ -210,6 +210,10 @@ def test_checkpoint_checks_name_what_is_missing(finished, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="vitrail.run_folder"):
         assert find_resume_checkpoint(out) == str(out / "checkpoint-2")
     assert "checkpoint-4, it is incomplete" in caplog.text and "RNG state" in caplog.text
+    with pytest.raises(
+        ValueError, match=r"--resume_from_checkpoint .*checkpoint-4 is incomplete: the RNG state"
+    ):
+        finished.rerun(out, "--resume_from_checkpoint", str(damaged))
 
 
 def test_write_atomic_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
