@@ -150,7 +150,7 @@ def test_kill_inside_checkpoint_saves_then_rerun_matches_an_uninterrupted_run(tm
         "--train_dir", str(data), "--config_overrides", GRAY + ",hidden_dropout_prob=0.1", *QUIET,
         "--test_size", "0.25", "--validation_size", "0", "--per_device_train_batch_size", "4", "--max_steps", "8",
         "--save_strategy", "steps", "--save_steps", "2", "--rotation", "10", "--learning_rate", "3e-3",
-    ]  # fmt: skip  # 18 training images: 5 steps an epoch, so resumes land mid-epoch and at its start
+    ]  # fmt: skip  # 18 training images, 5 steps an epoch: the resumes land mid-epoch
     run = str(tmp_path / "run")
     phases = [
         [str(tmp_path / "reference"), None, 0],
