@@ -5,7 +5,9 @@
     python scripts/evaluate_checkpoint.py --model DIR --train_dir IMAGES --split validation --output_dir out/
 
 Not named `evaluate.py`: Python puts `scripts/` first on `sys.path` for every script there, and a file of that
-name would shadow the `evaluate` package that train.py's metrics import. Data arguments are train.py's (same splits for the same seed and fractions). Takes a few seconds on the digits.
+name would shadow the `evaluate` package that train.py's metrics import. Data arguments are train.py's (same splits
+for the same seed and fractions); a split other than the one in the checkpoint's data_split.json is refused unless
+`--allow_split_mismatch` is given. Takes a few seconds on the digits.
 """
 
 import sys

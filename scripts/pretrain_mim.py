@@ -14,13 +14,13 @@ code). Runs under `accelerate launch` unchanged.
 import logging
 import sys
 
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser
 
 from vitrail.pretraining import PretrainArguments, pretrain
-from vitrail.training import DataArguments
+from vitrail.training import DataArguments, VitrailTrainingArguments
 
 if __name__ == "__main__":
-    parser = HfArgumentParser((PretrainArguments, DataArguments, TrainingArguments))
+    parser = HfArgumentParser((PretrainArguments, DataArguments, VitrailTrainingArguments))
     args, data_args, training_args = parser.parse_args_into_dataclasses(args=sys.argv[1:])
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     metrics = pretrain(args, data_args, training_args)

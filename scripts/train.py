@@ -12,9 +12,12 @@ re-initialises the head, `--image_size` resamples positions), `--variant S/16 [-
 scratch. Every `TrainingArguments` flag works (`--bf16`, `--resume_from_checkpoint`, `--push_to_hub`, ...), and the
 same command runs under `accelerate launch [--cpu] [--num_processes N] scripts/train.py ...`.
 
+Rerun in the same `--output_dir`, it resumes from the newest complete checkpoint, or prints the results of the
+finished run; with other settings it stops and names them (`--overwrite_output_dir` starts again).
+
 Output folder: model.safetensors, config.json, preprocessor_config.json, the code files (opens with
 `trust_remote_code=True` without vitrail), all_results.json (with test_accuracy and train_runtime),
-README.md (model card), training_curves.png, confusion_matrix.png.
+README.md (model card), training_curves.png, confusion_matrix.png, run_settings.json, data_split.json.
 """
 
 import logging
@@ -31,9 +34,12 @@ def main(argv: list[str] | None = None) -> dict:
     hf_logging.set_verbosity_warning()
     metrics = train(model_args, data_args, training_args)
     if training_args.process_index == 0:
+        # With --test_size 0 the report is on the validation split, and without one there is none.
+        accuracy = next(
+            (f"{k}={metrics[k]:.4f} " for k in ("test_accuracy", "eval_accuracy") if k in metrics), ""
+        )
         print(
-            f"test_accuracy={metrics['test_accuracy']:.4f} train_runtime={metrics['train_runtime']:.1f}s "
-            f"output_dir={training_args.output_dir}"
+            f"{accuracy}train_runtime={metrics['train_runtime']:.1f}s output_dir={training_args.output_dir}"
         )
     return metrics
 

@@ -93,8 +93,9 @@ def test_resume_continues_from_the_saved_step(tmp_path):
     run_train(tmp_path, *common, "--max_steps", "4", name="resume")
     out = tmp_path / "resume"
     assert (out / "checkpoint-4").is_dir()
-    # Same output_dir, longer budget: picks up checkpoint-4 by itself and runs steps 5..8 only.
-    metrics, _ = run_train(tmp_path, *common, "--max_steps", "8", name="resume")
+    # Same output_dir, longer budget (another schedule, so resumed explicitly): runs steps 5..8 only.
+    metrics, _ = run_train(tmp_path, *common, "--max_steps", "8", "--resume_from_checkpoint",
+                           str(out / "checkpoint-4"), name="resume")  # fmt: skip
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 8
     train_logs = [e for e in state["log_history"] if "loss" in e]

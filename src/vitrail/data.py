@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 
 logger = logging.getLogger(__name__)
 
@@ -45,52 +46,211 @@ def split_dataset(
             f"validation={validation_size}."
         )
     stratify = label_column if isinstance(dataset.features[label_column], ClassLabel) else None
+    if stratify and (test_size > 0 or validation_size > 0):
+        _check_stratifiable(dataset, label_column)
     splits = {"train": dataset}
     for name, fraction, of_rest in (
         ("test", test_size, 1.0),
         ("validation", validation_size, 1.0 - test_size),
     ):
         if fraction > 0:
-            parts = splits["train"].train_test_split(
-                test_size=fraction / of_rest, stratify_by_column=stratify, seed=seed
-            )
+            try:
+                parts = splits["train"].train_test_split(
+                    test_size=fraction / of_rest, stratify_by_column=stratify, seed=seed
+                )
+            except ValueError as error:
+                if not stratify:
+                    raise
+                names = dataset.features[label_column].names
+                counts = np.bincount(splits["train"][label_column], minlength=len(names))
+                smallest = ", ".join(
+                    f"{names[i]!r} ({counts[i]})" for i in np.argsort(counts, kind="stable")[:3]
+                )
+                raise ValueError(
+                    f"Cannot carve a stratified {name} split (--{name}_size {fraction}) from "
+                    f"{len(splits['train'])} images in {len(names)} classes: {error} Smallest classes (images "
+                    f"left): {smallest}. Add images to small classes, or change --test_size / --validation_size."
+                ) from error
             splits.update(train=parts["train"], **{name: parts["test"]})
     return DatasetDict(splits)
 
 
-def check_image_folder(path: str | Path, role: str) -> Path:
-    """Fail early and by name on what `imagefolder` would otherwise report late or not at all: a missing or empty
-    folder, images outside class subfolders, and files PIL cannot read."""
+def _check_stratifiable(dataset: Dataset, label_column: str) -> None:
+    """A class with a single image cannot be in both the training and a held-out split: name it."""
+    labels = np.asarray(dataset[label_column])
+    names = dataset.features[label_column].names
+    lonely = [i for i in range(len(names)) if (labels == i).sum() == 1]
+    if lonely:
+        ids = dataset[SAMPLE_ID] if SAMPLE_ID in dataset.column_names else None
+        described = ", ".join(
+            f"{names[i]!r}" + (f" ({ids[int(np.flatnonzero(labels == i)[0])]})" if ids else "")
+            for i in lonely
+        )
+        raise ValueError(
+            f"Class {described} has a single image; a stratified split needs at least two images per class to "
+            "hold some out. Add images to it, or remove the class."
+        )
+
+
+# ---- image folders ---------------------------------------------------------------------------------------------
+
+# A column that names each sample (an image folder's relative file path, else a row index): split records hash it.
+SAMPLE_ID = "sample_id"
+# PIL modes with 32-bit values and no fixed range; the image processor refuses them as well.
+UNSUPPORTED_MODES = ("I", "F")
+
+
+def _listing(items: list[str], limit: int = 10) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def scan_image_folder(path: str | Path, role: str) -> dict[str, list[Path]]:
+    """The images of a `<dir>/<class>/<image>` folder by class name, symlinked class folders included.
+
+    Fails early and by name on a missing or empty folder, images outside class folders or nested deeper than
+    one level, and class folders with no image; logs every file it leaves out (unsupported formats, dangling
+    symlinks, hidden files), with a count.
+    """
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"--{role}_dir {folder} does not exist or is not a folder.")
-    files = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-    if not files:
-        raise ValueError(
-            f"--{role}_dir {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}). Lay it out as "
-            f"{folder}/<class name>/<image file>."
-        )
-    loose = [p for p in files if p.parent == folder]
+    classes: dict[str, list[Path]] = {}
+    loose, nested, skipped = [], [], []
+
+    def sort_out(file: Path, images: list[Path]) -> None:
+        if file.name.startswith("."):
+            skipped.append(f"{file.relative_to(folder)} (hidden)")
+        elif not file.exists():
+            skipped.append(f"{file.relative_to(folder)} (dangling symlink)")
+        elif file.suffix.lower() not in IMAGE_EXTENSIONS:
+            skipped.append(f"{file.relative_to(folder)} (unsupported format)")
+        else:
+            images.append(file)
+
+    for entry in sorted(folder.iterdir()):
+        if not entry.is_dir():  # is_dir() follows symlinks: a symlinked class folder counts
+            sort_out(entry, loose)
+        elif entry.name.startswith("."):
+            skipped.append(f"{entry.name}/ (hidden folder)")
+        else:
+            images = classes.setdefault(entry.name, [])
+            for item in sorted(entry.iterdir()):
+                if item.is_dir():
+                    deeper = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+                    nested.extend(deeper)
+                    if not deeper:
+                        skipped.append(f"{item.relative_to(folder)}/ (folder)")
+                else:
+                    sort_out(item, images)
+    layout = f"Lay it out as {folder}/<class name>/<image file>."
     if loose:
         raise ValueError(
             f"--{role}_dir {folder} has images directly inside it (e.g. {loose[0].name}); each image must sit in a "
-            "subfolder named after its class, so the label is known."
+            "subfolder named after its class, so the label is known. " + layout
         )
-    for file in files:
-        try:
-            with PIL.Image.open(file) as image:
-                image.verify()
-        except Exception as error:  # PIL raises many types for bad files; all mean the same here
-            raise ValueError(f"Cannot read image {file}: {error}. Remove or replace the file.") from error
-    return folder
+    if nested:
+        example = nested[0].relative_to(folder)
+        raise ValueError(
+            f"--{role}_dir {folder} has images nested more than one folder deep ({len(nested)}, e.g. {example}), "
+            f"so the class of each is unclear. {layout} Point --{role}_dir at the folder that holds the class "
+            f"folders (e.g. {folder / example.parts[0]}), or move the images up into their class folder."
+        )
+    if skipped:
+        logger.warning("--%s_dir %s: skipped %d files: %s", role, folder, len(skipped), _listing(skipped))
+    if not any(classes.values()):
+        raise ValueError(
+            f"--{role}_dir {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}). " + layout
+        )
+    empty = [name for name, images in classes.items() if not images]
+    if empty:
+        raise ValueError(
+            f"--{role}_dir {folder}: class folder(s) {_listing(empty)} hold no usable image "
+            f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add images or remove the folder(s)."
+        )
+    return classes
 
 
-def image_folder_dataset(train_dir: str, validation_dir: str | None = None) -> DatasetDict:
-    """Load `<dir>/<class>/<image>` folders with datasets' `imagefolder` builder (works offline)."""
-    data_files = {"train": str(check_image_folder(train_dir, "train") / "**")}
-    if validation_dir:
-        data_files["validation"] = str(check_image_folder(validation_dir, "validation") / "**")
-    return load_dataset("imagefolder", data_files=data_files)
+def image_problem(path: str | Path) -> str | None:
+    """Why PIL cannot fully decode the image at `path` into something the image processor takes, or None."""
+    try:
+        with PIL.Image.open(path) as image:
+            image.load()  # decodes every pixel: `verify()` passes a truncated JPEG
+            mode = image.mode
+    except Exception as error:  # PIL raises many types for bad files; all mean the same here
+        return f"{type(error).__name__}: {error}"
+    if mode in UNSUPPORTED_MODES:
+        return f"PIL mode {mode!r} holds 32-bit values with no fixed range; save it with 8 or 16 bits per channel"
+    return None
+
+
+def check_images(folder: Path, classes: dict[str, list[Path]], role: str, skip_bad: bool) -> dict[str, str]:
+    """Decode every image; drop the bad ones from `classes` and return them (name -> reason) when `skip_bad`,
+    else raise naming them."""
+    files = [file for images in classes.values() for file in images]
+    with ThreadPoolExecutor() as pool:  # decoding releases the GIL
+        problems = dict(zip(files, pool.map(image_problem, files), strict=True))
+    bad = {file: problem for file, problem in problems.items() if problem}
+    if bad and not skip_bad:
+        if len(bad) == 1:
+            ((file, problem),) = bad.items()
+            described = f"Cannot read image {file}: {problem}."
+        else:
+            named = [f"{file.relative_to(folder)} ({problem})" for file, problem in bad.items()]
+            described = (
+                f"Cannot read {len(bad)} of {len(files)} images in --{role}_dir {folder}: {_listing(named)}."
+            )
+        raise ValueError(
+            f"{described} Remove or replace them, or pass --skip_bad_images to train without them (they are then "
+            "listed in all_results.json and the model card)."
+        )
+    if bad:
+        logger.warning(
+            "--skip_bad_images: left out %d unreadable images of --%s_dir %s", len(bad), role, folder
+        )
+        for name in classes:
+            classes[name] = [file for file in classes[name] if file not in bad]
+        emptied = [name for name, images in classes.items() if not images]
+        if emptied:
+            raise ValueError(
+                f"--{role}_dir {folder}: every image of class(es) {_listing(emptied)} is unreadable."
+            )
+    return {f"{folder.name}/{file.relative_to(folder).as_posix()}": problem for file, problem in bad.items()}
+
+
+def image_folder_dataset(
+    train_dir: str, validation_dir: str | None = None, skip_bad_images: bool = False
+) -> tuple[DatasetDict, dict[str, str]]:
+    """Image folders `<dir>/<class>/<image>` as datasets with `image`, `label` and `sample_id` (the file's path
+    in its folder) columns, after checking every file; also returns the images left out by `skip_bad_images`.
+
+    Class names are the training folder's subfolders, sorted (as datasets' `imagefolder` does); a validation
+    folder may lack classes, but not add any.
+    """
+    folders = {"train": train_dir} | ({"validation": validation_dir} if validation_dir else {})
+    scanned = {role: scan_image_folder(path, role) for role, path in folders.items()}
+    names = sorted(scanned["train"])
+    extra = sorted(set(scanned.get("validation", {})) - set(names))
+    if extra:
+        raise ValueError(
+            f"--validation_dir {validation_dir} has classes that --train_dir {train_dir} lacks: {_listing(extra)}. "
+            "The model would get classes it never trained on: add them to the training folder or remove them."
+        )
+    features = Features({"image": Image(), "label": ClassLabel(names=names), SAMPLE_ID: Value("string")})
+    splits, skipped = {}, {}
+    for role, classes in scanned.items():
+        folder = Path(folders[role])
+        skipped |= check_images(folder, classes, role, skip_bad_images)
+        rows = [(file, names.index(name)) for name, files in classes.items() for file in files]
+        splits[role] = Dataset.from_dict(
+            {
+                "image": [str(file) for file, _ in rows],
+                "label": [label for _, label in rows],
+                SAMPLE_ID: [file.relative_to(folder).as_posix() for file, _ in rows],
+            },
+            features=features,
+        )
+    return DatasetDict(splits), skipped
 
 
 def check_columns(dataset: Dataset, image_column: str, label_column: str) -> None:

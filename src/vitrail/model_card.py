@@ -22,6 +22,8 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .run_folder import write_atomic
+
 __all__ = ["DEFAULT_TEMPLATE_PATH", "render_model_card"]
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ def render_model_card(
     dataset_split: str = "test",
     license: str | None = None,
     template_path=None,
+    skipped_images: Sequence[str] = (),
 ) -> ModelCard:
     """Render the model card of a trained classifier and write it to `output_dir/README.md`.
 
@@ -83,6 +86,8 @@ def render_model_card(
         dataset_split (`str`, defaults to `"test"`): The split `metrics` were measured on.
         license (`str`, *optional*): License id for the metadata (e.g. `"apache-2.0"`).
         template_path (`str` or `os.PathLike`, *optional*): Jinja template; defaults to `DEFAULT_TEMPLATE_PATH`.
+        skipped_images (`list[str]`, *optional*): Unreadable images left out of the data (`--skip_bad_images`),
+            listed under "Training".
 
     Returns:
         `huggingface_hub.ModelCard`: the card that was written.
@@ -133,9 +138,10 @@ def render_model_card(
             (_label(Path(link).stem), link) for link in (_relative_link(plot, output_dir) for plot in plots)
         ],
         limitations=(limitations or _default_limitations(dataset_name, dataset_split)).strip(),
+        skipped_images=_skipped_note(skipped_images),
     )
     output_dir.mkdir(parents=True, exist_ok=True)
-    card.save(output_dir / "README.md")
+    write_atomic(output_dir / "README.md", str(card))
     return card
 
 
@@ -268,12 +274,28 @@ def _description(
 
 
 def _default_limitations(dataset_name: str, split: str) -> str:
+    held_out = (
+        ""
+        if split == "test"
+        else f"- No test split was held out (`--test_size 0`): the results are on the {split} split, which "
+        "training may have used for model selection.\n"
+    )
     return (
         f"- Trained and evaluated on {dataset_name} only. Expect lower accuracy on images that differ from it "
         "(other sources, resolutions, framing or preprocessing).\n"
+        f"{held_out}"
         f"- The results come from a single training run and a single {split} split; no confidence interval is given.\n"
         "- The classifier always answers with one of its classes, even for an image that shows none of them."
     )
+
+
+def _skipped_note(names: Sequence[str]) -> str | None:
+    if not names:
+        return None
+    shown = ", ".join(f"`{name}`" for name in names[:20])
+    more = f" and {len(names) - 20} more (see `all_results.json`)" if len(names) > 20 else ""
+    count = "1 unreadable image was" if len(names) == 1 else f"{len(names)} unreadable images were"
+    return f"{count} left out of the data (`--skip_bad_images`): {shown}{more}."
 
 
 def _relative_link(plot, output_dir: Path) -> str:

@@ -4,21 +4,30 @@ command line. The checkpoint it writes is what `scripts/train.py --model_name_or
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 
 import torch
 from transformers import TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from .configuration_vitrail import VitrailConfig
 from .data import BatchAugment, black_level
 from .modeling_vitrail import VitrailForMaskedImageModeling
+from .run_folder import (
+    RESULTS,
+    check_output_dir,
+    model_settings,
+    schedule_settings,
+    start_run,
+    write_json_atomic,
+)
 from .training import (
     DataArguments,
     VitrailTrainer,
     augmentation_config,
     check_process_group,
+    check_schedule,
+    check_split_fractions,
+    data_settings,
     load_splits,
     parse_overrides,
     prepare_splits,
@@ -67,7 +76,13 @@ class MaskingCollator:
 
 def pretrain(args: PretrainArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
     check_process_group(training_args)
-    splits, _ = load_splits(data_args)
+    """Pretrain an encoder with SimMIM and save it as a checkpoint; reruns resume, refuse or report a finished
+    run as `vitrail.training.train` does."""
+    check_schedule(training_args)
+    check_split_fractions(data_args)
+    output = check_output_dir(training_args.output_dir)
+    data = load_splits(data_args)
+    splits = data.splits
     overrides = parse_overrides(args.config_overrides)
     if args.image_size:
         overrides["image_size"] = args.image_size
@@ -83,9 +98,6 @@ def pretrain(args: PretrainArguments, data_args: DataArguments, training_args: T
     processor = VitrailImageProcessor(
         size={"height": height, "width": width}, num_channels=config.num_channels
     )
-    prepare_splits(splits, processor, data_args)
-    aug = augmentation_config(data_args)
-
     block = 1
     if args.mask_patch_size:
         patch = config.patch_hw[0]
@@ -94,10 +106,20 @@ def pretrain(args: PretrainArguments, data_args: DataArguments, training_args: T
                 f"--mask_patch_size {args.mask_patch_size} must be a multiple of the patch size {patch}."
             )
         block = args.mask_patch_size // patch
+    settings = {
+        "script": "pretrain_mim",
+        "model": {"config": model_settings(config), "mask_ratio": args.mask_ratio, "mask_block": block},
+        "data": data_settings(data_args),
+        "schedule": schedule_settings(training_args),
+    }
+    start = start_run(training_args, settings, data.record)
+    if start.finished is not None:
+        return start.finished
+    prepare_splits(splits, processor, data_args)
+    aug = augmentation_config(data_args)
     training_args.remove_unused_columns = False
     # The masks play the part of labels: with them named so, evaluation computes the masked loss.
     training_args.label_names = ["bool_masked_pos"]
-    last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
     trainer = VitrailTrainer(
         augment=BatchAugment(aug, fill=black_level(processor)) if aug.geometric else None,
         model=model,
@@ -107,11 +129,12 @@ def pretrain(args: PretrainArguments, data_args: DataArguments, training_args: T
         data_collator=MaskingCollator(config.grid_size, args.mask_ratio, block),
         processing_class=processor,
     )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last)
+    result = trainer.train(resume_from_checkpoint=start.checkpoint)
     metrics = dict(result.metrics)
     if splits.get("validation") is not None:
         metrics.update(trainer.evaluate())
     trainer.save_model()
-    trainer.save_metrics("all", metrics, combined=False)
     trainer.save_state()
+    if trainer.is_world_process_zero():
+        write_json_atomic(output / RESULTS, metrics)  # last: its presence marks the run finished
     return metrics

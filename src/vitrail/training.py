@@ -6,6 +6,7 @@ the Trainer takes its distributed setup (DDP, FSDP, DeepSpeed) from Accelerate.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -17,12 +18,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from datasets import Image
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from .configuration_vitrail import VitrailConfig
 from .convert import fit_processor_to, load_image_processor
 from .data import (
+    SAMPLE_ID,
+    UNSUPPORTED_MODES,
     AugmentationConfig,
     BatchAugment,
     black_level,
@@ -34,6 +38,14 @@ from .data import (
 )
 from .image_processing_vitrail import VitrailImageProcessor
 from .modeling_vitrail import VitrailForImageClassification
+from .run_folder import (
+    RESULTS,
+    check_output_dir,
+    model_settings,
+    schedule_settings,
+    start_run,
+    write_json_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +119,26 @@ class DataArguments:
             "help": "Process images once instead of every epoch (default: when the result fits in 1 GiB)."
         },
     )
+    skip_bad_images: bool = field(
+        default=False,
+        metadata={
+            "help": "Leave out images of --train_dir/--validation_dir that cannot be decoded (listed in "
+            "all_results.json and the model card) instead of stopping."
+        },
+    )
+
+
+@dataclass
+class VitrailTrainingArguments(TrainingArguments):
+    """transformers' TrainingArguments, plus the flag that transformers 5 removed."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Delete the checkpoints and results of an earlier run in --output_dir before training; "
+            "without it a rerun resumes that run, and only if its settings match."
+        },
+    )
 
 
 def augmentation_config(data_args: DataArguments) -> AugmentationConfig:
@@ -148,28 +180,117 @@ def parse_overrides(text: str | None) -> dict[str, Any]:
     return values
 
 
+# ---- checks -------------------------------------------------------------------------------------------------
+
+
+def check_schedule(training_args: TrainingArguments) -> None:
+    """Refuse a training length or batch size that trains nothing (the Trainer would run 0 steps and exit 0)."""
+    if training_args.max_steps == 0 or training_args.max_steps < -1:
+        raise ValueError(
+            f"--max_steps {training_args.max_steps}: give a positive number of optimizer steps, or -1 (the "
+            "default) to train for --num_train_epochs."
+        )
+    if training_args.max_steps == -1 and not training_args.num_train_epochs > 0:
+        raise ValueError(
+            f"--num_train_epochs {training_args.num_train_epochs} trains nothing: give a positive number of "
+            "epochs (fractions work), or a step budget with --max_steps."
+        )
+    if training_args.per_device_train_batch_size < 1:
+        raise ValueError(
+            f"--per_device_train_batch_size {training_args.per_device_train_batch_size}: give at least 1."
+        )
+
+
+def check_split_fractions(data_args: DataArguments) -> None:
+    for flag, value in (
+        ("--test_size", data_args.test_size),
+        ("--validation_size", data_args.validation_size),
+    ):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{flag} {value}: give a fraction of the data in [0, 1); 0 skips that split.")
+    if data_args.test_size + data_args.validation_size >= 1.0:
+        raise ValueError(
+            f"--test_size {data_args.test_size} and --validation_size {data_args.validation_size} leave no data "
+            "to train on: make their sum less than 1."
+        )
+
+
+def check_model_source(source: str, flag: str = "--model_name_or_path") -> None:
+    """A local path must exist; anything else must look like a Hub repo id. (Without this, a mistyped folder
+    reaches the Hub client and comes back as "Repo id must be in the form ...".)"""
+    path = Path(source).expanduser()
+    if path.exists():
+        return
+    try:
+        validate_repo_id(source)
+        # "runs/digitz" is a valid repo id too; a first component that is a local folder says it is a path.
+        is_repo_id = not path.parent.is_dir() or path.parent == Path(".")
+    except HFValidationError:
+        is_repo_id = False
+    if not is_repo_id:
+        raise ValueError(
+            f"{flag} {source}: no such file or folder. Give a saved checkpoint folder or a Hub repo id "
+            "(namespace/name)."
+        )
+
+
+def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args) -> None:
+    """Refuse flag values that would train nothing or fail late, before any data is read."""
+    check_schedule(training_args)
+    check_split_fractions(data_args)
+    overrides = parse_overrides(model_args.config_overrides)
+    if model_args.model_name_or_path:
+        check_model_source(model_args.model_name_or_path)
+        size = overrides.get("image_size")
+        if size is not None and model_args.image_size and size != model_args.image_size:
+            raise ValueError(
+                f"--image_size {model_args.image_size} and --config_overrides image_size={size} disagree; give "
+                "the input size once, with --image_size."
+            )
+
+
 # ---- data -------------------------------------------------------------------------------------------------------
 
 
-def load_splits(data_args: DataArguments):
+@dataclass
+class LoadedData:
+    """The splits of a run, the dataset's readable name, the split record (`data_split.json`), and the images
+    `--skip_bad_images` left out (name -> reason)."""
+
+    splits: dict
+    name: str
+    record: dict
+    skipped_images: dict[str, str]
+
+
+def load_splits(data_args: DataArguments) -> LoadedData:
     """train / validation / test splits from the Hub, image folders, or the embedded default."""
+    skipped: dict[str, str] = {}
     if data_args.train_dir:
-        splits = image_folder_dataset(data_args.train_dir, data_args.validation_dir)
-        name = Path(data_args.train_dir).name
+        splits, skipped = image_folder_dataset(
+            data_args.train_dir, data_args.validation_dir, data_args.skip_bad_images
+        )
+        name, source = Path(data_args.train_dir).name, str(Path(data_args.train_dir).resolve())
     elif data_args.dataset_name:
         from datasets import load_dataset
 
         splits = load_dataset(data_args.dataset_name, data_args.dataset_config_name)
-        name = data_args.dataset_name
+        name = source = data_args.dataset_name
+        if data_args.dataset_config_name:
+            source += f":{data_args.dataset_config_name}"
     else:
         splits = {"train": digits_dataset()}
-        name = DEFAULT_DATASET
+        name = source = DEFAULT_DATASET
     splits = dict(splits)
     if "train" not in splits:
         raise ValueError(f"The dataset has no 'train' split (it has {sorted(splits)}).")
     check_columns(splits["train"], data_args.image_column_name, data_args.label_column_name)
-    if "test" not in splits or "validation" not in splits:
-        carved = split_dataset(
+    for key, split in splits.items():
+        if SAMPLE_ID not in split.column_names:  # rows are named by their place in the split they came in
+            splits[key] = split.add_column(SAMPLE_ID, [f"{key}:{i}" for i in range(len(split))])
+    carved = [key for key in ("validation", "test") if key not in splits]
+    if carved:
+        parts = split_dataset(
             splits.pop("train"),
             data_args.label_column_name,
             test_size=0.0 if "test" in splits else data_args.test_size,
@@ -177,7 +298,7 @@ def load_splits(data_args: DataArguments):
             seed=data_args.split_seed,
         )
         for key in ("train", "validation", "test"):
-            splits.setdefault(key, carved.get(key))
+            splits.setdefault(key, parts.get(key))
     for key, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples),
                        ("test", data_args.max_eval_samples)):  # fmt: skip
         if limit is not None and splits[key] is not None and len(splits[key]) > limit:
@@ -185,7 +306,28 @@ def load_splits(data_args: DataArguments):
     for key in ("train", "validation", "test"):
         if splits.get(key) is not None and len(splits[key]) == 0:
             raise ValueError(f"The {key} split is empty; give it some images or change the split fractions.")
-    return splits, name
+    record = {
+        "source": source,
+        "validation_source": str(Path(data_args.validation_dir).resolve())
+        if data_args.validation_dir
+        else None,
+        "carved": carved,
+        "split_seed": data_args.split_seed,
+        "test_size": data_args.test_size,
+        "validation_size": data_args.validation_size,
+        "max_train_samples": data_args.max_train_samples,
+        "max_eval_samples": data_args.max_eval_samples,
+        **{key: _split_summary(splits.get(key)) for key in ("train", "validation", "test")},
+    }
+    return LoadedData(splits, name, record, skipped)
+
+
+def _split_summary(split) -> dict | None:
+    """Size and a SHA-256 of the sorted sample names: equal for the same images, whatever their order."""
+    if split is None:
+        return None
+    names = "\n".join(sorted(str(name) for name in split[SAMPLE_ID]))
+    return {"size": len(split), "sha256": hashlib.sha256(names.encode()).hexdigest()}
 
 
 class ProcessedSplit(torch.utils.data.Dataset):
@@ -202,6 +344,30 @@ class ProcessedSplit(torch.utils.data.Dataset):
         return {"pixel_values": self.pixel_values[index], "labels": self.labels[index]}
 
 
+def decode_images(batch: dict, image_col: str, feature: Image | None) -> list:
+    """The batch's images, decoded here rather than inside datasets so that a file that fails is named."""
+    if feature is None:
+        return batch[image_col]
+    values = batch[image_col]
+    images = []
+    for value, sample in zip(values, batch.get(SAMPLE_ID) or [None] * len(values), strict=True):
+        try:
+            image = feature.decode_example(value)
+            problem = (
+                f"PIL mode {image.mode!r} has no fixed value range"
+                if image.mode in UNSUPPORTED_MODES
+                else None
+            )
+        except Exception as error:  # PIL and datasets raise many types; all mean the same here
+            problem = f"{type(error).__name__}: {error}"
+        if problem:
+            raise ValueError(
+                f"Cannot read image {value.get('path') or sample or 'in memory'}: {problem}. Remove or replace it."
+            )
+        images.append(image)
+    return images
+
+
 def prepare_splits(splits, processor, data_args: DataArguments) -> None:
     """Turn images into `pixel_values` with the image processor (the evaluation transform). When the processed
     data is small (`--cache_pixels`, default: up to 1 GiB) it is computed once, not every epoch; RandAugment needs
@@ -209,8 +375,8 @@ def prepare_splits(splits, processor, data_args: DataArguments) -> None:
     image_col, label_col = data_args.image_column_name, data_args.label_column_name
     rand_augment = rand_augment_transform() if data_args.rand_augment else None
 
-    def process(batch, augment: bool = False):
-        images = batch[image_col]
+    def process(batch, feature: Image | None, augment: bool = False):
+        images = decode_images(batch, image_col, feature)
         if augment:
             images = [rand_augment(im if im.mode in ("L", "RGB") else im.convert("RGB")) for im in images]
         pixels = processor(images, return_tensors="pt")["pixel_values"]
@@ -221,18 +387,25 @@ def prepare_splits(splits, processor, data_args: DataArguments) -> None:
         split = splits.get(key)
         if split is None:
             continue
+        feature = split.features[image_col]
+        if isinstance(feature, Image) and feature.decode:
+            split = split.cast_column(image_col, Image(decode=False))
+        else:
+            feature = None
         on_the_fly = key == "train" and rand_augment is not None
         cache = data_args.cache_pixels
         if cache is None:
             cache = len(split) * processor.num_channels * height * width * 4 <= 2**30
         if cache and not on_the_fly:
             chunks = [
-                processor(split[start : start + 256][image_col], return_tensors="pt")["pixel_values"]
+                processor(decode_images(split[start : start + 256], image_col, feature), return_tensors="pt")
                 for start in range(0, len(split), 256)
             ]
-            splits[key] = ProcessedSplit(torch.cat(chunks), torch.tensor(split[label_col]))
+            pixels = torch.cat([chunk["pixel_values"] for chunk in chunks])
+            splits[key] = ProcessedSplit(pixels, torch.tensor(split[label_col]))
         else:
-            split.set_transform(partial(process, augment=on_the_fly))
+            split.set_transform(partial(process, feature=feature, augment=on_the_fly))
+            splits[key] = split
 
 
 class Collator:
@@ -257,9 +430,18 @@ def build_model(model_args: ModelArguments, labels: list[str], default_processor
         # A vitrail, transformers (ViT/DeiT/DINOv2) or timm checkpoint; from_pretrained converts foreign ones,
         # re-initialises the head for a new label set and resamples positions for a new size, saying so.
         source = model_args.model_name_or_path
-        model = VitrailForImageClassification.from_pretrained(
-            source, id2label=id2label, image_size=model_args.image_size or None, **overrides
-        )
+        if model_args.image_size:
+            overrides["image_size"] = model_args.image_size  # check_arguments refused a conflicting override
+        try:
+            model = VitrailForImageClassification.from_pretrained(source, id2label=id2label, **overrides)
+        except RuntimeError as error:  # transformers' "size mismatch" refusal
+            if not overrides.keys() - {"image_size"}:
+                raise
+            raise ValueError(
+                f"--config_overrides {model_args.config_overrides} changes the shapes of {source}'s weights "
+                f"({error}). Override only what keeps the shapes (dropout, drop_path_rate, ...), or train from "
+                "scratch without --model_name_or_path."
+            ) from error
         processor = load_image_processor(source)
     else:
         fields_ = {"num_labels": len(labels), "id2label": id2label, "label2id": label2id, **overrides}
@@ -384,18 +566,37 @@ class VitrailTrainer(Trainer):
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
-    """Train, evaluate on validation and the held-out test split, and write a shareable checkpoint folder."""
+    """Train, evaluate on validation and the held-out test split, and write a shareable checkpoint folder.
+
+    Returns what the folder's `all_results.json` holds. A rerun of a finished run with the same settings
+    returns it without training; see `vitrail.run_folder.start_run` for resuming and refusing.
+    """
     from .evaluation import confusion_matrix, make_compute_metrics
     from .model_card import render_model_card
     from .plots import plot_confusion_matrix, plot_training_curves
 
     check_process_group(training_args)
-    splits, dataset_name = load_splits(data_args)
+    check_arguments(model_args, data_args, training_args)
+    output = check_output_dir(training_args.output_dir)
+    data = load_splits(data_args)
+    splits = data.splits
     labels = splits["train"].features[data_args.label_column_name].names
     set_seed(
         training_args.seed
     )  # the head (or the whole model) is initialised here, before the Trainer seeds
     model, processor = build_model(model_args, labels)
+    settings = {
+        "script": "train",
+        "model": {
+            "model_name_or_path": _source_id(model_args.model_name_or_path),
+            "config": model_settings(model.config),
+        },
+        "data": data_settings(data_args),
+        "schedule": {**schedule_settings(training_args), "layer_decay": model_args.layer_decay},
+    }
+    start = start_run(training_args, settings, data.record)
+    if start.finished is not None:
+        return start.finished
     prepare_splits(splits, processor, data_args)
     aug = augmentation_config(data_args)
 
@@ -403,12 +604,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     # The Trainer's own push would upload training_args.bin (a pickle) and replace our card, before the card,
     # plots and results exist: the finished folder is pushed with vitrail.hub at the end instead.
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
-    last_checkpoint = None
-    if training_args.resume_from_checkpoint is None and os.path.isdir(training_args.output_dir):
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
-        if last_checkpoint:
-            logger.warning("Resuming from %s (found in --output_dir).", last_checkpoint)
-
     trainer = VitrailTrainer(
         model=model,
         args=training_args,
@@ -423,67 +618,90 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         cutmix_alpha=data_args.cutmix_alpha,
     )
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
+    result = trainer.train(resume_from_checkpoint=start.checkpoint)
     metrics = dict(result.metrics)
     metrics["train_wall_time"] = time.perf_counter() - started
 
     if splits.get("validation") is not None:
         metrics.update(trainer.evaluate(splits["validation"], metric_key_prefix="eval"))
-    prediction = trainer.predict(splits["test"], metric_key_prefix="test")
-    metrics.update(prediction.metrics)
+    # Results are reported on the held-out test split; with --test_size 0, on the validation split.
+    report = next((key for key in ("test", "validation") if splits.get(key) is not None), None)
+    prediction = None
+    if report:
+        prediction = trainer.predict(splits[report], metric_key_prefix="test" if report == "test" else "eval")
+    if report == "test":  # the validation metrics are in already
+        metrics.update(prediction.metrics)
 
     trainer.save_model()  # weights (safetensors), config, code files, processor
     training_args.push_to_hub = (
         push_to_hub  # restored after save_model (which would push); recorded in the JSON
     )
-    if trainer.is_world_process_zero():
-        # The Trainer also pickles its arguments; a shareable folder keeps them as JSON instead (checkpoint-N
-        # folders keep the Trainer's own resume files).
-        output = Path(training_args.output_dir)
-        (output / "training_args.bin").unlink(missing_ok=True)
-        (output / "training_args.json").write_text(training_args.to_json_string())
     trainer.log_metrics("all", metrics)
-    trainer.save_metrics("all", metrics, combined=False)
     trainer.save_state()
-
-    if trainer.is_world_process_zero():
+    results = {**metrics, "skipped_images": data.skipped_images} if data.skipped_images else metrics
+    if not trainer.is_world_process_zero():
+        return results
+    # The Trainer also pickles its arguments; a shareable folder keeps them as JSON instead (checkpoint-N
+    # folders keep the Trainer's own resume files).
+    (output / "training_args.bin").unlink(missing_ok=True)
+    write_json_atomic(output / "training_args.json", json.loads(training_args.to_json_string()))
+    plots = [plot_training_curves(trainer.state.log_history, output / "training_curves.png").name]
+    if prediction is not None:
         logits = (
             prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
         )
         matrix = confusion_matrix(prediction.label_ids, logits.argmax(-1), len(labels))
-        plots = [
-            plot_training_curves(trainer.state.log_history, output / "training_curves.png").name,
-            plot_confusion_matrix(matrix, labels, output / "confusion_matrix.png", title="Test split").name,
-        ]
-        (output / "confusion_matrix.json").write_text(
-            json.dumps({"labels": labels, "matrix": matrix.tolist()})
-        )
-        render_model_card(
-            model_name=output.name,
-            output_dir=output,
-            metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-            dataset_name=dataset_name,
-            dataset_id=data_args.dataset_name,
-            base_model=model_args.model_name_or_path,
-            hyperparameters=_hyperparameters(model_args, data_args, training_args),
-            recipe=_recipe(model_args, data_args, training_args),
-            config_summary=_config_summary(model.config),
-            plots=plots,
-            repo_id=training_args.hub_model_id if push_to_hub else None,
-        )
-        if push_to_hub:
-            from .hub import push_checkpoint
+        title = f"{report.capitalize()} split"
+        plots.append(plot_confusion_matrix(matrix, labels, output / "confusion_matrix.png", title=title).name)
+        write_json_atomic(output / "confusion_matrix.json", {"labels": labels, "matrix": matrix.tolist()})
+    render_model_card(
+        model_name=output.name,
+        output_dir=output,
+        metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        dataset_name=data.name,
+        dataset_id=data_args.dataset_name,
+        base_model=model_args.model_name_or_path,
+        hyperparameters=_hyperparameters(model_args, data_args, training_args),
+        recipe=_recipe(model_args, data_args, training_args),
+        config_summary=_config_summary(model.config),
+        plots=plots,
+        repo_id=training_args.hub_model_id if push_to_hub else None,
+        dataset_split=report or "test",
+        skipped_images=sorted(data.skipped_images),
+    )
+    write_json_atomic(output / RESULTS, results)  # last: its presence marks the run finished
+    if push_to_hub:
+        from .hub import push_checkpoint
 
-            commit = push_checkpoint(
-                output,
-                training_args.hub_model_id or output.name,
-                private=bool(training_args.hub_private_repo),
-                revision=training_args.hub_revision,
-                token=training_args.hub_token,
-                commit_message=f"vitrail: test accuracy {metrics['test_accuracy']:.4f}",
-            )
-            logger.info("Hub: %s", commit.commit_url if commit else "unchanged, no new commit")
-    return metrics
+        accuracy = metrics.get(f"{'test' if report == 'test' else 'eval'}_accuracy")
+        commit = push_checkpoint(
+            output,
+            training_args.hub_model_id or output.name,
+            private=bool(training_args.hub_private_repo),
+            revision=training_args.hub_revision,
+            token=training_args.hub_token,
+            commit_message=f"vitrail: {report} accuracy {accuracy:.4f}"
+            if accuracy is not None
+            else "vitrail",
+        )
+        logger.info("Hub: %s", commit.commit_url if commit else "unchanged, no new commit")
+    return results
+
+
+def data_settings(data_args: DataArguments) -> dict:
+    """The data arguments that change training, less those the split record covers (source, fractions, seed,
+    and through its hashes `--max_*_samples` and `--skip_bad_images`); `--cache_pixels` changes only speed."""
+    left_out = {"dataset_name", "dataset_config_name", "train_dir", "validation_dir", "test_size",
+                "validation_size", "split_seed", "max_train_samples", "max_eval_samples", "skip_bad_images",
+                "cache_pixels"}  # fmt: skip
+    return {k: v for k, v in asdict(data_args).items() if k not in left_out}
+
+
+def _source_id(source: str | None) -> str | None:
+    """A local checkpoint by its absolute path (the same folder whatever the working directory), else as given."""
+    if source and Path(source).expanduser().exists():
+        return str(Path(source).expanduser().resolve())
+    return source
 
 
 def _hyperparameters(model_args, data_args, training_args) -> dict:
@@ -533,10 +751,18 @@ def check_process_group(training_args: TrainingArguments) -> None:
 def parse_args(argv: list[str] | None = None):
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, VitrailTrainingArguments))
     if argv and len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-__all__ = ["DataArguments", "ModelArguments", "VitrailTrainer", "build_model", "parameter_groups", "train"]
+__all__ = [
+    "DataArguments",
+    "ModelArguments",
+    "VitrailTrainer",
+    "VitrailTrainingArguments",
+    "build_model",
+    "parameter_groups",
+    "train",
+]

@@ -1,0 +1,544 @@
+"""Training and data reliability (issue 10): runs killed while saving, reruns with other settings, bad output
+folders, bad images and folder layouts, the stored data split, and flags that would train nothing."""
+
+import json
+import logging
+import os
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_training import QUIET, ROOT, TINY, run_train
+from vitrail import training
+from vitrail.data import image_folder_dataset
+from vitrail.evaluating import EvaluateArguments, evaluate_checkpoint
+from vitrail.run_folder import checkpoint_problem, find_resume_checkpoint, write_atomic
+from vitrail.training import (
+    DataArguments,
+    ModelArguments,
+    build_model,
+    check_arguments,
+    check_model_source,
+    load_splits,
+    parse_args,
+    train,
+)
+
+GRAY = TINY  # the tiny model of tests/test_training.py reads 1-channel 8x8 images
+
+
+def gray_folder(root: Path, classes=("cat", "dog", "owl"), per_class=8) -> Path:
+    """Small 8x8 grayscale PNGs whose class shows in their brightness."""
+    rng = np.random.default_rng(0)
+    for index, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            array = (rng.integers(0, 60, (8, 8)) + 80 * index).astype(np.uint8)
+            PIL.Image.fromarray(array).save(root / name / f"{i}.png")
+    return root
+
+
+def truncated_jpeg(path: Path) -> Path:
+    """A JPEG cut short: `Image.verify()` passes it, decoding fails ("image file is truncated")."""
+    rng = np.random.default_rng(1)
+    PIL.Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path, quality=95)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with PIL.Image.open(path) as image:
+        image.verify()  # the old check let it through
+    return path
+
+
+# ---- killed while saving a checkpoint ---------------------------------------------------------------------------
+
+# Runs one training per phase, each in a process forked from this one (so that torch and transformers are imported
+# once), optionally armed to SIGKILL itself at a point inside the save of checkpoint-N.
+DRIVER = r"""
+import json, logging, os, signal, sys, traceback
+
+import safetensors.torch
+import transformers.modeling_utils as modeling_utils
+from transformers import Trainer
+from transformers.trainer_callback import TrainerState
+
+from vitrail.training import parse_args, train
+
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def arm(point, step):
+    target = f"checkpoint-{step}"
+    if point == "half_weights":  # a model.safetensors cut off half-way
+        real_save = modeling_utils.safe_save_file
+
+        def save_file(tensors, filename, metadata=None):
+            if target not in str(filename):
+                return real_save(tensors, filename, metadata=metadata)
+            data = safetensors.torch.save(tensors, metadata=metadata)
+            with open(filename, "wb") as file:
+                file.write(data[: len(data) // 2])
+            die()
+
+        modeling_utils.safe_save_file = save_file
+    elif point == "before_optimizer":  # weights written, optimizer and scheduler not
+        real_optimizer = Trainer._save_optimizer_and_scheduler
+
+        def save_optimizer(self, output_dir):
+            if target in str(output_dir):
+                die()
+            return real_optimizer(self, output_dir)
+
+        Trainer._save_optimizer_and_scheduler = save_optimizer
+    elif point == "half_state":  # optimizer, scheduler, RNG written; trainer_state.json cut off
+        real_state = TrainerState.save_to_json
+
+        def save_state(self, json_path):
+            real_state(self, json_path)
+            if target in str(json_path):
+                with open(json_path, "r+") as file:
+                    file.truncate(os.path.getsize(json_path) // 2)
+                die()
+
+        TrainerState.save_to_json = save_state
+
+
+args, phases = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+codes = []
+for index, (output_dir, point, step) in enumerate(phases):
+    pid = os.fork()
+    if pid == 0:
+        log = os.open(f"{output_dir}.{index}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        logging.basicConfig(level=logging.WARNING)
+        code = 0
+        try:
+            if point:
+                arm(point, step)
+            train(*parse_args(["--output_dir", output_dir, *args]))
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+print(json.dumps(codes))
+"""
+
+
+def test_kill_inside_checkpoint_saves_then_rerun_matches_an_uninterrupted_run(tmp_path):
+    """One run is killed three times, each at another point inside a checkpoint save (the first kill leaves no
+    complete checkpoint at all); each rerun of the same command skips the incomplete checkpoint and resumes from
+    the newest complete one. The final weights and step count equal those of an uninterrupted run, bit for bit:
+    resume restores the RNG and the data order, and two uninterrupted runs agree bit for bit on this CPU."""
+    data = gray_folder(tmp_path / "data")
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    args = [
+        "--train_dir", str(data), "--config_overrides", GRAY + ",hidden_dropout_prob=0.1", *QUIET,
+        "--test_size", "0.25", "--validation_size", "0", "--per_device_train_batch_size", "4", "--max_steps", "8",
+        "--save_strategy", "steps", "--save_steps", "2", "--rotation", "10", "--learning_rate", "3e-3",
+    ]  # fmt: skip  # 18 training images, 5 steps an epoch: the resumes land mid-epoch
+    run = str(tmp_path / "run")
+    phases = [
+        [str(tmp_path / "reference"), None, 0],
+        [str(tmp_path / "again"), None, 0],
+        [run, "half_weights", 2],
+        [run, "before_optimizer", 4],
+        [run, "half_state", 6],
+        [run, None, 0],
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, str(driver), json.dumps(args), json.dumps(phases)],
+        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    logs = [Path(f"{out}.{i}.log").read_text() for i, (out, _, _) in enumerate(phases)]
+    assert result.returncode == 0, result.stderr[-3000:]
+    codes = json.loads(result.stdout.strip().splitlines()[-1])
+    assert codes == [0, 0, -signal.SIGKILL, -signal.SIGKILL, -signal.SIGKILL, 0], "\n".join(logs)[-5000:]
+
+    # What each kill left, and what each rerun made of it.
+    assert "checkpoint-2, it is incomplete" in logs[3] and "model.safetensors is unreadable" in logs[3]
+    assert "Resuming from" not in logs[3]  # the first kill left no complete checkpoint: from step 0
+    assert "checkpoint-4, it is incomplete" in logs[4] and "optimizer.pt is missing" in logs[4]
+    assert f"Resuming from {run}/checkpoint-2" in logs[4]
+    assert (
+        "checkpoint-6, it is incomplete" in logs[5] and "trainer_state.json is missing or cut off" in logs[5]
+    )
+    assert f"Resuming from {run}/checkpoint-4" in logs[5]
+
+    reference, again, final = (
+        load_file(Path(out) / "model.safetensors") for out, _, _ in phases[:2] + phases[-1:]
+    )
+    assert reference.keys() == again.keys() == final.keys()
+    for name in reference:
+        assert torch.equal(reference[name], again[name]), f"two uninterrupted runs differ at {name}"
+    for name in reference:
+        assert torch.equal(reference[name], final[name]), f"the resumed run differs at {name}"
+    steps = [
+        json.loads((Path(out) / "trainer_state.json").read_text())["global_step"] for out, _, _ in phases
+    ]
+    assert steps[0] == steps[-1] == 8
+    assert checkpoint_problem(Path(run) / "checkpoint-6") is None  # rewritten whole by the last rerun
+
+
+def test_checkpoint_checks_name_what_is_missing(finished, tmp_path, caplog):
+    """Each file the Trainer writes is checked whole, without unpickling; resume falls back past a bad one."""
+    out = tmp_path / "run"
+    shutil.copytree(finished.out, out)
+    assert checkpoint_problem(out / "checkpoint-4") is None
+    damaged = out / "checkpoint-4"
+    optimizer = (damaged / "optimizer.pt").read_bytes()
+    (damaged / "optimizer.pt").write_bytes(optimizer[: len(optimizer) - 100])
+    assert checkpoint_problem(damaged) == "optimizer.pt is cut off"
+    (damaged / "optimizer.pt").write_bytes(optimizer)
+    (damaged / "rng_state.pth").unlink()
+    assert checkpoint_problem(damaged) == "the RNG state is missing or cut off"
+    with caplog.at_level(logging.WARNING, logger="vitrail.run_folder"):
+        assert find_resume_checkpoint(out) == str(out / "checkpoint-2")
+    assert "checkpoint-4, it is incomplete" in caplog.text and "RNG state" in caplog.text
+    with pytest.raises(
+        ValueError, match=r"--resume_from_checkpoint .*checkpoint-4 is incomplete: the RNG state"
+    ):
+        finished.rerun(out, "--resume_from_checkpoint", str(damaged))
+
+
+def test_write_atomic_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
+    target = tmp_path / "all_results.json"
+    target.write_text("old")
+
+    def interrupted(source, destination):
+        raise OSError("interrupted")
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(OSError, match="interrupted"):
+        write_atomic(target, "new")
+    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]  # no temporary file left
+    monkeypatch.undo()
+    write_atomic(target, "new")
+    assert target.read_text() == "new" and list(tmp_path.iterdir()) == [target]
+
+
+# ---- reruns in the same output folder ---------------------------------------------------------------------------
+
+
+class Finished:
+    """A finished tiny run on a gray image folder, with checkpoint-2 and checkpoint-4."""
+
+    def __init__(self, root: Path):
+        self.data = gray_folder(root / "data")
+        self.out = root / "run"
+        self.args = [
+            "--train_dir", str(self.data), "--config_overrides", GRAY, *QUIET, "--test_size", "0.25",
+            "--validation_size", "0.125", "--per_device_train_batch_size", "8", "--max_steps", "4",
+            "--save_strategy", "steps", "--save_steps", "2", "--learning_rate", "3e-3",
+        ]  # fmt: skip
+        self.metrics = train(*parse_args(["--output_dir", str(self.out), *self.args]))
+
+    def rerun(self, out: Path, *extra: str) -> dict:
+        return train(*parse_args(["--output_dir", str(out), *self.args, *extra]))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Finished:
+    return Finished(tmp_path_factory.mktemp("finished"))
+
+
+def test_rerun_with_other_settings_is_refused_before_training(finished, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished.out, out)
+    before = {path: path.stat().st_mtime_ns for path in out.rglob("*")}
+    with pytest.raises(ValueError) as refused:
+        finished.rerun(out, "--learning_rate", "5e-3", "--seed", "1")
+    message = str(refused.value)
+    assert f"--output_dir {out} holds a run with other settings" in message
+    assert "learning_rate: 0.003 -> 0.005" in message and "seed: 42 -> 1" in message
+    assert "--overwrite_output_dir" in message and "another --output_dir" in message
+    # A wider model: the same message, not a size-mismatch traceback from loading checkpoint-4.
+    with pytest.raises(ValueError, match=r"holds a run with other settings:\n.*hidden_size: 32 -> 48"):
+        finished.rerun(out, "--config_overrides", GRAY.replace("hidden_size=32", "hidden_size=48"))
+    # The same, resumed explicitly: the checkpoint's model is compared.
+    with pytest.raises(ValueError, match=r"checkpoint-2 holds another model:\n.*hidden_size: 32 -> 48"):
+        finished.rerun(out, "--config_overrides", GRAY.replace("hidden_size=32", "hidden_size=48"),
+                       "--resume_from_checkpoint", str(out / "checkpoint-2"))  # fmt: skip
+    # Other data (one image more) is another run too.
+    PIL.Image.new("L", (8, 8)).save(finished.data / "cat" / "extra.png")
+    try:
+        with pytest.raises(ValueError, match=r"(?s)holds a run with other settings:.*split\.train\.sha256"):
+            finished.rerun(out)
+    finally:
+        (finished.data / "cat" / "extra.png").unlink()
+    assert before == {path: path.stat().st_mtime_ns for path in out.rglob("*")}  # nothing written
+    # Checkpoints without a record (a folder from an older vitrail) cannot be checked: refused too.
+    (out / "run_settings.json").unlink()
+    with pytest.raises(ValueError, match=r"whose settings were not recorded .* --resume_from_checkpoint"):
+        finished.rerun(out)
+
+
+def test_rerun_of_a_finished_run_returns_its_results(finished, tmp_path, caplog):
+    out = tmp_path / "run"
+    shutil.copytree(finished.out, out)
+    before = {path: path.stat().st_mtime_ns for path in out.rglob("*")}
+    with caplog.at_level(logging.WARNING, logger="vitrail.run_folder"):
+        metrics = finished.rerun(out)
+    assert metrics == finished.metrics == json.loads((out / "all_results.json").read_text())
+    assert "already holds this run, finished" in caplog.text
+    assert before == {path: path.stat().st_mtime_ns for path in out.rglob("*")}  # nothing trained or written
+
+
+def test_overwrite_output_dir_starts_again(finished, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished.out, out)
+    (out / "notes.txt").write_text("mine")
+    finished.rerun(out, "--learning_rate", "5e-3", "--max_steps", "2", "--save_strategy", "no",
+                   "--overwrite_output_dir")  # fmt: skip
+    assert not list(out.glob("checkpoint-*"))  # the old run's checkpoints are gone ...
+    assert (out / "notes.txt").read_text() == "mine"  # ... files vitrail did not write are kept
+    assert json.loads((out / "run_settings.json").read_text())["schedule"]["learning_rate"] == 5e-3
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+
+
+def test_unusable_output_dir_is_found_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "load_splits", not_reached)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"--output_dir .*file/run cannot be a folder: .*file is a file"):
+        run_train(tmp_path, name="file/run")
+    if os.geteuid() != 0:  # root writes into read-only folders
+        (tmp_path / "locked").mkdir(mode=0o500)
+        with pytest.raises(ValueError, match=r"--output_dir .*locked/run is not writable"):
+            run_train(tmp_path, name="locked/run")
+
+
+def not_reached(*args, **kwargs):
+    raise AssertionError("data was loaded: the check came too late")
+
+
+# ---- data -----------------------------------------------------------------------------------------------------
+
+
+def test_truncated_jpeg_is_named_before_training_or_skipped(tmp_path, monkeypatch):
+    data = gray_folder(tmp_path / "data")
+    truncated_jpeg(data / "dog" / "cut.jpg")
+    with pytest.raises(
+        ValueError, match=r"Cannot read image .*dog/cut\.jpg: OSError: image file is truncated"
+    ):
+        run_train(tmp_path, "--train_dir", str(data))
+    assert not (tmp_path / "run" / "run_settings.json").exists()  # refused before the run started
+
+    metrics, out = run_train(
+        tmp_path, "--train_dir", str(data), "--skip_bad_images", "true", "--max_steps", "2",
+        "--save_strategy", "no", "--test_size", "0.25", "--validation_size", "0", name="skipping",
+    )  # fmt: skip
+    results = json.loads((out / "all_results.json").read_text())
+    assert list(results["skipped_images"]) == ["data/dog/cut.jpg"]
+    assert "truncated" in results["skipped_images"]["data/dog/cut.jpg"]
+    assert (
+        "1 unreadable image was left out of the data (`--skip_bad_images`): `data/dog/cut.jpg`"
+        in (out / "README.md").read_text()
+    )
+    split = json.loads((out / "data_split.json").read_text())
+    assert split["train"]["size"] + split["test"]["size"] == 24  # the 24 good images
+
+
+@pytest.mark.parametrize("cache", ["true", "false"])
+def test_an_image_read_later_is_named(tmp_path, cache):
+    """Data that is not an image folder is decoded while caching (before training) or, with
+    `--cache_pixels false`, while training: either way the error names the file."""
+    data = gray_folder(tmp_path / "hub-like")
+    truncated_jpeg(data / "dog" / "cut.jpg")
+    with pytest.raises(
+        ValueError, match=r"Cannot read image .*dog/cut\.jpg: OSError: image file is truncated"
+    ):
+        run_train(
+            tmp_path, "--dataset_name", str(data), "--cache_pixels", cache, "--num_train_epochs", "1",
+            "--save_strategy", "no", "--test_size", "0.25", "--validation_size", "0",
+        )  # fmt: skip
+
+
+def test_folder_layouts_are_followed_or_named(tmp_path, caplog):
+    data = gray_folder(tmp_path / "data")
+    gray_folder(tmp_path / "elsewhere", classes=("bat",))
+    (data / "bat").symlink_to(tmp_path / "elsewhere" / "bat", target_is_directory=True)
+    (data / "cat" / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (data / "dog" / "notes.txt").write_text("labels")
+    (data / "owl" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with caplog.at_level(logging.WARNING, logger="vitrail.data"):
+        splits, skipped = image_folder_dataset(str(data))
+    assert splits["train"].features["label"].names == [
+        "bat",
+        "cat",
+        "dog",
+        "owl",
+    ]  # the symlinked class is in
+    assert len(splits["train"]) == 32 and not skipped
+    assert (
+        "skipped 3 files: cat/photo.heic (unsupported format), dog/notes.txt (unsupported format), "
+        "owl/gone.png (dangling symlink)"
+    ) in caplog.text
+
+    (data / "yak").mkdir()
+    (data / "yak" / "readme.txt").write_text("no images yet")
+    with pytest.raises(ValueError, match=r"class folder\(s\) yak hold no usable image"):
+        image_folder_dataset(str(data))
+
+    nested = tmp_path / "nested"
+    gray_folder(nested / "train")
+    with pytest.raises(ValueError) as refused:
+        image_folder_dataset(str(nested))
+    message = str(refused.value)
+    assert "images nested more than one folder deep (24, e.g. train/cat/0.png)" in message
+    assert f"Lay it out as {nested}/<class name>/<image file>" in message and str(nested / "train") in message
+
+    deep = gray_folder(tmp_path / "tiff")
+    PIL.Image.fromarray(np.arange(64, dtype=np.int32).reshape(8, 8) * 100_000).save(deep / "cat" / "deep.tif")
+    with pytest.raises(
+        ValueError, match=r"Cannot read image .*cat/deep\.tif: PIL mode 'I' holds 32-bit values"
+    ):
+        image_folder_dataset(str(deep))
+
+    lonely = gray_folder(tmp_path / "lonely")
+    gray_folder(tmp_path / "lonely-emu", classes=("emu",), per_class=1)
+    shutil.move(tmp_path / "lonely-emu" / "emu", lonely / "emu")
+    with pytest.raises(ValueError, match=r"Class 'emu' \(emu/0\.png\) has a single image"):
+        load_splits(DataArguments(train_dir=str(lonely)))
+
+    train_dir = gray_folder(tmp_path / "train", classes=("cat", "dog"))
+    validation_dir = gray_folder(tmp_path / "validation", classes=("cat", "dog", "owl", "yak"))
+    with pytest.raises(
+        ValueError, match=r"--validation_dir .* has classes that --train_dir .* lacks: owl, yak"
+    ):
+        image_folder_dataset(str(train_dir), str(validation_dir))
+
+
+def test_split_is_stored_and_evaluation_refuses_another(finished, tmp_path, caplog):
+    record = json.loads((finished.out / "data_split.json").read_text())
+    assert (record["split_seed"], record["test_size"], record["validation_size"]) == (0, 0.25, 0.125)
+    assert [record[key]["size"] for key in ("train", "validation", "test")] == [15, 3, 6]
+    assert all(len(record[key]["sha256"]) == 64 for key in ("train", "validation", "test"))
+    data = {"train_dir": str(finished.data), "test_size": 0.25, "validation_size": 0.125}
+
+    scored = evaluate_checkpoint(
+        EvaluateArguments(model=str(finished.out), output_dir=str(tmp_path / "same")), DataArguments(**data)
+    )
+    assert scored["test_accuracy"] == pytest.approx(finished.metrics["test_accuracy"])
+    other = EvaluateArguments(model=str(finished.out), output_dir=str(tmp_path / "other"))
+    with pytest.raises(ValueError, match=r"(?s)test split here is not the one stored.*split_seed: 0 -> 1"):
+        evaluate_checkpoint(other, DataArguments(**data, split_seed=1))
+    other.allow_split_mismatch = True
+    with caplog.at_level(logging.WARNING, logger="vitrail.evaluating"):
+        evaluate_checkpoint(other, DataArguments(**data, split_seed=1))
+    assert "test split here is not the one stored" in caplog.text
+
+
+# ---- flags ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num_train_epochs", "-1"], r"--num_train_epochs -1\.0 trains nothing"),
+        (["--num_train_epochs", "0"], r"--num_train_epochs 0\.0 trains nothing"),
+        (["--max_steps", "0"], r"--max_steps 0: give a positive number of optimizer steps, or -1"),
+        (["--max_steps", "-5"], r"--max_steps -5: give a positive number"),
+        (["--per_device_train_batch_size", "0"], r"--per_device_train_batch_size 0: give at least 1"),
+        (["--test_size", "1.5"], r"--test_size 1\.5: give a fraction"),
+        (["--model_name_or_path", "MISSING"], r"--model_name_or_path .*missing: no such file or folder"),
+    ],
+)
+def test_flags_are_refused_before_anything_runs(tmp_path, monkeypatch, flags, message):
+    monkeypatch.setattr(training, "load_splits", not_reached)
+    flags = [str(tmp_path / "missing") if flag == "MISSING" else flag for flag in flags]
+    with pytest.raises(ValueError, match=message):
+        run_train(tmp_path, *flags)
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_source_must_exist_or_be_a_repo_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ValueError, match=r"--model_name_or_path runs/digitz: no such file or folder"):
+        check_model_source("runs/digitz")  # a valid repo id, but runs/ is a local folder
+    check_model_source("google/vit-base-patch16-224")  # left to the Hub client
+
+
+def test_config_overrides_with_a_checkpoint(finished):
+    model, processor = build_model(
+        ModelArguments(model_name_or_path=str(finished.out), config_overrides="image_size=12"), ["a", "b"]
+    )
+    assert model.config.image_size == 12 and processor.size == {"height": 12, "width": 12}
+    assert model.vitrail.embeddings.position_embeddings.shape == (1, 36, 32)  # resampled, not re-initialised
+    conflicting = ModelArguments(
+        model_name_or_path=str(finished.out), image_size=8, config_overrides="image_size=12"
+    )
+    with pytest.raises(ValueError, match=r"--image_size 8 and --config_overrides image_size=12 disagree"):
+        check_arguments(conflicting, DataArguments(), parse_args(["--output_dir", "x"])[2])
+    with pytest.raises(ValueError, match=r"--config_overrides hidden_size=48 changes the shapes of"):
+        build_model(
+            ModelArguments(model_name_or_path=str(finished.out), config_overrides="hidden_size=48"), ["a"]
+        )
+
+
+@pytest.mark.parametrize("validation_size", ["0.25", "0"])
+def test_test_size_zero_trains_without_a_test_split(tmp_path, capsys, validation_size):
+    script = runpy.run_path(str(ROOT / "scripts" / "train.py"), run_name="train_script")
+    out = tmp_path / "run"
+    metrics = script["main"](
+        ["--output_dir", str(out), "--train_dir", str(gray_folder(tmp_path / "data")), "--config_overrides", GRAY,
+         *QUIET, "--test_size", "0", "--validation_size", validation_size, "--max_steps", "2",
+         "--save_strategy", "no"]
+    )  # fmt: skip
+    assert not [key for key in metrics if key.startswith("test_")]
+    assert json.loads((out / "data_split.json").read_text())["test"] is None
+    card = (out / "README.md").read_text()
+    printed = capsys.readouterr().out.splitlines()[-1]
+    if validation_size == "0":
+        assert "No evaluation results were recorded." in card and "eval_accuracy" not in metrics
+        assert printed.startswith("train_runtime=")
+    else:
+        assert "No test split was held out (`--test_size 0`)" in card and "validation split" in card
+        assert f"{metrics['eval_accuracy']:.2%}" in card and (out / "confusion_matrix.png").is_file()
+        assert printed.startswith(f"eval_accuracy={metrics['eval_accuracy']:.4f}")
+
+
+def test_pretraining_reruns_share_the_checks(tmp_path, caplog):
+    """scripts/pretrain_mim.py resumes past an incomplete checkpoint, reports a finished run, refuses changes."""
+    from vitrail.pretraining import PretrainArguments, pretrain
+
+    def run(*extra: str) -> dict:
+        _, data_args, training_args = parse_args(
+            ["--output_dir", str(tmp_path / "mim"), *QUIET, "--max_train_samples", "64", "--max_steps", "4",
+             "--per_device_train_batch_size", "16", "--save_strategy", "steps", "--save_steps", "2", *extra]
+        )  # fmt: skip
+        overrides = TINY.replace(",pooling=mean,use_cls_token=false", "")
+        return pretrain(PretrainArguments(config_overrides=overrides), data_args, training_args)
+
+    metrics = run()
+    (tmp_path / "mim" / "all_results.json").unlink()  # as if killed while saving checkpoint-4:
+    (tmp_path / "mim" / "checkpoint-4" / "trainer_state.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="vitrail.run_folder"):
+        again = run()
+    assert "checkpoint-4, it is incomplete" in caplog.text and "Resuming from" in caplog.text
+    assert (
+        again["train_loss"] > 0
+        and json.loads((tmp_path / "mim" / "trainer_state.json").read_text())["global_step"] == 4
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vitrail.run_folder"):
+        assert run() == again
+    assert "already holds this run, finished" in caplog.text
+    with pytest.raises(ValueError, match=r"schedule\.learning_rate: 5e-05 -> 0\.001"):
+        run("--learning_rate", "1e-3")
+    assert metrics.keys() == again.keys()
