@@ -144,10 +144,11 @@ def test_push_uploads_the_checkpoint_files_only(hub, checkpoints, tmp_path, repo
     (folder / "TODO.md").write_text("private notes")
     (folder / "scratch.png").write_bytes((folder / "training_curves.png").read_bytes())
     (folder / "attention_map.png").write_bytes((folder / "training_curves.png").read_bytes())
-    (folder / "README.md").write_text(CARD + "\n![attention](./attention_map.png)\n")
+    (folder / "patches.png").write_bytes((folder / "training_curves.png").read_bytes())
+    (folder / "README.md").write_text(CARD + '\n![attention](./attention_map.png)\n<img src="patches.png">\n')
     (folder / "trainer_state.json").write_text("{}")
     (folder / PULL_RECORD).write_text("{}")
-    shared = SHARED | {"attention_map.png", "trainer_state.json"}
+    shared = SHARED | {"attention_map.png", "patches.png", "trainer_state.json"}
     left_out = ["TODO.md", "checkpoint-3/", "local_settings.py", "notes.txt", "scratch.png", "secrets.json"]
     assert checkpoint_files(folder) == sorted(shared)
     assert not_pushed(folder) == sorted([PULL_RECORD, *left_out])
@@ -201,8 +202,9 @@ def test_push_refuses_a_symbolic_link(hub, checkpoints, tmp_path, repo_id, kind)
 
 
 def test_push_deletes_weights_of_the_other_layout(hub, checkpoints, repo_id):
-    """Sharded over single-file and back: each push removes the other layout in its own commit, and plain
-    transformers loads the weights just pushed (it would take a stale model.safetensors over an index)."""
+    """Sharded over single-file and back: each push removes the other layout (and shards the index does not
+    name) in its own commit, and plain transformers loads the weights just pushed (it would take a stale
+    model.safetensors over an index)."""
     sharded = checkpoints["v2_sharded"]
     shards = {path.name for path in sharded.glob("model-*-of-*.safetensors")}
 
@@ -212,6 +214,7 @@ def test_push_deletes_weights_of_the_other_layout(hub, checkpoints, repo_id):
             return model(checkpoints["inputs"]).logits
 
     push_checkpoint(checkpoints["v1"], repo_id)
+    hub.put(repo_id, {"model-00009-of-00009.safetensors": b"an older sharding"})
     commits = hub.commit_count(repo_id)
     push_checkpoint(sharded, repo_id)
     files = set(hub.files(repo_id))
@@ -303,6 +306,21 @@ def test_push_server_error_makes_no_commit(hub, checkpoints, repo_id):
         push_checkpoint(checkpoints["v2"], repo_id, revision="v2")
     assert hub.commit_count(repo_id) == commits
     assert hub.head(repo_id, "v2").sha == hub.head(repo_id, "main").sha  # the branch exists, unchanged
+
+
+def test_push_refuses_to_overwrite_a_push_that_landed_meanwhile(hub, checkpoints, repo_id):
+    """The commit names the head the push started from: someone else's commit in between makes it fail (HTTP 412)
+    rather than silently mix the two."""
+    push_checkpoint(checkpoints["v1"], repo_id)
+    hub.before_next(
+        rf"^POST /api/models/{repo_id}/commit/main$", lambda: hub.put(repo_id, {"notes.md": b"theirs"})
+    )
+    with pytest.raises(
+        HubError, match=rf"push to '{repo_id}' \(revision 'main'\).*branch moved while pushing"
+    ):
+        push_checkpoint(checkpoints["v2"], repo_id)
+    assert hub.files(repo_id)["notes.md"] == b"theirs"
+    assert hub.files(repo_id)["model.safetensors"] == (checkpoints["v1"] / "model.safetensors").read_bytes()
 
 
 def test_push_answer_lost_then_repush_is_a_no_op(hub, checkpoints, repo_id):
@@ -470,13 +488,18 @@ def test_a_pulled_folder_pushes_without_its_record(hub, checkpoints, tmp_path, r
     assert set(hub.files(f"{repo_id}-copy")) == PULLED | {".gitattributes"}
 
 
-def test_pull_fetches_only_the_code_auto_map_names(hub, checkpoints, tmp_path, repo_id):
-    """Extra .py files in the repo (a torch.py would run on `import torch` from that folder) are not fetched."""
+def test_pull_fetches_only_the_code_auto_map_names(hub, checkpoints, tmp_path, caplog, repo_id):
+    """Extra .py files in the repo (a torch.py would run on `import torch` from that folder) are not fetched,
+    nor code auto_map takes from another repo: that is named in a warning."""
     push_checkpoint(checkpoints["v1"], repo_id)
-    hub.put(repo_id, {"torch.py": b"raise SystemExit('owned')\n", "helpers.py": b"", "notes.md": b"x"})
+    config = json.loads((checkpoints["v1"] / "config.json").read_text())
+    config["auto_map"]["AutoModelForMaskedImageModeling"] = "someone/else--modeling_other.Model"
+    extras = {"torch.py": b"raise SystemExit('owned')\n", "helpers.py": b"", "modeling_other.py": b""}
+    hub.put(repo_id, {**extras, "config.json": json.dumps(config).encode()})
     for folder in (pull_checkpoint(repo_id, local_dir=tmp_path / "out"), pull_checkpoint(repo_id)):
         assert {p.name for p in folder.iterdir()} - {PULL_RECORD} == PULLED
     assert downloads(hub, repo_id) == PULLED
+    assert "auto_map points at code in other repos (someone/else--modeling_other.Model)" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -422,7 +422,7 @@ def _describe(error: BaseException, timeout: float) -> str:
             request = f"{error.request.method} {error.request.url}"
         except RuntimeError:  # raised before a request was made
             request = "a request"
-        return f"the server did not answer {request} within {timeout:g} s (timed out, retries included)"
+        return f"the server did not answer {request} within {timeout:g} s (timeout=; a slow link needs more)"
     if isinstance(error, httpx.TransportError):
         return f"the connection failed or was cut ({type(error).__name__}: {error})"
     return f"{type(error).__name__}: {error}"
@@ -647,7 +647,7 @@ def _pull_offline(repo_id: str, revision: str | None, target: Path | None) -> Pa
                 "Offline: %s holds %s at commit %s (its pull record says so).",
                 target,
                 repo_id,
-                record["commit"],
+                record.get("commit"),
             )
             return target
         if record:
