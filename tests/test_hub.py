@@ -529,6 +529,23 @@ def test_pull_refuses_code_names_that_are_not_plain_or_shadow(
     assert downloads(hub, repo_id) == {"config.json", "preprocessor_config.json"}
 
 
+def test_pull_refuses_shard_names_that_are_not_plain(hub, checkpoints, tmp_path, repo_id):
+    """The index decides which files are fetched as weights: only plain .safetensors names in the repo's top level."""
+    push_checkpoint(checkpoints["v2_sharded"], repo_id)
+    index = json.loads((checkpoints["v2_sharded"] / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = "../outside.safetensors"
+    hub.put(repo_id, {"model.safetensors.index.json": json.dumps(index).encode()})
+    with pytest.raises(HubError, match="shards that are not plain .safetensors file names"):
+        pull_checkpoint(repo_id, local_dir=tmp_path / "out")
+    assert leftovers(tmp_path) == []
+    assert downloads(hub, repo_id) == {
+        "config.json",
+        "preprocessor_config.json",
+        "model.safetensors.index.json",
+    }
+
+
 def flip_last_byte(body: bytes) -> bytes:
     return body[:-1] + bytes([body[-1] ^ 1])
 
