@@ -1,22 +1,25 @@
 #!/usr/bin/env python
-"""Download a vitrail checkpoint from a Hugging Face Hub model repo.
+"""Download a vitrail checkpoint from a Hugging Face Hub model repo, every file checked.
 
     python scripts/pull_from_hub.py your-name/vitrail-digits                 # into the HF cache
     python scripts/pull_from_hub.py your-name/vitrail-digits --revision v2 --local-dir models/digits-v2
     HF_HUB_OFFLINE=1 python scripts/pull_from_hub.py your-name/vitrail-digits  # from the cache, no network
 
-Only what loading needs is downloaded (weights, config.json, preprocessor_config.json, the code files,
-README.md). With --local-dir the files arrive in a temporary folder beside it and are moved in only when all
-of them are there: a failed pull leaves no partial checkpoint. Prints the folder; it opens with
-`AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True)`, with or without vitrail.
---revision takes a branch, tag or commit sha; HF_ENDPOINT selects another Hub.
+The revision (a branch, tag or commit sha) is resolved to one commit, and only what loading needs is downloaded
+at that commit: config.json and preprocessor_config.json, the code files their auto_map names (never a name that
+is not a plain module file name or would shadow an importable module), the weights and README.md. Each file must
+match the sha the Hub lists for it. With --local-dir the files arrive in a hidden folder beside it and replace
+the checkpoint there only when all of them arrived intact; .vitrail-pull.json records the revision. Offline, a
+--local-dir not in the cache is used only if its record names this repo and revision. Prints the folder; it
+opens with `AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True)`, with or without
+vitrail. On an error, prints it and exits with status 1. HF_ENDPOINT selects another Hub.
 """
 
 import argparse
 import logging
 import sys
 
-from vitrail.hub import HubError, pull_checkpoint
+from vitrail.hub import DEFAULT_TIMEOUT, HubError, pull_checkpoint
 
 
 def main(argv: list[str] | None = None):
@@ -25,11 +28,21 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--revision", help="branch, tag or commit sha (default main)")
     parser.add_argument("--local-dir", help="put the files here instead of the HF cache")
     parser.add_argument("--token", help="Hub token, for private repos (default: HF_TOKEN or the saved login)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help=f"seconds each request may wait for the Hub (default {DEFAULT_TIMEOUT:g})",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         folder = pull_checkpoint(
-            args.repo_id, revision=args.revision, local_dir=args.local_dir, token=args.token
+            args.repo_id,
+            revision=args.revision,
+            local_dir=args.local_dir,
+            token=args.token,
+            timeout=args.timeout,
         )
     except HubError as error:
         parser.exit(1, f"error: {error}\n")

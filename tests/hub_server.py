@@ -8,8 +8,14 @@ the client turns into `RepositoryNotFoundError`, `RevisionNotFoundError` and `Re
 
 Test hooks: `fail_next(pattern, count, status)` answers the next matching requests with an error status;
 `drop_next(pattern, count, after_bytes)` sends headers and `after_bytes` of the body, then closes the
-connection. Every request is logged in `requests`; routes the server does not know are logged in `unhandled`
-and answered 501, so a test can assert that the client used nothing this server only pretends to implement.
+connection. Hostile modes, each switched on per request pattern like those: `stall(pattern)` accepts matching
+requests and never answers them (until `clear_faults()`); `tamper_next(pattern, change)` sends a file's body
+changed by `change(bytes) -> bytes` under the file's own ETag (a body of another length gets a Content-Length to
+match, so it is longer or shorter than the file's metadata says); `before_next(pattern, action)` runs `action()`
+(e.g. moving a branch) before answering. `put(repo_id, files)` commits straight into the server's state, for
+repo contents a client would not upload (a `torch.py`, a name with a NUL byte). Every request is logged in
+`requests` (stalled ones in `stalled`); routes the server does not know are logged in `unhandled` and answered
+501, so a test can assert that the client used nothing this server only pretends to implement.
 
 huggingface_hub reads `HF_ENDPOINT`, `HF_HOME` and `HF_HUB_OFFLINE` once, at import. `patch_client` repoints
 an already imported client (and transformers' shared `HfApi`); `client_env` gives the environment variables
@@ -25,6 +31,7 @@ import json
 import re
 import socket
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -82,7 +89,10 @@ class _Fault:
     pattern: re.Pattern
     count: int
     status: int | None = None  # answer this status...
-    after_bytes: int | None = None  # ...or send this much of the body, then close the connection
+    after_bytes: int | None = None  # ...or send this much of the body, then close the connection...
+    stall: bool = False  # ...or never answer...
+    change: Callable[[bytes], bytes] | None = None  # ...or send a file's body changed by this...
+    action: Callable[[], None] | None = None  # ...or run this first, then answer as usual
 
 
 class HubServer:
@@ -92,7 +102,9 @@ class HubServer:
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status)
         self.unhandled: list[str] = []
+        self.stalled: list[str] = []  # "METHOD /path" of requests left without an answer
         self._faults: list[_Fault] = []
+        self._release = threading.Event()  # set: stalled requests give up (their connection closes)
         self._lock = threading.RLock()
         self._counter = itertools.count()
         self._httpd: ThreadingHTTPServer | None = None
@@ -114,9 +126,27 @@ class HubServer:
         with self._lock:
             self._faults.append(_Fault(re.compile(pattern), count, after_bytes=after_bytes))
 
+    def stall(self, pattern: str, count: int = 10**9) -> None:
+        """Accept matching requests and never answer them (until `clear_faults` or `stop`)."""
+        with self._lock:
+            self._faults.append(_Fault(re.compile(pattern), count, stall=True))
+
+    def tamper_next(self, pattern: str, change: Callable[[bytes], bytes], count: int = 1) -> None:
+        """Send the body of the next matching file downloads as `change(body)`, headers (ETag) unchanged but for
+        the Content-Length, which fits the new body."""
+        with self._lock:
+            self._faults.append(_Fault(re.compile(pattern), count, change=change))
+
+    def before_next(self, pattern: str, action: Callable[[], None], count: int = 1) -> None:
+        """Run `action()` before answering the next matching requests."""
+        with self._lock:
+            self._faults.append(_Fault(re.compile(pattern), count, action=action))
+
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
+            self._release.set()  # stalled requests end; new ones are answered
+            self._release = threading.Event()
 
     def _take_fault(self, request_line: str) -> _Fault | None:
         with self._lock:
@@ -136,6 +166,18 @@ class HubServer:
 
     def head(self, repo_id: str, branch: str = "main") -> Commit:
         return self.repos[repo_id].resolve(branch)
+
+    def put(self, repo_id: str, files: dict[str, bytes | None], branch: str = "main") -> Commit:
+        """Commit `files` to `branch` server-side (None deletes a file), as someone else's push would."""
+        with self._lock:
+            repo = self.repos[repo_id]
+            parent = repo.commits[repo.branches[branch]]
+            contents = {**parent.files, **files}
+            commit = self._new_commit(
+                repo, parent, "server-side change", {k: v for k, v in contents.items() if v is not None}
+            )
+            repo.branches[branch] = commit.sha
+            return commit
 
     # ---- state changes ----
 
@@ -218,6 +260,7 @@ class HubServer:
         return self
 
     def stop(self) -> None:
+        self._release.set()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -293,6 +336,13 @@ class _Handler(BaseHTTPRequestHandler):
         if fault is not None and fault.status is not None:
             self._json(fault.status, {"error": f"Injected failure {fault.status}"})
             return
+        if fault is not None and fault.stall:
+            self.hub.stalled.append(f"{self.command} {url.path}")
+            self.hub._release.wait()
+            self.close_connection = True
+            return
+        if fault is not None and fault.action is not None:
+            fault.action()
         try:
             with self.hub._lock:
                 status, payload, headers = self._route(parts, query, body)
@@ -305,6 +355,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(error.status, {"error": str(error), **error.extra}, headers, fault)
             return
         if isinstance(payload, bytes):
+            if fault is not None and fault.change is not None and self.command == "GET":
+                payload = fault.change(payload)
             self._send(status, payload, headers, fault)
         else:
             self._json(status, payload, headers, fault)

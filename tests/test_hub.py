@@ -6,13 +6,17 @@ in a subprocess that cannot import vitrail and reaches the server through HF_END
 would.
 """
 
+import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 import urllib.request
 from pathlib import Path
 
@@ -22,6 +26,7 @@ import pytest
 import torch
 from huggingface_hub import HfApi, constants
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForImageClassification
 
 from vitrail import VitrailForImageClassification, VitrailImageProcessor
 from vitrail.hub import (
@@ -29,6 +34,7 @@ from vitrail.hub import (
     HubError,
     check_checkpoint,
     checkpoint_files,
+    not_pushed,
     pull_checkpoint,
     push_checkpoint,
 )
@@ -51,17 +57,19 @@ SHARED = {
     "all_results.json",
 }
 PULLED = SHARED - {"training_curves.png", "all_results.json"}
+PULL_RECORD = ".vitrail-pull.json"
 
 
-def make_checkpoint(folder: Path, seed: int) -> Path:
-    """A trained-like folder: weights far from the initialisation, processor, card, a plot and results."""
+def make_checkpoint(folder: Path, seed: int, max_shard_size: str | None = None) -> Path:
+    """A trained-like folder: weights far from the initialisation, processor, card, a plot and results; with
+    `max_shard_size`, the weights are sharded (an index and its shards)."""
     config = tiny_config(num_labels=3, id2label=ID2LABEL, label2id={v: k for k, v in ID2LABEL.items()})
     model = VitrailForImageClassification(config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     VitrailImageProcessor(size={"height": 30, "width": 30}).save_pretrained(folder)
     (folder / "README.md").write_text(CARD)
     PIL.Image.new("RGB", (8, 6), (seed * 40, 90, 200)).save(folder / "training_curves.png")
@@ -75,12 +83,14 @@ def checkpoints(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("checkpoints")
     inputs = torch.randn(2, 3, 30, 30, generator=torch.Generator().manual_seed(5))
     made = {"root": root, "inputs": inputs}
-    for name, seed in (("v1", 0), ("v2", 1)):
-        folder = make_checkpoint(root / name, seed)
+    for name, seed, shard in (("v1", 0, None), ("v2", 1, None), ("v2_sharded", 1, "30KB")):
+        folder = make_checkpoint(root / name, seed, shard)
         with torch.no_grad():
             made[f"{name}_logits"] = VitrailForImageClassification.from_pretrained(folder)(inputs).logits
         made[name] = folder
     assert not torch.allclose(made["v1_logits"], made["v2_logits"])
+    assert torch.equal(made["v2_logits"], made["v2_sharded_logits"])
+    assert len(list(made["v2_sharded"].glob("model-*-of-*.safetensors"))) > 1
     return made
 
 
@@ -115,31 +125,115 @@ def same_weights(folder_a, folder_b) -> bool:
 
 
 def leftovers(parent: Path) -> list[str]:
-    """What a test's folder holds besides the per-test HF_HOME."""
-    return sorted(path.name for path in parent.iterdir() if path.name != "hf_home")
+    """What a test's folder holds besides the per-test HF_HOME (nothing if it does not exist)."""
+    return sorted(path.name for path in parent.glob("*") if path.name != "hf_home")
 
 
 # ---- push --------------------------------------------------------------------------------------------------
 
 
 def test_push_uploads_the_checkpoint_files_only(hub, checkpoints, tmp_path, repo_id):
-    """One commit with the checkpoint's files, byte for byte; no subfolders, no stray top-level files."""
+    """One commit with the checkpoint's files, byte for byte: the allowlist, not patterns. Other top-level JSON,
+    code, Markdown and PNG files, subfolders and the pull record stay home and are listed as not pushed."""
     folder = copy_of(checkpoints["v1"], tmp_path)
     (folder / "checkpoint-3").mkdir()
     (folder / "checkpoint-3" / "optimizer.pt").write_bytes(b"resume state stays local")
     (folder / "notes.txt").write_text("not part of a checkpoint")
+    (folder / "secrets.json").write_text('{"token": "hf_secret"}')
+    (folder / "local_settings.py").write_text("PASSWORD = 'secret'\n")
+    (folder / "TODO.md").write_text("private notes")
+    (folder / "scratch.png").write_bytes((folder / "training_curves.png").read_bytes())
+    (folder / "attention_map.png").write_bytes((folder / "training_curves.png").read_bytes())
+    (folder / "patches.png").write_bytes((folder / "training_curves.png").read_bytes())
+    (folder / "README.md").write_text(CARD + '\n![attention](./attention_map.png)\n<img src="patches.png">\n')
+    (folder / "trainer_state.json").write_text("{}")
+    (folder / PULL_RECORD).write_text("{}")
+    shared = SHARED | {"attention_map.png", "patches.png", "trainer_state.json"}
+    left_out = ["TODO.md", "checkpoint-3/", "local_settings.py", "notes.txt", "scratch.png", "secrets.json"]
+    assert checkpoint_files(folder) == sorted(shared)
+    assert not_pushed(folder) == sorted([PULL_RECORD, *left_out])
 
     commit = push_checkpoint(folder, repo_id)
 
     files = hub.files(repo_id)
-    assert set(files) == SHARED | {".gitattributes"}
-    for name in SHARED:
+    assert set(files) == shared | {".gitattributes"}
+    for name in shared:
         assert files[name] == (folder / name).read_bytes(), name
     assert hub.commit_count(repo_id) == 2  # the repo's initial commit and ours
     assert commit.oid == hub.head(repo_id).sha
     assert commit.commit_url == f"{hub.url}/{repo_id}/commit/{commit.oid}"
     assert hub.head(repo_id).title == "Upload vitrail checkpoint ckpt"
     assert hub.repos[repo_id].private is False
+
+
+def test_push_include_uploads_deliberate_extras(hub, checkpoints, tmp_path, repo_id):
+    """include= adds top-level files by pattern; never a subfolder's, never the pull record."""
+    folder = copy_of(checkpoints["v1"], tmp_path)
+    (folder / "notes.txt").write_text("shared on purpose")
+    (folder / "eval.py").write_text("print('how we evaluated')\n")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "notes.txt").write_text("stays")
+    (folder / PULL_RECORD).write_text("{}")
+    with pytest.raises(CheckpointError, match="names a path"):
+        push_checkpoint(folder, repo_id, include=["sub/*.txt"])
+    with pytest.raises(CheckpointError, match=r"'\*\.csv' matches no file"):
+        push_checkpoint(folder, repo_id, include=["*.csv"])
+    assert repo_id not in hub.repos
+
+    push_checkpoint(folder, repo_id, include=["*.txt", "*.py", "*"])
+    assert set(hub.files(repo_id)) == SHARED | {".gitattributes", "notes.txt", "eval.py"}
+    assert not_pushed(folder, include=["*"]) == [PULL_RECORD, "sub/"]
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_push_refuses_a_symbolic_link(hub, checkpoints, tmp_path, repo_id, kind):
+    """A link is refused by name and target before anything is sent, whether or not it would be pushed."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "passwd").write_text("root:x:0:0")
+    folder = copy_of(checkpoints["v1"], tmp_path)
+    link, target = ("notes.md", outside / "passwd") if kind == "file" else ("plots", outside)
+    (folder / link).symlink_to(target)
+    requests = len(hub.requests)
+    with pytest.raises(CheckpointError, match=rf"symbolic links \({link} -> {target}\)"):
+        push_checkpoint(folder, repo_id, include=["*"])
+    assert len(hub.requests) == requests
+    assert repo_id not in hub.repos
+
+
+def test_push_deletes_weights_of_the_other_layout(hub, checkpoints, repo_id):
+    """Sharded over single-file and back: each push removes the other layout (and shards the index does not
+    name) in its own commit, and plain transformers loads the weights just pushed (it would take a stale
+    model.safetensors over an index)."""
+    sharded = checkpoints["v2_sharded"]
+    shards = {path.name for path in sharded.glob("model-*-of-*.safetensors")}
+
+    def logits():
+        model = AutoModelForImageClassification.from_pretrained(repo_id, trust_remote_code=True)
+        with torch.no_grad():
+            return model(checkpoints["inputs"]).logits
+
+    push_checkpoint(checkpoints["v1"], repo_id)
+    hub.put(repo_id, {"model-00009-of-00009.safetensors": b"an older sharding"})
+    commits = hub.commit_count(repo_id)
+    push_checkpoint(sharded, repo_id)
+    files = set(hub.files(repo_id))
+    assert hub.commit_count(repo_id) == commits + 1
+    assert "model.safetensors" not in files and {"model.safetensors.index.json", *shards} <= files
+    assert torch.equal(logits(), checkpoints["v2_logits"])
+
+    push_checkpoint(checkpoints["v1"], repo_id)
+    files = set(hub.files(repo_id))
+    assert hub.commit_count(repo_id) == commits + 2
+    assert "model.safetensors" in files and not files & {"model.safetensors.index.json", *shards}
+    assert torch.equal(logits(), checkpoints["v1_logits"])
+
+
+def test_check_refuses_both_weight_layouts(checkpoints, tmp_path):
+    folder = copy_of(checkpoints["v2_sharded"], tmp_path)
+    shutil.copy(checkpoints["v1"] / "model.safetensors", folder)
+    with pytest.raises(CheckpointError, match="both model.safetensors and model.safetensors.index.json"):
+        check_checkpoint(folder)
 
 
 def test_push_private_with_message_and_bare_name(hub, checkpoints):
@@ -196,8 +290,12 @@ def test_push_refuses_a_bad_folder_before_contacting_the_hub(hub, checkpoints, t
 
 
 def test_push_to_a_commit_sha_is_refused(hub, checkpoints, repo_id):
-    with pytest.raises(ValueError, match="branch name"):
+    requests = len(hub.requests)
+    with pytest.raises(
+        HubError, match=rf"push to '{repo_id}' \(revision '{'a' * 40}'\).*a commit sha.*branch name"
+    ):
         push_checkpoint(checkpoints["v1"], repo_id, revision="a" * 40)
+    assert len(hub.requests) == requests
 
 
 def test_push_server_error_makes_no_commit(hub, checkpoints, repo_id):
@@ -208,6 +306,21 @@ def test_push_server_error_makes_no_commit(hub, checkpoints, repo_id):
         push_checkpoint(checkpoints["v2"], repo_id, revision="v2")
     assert hub.commit_count(repo_id) == commits
     assert hub.head(repo_id, "v2").sha == hub.head(repo_id, "main").sha  # the branch exists, unchanged
+
+
+def test_push_refuses_to_overwrite_a_push_that_landed_meanwhile(hub, checkpoints, repo_id):
+    """The commit names the head the push started from: someone else's commit in between makes it fail (HTTP 412)
+    rather than silently mix the two."""
+    push_checkpoint(checkpoints["v1"], repo_id)
+    hub.before_next(
+        rf"^POST /api/models/{repo_id}/commit/main$", lambda: hub.put(repo_id, {"notes.md": b"theirs"})
+    )
+    with pytest.raises(
+        HubError, match=rf"push to '{repo_id}' \(revision 'main'\).*branch moved while pushing"
+    ):
+        push_checkpoint(checkpoints["v2"], repo_id)
+    assert hub.files(repo_id)["notes.md"] == b"theirs"
+    assert hub.files(repo_id)["model.safetensors"] == (checkpoints["v1"] / "model.safetensors").read_bytes()
 
 
 def test_push_answer_lost_then_repush_is_a_no_op(hub, checkpoints, repo_id):
@@ -312,7 +425,7 @@ def test_pull_revisions_match_their_weights(hub, checkpoints, tmp_path, repo_id)
     assert same_weights(
         pull_checkpoint(repo_id, revision=v1.oid, local_dir=tmp_path / "old"), checkpoints["v1"]
     )
-    assert {p.name for p in (tmp_path / "old").iterdir()} == PULLED
+    assert {p.name for p in (tmp_path / "old").iterdir()} == PULLED | {PULL_RECORD}
     assert leftovers(tmp_path) == ["main", "old"]
 
 
@@ -326,14 +439,157 @@ def test_from_pretrained_on_the_repo_id_in_process(hub, checkpoints, repo_id):
 
 
 def test_pull_into_an_existing_folder_replaces_checkpoint_files_only(hub, checkpoints, tmp_path, repo_id):
+    """The previous checkpoint's files go, even those the pull does not fetch (its plot and results describe the
+    old weights); the user's own files stay."""
     push_checkpoint(checkpoints["v2"], repo_id)
     target = copy_of(checkpoints["v1"], tmp_path, "target")
     (target / "my_notes.txt").write_text("mine")
     assert pull_checkpoint(repo_id, local_dir=target) == target.resolve()
     assert same_weights(target, checkpoints["v2"])
     assert (target / "my_notes.txt").read_text() == "mine"
-    assert not (target / ".cache").exists()
+    assert {p.name for p in target.iterdir()} == PULLED | {PULL_RECORD, "my_notes.txt"}
     assert leftovers(tmp_path) == ["target"]
+
+
+def downloads(hub, repo_id: str) -> set[str]:
+    """The names of the files the client asked the server for in `repo_id`."""
+    return {path.rsplit("/", 1)[1] for _, path, _ in hub.requests if path.startswith(f"/{repo_id}/resolve/")}
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_pull_replaces_the_other_weights_layout_and_records_the_revision(hub, checkpoints, tmp_path, repo_id):
+    """Single-file v1, then sharded v2, then v1 again into one folder: each time the folder holds exactly that
+    revision's checkpoint (no weights of the other layout to load instead) and a record of it."""
+    target = tmp_path / "model"
+    for name in ("v1", "v2_sharded", "v1"):
+        commit = push_checkpoint(checkpoints[name], repo_id)
+        pull_checkpoint(repo_id, local_dir=target)
+        expected = checkpoint_files(checkpoints[name]) and set(PULLED) - {"model.safetensors"}
+        expected |= {p.name for p in checkpoints[name].glob("model*.safetensors*")}
+        assert {p.name for p in target.iterdir()} == expected | {PULL_RECORD}, name
+        record = json.loads((target / PULL_RECORD).read_text())
+        assert (
+            record["repo_id"] == repo_id and record["revision"] == "main" and record["commit"] == commit.oid
+        )
+        assert record["files"] == {n: {"sha256": file_sha256(target / n)} for n in expected}
+        with torch.no_grad():
+            logits = AutoModelForImageClassification.from_pretrained(target)(checkpoints["inputs"]).logits
+        assert torch.equal(logits, checkpoints[f"{name}_logits"]), name
+    assert leftovers(tmp_path) == ["model"]
+
+
+def test_a_pulled_folder_pushes_without_its_record(hub, checkpoints, tmp_path, repo_id):
+    push_checkpoint(checkpoints["v1"], repo_id)
+    folder = pull_checkpoint(repo_id, local_dir=tmp_path / "pulled")
+    push_checkpoint(folder, f"{repo_id}-copy", include=["*"])
+    assert set(hub.files(f"{repo_id}-copy")) == PULLED | {".gitattributes"}
+
+
+def test_pull_fetches_only_the_code_auto_map_names(hub, checkpoints, tmp_path, caplog, repo_id):
+    """Extra .py files in the repo (a torch.py would run on `import torch` from that folder) are not fetched,
+    nor code auto_map takes from another repo: that is named in a warning."""
+    push_checkpoint(checkpoints["v1"], repo_id)
+    config = json.loads((checkpoints["v1"] / "config.json").read_text())
+    config["auto_map"]["AutoModelForMaskedImageModeling"] = "someone/else--modeling_other.Model"
+    extras = {"torch.py": b"raise SystemExit('owned')\n", "helpers.py": b"", "modeling_other.py": b""}
+    hub.put(repo_id, {**extras, "config.json": json.dumps(config).encode()})
+    for folder in (pull_checkpoint(repo_id, local_dir=tmp_path / "out"), pull_checkpoint(repo_id)):
+        assert {p.name for p in folder.iterdir()} - {PULL_RECORD} == PULLED
+    assert downloads(hub, repo_id) == PULLED
+    assert "auto_map points at code in other repos (someone/else--modeling_other.Model)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "reference, message",
+    [
+        ("torch.VitrailForImageClassification", "torch.py, which would shadow the module 'torch'"),
+        ("json.VitrailForImageClassification", "json.py, which would shadow the module 'json'"),
+        ("sub/evil.VitrailForImageClassification", "'sub/evil.py', which is not a plain module file name"),
+        ("class.VitrailForImageClassification", "'class.py', which is not a plain module file name"),
+    ],
+    ids=["torch", "json", "folder", "keyword"],
+)
+def test_pull_refuses_code_names_that_are_not_plain_or_shadow(
+    hub, checkpoints, tmp_path, repo_id, reference, message
+):
+    """The names auto_map gives are checked before any code file is fetched."""
+    push_checkpoint(checkpoints["v1"], repo_id)
+    config = json.loads((checkpoints["v1"] / "config.json").read_text())
+    config["auto_map"]["AutoModelForImageClassification"] = reference
+    hub.put(repo_id, {"config.json": json.dumps(config).encode(), reference.split(".")[0] + ".py": b""})
+    with pytest.raises(
+        HubError,
+        match=rf"pull '{repo_id}' \(revision 'main'\).*auto_map names the code file {re.escape(message)}",
+    ):
+        pull_checkpoint(repo_id, local_dir=tmp_path / "out")
+    assert leftovers(tmp_path) == []
+    assert downloads(hub, repo_id) == {"config.json", "preprocessor_config.json"}
+
+
+def test_pull_refuses_shard_names_that_are_not_plain(hub, checkpoints, tmp_path, repo_id):
+    """The index decides which files are fetched as weights: only plain .safetensors names in the repo's top level."""
+    push_checkpoint(checkpoints["v2_sharded"], repo_id)
+    index = json.loads((checkpoints["v2_sharded"] / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = "../outside.safetensors"
+    hub.put(repo_id, {"model.safetensors.index.json": json.dumps(index).encode()})
+    with pytest.raises(HubError, match="shards that are not plain .safetensors file names"):
+        pull_checkpoint(repo_id, local_dir=tmp_path / "out")
+    assert leftovers(tmp_path) == []
+    assert downloads(hub, repo_id) == {
+        "config.json",
+        "preprocessor_config.json",
+        "model.safetensors.index.json",
+    }
+
+
+def flip_last_byte(body: bytes) -> bytes:
+    return body[:-1] + bytes([body[-1] ^ 1])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (flip_last_byte, "modeling_vitrail.py does not match the sha the Hub lists for it"),
+        (lambda body: body + b"\nimport os\n", "modeling_vitrail.py did not download intact"),
+        (lambda body: body[:-10], "modeling_vitrail.py did not download intact"),
+    ],
+    ids=["altered", "longer", "shorter"],
+)
+def test_pull_refuses_a_file_that_does_not_match_the_listing(
+    hub, checkpoints, tmp_path, repo_id, change, message
+):
+    """A body that differs from the tree sha, or is longer or shorter than the file's metadata says, is refused
+    by name; nothing moves into place, and the cache keeps no bad copy (the next pull gets the real file)."""
+    push_checkpoint(checkpoints["v1"], repo_id)
+    hub.tamper_next(r"^GET /.*/resolve/.*/modeling_vitrail\.py$", change, count=2)
+    with pytest.raises(HubError, match=rf"pull '{repo_id}' \(revision 'main'\).*{message}"):
+        pull_checkpoint(repo_id, local_dir=tmp_path / "out")
+    assert leftovers(tmp_path) == []
+    with pytest.raises(HubError, match=message):
+        pull_checkpoint(repo_id)
+
+    folder = pull_checkpoint(repo_id)
+    assert (folder / "modeling_vitrail.py").read_bytes() == (
+        checkpoints["v1"] / "modeling_vitrail.py"
+    ).read_bytes()
+
+
+def test_pull_downloads_at_one_commit_while_the_branch_moves(hub, checkpoints, tmp_path, repo_id):
+    """The branch moves to other weights after the pull resolved it: every file still comes from that commit."""
+    v1 = push_checkpoint(checkpoints["v1"], repo_id)
+    v2_weights = (checkpoints["v2"] / "model.safetensors").read_bytes()
+    hub.before_next(r"/resolve/.*/config\.json$", lambda: hub.put(repo_id, {"model.safetensors": v2_weights}))
+    folder = pull_checkpoint(repo_id, local_dir=tmp_path / "out")
+    assert hub.head(repo_id).sha != v1.oid
+    assert same_weights(folder, checkpoints["v1"])
+    assert json.loads((folder / PULL_RECORD).read_text())["commit"] == v1.oid
+    assert {path.split("/")[4] for _, path, _ in hub.requests if path.startswith(f"/{repo_id}/resolve/")} == {
+        v1.oid
+    }
 
 
 def test_pull_missing_repo(hub, tmp_path):
@@ -370,8 +626,8 @@ def test_pull_server_error_leaves_nothing(hub, checkpoints, tmp_path, repo_id):
         pull_checkpoint(repo_id, local_dir=tmp_path / "out")
     assert leftovers(tmp_path) == []
 
-    hub.fail_next(r"^GET /api/models/", status=500)  # the listing itself fails, and nothing is cached
-    with pytest.raises(HubError, match=r"server failed \(HTTP 500\).*no complete copy in the local cache"):
+    hub.fail_next(r"^GET /api/models/", status=500)  # resolving the revision fails: an answer, not retried
+    with pytest.raises(HubError, match=rf"'{repo_id}' \(revision 'main'\).*server failed \(HTTP 500\)"):
         pull_checkpoint(repo_id)
 
 
@@ -434,6 +690,136 @@ def test_offline_pull_into_a_folder_pulled_before(hub, checkpoints, monkeypatch,
     assert leftovers(tmp_path) == ["model"]
 
 
+def test_offline_pull_into_a_folder_of_another_repo_is_refused(
+    hub, checkpoints, monkeypatch, tmp_path, repo_id
+):
+    """Offline and not cached, a folder is taken as it is only when its record names this repo and revision:
+    another repo's pull, another revision, or a checkpoint without a record is refused, and the script exits 1."""
+    push_checkpoint(checkpoints["v1"], repo_id)
+    push_checkpoint(checkpoints["v2"], f"{repo_id}-other")
+    pulled = pull_checkpoint(f"{repo_id}-other", local_dir=tmp_path / "other")
+    unrecorded = copy_of(checkpoints["v1"], tmp_path, "unrecorded")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    with pytest.raises(
+        HubError, match=rf"HF_HUB_OFFLINE is set .*holds '{repo_id}-other' at revision 'main'"
+    ):
+        pull_checkpoint(repo_id, local_dir=pulled)
+    with pytest.raises(
+        HubError, match=rf"HF_HUB_OFFLINE is set .*holds '{repo_id}-other' at revision 'main'"
+    ):
+        pull_checkpoint(f"{repo_id}-other", revision="v2", local_dir=pulled)
+    with pytest.raises(HubError, match="HF_HUB_OFFLINE is set .*holds a checkpoint with no pull record"):
+        pull_checkpoint(repo_id, local_dir=unrecorded)
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("pull_from_hub").main([repo_id, "--local-dir", str(pulled)])
+    assert exit_info.value.code == 1
+    assert same_weights(pulled, checkpoints["v2"]) and same_weights(unrecorded, checkpoints["v1"])
+    assert leftovers(tmp_path) == ["other", "unrecorded"]
+
+
+# ---- time-outs and errors ----------------------------------------------------------------------------------
+
+
+def test_a_silent_server_times_out(hub, checkpoints, tmp_path, repo_id):
+    """A server that accepts connections and never answers: push and pull give up after the time-out and two
+    retries, within seconds, naming the repo, the revision and the request that timed out."""
+    hub.stall(".")
+    stalled, started = len(hub.stalled), time.monotonic()
+    with pytest.raises(
+        HubError,
+        match=rf"pull '{repo_id}' \(revision 'main'\).*did not answer GET \S+/api/models/{repo_id}"
+        r" within 0\.3 s",
+    ):
+        pull_checkpoint(repo_id, local_dir=tmp_path / "out", timeout=0.3)
+    with pytest.raises(
+        HubError,
+        match=rf"push to '{repo_id}' \(revision 'main'\).*did not answer POST \S+/api/repos/create within 0\.3 s",
+    ):
+        push_checkpoint(checkpoints["v1"], repo_id, timeout=0.3)
+    assert len(hub.stalled) - stalled == 6  # three tries each
+    assert (
+        time.monotonic() - started < 20
+    )  # 2 x (3 x 0.3 s + 1.5 s of backoff), and the check before the push
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("method", ["HEAD", "GET"])
+def test_a_stalled_file_download_times_out(hub, checkpoints, monkeypatch, tmp_path, repo_id, method):
+    """huggingface_hub retries a stalled file request itself (a file's metadata: 6 more tries, with a 60 s time-out
+    of their own; its body: 5 more); the pull's time-out holds for each of them. The waits between tries are
+    skipped here."""
+    push_checkpoint(checkpoints["v1"], repo_id)
+    hub.stall(rf"^{method} /{repo_id}/resolve/\w+/config\.json$")
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
+    started = time.monotonic()
+    with pytest.raises(
+        HubError,
+        match=rf"pull '{repo_id}'.*did not answer {method} \S+/resolve/\w+/config\.json within 0\.2 s",
+    ):
+        pull_checkpoint(repo_id, local_dir=tmp_path / "out", timeout=0.2)
+    assert time.monotonic() - started < 15
+    assert leftovers(tmp_path) == []
+
+
+SIGTERM_PULL = "import sys\nfrom vitrail.hub import pull_checkpoint\npull_checkpoint(sys.argv[1], local_dir=sys.argv[2])\n"
+
+
+def test_sigterm_during_a_pull_leaves_no_staging_folder(hub, checkpoints, tmp_path, repo_id):
+    """SIGTERM while the weights download (the configs and code already staged): the process ends with the
+    status SIGTERM gives, and the hidden staging folder is gone."""
+    push_checkpoint(checkpoints["v1"], repo_id)
+    hub.stall(rf"/{repo_id}/resolve/\w+/model\.safetensors$")
+    stalled = len(hub.stalled)
+    models = tmp_path / "models"
+    process = subprocess.Popen(
+        [sys.executable, "-c", SIGTERM_PULL, repo_id, str(models / "m")],
+        env=client_env(hub, tmp_path / "home", dict(os.environ)),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while len(hub.stalled) == stalled and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    staged = leftovers(models)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert len(staged) == 1 and staged[0].startswith(".m.pull-"), (staged, stderr[-3000:])
+    assert process.returncode == 143, stderr[-3000:]
+    assert leftovers(models) == []
+
+
+def test_pull_refuses_a_nul_byte_in_a_listed_name(hub, checkpoints, tmp_path, repo_id):
+    push_checkpoint(checkpoints["v1"], repo_id)
+    hub.put(repo_id, {"evil\0.py": b""})
+    with pytest.raises(
+        HubError,
+        match=rf"pull '{repo_id}' \(revision 'main'\).*NUL byte \({re.escape(repr('evil' + chr(0) + '.py'))}\)",
+    ):
+        pull_checkpoint(repo_id, local_dir=tmp_path / "out")
+    assert leftovers(tmp_path) == []
+
+
+def test_pull_into_a_file_is_refused(hub, tmp_path):
+    (tmp_path / "model").write_text("a file")
+    requests = len(hub.requests)
+    with pytest.raises(HubError, match=rf"pull '{USER}/x' \(revision 'v1'\).*local_dir \S+/model is a file"):
+        pull_checkpoint(f"{USER}/x", revision="v1", local_dir=tmp_path / "model")
+    assert len(hub.requests) == requests
+
+
+@pytest.mark.parametrize("bad_id", ["a/b/c", "two--dashes", "x" * 100])
+def test_an_invalid_repo_id_is_refused_before_any_request(hub, checkpoints, bad_id):
+    requests = len(hub.requests)
+    for action, call in (
+        ("pull", lambda: pull_checkpoint(bad_id)),
+        ("push to", lambda: push_checkpoint(checkpoints["v1"], bad_id)),
+    ):
+        with pytest.raises(HubError, match=rf"{action} '{bad_id}' \(revision 'main'\).*not a valid repo id"):
+            call()
+    assert len(hub.requests) == requests
+
+
 # ---- scripts -----------------------------------------------------------------------------------------------
 
 
@@ -446,20 +832,27 @@ def load_script(name: str):
 
 def test_scripts(hub, checkpoints, tmp_path, capsys, repo_id):
     push, pull = load_script("push_to_hub"), load_script("pull_from_hub")
-    push.main([str(checkpoints["v2"]), repo_id, "--revision", "exp", "--commit-message", "try"])
-    assert "pushed: " in capsys.readouterr().out
+    folder = copy_of(checkpoints["v2"], tmp_path)
+    (folder / "notes.txt").write_text("shared on purpose")
+    (folder / "data.csv").write_text("stays home")
+    args = [str(folder), repo_id, "--revision", "exp", "--include", "*.txt", "--timeout", "5"]
+    push.main([*args, "--commit-message", "try"])
+    out = capsys.readouterr().out
+    assert "pushed: " in out and "not pushed: data.csv\n" in out
     assert hub.head(repo_id, "exp").title == "try"
-    push.main([str(checkpoints["v2"]), repo_id, "--revision", "exp"])
+    assert "notes.txt" in hub.files(repo_id, "exp") and "data.csv" not in hub.files(repo_id, "exp")
+    push.main(args)
     assert "unchanged" in capsys.readouterr().out
 
-    pull.main([repo_id, "--revision", "exp", "--local-dir", str(tmp_path / "exp")])
+    pull.main([repo_id, "--revision", "exp", "--local-dir", str(tmp_path / "exp"), "--timeout", "5"])
     assert capsys.readouterr().out.strip() == str((tmp_path / "exp").resolve())
     assert same_weights(tmp_path / "exp", checkpoints["v2"])
 
-    with pytest.raises(SystemExit) as exit_info:
-        pull.main([f"{USER}/missing"])
-    assert exit_info.value.code == 1
-    assert "not found" in capsys.readouterr().err
+    for script, argv in ((pull, [f"{USER}/missing"]), (push, [str(folder), "a/b/c"])):
+        with pytest.raises(SystemExit) as exit_info:
+            script.main(argv)
+        assert exit_info.value.code == 1
+        assert capsys.readouterr().err.startswith("error: Cannot ")
 
 
 # ---- Hub-code path -----------------------------------------------------------------------------------------

@@ -1,37 +1,64 @@
 """Share vitrail checkpoints on the Hugging Face Hub: check a folder, push it, pull it back.
 
-A shareable checkpoint is the folder `save_pretrained` (or `scripts/train.py`) writes: `model.safetensors`,
-`config.json` with an `auto_map`, the code files it names, and `preprocessor_config.json`; the model card
-(`README.md`), plots and result files ride along. `check_checkpoint` refuses anything else before a byte
-leaves the machine, and loads the folder with *its own* code files, as a user without vitrail would.
+A shareable checkpoint is the folder `save_pretrained` (or `scripts/train.py`) writes. A push uploads one declared
+allowlist (`checkpoint_files`): the weights (`model.safetensors`, or the shards its index names), `config.json` and
+`preprocessor_config.json`, the code files their `auto_map` names, the card (`README.md`), its plots and the
+trainer's result files. Anything else in the folder is reported as not pushed unless `include=` asks for it;
+subfolders never travel, and `check_checkpoint` refuses a folder that holds a symbolic link or a pickle, or is not
+a complete, loadable checkpoint, before a byte leaves the machine.
 
-`push_checkpoint` makes one commit holding only the files that differ from the branch's head, so a checkpoint
-is never half-updated on the Hub and an unchanged folder makes no commit at all. `pull_checkpoint` downloads
-only what loading needs (weights, configs, code, card); into `local_dir` it downloads beside the target and
-moves the files in only when everything arrived, so a failed pull leaves no partial checkpoint behind.
+`push_checkpoint` makes one commit on top of the branch head it read (`parent_commit`), so a checkpoint is never
+half-updated on the Hub. huggingface_hub leaves out files the branch already holds unchanged, so an unchanged
+folder makes no commit; weights of the other layout (one file vs. shards) still on the branch are deleted in the
+same commit, or transformers would load them.
 
-Hub failures are re-raised as `HubError`, with a message that names the repo, the revision and what went
-wrong.
+`pull_checkpoint` resolves the revision to one commit sha and downloads at that sha: the configs first, then only
+the code files their `auto_map` names (plain module names that shadow no importable module), the weights and the
+card. Each file must match the sha the Hub's tree listing gives. Into `local_dir`, files arrive in a hidden folder
+beside it and replace the previous checkpoint only once all arrived intact, with a record of the revision
+(`.vitrail-pull.json`); an error or SIGTERM leaves no partial folder behind.
+
+Every request has a time-out (`timeout=`, seconds); idempotent ones are retried with backoff. Whatever goes wrong
+is a `HubError` whose message names the repo, the revision and the cause.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import hashlib
+import importlib.metadata
 import json
+import keyword
 import logging
 import os
 import re
 import shutil
+import signal
+import sys
 import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, constants, snapshot_download
+from huggingface_hub import (
+    CommitInfo,
+    CommitOperationAdd,
+    CommitOperationDelete,
+    HfApi,
+    ModelCard,
+    constants,
+    hf_hub_download,
+    set_client_factory,
+    try_to_load_from_cache,
+)
 from huggingface_hub.errors import (
     HfHubHTTPError,
+    HFValidationError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
     RemoteEntryNotFoundError,
@@ -39,6 +66,8 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils import _http as hf_http
+from huggingface_hub.utils import validate_repo_id
 
 try:  # huggingface_hub >= 2 ships its own httpx fork
     import httpx2 as httpx
@@ -47,10 +76,12 @@ except ImportError:  # pragma: no cover
 
 __all__ = [
     "CODE_FILES",
+    "DEFAULT_TIMEOUT",
     "CheckpointError",
     "HubError",
     "check_checkpoint",
     "checkpoint_files",
+    "not_pushed",
     "pull_checkpoint",
     "push_checkpoint",
 ]
@@ -58,26 +89,37 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CODE_FILES = ("configuration_vitrail.py", "modeling_vitrail.py", "image_processing_vitrail.py")
-WEIGHTS = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
 
-# What a push uploads, from the folder's top level only (checkpoint-*/ and other subfolders hold resume
-# state).
-PUSH_PATTERNS = ("*.safetensors", "*.json", "*.py", "*.md", "*.png")
-# What a pull downloads: what loading needs, and the card.
-PULL_PATTERNS = [
-    "*.safetensors",
-    WEIGHTS_INDEX,
-    "config.json",
-    "preprocessor_config.json",
-    "*.py",
-    "README.md",
-]
+# ---- what a checkpoint is: the allowlist a push uploads, from the folder's top level only ----
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # sharded weights: the index, and the shards it names
+SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # transformers' shard names
+CONFIGS = ("config.json", "preprocessor_config.json")  # and the code files their `auto_map` names
+CARD = "README.md"  # and the PNG files it shows
+PLOTS = ("training_curves.png", "confusion_matrix.png")  # what scripts/train.py draws
+RESULTS = (  # what scripts/train.py records
+    "all_results.json",
+    "train_results.json",
+    "eval_results.json",
+    "test_results.json",
+    "trainer_state.json",
+    "training_args.json",
+    "confusion_matrix.json",
+    "data_split.json",
+)
+PULL_RECORD = ".vitrail-pull.json"  # which revision a pull put into a folder; never pushed
+
 # Files that unpickle (and so can run code) when loaded; Trainer resume state included.
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt", "*.joblib")
 PICKLE_NAMES = ("optimizer.*", "scheduler.*", "rng_state*", "training_args.bin")
 
+DEFAULT_TIMEOUT = 10.0  # seconds a request may wait to connect, or between two reads or writes
+RETRIES = 2  # more tries for an idempotent request that timed out or lost its connection
+BACKOFF = 0.5  # seconds before the first retry; doubled for each next one
+
 COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+# Images in a card: Markdown `![alt](name.png)` or HTML `<img src="name.png">`.
+CARD_IMAGE = re.compile(r"!\[[^\]]*\]\(\s*<?([^)\s>]+)|<img\s[^>]*src=[\"']([^\"']+)", re.IGNORECASE)
 
 
 class CheckpointError(ValueError):
@@ -92,25 +134,116 @@ class HubError(RuntimeError):
         self.repo_id, self.revision = repo_id, revision
 
 
-# ---- checking ----------------------------------------------------------------------------------------------
+# ---- what a folder shares ----------------------------------------------------------------------------------
 
 
-def checkpoint_files(folder: str | os.PathLike) -> list[str]:
-    """The files of `folder` that a push uploads: top-level weights, JSON files, code, Markdown and PNGs."""
+def checkpoint_files(folder: str | os.PathLike, include: Sequence[str] = ()) -> list[str]:
+    """The files of `folder` a push uploads, by name: the checkpoint's allowlist and the extras `include` asks for.
+
+    The allowlist: `model.safetensors`, or `model.safetensors.index.json` and the shards it names; `config.json`,
+    `preprocessor_config.json` and the code files (`name.py`) their `auto_map` names; `README.md` and the PNG
+    files it shows; the plots (`training_curves.png`, `confusion_matrix.png`) and result files
+    (`all_results.json`, `trainer_state.json`, ...) the trainer writes. Only top-level files count, and never the
+    pull record (`.vitrail-pull.json`).
+
+    Args:
+        folder: A checkpoint folder.
+        include: Patterns (`fnmatch`, e.g. `"*.txt"`) of further top-level files to upload. A pattern with a "/"
+            or one that matches no file raises `CheckpointError`.
+    """
     folder = Path(folder)
+    files = {path.name for path in folder.iterdir() if path.is_file() or path.is_symlink()}
+    shared = files & {WEIGHTS, WEIGHTS_INDEX, *CONFIGS, CARD, *PLOTS, *RESULTS}
+    if WEIGHTS_INDEX in files:
+        shared |= files & _shards(_json_or_empty(folder / WEIGHTS_INDEX))
+    auto_maps = [_json_or_empty(folder / name).get("auto_map") for name in CONFIGS]
+    shared |= files & {name for name in _code_files(*auto_maps) if _is_module_file(name)}
+    if CARD in files:
+        links = (a or b for a, b in CARD_IMAGE.findall((folder / CARD).read_text(errors="replace")))
+        shared |= files & {link.removeprefix("./") for link in links if link.lower().endswith(".png")}
+    for pattern in include:
+        if "/" in pattern or os.sep in pattern:
+            raise CheckpointError(
+                f"include pattern {pattern!r} names a path: patterns match the names of files at the top of "
+                f"{folder}; subfolders are never pushed."
+            )
+        matched = {name for name in files if fnmatch.fnmatchcase(name, pattern)}
+        if not matched:
+            raise CheckpointError(f"include pattern {pattern!r} matches no file at the top of {folder}.")
+        shared |= matched
+    return sorted(shared - {PULL_RECORD})
+
+
+def not_pushed(folder: str | os.PathLike, include: Sequence[str] = ()) -> list[str]:
+    """What a push leaves out of `folder`: every other top-level entry, folders with a trailing "/"."""
+    folder = Path(folder)
+    shared = set(checkpoint_files(folder, include))
     return sorted(
-        path.name
+        path.name + "/" * (path.is_dir() and not path.is_symlink())
         for path in folder.iterdir()
-        if path.is_file()
-        and not path.name.startswith((".", "_"))
-        and any(fnmatch.fnmatch(path.name, pattern) for pattern in PUSH_PATTERNS)
+        if path.name not in shared
     )
+
+
+def _is_weights(name: str) -> bool:
+    return name in (WEIGHTS, WEIGHTS_INDEX) or SHARD.fullmatch(name) is not None
+
+
+def _shards(index: dict) -> set[str]:
+    """The shard files a `model.safetensors.index.json` names."""
+    weight_map = index.get("weight_map")
+    return (
+        {name for name in weight_map.values() if isinstance(name, str)}
+        if isinstance(weight_map, dict)
+        else set()
+    )
+
+
+def _json_or_empty(path: Path) -> dict:
+    """`path` parsed, or {} when it is missing or not a JSON object (`check_checkpoint` says which)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _code_files(*auto_maps: dict | None) -> set[str]:
+    """The code files `auto_map`s name: "module.Class" -> "module.py"."""
+    # "other/repo--module.Class" points at code in another repo; it does not travel with this one.
+    return {f"{ref.split('.')[0]}.py" for ref in _references(*auto_maps) if "--" not in ref}
+
+
+def _references(*auto_maps: dict | None) -> list[str]:
+    """`auto_map` values are "module.Class", or a pair of them (slow, fast) with None for a missing one."""
+    values = []
+    for auto_map in auto_maps:
+        for value in (auto_map if isinstance(auto_map, dict) else {}).values():
+            values += [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str)]
+    return values
+
+
+def _is_module_file(name: str) -> bool:
+    """Whether `name` is a plain `identifier.py` file name: no folder, nothing Python could not import."""
+    stem = name.removesuffix(".py")
+    return name.endswith(".py") and stem.isascii() and stem.isidentifier() and not keyword.iskeyword(stem)
+
+
+@functools.cache  # reading every installed distribution's file list takes a fraction of a second
+def _importable_modules() -> frozenset[str]:
+    """The top-level modules of the standard library and of the installed distributions."""
+    installed = importlib.metadata.packages_distributions()
+    return frozenset({*sys.stdlib_module_names, *sys.builtin_module_names, *installed})
+
+
+# ---- checking ----------------------------------------------------------------------------------------------
 
 
 def check_checkpoint(folder: str | os.PathLike) -> None:
     """Refuse (`CheckpointError`) a folder that is not a complete, loadable, pickle-free vitrail checkpoint.
 
-    Checks, in order: no pickle files at the top level; weights as safetensors; a vitrail `config.json`;
+    Checks, in order: no symbolic links and no pickle files at the top level; weights as safetensors, in one
+    layout (a single file, or an index and its shards); a vitrail `config.json`;
     every code file its `auto_map` (and the processor's) names; `preprocessor_config.json`; card metadata
     that parses (if there is a README.md). Then it loads the model and the image processor through the
     folder's own code files (the code a Hub user runs, not the installed vitrail), runs one forward pass on a
@@ -120,6 +253,12 @@ def check_checkpoint(folder: str | os.PathLike) -> None:
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder.")
+    if links := sorted(path for path in folder.iterdir() if path.is_symlink()):
+        raise CheckpointError(
+            f"{folder} holds symbolic links ({', '.join(f'{p.name} -> {os.readlink(p)}' for p in links)}). A push "
+            "never follows a link, so that nothing outside the folder is shared by accident: replace each link "
+            "by a copy of what it points to, or remove it."
+        )
     names = {path.name for path in folder.iterdir() if path.is_file()}
     pickles = sorted(
         name for name in names if any(fnmatch.fnmatch(name, p) for p in PICKLE_PATTERNS + PICKLE_NAMES)
@@ -134,6 +273,11 @@ def check_checkpoint(folder: str | os.PathLike) -> None:
     problems = []
     if WEIGHTS not in names and WEIGHTS_INDEX not in names:
         problems.append(f"no {WEIGHTS}: save the model with `save_pretrained` (safetensors is its default)")
+    if WEIGHTS in names and WEIGHTS_INDEX in names:
+        problems.append(
+            f"both {WEIGHTS} and {WEIGHTS_INDEX} (with its shards): transformers loads {WEIGHTS} and ignores "
+            "the shards; delete the layout that is not the current model"
+        )
     config = _read_json(folder / "config.json", problems)
     processor_config = _read_json(folder / "preprocessor_config.json", problems)
     if config is not None:
@@ -141,10 +285,9 @@ def check_checkpoint(folder: str | os.PathLike) -> None:
             problems.append(f"config.json has model_type {config.get('model_type')!r}, not 'vitrail'")
         if "auto_map" not in config:
             problems.append("config.json has no auto_map: save with vitrail's classes so the code travels")
-    code = set(CODE_FILES)
-    for mapping in (config or {}).get("auto_map", {}), (processor_config or {}).get("auto_map", {}):
-        # "other/repo--module.Class" points at code in another repo; it does not travel with this folder.
-        code |= {f"{ref.split('.')[0]}.py" for ref in _references(mapping) if "--" not in ref}
+    code = set(CODE_FILES) | _code_files(
+        (config or {}).get("auto_map"), (processor_config or {}).get("auto_map")
+    )
     if "README.md" in names:
         try:  # the Hub refuses a commit whose card metadata does not parse; say so before uploading
             ModelCard.load(folder / "README.md", ignore_metadata_errors=False)
@@ -169,14 +312,6 @@ def _read_json(path: Path, problems: list[str]) -> dict | None:
     except ValueError as error:
         problems.append(f"{path.name} is not valid JSON ({error})")
         return None
-
-
-def _references(auto_map: dict) -> list[str]:
-    """`auto_map` values are "module.Class", or a pair of them (slow, fast) with None for a missing one."""
-    values = []
-    for value in auto_map.values():
-        values += [v for v in (value if isinstance(value, list) else [value]) if v]
-    return values
 
 
 def _check_forward(folder: Path, config: dict, processor_config: dict) -> None:
@@ -227,52 +362,49 @@ def _check_forward(folder: Path, config: dict, processor_config: dict) -> None:
         )
 
 
-# ---- errors ------------------------------------------------------------------------------------------------
+# ---- errors and time limits --------------------------------------------------------------------------------
+
+
+def _error(action: str, repo_id: str, revision: str | None, cause: str) -> HubError:
+    """`HubError("Cannot <action> '<repo>' (revision '<rev>') at <endpoint>: <cause>")`."""
+    where = f"{action} '{repo_id}' (revision '{revision or constants.DEFAULT_REVISION}')"
+    if not constants.is_offline_mode():
+        where += f" at {constants.ENDPOINT}"
+    return HubError(f"Cannot {where}: {cause}", repo_id, revision)
+
+
+def _validate(action: str, repo_id: str, revision: str | None) -> None:
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise _error(action, repo_id, revision, f"that is not a valid repo id ({error})") from error
 
 
 @contextlib.contextmanager
-def _hub_errors(action: str, repo_id: str, revision: str | None):
+def _hub_errors(action: str, repo_id: str, revision: str | None, timeout: float):
     """Re-raise huggingface_hub's errors as `HubError`s saying which repo, which revision, and what failed."""
-    where = f"{action} '{repo_id}' (revision '{revision or 'main'}') at {constants.ENDPOINT}"
+    fail = functools.partial(_error, action, repo_id, revision)
     try:
         yield
     except RepositoryNotFoundError as error:
-        raise HubError(
-            f"Cannot {where}: the repository was not found (it does not exist, or it is private and the "
-            "token cannot see it).",
-            repo_id,
-            revision,
+        raise fail(
+            "the repository was not found (it does not exist, or it is private and the token cannot see it)."
         ) from error
     except RevisionNotFoundError as error:
-        raise HubError(
-            f"Cannot {where}: the repository has no revision '{revision}' (a branch, tag or commit sha).",
-            repo_id,
-            revision,
-        ) from error
+        raise fail(f"the repository has no revision '{revision}' (a branch, tag or commit sha).") from error
     except RemoteEntryNotFoundError as error:
-        raise HubError(
-            f"Cannot {where}: the file {_file_of(error)} is missing from the repository.", repo_id, revision
-        ) from error
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
-        if constants.is_offline_mode():
-            message = (
-                f"Cannot {action} '{repo_id}' (revision '{revision or 'main'}'): HF_HUB_OFFLINE is set and "
-                f"it is not in the local cache ({constants.HF_HUB_CACHE}). Pull it once with the network on."
-            )
-        else:
-            message = f"Cannot {where}: {_describe(error)}, and there is no complete copy in the local cache."
-        raise HubError(message, repo_id, revision) from error
-    except (HfHubHTTPError, httpx.HTTPError) as error:
-        raise HubError(f"Cannot {where}: {_describe(error)}.", repo_id, revision) from error
+        raise fail(f"the file {_file_of(error)} is missing from the repository.") from error
+    except OfflineModeIsEnabled as error:
+        raise fail("HF_HUB_OFFLINE is set; unset it to reach the Hub.") from error
+    except (HfHubHTTPError, LocalEntryNotFoundError, httpx.HTTPError) as error:
+        raise fail(f"{_describe(error, timeout)}.") from error
     except ValueError as error:  # huggingface_hub's answer to a card the Hub's validate-yaml refuses
         if "README.md" not in str(error):
             raise
-        raise HubError(
-            f"Cannot {where}: the Hub refused the model card. {error}", repo_id, revision
-        ) from error
+        raise fail(f"the Hub refused the model card. {error}") from error
 
 
-def _describe(error: BaseException) -> str:
+def _describe(error: BaseException, timeout: float) -> str:
     """The root network or HTTP cause of `error`, in words."""
     while not isinstance(error, (HfHubHTTPError, httpx.HTTPError)) and error.__cause__ is not None:
         error = error.__cause__
@@ -285,6 +417,12 @@ def _describe(error: BaseException) -> str:
         if status == 412:
             return "the branch moved while pushing (HTTP 412); push again"
         return f"the server refused the request (HTTP {status}: {str(error).splitlines()[0]})"
+    if isinstance(error, httpx.TimeoutException):
+        try:
+            request = f"{error.request.method} {error.request.url}"
+        except RuntimeError:  # raised before a request was made
+            request = "a request"
+        return f"the server did not answer {request} within {timeout:g} s (timeout=; a slow link needs more)"
     if isinstance(error, httpx.TransportError):
         return f"the connection failed or was cut ({type(error).__name__}: {error})"
     return f"{type(error).__name__}: {error}"
@@ -296,21 +434,52 @@ def _file_of(error: RemoteEntryNotFoundError) -> str:
     return f"'{match.group(1)}'" if match else "requested"
 
 
+@contextlib.contextmanager
+def _time_limits(seconds: float):
+    """Give every request huggingface_hub makes `seconds` to connect and between two reads or writes, then
+    restore its HTTP client.
+
+    Its API calls share one httpx client, made without a time-out, and several pass `timeout=None` themselves
+    (repo info, tree listings); file downloads pass HF_HUB_DOWNLOAD_TIMEOUT, and retry a failed metadata request
+    with 60 s. A request hook sets the limit on each request, whatever it asked for. The client is process-wide:
+    huggingface_hub calls in other threads get the same limit meanwhile.
+    """
+    previous = hf_http._GLOBAL_CLIENT_FACTORY  # set_client_factory has no getter
+    limit = httpx.Timeout(seconds).as_dict()
+
+    def limited_client():
+        client = previous()
+        client.event_hooks = {
+            **client.event_hooks,
+            "request": [
+                *client.event_hooks["request"],
+                lambda request: request.extensions.update(timeout=limit),
+            ],
+        }
+        return client
+
+    set_client_factory(limited_client)  # closes the shared client; the next request makes a limited one
+    try:
+        yield
+    finally:
+        set_client_factory(previous)
+
+
+def _retrying(call: Callable, *args, **kwargs):
+    """`call(*args, **kwargs)`, an idempotent Hub request, tried again (RETRIES times, waiting BACKOFF seconds and
+    twice as long each next time) after a time-out or a lost connection."""
+    for attempt in range(RETRIES + 1):
+        try:
+            return call(*args, **kwargs)
+        except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as error:
+            if attempt == RETRIES:
+                raise
+            wait = BACKOFF * 2**attempt
+            logger.warning("%s: %s; trying again in %g s.", call.__name__, type(error).__name__, wait)
+            time.sleep(wait)
+
+
 # ---- pushing -----------------------------------------------------------------------------------------------
-
-
-def _same_content(path: Path, remote: RepoFile | None) -> bool:
-    """Whether the local file equals the Hub's copy: git blob sha1 of a regular file, sha256 of an LFS one."""
-    if remote is None or remote.size != path.stat().st_size:
-        return False
-    if remote.lfs is not None:
-        digest, expected = hashlib.sha256(), remote.lfs.sha256
-    else:
-        digest, expected = hashlib.sha1(b"blob %d\0" % remote.size), remote.blob_id
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest() == expected
 
 
 def push_checkpoint(
@@ -321,83 +490,67 @@ def push_checkpoint(
     revision: str | None = None,
     commit_message: str | None = None,
     token: str | None = None,
+    include: Sequence[str] = (),
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> CommitInfo | None:
-    """Check `folder` and push it to the model repo `repo_id` as one commit.
+    """Check `folder` and push its checkpoint files to the model repo `repo_id` as one commit.
 
     Args:
-        folder: A checkpoint folder (see `check_checkpoint`). Top-level weights, JSON, code, Markdown and PNG
-            files are uploaded; subfolders (such as the Trainer's `checkpoint-*`) are not.
+        folder: A checkpoint folder (see `check_checkpoint`). The files `checkpoint_files` names are uploaded;
+            the others are logged as not pushed (`not_pushed`). Subfolders (such as the Trainer's
+            `checkpoint-*`) and symbolic links never are.
         repo_id: `"namespace/name"`, or `"name"` for the token's own namespace. Created if missing.
         private: Visibility of a repo this call creates; an existing repo keeps its own.
         revision: The branch to commit to (default `main`); created from `main` if it does not exist yet.
         commit_message: Defaults to "Upload vitrail checkpoint <folder name>".
         token: A Hub token with write access; defaults to `HF_TOKEN` or the saved login.
+        include: Patterns of further top-level files to upload on purpose (see `checkpoint_files`).
+        timeout: Seconds each request may wait for the server; requests that only read are retried.
 
     Returns:
         The `CommitInfo` of the new commit (`.commit_url`, `.oid`), or `None` when every file already matched
-        the branch's head and nothing was committed. Files on the Hub that are not in the folder stay.
+        the branch's head and nothing was committed. The commit also deletes weights of the other layout (a
+        single `model.safetensors` vs. an index and shards) that the branch holds; other files on the Hub that
+        are not in the folder stay.
     """
     folder = Path(folder)
-    check_checkpoint(folder)
     branch = revision or constants.DEFAULT_REVISION
+    _validate("push to", repo_id, branch)
     if COMMIT_SHA.fullmatch(branch):
-        raise ValueError(f"revision={branch!r} is a commit sha; a push needs a branch name.")
-    files = checkpoint_files(folder)
+        raise _error("push to", repo_id, branch, "a commit sha is not a branch; pass a branch name.")
+    check_checkpoint(folder)
+    files = checkpoint_files(folder, include)
+    if left_out := not_pushed(folder, include):
+        logger.info("Not pushed (not part of the checkpoint; include= adds files): %s", ", ".join(left_out))
     api = HfApi(token=token)
-    with _hub_errors("push to", repo_id, branch):
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with _hub_errors("push to", repo_id, branch, timeout), _time_limits(timeout):
+        repo_id = _retrying(api.create_repo, repo_id, private=private, exist_ok=True).repo_id
         if branch != constants.DEFAULT_REVISION:
-            api.create_branch(repo_id, branch=branch, exist_ok=True)
-        head = api.repo_info(repo_id, revision=branch).sha
-        remote = {
-            entry.path: entry
-            for entry in api.list_repo_tree(repo_id, revision=head, recursive=True)
-            if isinstance(entry, RepoFile)
-        }
-        changed = [name for name in files if not _same_content(folder / name, remote.get(name))]
-        if not changed:
-            logger.info(
-                "%s: all %d files already match %s@%s; nothing to commit.",
-                folder,
-                len(files),
-                repo_id,
-                branch,
-            )
-            return None
-        logger.info(
-            "Pushing %d changed file(s) to %s@%s: %s", len(changed), repo_id, branch, ", ".join(changed)
+            _retrying(api.create_branch, repo_id, branch=branch, exist_ok=True)
+        head = _retrying(api.repo_info, repo_id, revision=branch).sha
+        # transformers loads model.safetensors before an index: weights the folder no longer holds must go.
+        stale = sorted(
+            entry.path
+            for entry in api.list_repo_tree(repo_id, revision=head)
+            if isinstance(entry, RepoFile) and _is_weights(entry.path) and entry.path not in files
         )
+        if stale:
+            logger.info(
+                "Deleting weights the folder does not hold from %s@%s: %s", repo_id, branch, ", ".join(stale)
+            )
         commit = api.create_commit(
             repo_id,
-            [CommitOperationAdd(path_in_repo=name, path_or_fileobj=folder / name) for name in changed],
+            [CommitOperationAdd(path_in_repo=name, path_or_fileobj=folder / name) for name in files]
+            + [CommitOperationDelete(path_in_repo=name) for name in stale],
             commit_message=commit_message or f"Upload vitrail checkpoint {folder.resolve().name}",
             revision=branch,
             parent_commit=head,  # refuse (HTTP 412) rather than overwrite a push that landed meanwhile
         )
-    # huggingface_hub also skips files whose remote oid matches; with none left it returns the unchanged head.
+    # huggingface_hub leaves out files the branch holds unchanged; with none left it answers with the head.
     return None if commit.oid == head else commit
 
 
 # ---- pulling -----------------------------------------------------------------------------------------------
-
-
-def _missing(folder: Path) -> list[str]:
-    """The files loading needs that `folder` lacks."""
-    names = {path.name for path in folder.iterdir()} if folder.is_dir() else set()
-    missing = [name for name in ("config.json", "preprocessor_config.json", *CODE_FILES) if name not in names]
-    if WEIGHTS not in names and WEIGHTS_INDEX not in names:
-        missing.insert(0, WEIGHTS)
-    return missing
-
-
-def _require_loadable(folder: Path, repo_id: str, revision: str | None) -> None:
-    if missing := _missing(folder):
-        raise HubError(
-            f"'{repo_id}' (revision '{revision or 'main'}') is not a complete vitrail checkpoint: it lacks "
-            f"{', '.join(missing)}.",
-            repo_id,
-            revision,
-        )
 
 
 def pull_checkpoint(
@@ -406,58 +559,280 @@ def pull_checkpoint(
     revision: str | None = None,
     local_dir: str | os.PathLike | None = None,
     token: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> Path:
-    """Download the files a vitrail checkpoint needs from `repo_id` and return the folder that holds them.
+    """Download the checkpoint at one revision of `repo_id`, each file checked, and return its folder.
+
+    The revision is resolved to a commit sha once and every file is downloaded at that sha: `config.json` and
+    `preprocessor_config.json` first, then the code files their `auto_map` names (a name that is not a plain
+    `module.py`, or that would shadow an importable module such as `torch.py`, is refused), the weights (one
+    file, or the index and the shards it names) and `README.md`. Nothing else, whatever the repo holds. Each file
+    must match the size and sha the Hub's tree listing gives for it (git blob sha1, or sha256 for LFS files).
 
     Args:
         repo_id: The model repo, `"namespace/name"`.
         revision: A branch, tag or commit sha; defaults to `main`.
-        local_dir: Put the files here (created if needed; other files in it are left alone). They are
-            downloaded into a temporary folder beside it and moved in only when all arrived. Without it, the
-            files stay in the Hugging Face cache (`HF_HUB_CACHE`) and the snapshot folder is returned. With
-            `HF_HUB_OFFLINE=1`, files come from the cache, or a complete checkpoint already in `local_dir` is
-            returned as it is.
+        local_dir: Put the checkpoint here (created if needed). The files arrive in a hidden folder beside it
+            and are moved in only when all arrived intact; they replace the checkpoint files already there (those
+            `checkpoint_files` names, e.g. the other weights layout), other files stay. `.vitrail-pull.json`
+            records the repo, the revision, its commit sha and each file's sha256. Without `local_dir`, the files
+            stay in the Hugging Face cache (`HF_HUB_CACHE`) and its snapshot folder is returned.
+            With `HF_HUB_OFFLINE=1`, the files come from the cache; failing that, `local_dir` is returned only if
+            its record says it holds this repo at this revision.
         token: A Hub token, for private repos.
+        timeout: Seconds each request may wait for the server; requests that only read are retried.
 
     Returns:
         The folder: `local_dir`, or the cache's snapshot folder. It opens with `from_pretrained`.
     """
-    download = dict(
-        repo_id=repo_id, revision=revision, allow_patterns=PULL_PATTERNS, ignore_patterns=["*/*"], token=token
-    )
-    with _hub_errors("pull", repo_id, revision):
-        if local_dir is None:
-            folder = Path(snapshot_download(**download))
-            _require_loadable(folder, repo_id, revision)
-            return folder
+    _validate("pull", repo_id, revision)
+    target = None if local_dir is None else Path(local_dir).resolve()
+    if target is not None and target.exists() and not target.is_dir():
+        raise _error("pull", repo_id, revision, f"local_dir {target} is a file, not a folder.")
+    with _hub_errors("pull", repo_id, revision, timeout):
+        if constants.is_offline_mode():
+            return _pull_offline(repo_id, revision, target)
+        with _time_limits(timeout):
+            return _pull(repo_id, revision, target, token, timeout)
 
-        target = Path(local_dir).resolve()
-        target.parent.mkdir(parents=True, exist_ok=True)
+
+def _pull(repo_id: str, revision: str | None, target: Path | None, token: str | None, timeout: float) -> Path:
+    fail = functools.partial(_error, "pull", repo_id, revision)
+    api = HfApi(token=token)
+    sha = _retrying(api.repo_info, repo_id, revision=revision).sha
+    listing = {
+        entry.path: entry
+        for entry in api.list_repo_tree(repo_id, revision=sha)
+        if isinstance(entry, RepoFile)
+    }
+    if odd := sorted(name for name in listing if "\0" in name):
+        raise fail(f"the server lists file names with a NUL byte ({', '.join(map(repr, odd))}); no Hub does.")
+
+    with _staging_beside(target) if target is not None else contextlib.nullcontext() as staging:
+        digests: dict[str, str] = {}
+
+        @functools.cache
+        def fetch(name: str) -> Path:
+            try:
+                path = hf_hub_download(
+                    repo_id, name, revision=sha, local_dir=staging, token=token, etag_timeout=timeout
+                )
+            except OSError as error:
+                if isinstance(error, (HfHubHTTPError, LocalEntryNotFoundError)):
+                    raise
+                # e.g. huggingface_hub's check that the body is as long as the file's metadata said
+                raise fail(f"{name} did not download intact ({str(error).splitlines()[0]}).") from error
+            digests[name] = _verified(Path(path), listing[name], fail)
+            return Path(path)
+
+        names = _files_to_pull(set(listing), fetch, fail)
+        for name in names:
+            fetch(name)
+        if staging is None:
+            snapshot = fetch(CONFIGS[0]).parent
+            _remember_revision(snapshot, revision, sha)
+            return snapshot
+        _install(staging, target, _record(repo_id, revision, sha, {name: digests[name] for name in names}))
+    return target
+
+
+def _pull_offline(repo_id: str, revision: str | None, target: Path | None) -> Path:
+    """The pull from the cache alone; or `target` as it is, if its record says it holds this revision."""
+    fail = functools.partial(_error, "pull", repo_id, revision)
+    cached = try_to_load_from_cache(repo_id, CONFIGS[0], revision=revision or constants.DEFAULT_REVISION)
+    if not isinstance(cached, str):
+        record = _json_or_empty(target / PULL_RECORD) if target is not None else {}
+        if record and _holds(target, record, repo_id, revision):
+            logger.info(
+                "Offline: %s holds %s at commit %s (its pull record says so).",
+                target,
+                repo_id,
+                record.get("commit"),
+            )
+            return target
+        if record:
+            there = f"; {target} holds '{record.get('repo_id')}' at revision '{record.get('revision')}'"
+        elif target is not None and target.is_dir() and checkpoint_files(target):
+            there = f"; {target} holds a checkpoint with no pull record, from an unknown repo"
+        else:
+            there = ""
+        raise fail(
+            f"HF_HUB_OFFLINE is set and it is not in the local cache ({constants.HF_HUB_CACHE}){there}. "
+            "Pull it once with the network on."
+        )
+    snapshot = Path(cached).parent  # the cache keeps each commit's files in snapshots/<commit sha>/
+    names = _files_to_pull({path.name for path in snapshot.iterdir()}, lambda name: snapshot / name, fail)
+    if target is None:
+        return snapshot
+    with _staging_beside(target) as staging:
+        for name in names:
+            shutil.copyfile(snapshot / name, staging / name)
+        digests = {name: _digests(staging / name)[1] for name in names}
+        _install(staging, target, _record(repo_id, revision, snapshot.name, digests))
+    return target
+
+
+def _holds(folder: Path, record: dict, repo_id: str, revision: str | None) -> bool:
+    """Whether a pull record says `folder` holds `repo_id` at `revision` (a branch, tag or the commit), whole."""
+    files = record.get("files")
+    return (
+        record.get("repo_id") == repo_id
+        and (revision or constants.DEFAULT_REVISION) in (record.get("revision"), record.get("commit"))
+        and isinstance(files, dict)
+        and all(_is_plain_name(name) and (folder / name).is_file() for name in files)
+    )
+
+
+def _files_to_pull(
+    available: set[str], fetch: Callable[[str], Path], fail: Callable[[str], HubError]
+) -> list[str]:
+    """What to download of a revision whose top level holds `available`: the configs (fetched here), the code
+    files their `auto_map`s name, the weights (one file; or the index, fetched here, and the shards it names) and
+    the card. Refuses code or shard names that are not plain file names, code names that would shadow an
+    importable module, and a revision that lacks any of these files."""
+    weights = [name for name in (WEIGHTS, WEIGHTS_INDEX) if name in available][:1]  # transformers' preference
+    missing = ([] if weights else [WEIGHTS]) + [name for name in CONFIGS if name not in available]
+    auto_maps = [_json_object(fetch(name), fail).get("auto_map") for name in CONFIGS if name in available]
+    if elsewhere := sorted({ref for ref in _references(*auto_maps) if "--" in ref}):
+        logger.warning(
+            "auto_map points at code in other repos (%s): not pulled; trust_remote_code=True fetches and runs it "
+            "from there.",
+            ", ".join(elsewhere),
+        )
+    code = sorted(_code_files(*auto_maps))
+    for name in code:
+        if not _is_module_file(name):
+            raise fail(f"auto_map names the code file {name!r}, which is not a plain module file name.")
+        if name.removesuffix(".py") in _importable_modules():
+            raise fail(
+                f"auto_map names the code file {name}, which would shadow the module "
+                f"'{name.removesuffix('.py')}' (standard library or installed); a checkpoint's code never does."
+            )
+    if weights == [WEIGHTS_INDEX]:
+        shards = sorted(_shards(_json_object(fetch(WEIGHTS_INDEX), fail)))
+        if not shards or not all(_is_plain_name(name) and name.endswith(".safetensors") for name in shards):
+            raise fail(
+                f"{WEIGHTS_INDEX} names no shards, or shards that are not plain .safetensors file names."
+            )
+        weights += shards
+    missing += [name for name in code + weights if name not in available]
+    if missing:
+        raise fail(f"the revision is not a complete vitrail checkpoint: it lacks {', '.join(missing)}.")
+    return [*CONFIGS, *code, *weights, *([CARD] if CARD in available else [])]
+
+
+def _json_object(path: Path, fail: Callable[[str], HubError]) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as error:
+        raise fail(f"{path.name} is not valid JSON ({error}).") from error
+    if not isinstance(data, dict):
+        raise fail(f"{path.name} is not a JSON object.")
+    return data
+
+
+def _is_plain_name(name: str) -> bool:
+    """A file name with no folder part, that is not hidden."""
+    return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\0")
+
+
+def _digests(path: Path) -> tuple[str, str]:
+    """(git blob sha1, sha256) of a file: the Hub lists the first for a regular file, the second for an LFS one."""
+    blob, sha256 = hashlib.sha1(b"blob %d\0" % path.stat().st_size), hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            blob.update(block)
+            sha256.update(block)
+    return blob.hexdigest(), sha256.hexdigest()
+
+
+def _verified(path: Path, entry: RepoFile, fail: Callable[[str], HubError]) -> str:
+    """The sha256 of a downloaded file that matches its tree listing entry; one that does not is deleted (in the
+    cache: its blob and its link) and refused."""
+    blob, sha256 = _digests(path)
+    expected, actual = (entry.lfs.sha256, sha256) if entry.lfs is not None else (entry.blob_id, blob)
+    if actual != expected:
+        for copy in {path.resolve(), path}:
+            copy.unlink(missing_ok=True)
+        raise fail(
+            f"{entry.path} does not match the sha the Hub lists for it ({actual} instead of {expected}): it was "
+            "altered on the server or on the way, and is not used."
+        )
+    return sha256
+
+
+def _remember_revision(snapshot: Path, revision: str | None, sha: str) -> None:
+    """Point the cache's `refs/<revision>` at `sha`, as hf_hub_download does when it resolves a branch or tag
+    (downloads by sha record none), so that offline loads by repo id find the snapshot."""
+    revision = revision or constants.DEFAULT_REVISION
+    if revision != sha:
+        ref = snapshot.parent.parent / "refs" / revision
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        ref.write_text(sha)
+
+
+def _record(repo_id: str, revision: str | None, sha: str, digests: dict[str, str]) -> dict:
+    return {
+        "repo_id": repo_id,
+        "revision": revision or constants.DEFAULT_REVISION,
+        "commit": sha,
+        "files": {name: {"sha256": digest} for name, digest in digests.items()},
+    }
+
+
+def _install(staging: Path, target: Path, record: dict) -> None:
+    """Make `target` hold the checkpoint staged in `staging`, recorded by `record`.
+
+    A new target is the staging folder renamed. Otherwise the previous checkpoint goes first (its record, and every
+    file that was a checkpoint file there and is not one now: the other weights layout, old shards, old code, old
+    plots and results), then the new files move in, the record last; other files stay. Interrupted half-way, the
+    folder has no record, and loading it fails for want of weights rather than loading stale ones.
+    """
+    shutil.rmtree(staging / ".cache", ignore_errors=True)  # huggingface_hub's download bookkeeping
+    (staging / PULL_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    if not target.exists():
+        staging.rename(target)
+        return
+    previous = _json_or_empty(target / PULL_RECORD).get("files")
+    (target / PULL_RECORD).unlink(missing_ok=True)
+    old = set(checkpoint_files(target)) | {path.name for path in target.iterdir() if _is_weights(path.name)}
+    old |= {name for name in previous if _is_plain_name(name)} if isinstance(previous, dict) else set()
+    for name in sorted(old - set(record["files"])):
+        if not (target / name).is_dir() or (target / name).is_symlink():
+            (target / name).unlink(missing_ok=True)
+    for name in [*record["files"], PULL_RECORD]:
+        os.replace(staging / name, target / name)
+
+
+@contextlib.contextmanager
+def _staging_beside(target: Path):
+    """A new hidden folder beside `target`, removed on the way out: after success, an error, or SIGTERM."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _sigterm_unwinds():
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.pull-", dir=target.parent))
         try:
-            if constants.is_offline_mode():
-                # Offline, the files can only come from the cache (copied: the cache keeps its own), or be the
-                # ones an earlier pull left in `local_dir`.
-                try:
-                    cached = snapshot_download(**download)
-                except LocalEntryNotFoundError:
-                    if _missing(target):
-                        raise
-                    logger.warning(
-                        "Offline: using the checkpoint already in %s (its revision is not checked).", target
-                    )
-                    return target
-                shutil.copytree(cached, staging, dirs_exist_ok=True)
-            else:
-                snapshot_download(**download, local_dir=staging)
-                # huggingface_hub's bookkeeping for the staging folder; meaningless once the files move.
-                shutil.rmtree(staging / ".cache", ignore_errors=True)
-            _require_loadable(staging, repo_id, revision)
-            if not target.exists():
-                staging.rename(target)
-            else:
-                for path in staging.iterdir():
-                    os.replace(path, target / path.name)
+            yield staging
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return target
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """Turn SIGTERM into `SystemExit(143)` while this runs, so that `finally` blocks clean up before the process
+    ends. Only where SIGTERM would end the process outright (no handler installed) and in the main thread, the
+    only one Python runs signal handlers in."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def unwind(signum, frame):
+        raise SystemExit(128 + signum)  # the exit status of a process that SIGTERM ended
+
+    signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
