@@ -295,6 +295,14 @@ def test_batch_augment_is_exact_where_it_should_be():
     assert shifted.min() == pytest.approx(-1.0) and shifted.max() == pytest.approx(1.0)
     per_sample = shifted.flatten(1).mean(1)
     assert per_sample.unique().numel() > 32  # every sample gets its own shift
+    # The fill follows the processor's channel count and statistics (4-band models too).
+    from vitrail import VitrailImageProcessor
+    from vitrail.data import black_level
+
+    four = BatchAugment(
+        AugmentationConfig(translate=0.4), fill=black_level(VitrailImageProcessor(num_channels=4))
+    )
+    assert four(torch.ones(64, 4, 8, 8)).min() == pytest.approx(-1.0)
     crops = BatchAugment(AugmentationConfig(crop_scale=0.3))(images)
     assert crops.shape == images.shape and not torch.allclose(crops, images)
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 
+from .image_processing_vitrail import channel_statistic
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -343,9 +345,12 @@ def black_level(processor) -> torch.Tensor:
     channels = processor.num_channels
     if not processor.do_normalize:
         return torch.zeros(channels)
-    mean = torch.as_tensor(processor.image_mean, dtype=torch.float32).flatten()
-    std = torch.as_tensor(processor.image_std, dtype=torch.float32).flatten()
-    return (-mean / std).expand(channels) if mean.numel() == 1 else -mean[:channels] / std[:channels]
+    # The processor's own rule for one value or one per channel (any channel count).
+    mean, std = (
+        torch.as_tensor(channel_statistic(value, name, channels), dtype=torch.float32).expand(channels)
+        for value, name in ((processor.image_mean, "image_mean"), (processor.image_std, "image_std"))
+    )
+    return -mean / std
 
 
 def rand_augment_transform():
