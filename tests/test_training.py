@@ -46,11 +46,14 @@ def test_split_is_stratified_and_disjoint():
 
 
 def test_one_process_training_learns(tmp_path):
+    # A run long enough to be decisive, not a coin toss: 800 steps (20 epochs of batch 32) with warm-up and cosine
+    # decay reach 0.906-0.956 test accuracy over seeds 0-4, 7 and 42, both on AVX-512/AMX and with
+    # ATEN_CPU_CAPABILITY=avx2 (12 epochs of batch 64 gave 0.51-0.74). Chance is 0.1; the bound sits far below.
     metrics, out = run_train(
-        tmp_path, "--num_train_epochs", "12", "--learning_rate", "3e-3", "--per_device_train_batch_size", "64",
-        "--rotation", "8", "--eval_strategy", "epoch", "--save_strategy", "no",
+        tmp_path, "--num_train_epochs", "20", "--learning_rate", "3e-3", "--per_device_train_batch_size", "32",
+        "--lr_scheduler_type", "cosine", "--warmup_steps", "0.1", "--eval_strategy", "epoch", "--save_strategy", "no",
     )  # fmt: skip
-    assert metrics["test_accuracy"] > 0.6  # chance is 0.1
+    assert metrics["test_accuracy"] > 0.75
     assert OUTPUTS <= {p.name for p in out.iterdir()}
     results = json.loads((out / "all_results.json").read_text())
     assert (

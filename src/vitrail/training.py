@@ -270,7 +270,8 @@ def load_splits(data_args: DataArguments) -> LoadedData:
         splits, skipped = image_folder_dataset(
             data_args.train_dir, data_args.validation_dir, data_args.skip_bad_images
         )
-        name, source = Path(data_args.train_dir).name, str(Path(data_args.train_dir).resolve())
+        # By name, not path: the record travels with the checkpoint, and the sample hashes below identify the data.
+        name = source = Path(data_args.train_dir).resolve().name
     elif data_args.dataset_name:
         from datasets import load_dataset
 
@@ -308,7 +309,7 @@ def load_splits(data_args: DataArguments) -> LoadedData:
             raise ValueError(f"The {key} split is empty; give it some images or change the split fractions.")
     record = {
         "source": source,
-        "validation_source": str(Path(data_args.validation_dir).resolve())
+        "validation_source": Path(data_args.validation_dir).resolve().name
         if data_args.validation_dir
         else None,
         "carved": carved,
