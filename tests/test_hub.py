@@ -371,7 +371,13 @@ BROKEN = {
     "not vitrail": (_edit_json("config.json", model_type="vit"), "model_type 'vit', not 'vitrail'"),
     "no code file": (
         lambda f: (f / "modeling_vitrail.py").unlink(),
-        "code files missing: modeling_vitrail.py",
+        r"code file modeling_vitrail.py is missing \(named by config.json's auto_map\['AutoModel'\].*"
+        r"save the model with vitrail's classes",
+    ),
+    "no processor code": (
+        lambda f: (f / "image_processing_vitrail.py").unlink(),
+        r"image_processing_vitrail.py is missing \(named by config.json's auto_map\['AutoImageProcessor'\], "
+        r"preprocessor_config.json's auto_map\['AutoImageProcessor'\]\); save the image processor",
     ),
     "no processor": (lambda f: (f / "preprocessor_config.json").unlink(), "no preprocessor_config.json"),
     "weights of another shape": (_edit_json("config.json", hidden_size=36), "does not load|do not match"),
@@ -395,6 +401,23 @@ def test_check_checkpoint_refuses(case, checkpoints, tmp_path):
     breakage(folder)
     with pytest.raises(CheckpointError, match=message):
         check_checkpoint(folder)
+
+
+def test_check_checkpoint_names_the_cause_for_a_model_saved_alone(checkpoints, tmp_path):
+    """A model saved without its processor (as from Hub-carried code) maps no processor code; the check says
+    that the processor is what is missing, not that save_pretrained failed to copy a file."""
+    folder = copy_of(checkpoints["v1"], tmp_path)
+    for name in ("image_processing_vitrail.py", "preprocessor_config.json"):
+        (folder / name).unlink()
+    _edit_json("config.json", auto_map={"AutoConfig": "configuration_vitrail.VitrailConfig",
+                                        "AutoModel": "modeling_vitrail.VitrailModel"})(folder)  # fmt: skip
+    with pytest.raises(CheckpointError) as error:
+        check_checkpoint(folder)
+    assert "no preprocessor_config.json" in str(error.value)
+    assert (
+        "image_processing_vitrail.py is missing (part of every vitrail checkpoint); save the image processor"
+        in str(error.value)
+    )
 
 
 def test_check_checkpoint_lists_every_structural_problem(checkpoints, tmp_path):

@@ -293,14 +293,33 @@ def check_checkpoint(folder: str | os.PathLike) -> None:
             ModelCard.load(folder / "README.md", ignore_metadata_errors=False)
         except Exception as error:
             problems.append(f"README.md's metadata (the YAML block at its top) does not parse: {error}")
-    if missing := sorted(code - names):
-        problems.append(
-            f"code files missing: {', '.join(missing)} (saving with `save_pretrained` copies them; without "
-            "them the checkpoint does not open where vitrail is not installed)"
-        )
+    for name in sorted(code - names):
+        problems.append(_missing_code(name, config, processor_config))
     if problems:
         raise CheckpointError(f"{folder} is not a shareable vitrail checkpoint:\n- " + "\n- ".join(problems))
     _check_forward(folder, config, processor_config)
+
+
+def _missing_code(name: str, config: dict | None, processor_config: dict | None) -> str:
+    """Why a code file is needed and what writes it: the model's `save_pretrained` copies the model's two files,
+    the image processor's `save_pretrained` its own."""
+    named_by = [
+        f"{json_name}'s auto_map[{auto!r}]"
+        for json_name, mapping in (("config.json", config), ("preprocessor_config.json", processor_config))
+        for auto, ref in ((mapping or {}).get("auto_map") or {}).items()
+        if name in _code_files({auto: ref})
+    ]
+    why = f"named by {', '.join(named_by)}" if named_by else "part of every vitrail checkpoint"
+    if name == CODE_FILES[2]:
+        fix = "save the image processor into this folder (`processor.save_pretrained(folder)` copies it)"
+    elif name in CODE_FILES:
+        fix = "save the model with vitrail's classes (`model.save_pretrained(folder)` copies it)"
+    else:
+        fix = "add the file, or save again with the classes that wrote that auto_map entry"
+    return (
+        f"code file {name} is missing ({why}); {fix}. Without it the checkpoint does not open where vitrail is "
+        "not installed"
+    )
 
 
 def _read_json(path: Path, problems: list[str]) -> dict | None:
