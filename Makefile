@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup test test-all lint train clean
+.PHONY: setup test test-all test-transformers lint train clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,10 @@ test: setup
 
 test-all: setup
 	$(BIN)/python -m pytest -q
+
+# transformers' own common model tests (ModelTesterMixin) over vitrail's classes; downloads the transformers sdist.
+test-transformers: setup
+	$(BIN)/python tests/transformers_common/run.py
 
 lint: setup
 	$(BIN)/ruff check src tests scripts benchmarks
