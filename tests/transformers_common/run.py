@@ -3,7 +3,7 @@ three classes: `make test-transformers` (about a minute; needs PyPI for the tran
 
 The mixin lives in transformers' source distribution, not in its wheel, so this downloads the sdist of the
 installed transformers version, unpacks its `tests/` package into `.venv/transformers-tests/`, adds vitrail's
-ViT-style tester (`vitrail_model_test.py`, beside this file) and runs it. The sdist lacks two packages that
+ViT-style tester (`vitrail_common_tests.py`, beside this file) and runs it. The sdist lacks two packages that
 `test_modeling_common.py` imports for mixins vitrail does not use (`tests/exporters`, the torch.export mixin, and
 `tests/generation`, text generation); they are stood in for by empty classes, so those tests do not run here.
 """
@@ -57,7 +57,7 @@ def unpack_tests() -> Path:
 def main() -> int:
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "parameterized"], check=True)
     tests = unpack_tests()
-    shutil.copyfile(HERE / "vitrail_model_test.py", tests / "test_vitrail_common.py")
+    shutil.copyfile(HERE / "vitrail_common_tests.py", tests / "test_vitrail_common.py")
     command = [
         sys.executable,
         "-m",
