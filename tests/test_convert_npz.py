@@ -294,9 +294,8 @@ def test_bfloat16_arrays_are_widened(tmp_path):
     np.testing.assert_array_equal(
         read, (bits["params/embedding/bias"].astype(np.uint32) << 16).view(np.float32)
     )
-    converted = open_source(
-        path
-    )  # timm reads bfloat16 only through jax: its reference gets the widened arrays
+    # timm reads bfloat16 only through jax: its reference gets the widened arrays.
+    converted = open_source(path)
     x = pixels()
     assert max_diff(outputs(converted.model, x), converted.reference(x), "bfloat16 file") <= TOLERANCE
 

@@ -32,12 +32,11 @@ from vitrail.convert.timm import (  # noqa: E402
 )
 
 TOLERANCE = 1e-5
-# 37 hidden MLP units: an odd size so that a transposed or mis-split tensor cannot pass by shape.
 ROOT = Path(__file__).resolve().parents[1]
+# 37 hidden MLP units: an odd size so that a transposed or mis-split tensor cannot pass by shape.
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_ratio=37 / 32, num_classes=5)
-UNKNOWN_ARCH = (
-    "vitrail_test_tiny"  # a name timm does not know: everything comes from the weights and config.json
-)
+# A name timm does not know: everything comes from the weights and config.json.
+UNKNOWN_ARCH = "vitrail_test_tiny"
 
 
 def make_timm(seed: int = 0, cls=VisionTransformer, **options) -> VisionTransformer:
@@ -365,9 +364,8 @@ def test_distilled_backbone_is_a_vitrail_model(tmp_path):
     print(f"distilled backbone: {diff:.3e}")
     assert diff <= TOLERANCE
     assert (converted.reference(pixels) - want).abs().max() <= TOLERANCE
-    config = vitrail_config_from_timm(
-        reference.state_dict(), num_heads=4
-    )  # no config.json: read off the tensors
+    # No config.json: everything is read off the tensors.
+    config = vitrail_config_from_timm(reference.state_dict(), num_heads=4)
     assert config.use_distillation_token and config.num_labels == 0 and list(config.image_hw) == [32, 32]
 
 

@@ -258,7 +258,13 @@ class Plan:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The source's tensors under vitrail's names for `model_class`, checked by `rename_state_dict`."""
         target = self.model_class
-        logger.info("Converting %d tensors (%s) into %s.", len(self.state), self.source_name, target.__name__)
+        logger.info(
+            "Converting %d tensors (%s) into %s: %s.",
+            len(self.state),
+            self.source_name,
+            target.__name__,
+            describe(self.config),
+        )
         return rename_state_dict(
             self.state,
             self.rows,
@@ -274,6 +280,20 @@ class Plan:
         model = self.model_class(self.config)
         model.load_state_dict(self.state_dict(), strict=True)
         return model.eval()
+
+
+def describe(config: VitrailConfig) -> str:
+    """The architecture of `config` in one line, for logs and notes."""
+    (height, width), (ph, pw) = config.image_hw, config.patch_hw
+    tokens = {"class": config.use_cls_token, "distillation": config.use_distillation_token}
+    tokens = [f"{name} token" for name, used in tokens.items() if used]
+    tokens += [f"{config.num_register_tokens} registers"] if config.num_register_tokens else []
+    return (
+        f"{config.num_hidden_layers} layers, width {config.hidden_size}, {config.num_attention_heads} heads, MLP "
+        f"{config.intermediate_size} ({config.hidden_act}), patch {ph}x{pw}, {height}x{width} px, "
+        f"{', '.join(tokens) or 'no prefix tokens'}, {config.position_embedding_type} positions, "
+        f"{config.pooling} pooling"
+    )
 
 
 def read_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:

@@ -60,6 +60,7 @@ from .common import (
     Plan,
     Refuse,
     Rename,
+    describe,
     grid_of_positions,
     in_layers,
     layer_count,
@@ -439,22 +440,6 @@ def vitrail_config_from_npz(
         raise ValueError(f"num_labels={num_labels}, but the checkpoint's head has {classes} classes.")
     if classes or num_labels is not None:
         fields["num_labels"] = classes or num_labels
-    logger.info(
-        "JAX .npz (%s layout): %d layers, width %d, %d heads, MLP %d, patch %dx%d, %dx%d px, %s pooling, "
-        "%s positions, %s GELU.",
-        layout,
-        fields["num_hidden_layers"],
-        width,
-        fields["num_attention_heads"],
-        fields["intermediate_size"],
-        ph,
-        pw,
-        height,
-        image_width,
-        fields["pooling"],
-        position_type,
-        "exact" if exact_gelu else "tanh-approximate",
-    )
     return VitrailConfig(**fields)
 
 
@@ -626,10 +611,8 @@ def open_source(
     # timm reads bfloat16 only through jax; give it the widened copy then.
     reference, note = _timm_reference(raw, config, plan.head, path=None if widened else Path(path))
     notes = [
-        f"JAX .npz, {detect_npz_layout(arrays)} layout: {config.num_hidden_layers} layers, width "
-        f"{config.hidden_size}, {config.num_attention_heads} heads, {config.image_hw[0]}x{config.image_hw[1]} px, "
-        f"pooling {config.pooling!r}, positions {config.position_embedding_type!r}, hidden_act "
-        f"{config.hidden_act!r} (JAX trained with tanh-approximate GELU; exact_gelu=False reproduces it).",
+        f"JAX .npz, {detect_npz_layout(arrays)} layout: {describe(config)}. JAX trained with tanh-approximate GELU; "
+        "exact_gelu=False reproduces it.",
         "Preprocessing: resize to the model size (bilinear, no crop), scale to [-1, 1].",
         note,
     ]

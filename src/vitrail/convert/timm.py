@@ -44,6 +44,7 @@ from .common import (
     Plan,
     Refuse,
     Rename,
+    describe,
     grid_of_positions,
     in_layers,
     layer_count,
@@ -259,7 +260,8 @@ class TimmFacts:
 
     @property
     def as_model_args(self) -> dict:
-        """The facts in the words of timm's `model_args` (a refused option's tensors would be there otherwise)."""
+        """The facts in the words of timm's config.json and `model_args` (pre_norm, final_norm and proj_bias: a
+        refused option's tensors would be there otherwise)."""
         return {
             "embed_dim": self.width,
             "depth": self.depth,
@@ -272,6 +274,8 @@ class TimmFacts:
             "proj_bias": True,
             "pre_norm": False,
             "final_norm": True,
+            "num_classes": self.num_classes,
+            "num_features": self.width,
         }
 
 
@@ -487,22 +491,18 @@ def vitrail_config_from_timm(
         )
 
     # What config.json says must be what the weights say.
-    said = {**model_args, "patch_size": _hw(model_args.get("patch_size"))}
+    said = {
+        **model_args,
+        "patch_size": _hw(model_args.get("patch_size")),
+        "num_classes": timm_config.get("num_classes"),
+        "num_features": timm_config.get("num_features"),
+    }
     for key, value in facts.as_model_args.items():
         if said.get(key) is not None and said[key] != value:
-            raise ValueError(f"config.json model_args says {key}={model_args[key]}, the weights say {value}.")
+            raise ValueError(f"config.json says {key}={said[key]}, the weights say {value}.")
     if "mlp_ratio" in model_args and int(facts.width * model_args["mlp_ratio"]) != facts.mlp_width:
         raise ValueError(
             f"config.json mlp_ratio={model_args['mlp_ratio']} does not give the MLP width {facts.mlp_width}."
-        )
-    if "num_features" in timm_config and int(timm_config["num_features"]) != facts.width:
-        raise ValueError(
-            f"config.json says num_features={timm_config['num_features']}, the weights are {facts.width} wide."
-        )
-    if "num_classes" in timm_config and int(timm_config["num_classes"]) != facts.num_classes:
-        raise ValueError(
-            f"config.json says num_classes={timm_config['num_classes']}, but the weights have "
-            f"{f'a {facts.num_classes}-class head' if facts.num_classes else 'no head'}."
         )
 
     # What the weights cannot say: the argument first, then config.json, timm's own model, the name, defaults.
@@ -821,12 +821,7 @@ def open_source(
         state, timm_config=timm_config, num_heads=num_heads, global_pool=global_pool
     )
     model = _plan(state, config).load()
-    (height, width), distilled = config.image_hw, config.use_distillation_token
-    notes = [
-        f"timm {timm_config.get('architecture') or 'VisionTransformer'}: {config.num_hidden_layers} blocks, width "
-        f"{config.hidden_size}, {config.num_attention_heads} heads, image {height}x{width}, pooling "
-        f"{config.pooling!r}{', distillation token' if distilled else ''}, {type(model).__name__}."
-    ]
+    notes = [f"timm {timm_config.get('architecture') or 'VisionTransformer'}: {describe(config)}."]
     processor = None
     if timm_config.get("pretrained_cfg"):
         try:
