@@ -261,6 +261,15 @@ def test_unexpressible_heads_are_refused(tmp_path):
     assert max_diff(outputs(backbone, x), want, "backbone_only with pre_logits") <= TOLERANCE
 
 
+def test_hybrid_resnet_stem_is_refused(tmp_path):
+    """R50+ViT checkpoints carry a ResNet stem before the patch projection; vitrail has none, even for a backbone."""
+    arrays = jax_arrays("vit")
+    arrays["conv_root/kernel"] = np.zeros((7, 7, 3, 64), np.float32)
+    for backbone_only in (False, True):
+        with pytest.raises(NotImplementedError, match=r"\['conv_root/kernel'\]: a hybrid ResNet\+ViT stem"):
+            load_npz_checkpoint(save(tmp_path, arrays), backbone_only=backbone_only)
+
+
 def test_unknown_key_is_named(tmp_path):
     arrays = jax_arrays("vit")
     arrays["Transformer/encoderblock_1/LayerScale_0/scale"] = np.ones(WIDTH, np.float32)
