@@ -5,12 +5,13 @@ usually in a Hub folder next to a `config.json` such as
 `{"architecture": "vit_base_patch16_224.augreg2_in21k_ft_in1k", "num_classes": 1000, "global_pool": "token",
 "pretrained_cfg": {"input_size": [3, 224, 224], "crop_pct": 0.9, ...}, "label_names": [...], "model_args": {...}}`.
 
-Almost the whole architecture is read off the tensors: width, depth, patch size, MLP size, grid, class and
-register tokens, whether prefix tokens own positions (`no_embed_class`), `fc_norm`, `qk_norm`, LayerScale, biases.
-What the tensors cannot say comes, in order, from explicit arguments, the config.json (`model_args`, then its
-top-level fields), timm itself when it is installed and knows the architecture name (the model is built on the
-meta device and read), and finally documented defaults -- each guess is logged. The head count resolves the same
-way, ending with the architecture's size word (`vit_base_...` -> 12 heads) when the width agrees with that size.
+Almost the whole architecture is read off the tensors (`TimmFacts`): width, depth, patch size, MLP size, class,
+distillation and register tokens, position rows, `fc_norm`, `qk_norm`, LayerScale, biases. `vitrail_config_from_timm`
+reconciles these facts with everything else in one place: what config.json says about them must agree; what they
+cannot say (heads, pooling, image size and so whether prefix tokens own positions, activation, epsilon) comes, in
+order, from explicit arguments, the config.json, timm itself when it is installed and knows the architecture name
+(the model is built on the meta device and read), the name's size word (`vit_base_...` -> 12 heads, when the width
+agrees), and finally documented defaults -- each guess is logged.
 
 timm's distilled DeiT (`VisionTransformerDistilled`, e.g. `deit_base_distilled_patch16_224`) converts too: its
 `dist_token` becomes vitrail's distillation token (`use_distillation_token=True`, token order `[cls, distillation,
@@ -19,9 +20,9 @@ patches]`, `pos_embed` rows for both tokens: `prefix_position_embeddings="all"`)
 distilled backbone (`num_classes=0`) becomes a `VitrailModel` that keeps the token.
 
 Every timm option vitrail cannot reproduce raises, naming the tensor or option: attention pooling
-(`global_pool="map"`), `pre_norm` (`norm_pre`), gated MLPs, `proj_bias=False`, a bias-free patch embedding, a patch
-norm, `scale_attn_norm` / `scale_mlp_norm`, `final_norm=False`, max pooling, `pool_include_prefix`. Nothing that
-affects the outputs is dropped.
+(`global_pool="map"`), `pre_norm` (`norm_pre`), gated MLPs, `proj_bias=False`, a patch norm, `scale_attn_norm` /
+`scale_mlp_norm`, `final_norm=False`, max pooling, `pool_include_prefix`. Nothing that affects the outputs is
+dropped.
 """
 
 from __future__ import annotations
