@@ -97,6 +97,17 @@ def layer_count(names: Iterable[str], source: str) -> int:
     return 1 + max((int(m["n"]) for name in names if (m := _matches(source, name))), default=-1)
 
 
+def height_width(value) -> tuple[int, int] | None:
+    """An image or patch size as checkpoints write it (an int, `(height, width)`, or timm's `input_size`
+    `(channels, height, width)`) as `(height, width)`; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return value, value
+    *_, height, width = value
+    return int(height), int(width)
+
+
 def grid_of_positions(
     rows: int, prefixes: Sequence[int], patch: tuple[int, int], sizes=(), *, name: str, hint: str
 ) -> tuple[tuple[int, int], int]:

@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from ..configuration_vitrail import VitrailConfig, _pair
+from ..configuration_vitrail import VitrailConfig
 from ..modeling_vitrail import VitrailForImageClassification, VitrailModel
-from .common import Converted, Drop, Plan, Rename, in_layers, model_outputs, read_weights
+from .common import Converted, Drop, Plan, Rename, height_width, in_layers, model_outputs, read_weights
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def vitrail_config_from_hf(hf_config, state=None) -> VitrailConfig:
             fields[name] = list(fields[name])
     # transformers' patch convolution drops a partial last row/column of pixels, so its position table covers
     # floor(image / patch) patches: the size that table was made for is the whole-patch part of the image.
-    (h, w), (ph, pw) = _pair(fields["image_size"]), _pair(fields["patch_size"])
+    (h, w), (ph, pw) = height_width(fields["image_size"]), height_width(fields["patch_size"])
     if h % ph or w % pw:
         fields["image_size"] = [h // ph * ph, w // pw * pw]
         logger.info(

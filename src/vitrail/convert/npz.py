@@ -62,6 +62,7 @@ from .common import (
     Rename,
     describe,
     grid_of_positions,
+    height_width,
     in_layers,
     layer_count,
     refuse,
@@ -358,7 +359,7 @@ def _positions(
     key = next(
         (k for k in ("Transformer/posembed_input/pos_embedding", "pos_embedding") if k in arrays), None
     )
-    given = None if image_size is None else ((image_size,) * 2 if isinstance(image_size, int) else image_size)
+    given = height_width(image_size)
     if key is None:
         if given is None:
             logger.warning(

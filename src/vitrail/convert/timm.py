@@ -47,6 +47,7 @@ from .common import (
     Rename,
     describe,
     grid_of_positions,
+    height_width,
     in_layers,
     layer_count,
     read_weights,
@@ -283,16 +284,6 @@ class TimmFacts:
 # ---- what timm and config.json say -----------------------------------------------------------------------------
 
 
-def _hw(value) -> tuple[int, int] | None:
-    """An image or patch size as timm writes it (an int, `(H, W)`, or `input_size` `(C, H, W)`) -> `(H, W)`."""
-    if value is None:
-        return None
-    if isinstance(value, int):
-        return value, value
-    value = list(value)[-2:]
-    return int(value[0]), int(value[1])
-
-
 def _timm_says(architecture: str | None, model_args: dict, state: Mapping, facts: TimmFacts) -> dict:
     """What timm's own model of `architecture`, built on the meta device (no memory, no download), says that the
     tensors cannot, in the words of `model_args` plus vitrail's `hidden_act` and `layer_norm_eps`; {} when timm is
@@ -494,7 +485,7 @@ def vitrail_config_from_timm(
     # What config.json says must be what the weights say.
     said = {
         **model_args,
-        "patch_size": _hw(model_args.get("patch_size")),
+        "patch_size": height_width(model_args.get("patch_size")),
         "num_classes": timm_config.get("num_classes"),
         "num_features": timm_config.get("num_features"),
     }
@@ -531,8 +522,8 @@ def vitrail_config_from_timm(
         )
 
     sizes = [
-        _hw(model_args.get("img_size")),
-        _hw((timm_config.get("pretrained_cfg") or {}).get("input_size")),
+        height_width(model_args.get("img_size")),
+        height_width((timm_config.get("pretrained_cfg") or {}).get("input_size")),
     ]
     sizes = [s for s in (*sizes, meta.get("img_size")) if s is not None]
     if facts.positions is not None:
