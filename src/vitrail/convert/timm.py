@@ -160,9 +160,66 @@ def _strip_wrapper(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return dict(state)
 
 
+def _refuse_unsupported(state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse tensors of timm options vitrail cannot reproduce (`TIMM_REFUSED`, and those told by a missing tensor
+    or a shape) and state dicts timm cannot have written."""
+    refuse(state, TIMM_REFUSED, "timm checkpoint")
+    needed = ("patch_embed.proj.weight", "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.weight")
+    if any(name not in state for name in needed):
+        raise ValueError(
+            "This is not a timm VisionTransformer state dict: `patch_embed.proj.weight` and `blocks.N.*` are "
+            f"expected; first keys: {sorted(state)[:8]}."
+        )
+    if "blocks.0.attn.proj.bias" not in state:
+        raise NotImplementedError(
+            "`blocks.0.attn.proj.bias` is missing: the timm model was built with `proj_bias=False`; vitrail's "
+            "attention output projection always has a bias. (Zero biases would reproduce it: add "
+            "`blocks.N.attn.proj.bias = zeros` for every block if you want that.)"
+        )
+    if "norm.weight" not in state and "fc_norm.weight" not in state:
+        raise NotImplementedError(
+            "The checkpoint has neither `norm.*` nor `fc_norm.*`: the timm model was built with "
+            "`final_norm=False`; vitrail always applies a final LayerNorm."
+        )
+    fc1, fc2 = state["blocks.0.mlp.fc1.weight"], state["blocks.0.mlp.fc2.weight"]
+    if fc1.shape[0] != fc2.shape[1]:
+        raise NotImplementedError(
+            f"`blocks.0.mlp.fc1` makes {fc1.shape[0]} features but `fc2` reads {fc2.shape[1]}: a gated MLP "
+            "(timm `GluMlp` / `SwiGLUPacked`). vitrail has `mlp_type='swiglu'`, but timm's gate order and "
+            "activation cannot be confirmed from the weights, so this converter refuses it."
+        )
+    # A distillation token must come as timm's VisionTransformerDistilled builds it: with a second head exactly
+    # when there is a first one, the final norm on every token, and no register tokens.
+    if "head_dist.weight" in state and "dist_token" not in state:
+        raise ValueError(
+            "The checkpoint has `head_dist.*` but no `dist_token`: a distillation head needs timm's distillation "
+            "token (VisionTransformerDistilled), so this state dict is inconsistent."
+        )
+    if "dist_token" not in state:
+        return
+    if "head.weight" in state and "head_dist.weight" not in state:
+        raise ValueError(
+            "The checkpoint has `dist_token` and `head.*` but no `head_dist.*`; timm's VisionTransformerDistilled "
+            "always has both heads (or neither, with num_classes=0), so this state dict is inconsistent."
+        )
+    if "reg_token" in state:
+        raise NotImplementedError(
+            "The checkpoint has `dist_token` and `reg_token`: timm's VisionTransformerDistilled builds register "
+            "tokens with `reg_tokens=N` but never puts them into the sequence (its _pos_embed concatenates only "
+            "the class and distillation tokens), so vitrail's registers would change the outputs. Remove "
+            "`reg_token` if that is the model you mean."
+        )
+    if "fc_norm.weight" in state:
+        raise NotImplementedError(
+            "The checkpoint has `dist_token` and `fc_norm.*`: timm's VisionTransformerDistilled with fc_norm=True "
+            "never applies `fc_norm` (its forward_head reads tokens 0 and 1 without it), so the model has no final "
+            "norm; vitrail always applies one."
+        )
+
+
 @dataclass(frozen=True)
 class TimmFacts:
-    """The architecture of a timm VisionTransformer as its state dict gives it (`TimmFacts.read`)."""
+    """The architecture of a timm VisionTransformer as its tensors give it (`TimmFacts.read`)."""
 
     width: int
     depth: int
@@ -181,38 +238,14 @@ class TimmFacts:
 
     @classmethod
     def read(cls, state: Mapping[str, torch.Tensor]) -> TimmFacts:
-        """Read the facts, refusing tensors of options vitrail cannot reproduce (`TIMM_REFUSED`, plus those told by
-        a missing tensor or a shape) and state dicts timm cannot have written."""
-        refuse(state, TIMM_REFUSED, "timm checkpoint")
-        if "patch_embed.proj.weight" not in state or not any(k.startswith("blocks.") for k in state):
-            raise ValueError(
-                "This is not a timm VisionTransformer state dict: `patch_embed.proj.weight` and `blocks.N.*` are "
-                f"expected; first keys: {sorted(state)[:8]}."
-            )
-        if "blocks.0.attn.proj.bias" not in state:
-            raise NotImplementedError(
-                "`blocks.0.attn.proj.bias` is missing: the timm model was built with `proj_bias=False`; vitrail's "
-                "attention output projection always has a bias. (Zero biases would reproduce it: add "
-                "`blocks.N.attn.proj.bias = zeros` for every block if you want that.)"
-            )
-        if "norm.weight" not in state and "fc_norm.weight" not in state:
-            raise NotImplementedError(
-                "The checkpoint has neither `norm.*` nor `fc_norm.*`: the timm model was built with "
-                "`final_norm=False`; vitrail always applies a final LayerNorm."
-            )
-        fc1, fc2 = state["blocks.0.mlp.fc1.weight"], state["blocks.0.mlp.fc2.weight"]
-        if fc1.shape[0] != fc2.shape[1]:
-            raise NotImplementedError(
-                f"`blocks.0.mlp.fc1` makes {fc1.shape[0]} features but `fc2` reads {fc2.shape[1]}: a gated MLP "
-                "(timm `GluMlp` / `SwiGLUPacked`). vitrail has `mlp_type='swiglu'`, but timm's gate order and "
-                "activation cannot be confirmed from the weights, so this converter refuses it."
-            )
-        facts = cls(
-            width=state["patch_embed.proj.weight"].shape[0],
+        """The facts of a state dict that `_refuse_unsupported` lets through."""
+        patch = state["patch_embed.proj.weight"]  # (width, channels, ph, pw)
+        return cls(
+            width=patch.shape[0],
             depth=layer_count(state, "blocks.{n}.*"),
-            patch=tuple(state["patch_embed.proj.weight"].shape[2:]),
-            channels=state["patch_embed.proj.weight"].shape[1],
-            mlp_width=fc1.shape[0],
+            patch=tuple(patch.shape[2:]),
+            channels=patch.shape[1],
+            mlp_width=state["blocks.0.mlp.fc1.weight"].shape[0],
             num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0,
             class_token="cls_token" in state,
             distilled="dist_token" in state,
@@ -223,38 +256,6 @@ class TimmFacts:
             qkv_bias="blocks.0.attn.qkv.bias" in state,
             layer_scale="blocks.0.ls1.gamma" in state,
         )
-        facts._check_distilled(state)
-        return facts
-
-    def _check_distilled(self, state: Mapping[str, torch.Tensor]) -> None:
-        """A distillation token must come as timm's `VisionTransformerDistilled` builds it: with a second head
-        exactly when there is a first one, the final norm on every token, and no register tokens."""
-        if "head_dist.weight" in state and not self.distilled:
-            raise ValueError(
-                "The checkpoint has `head_dist.*` but no `dist_token`: a distillation head needs timm's "
-                "distillation token (VisionTransformerDistilled), so this state dict is inconsistent."
-            )
-        if not self.distilled:
-            return
-        if self.num_classes and "head_dist.weight" not in state:
-            raise ValueError(
-                "The checkpoint has `dist_token` and `head.*` but no `head_dist.*`; timm's "
-                "VisionTransformerDistilled always has both heads (or neither, with num_classes=0), so this state "
-                "dict is inconsistent."
-            )
-        if self.registers:
-            raise NotImplementedError(
-                "The checkpoint has `dist_token` and `reg_token`: timm's VisionTransformerDistilled builds register "
-                "tokens with `reg_tokens=N` but never puts them into the sequence (its _pos_embed concatenates only "
-                "the class and distillation tokens), so vitrail's registers would change the outputs. Remove "
-                "`reg_token` if that is the model you mean."
-            )
-        if self.fc_norm:
-            raise NotImplementedError(
-                "The checkpoint has `dist_token` and `fc_norm.*`: timm's VisionTransformerDistilled with "
-                "fc_norm=True never applies `fc_norm` (its forward_head reads tokens 0 and 1 without it), so the "
-                "model has no final norm; vitrail always applies one."
-            )
 
     @property
     def prefix_tokens(self) -> int:
@@ -465,6 +466,7 @@ def vitrail_config_from_timm(
     unknown or the inputs disagree.
     """
     state = _strip_wrapper(state_dict)
+    _refuse_unsupported(state)
     facts = TimmFacts.read(state)
     timm_config = dict(timm_config or {})
     model_args = dict(timm_config.get("model_args") or {})
@@ -611,7 +613,7 @@ def convert_timm_state_dict(
     """Rename a timm VisionTransformer state dict to vitrail's names for `target_cls` (default: the classifier
     when there is a `head`, else `VitrailModel`), checking every tensor (see `rename_state_dict`)."""
     state = _strip_wrapper(state_dict)
-    refuse(state, TIMM_REFUSED, "timm checkpoint")
+    _refuse_unsupported(state)
     plan = _plan(state, config)
     if target_cls not in (None, plan.model_class):
         raise ValueError(
