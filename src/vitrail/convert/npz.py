@@ -453,7 +453,7 @@ def _head_classes(arrays: Mapping[str, np.ndarray]) -> int:
 
 
 def _plan(arrays: Mapping[str, np.ndarray], config: VitrailConfig, backbone_only: bool) -> Plan:
-    arrays = _checked(arrays, backbone_only)
+    """The conversion of `_checked` arrays."""
     layout = detect_npz_layout(arrays)
     head = not backbone_only and _head_classes(arrays) > 0
     return Plan(
@@ -475,7 +475,7 @@ def convert_npz(
     Every array is placed exactly once or dropped with a logged reason; unknown keys, missing tensors and shape
     mismatches raise a `ValueError` naming them.
     """
-    return _plan(arrays, config, backbone_only).state_dict()
+    return _plan(_checked(arrays, backbone_only), config, backbone_only).state_dict()
 
 
 def load_npz_checkpoint(
