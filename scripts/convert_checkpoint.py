@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from vitrail import VitrailConfig, VitrailForImageClassification, VitrailModel
+from vitrail import VitrailConfig
 from vitrail.convert import fit_processor_to
 from vitrail.convert.common import model_outputs
 
@@ -82,8 +82,7 @@ def convert(source_format: str, src: Path, dst: Path, target_size=None, **option
         processor.save_pretrained(dst)
     else:
         logger.warning("The source says nothing about preprocessing: %s has no image processor.", dst)
-    cls = VitrailForImageClassification if isinstance(model, VitrailForImageClassification) else VitrailModel
-    reloaded = cls.from_pretrained(dst).eval()
+    reloaded = type(model).from_pretrained(dst).eval()
     after = (model_outputs(reloaded, pixels) - model_outputs(model, pixels)).abs().max().item()
     print(f"max abs logit difference (reloaded from {dst} vs converted): {after:.3e}")
     diffs.append(after)

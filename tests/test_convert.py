@@ -30,6 +30,17 @@ from vitrail.convert import (
     load_hf_checkpoint,
     vitrail_config_from_hf,
 )
+from vitrail.convert import npz as npz_format
+from vitrail.convert import timm as timm_format
+from vitrail.convert.common import (
+    Drop,
+    Refuse,
+    Rename,
+    grid_of_positions,
+    in_layers,
+    refuse,
+    rename_state_dict,
+)
 from vitrail.convert.hf import FAMILIES, hf_rename_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -277,6 +288,71 @@ def test_rename_tables_reach_the_same_vitrail_names_in_both_layouts(family):
 
     hub, v5 = targets("hub"), targets("v5")
     assert {t for t, _ in hub} == {t for t, _ in v5}
+
+
+# ---- the row dialect every format shares -------------------------------------------------------------------------
+
+
+def _all_tables():
+    """Every table of every format: (name, rows)."""
+    tables = {
+        f"hf {family} {layout}": hf_rename_rows(family, layout)
+        for family in FAMILIES
+        for layout in ("hub", "v5")
+    }
+    tables.update({f"hf {family} drops": FAMILIES[family].drops for family in FAMILIES})
+    tables.update({"timm renames": timm_format.TIMM_RENAMES, "timm refused": timm_format.TIMM_REFUSED})
+    tables.update({f"npz {layout}": npz_format.npz_rename_rows(layout) for layout in npz_format.NPZ_LAYERS})
+    tables.update({"npz refused": npz_format.NPZ_REFUSED + npz_format.NPZ_HEAD_REFUSED})
+    tables.update({"npz drops": npz_format.NPZ_BACKBONE_DROPS + npz_format.NPZ_EMPTY_HEAD_DROPS})
+    return tables
+
+
+@pytest.mark.parametrize("table", list(_all_tables()))
+def test_every_table_is_written_in_the_one_row_dialect(table):
+    """Rows are `Rename` / `Drop` / `Refuse` objects; a placeholder a target fills is one its source captures, and
+    every layer row lands inside vitrail's `encoder.layers.{n}.`."""
+    rows = _all_tables()[table]
+    assert rows and all(isinstance(row, (Rename, Drop, Refuse)) for row in rows)
+    for row in rows:
+        if isinstance(row, Rename):
+            for placeholder in ("{n}", "{p}"):
+                assert placeholder not in row.target or placeholder in row.source, row
+            assert ("{n}" in row.source) == row.target.startswith("{backbone}encoder.layers.{n}."), row
+
+
+def test_row_patterns_are_names_with_placeholders():
+    """`{n}` is a layer number, `{p}` weight or bias, `*` anything; every other character is itself (a dot is
+    not a regex wildcard)."""
+    rows = in_layers("blocks.{n}.", [Rename("attn.qkv.{p}", "attention.qkv.{p}")])
+    assert rows == (Rename("blocks.{n}.attn.qkv.{p}", "{backbone}encoder.layers.{n}.attention.qkv.{p}"),)
+    expected = {
+        f"encoder.layers.{n}.attention.qkv.{p}": torch.Size([3]) for n in (0, 10) for p in ("weight", "bias")
+    }
+    state = {f"blocks.{n}.attn.qkv.{p}": torch.ones(3) for n in (0, 10) for p in ("weight", "bias")}
+    assert set(rename_state_dict(state, rows, expected)) == set(expected)
+    with pytest.raises(ValueError, match=r"blocksX0\.attn\.qkv\.weight"):
+        rename_state_dict({**state, "blocksX0.attn.qkv.weight": torch.ones(3)}, rows, expected)
+    drops = [Drop("aux.*", "an auxiliary head")]
+    assert set(
+        rename_state_dict({**state, "aux.fc.weight": torch.ones(1)}, rows, expected, drops=drops)
+    ) == set(expected)
+    with pytest.raises(NotImplementedError, match=r"\['attn_pool.q', 'attn_pool.v'\]: attention pooling"):
+        refuse(["cls_token", "attn_pool.v", "attn_pool.q"], [Refuse("attn_pool.*", "attention pooling")])
+
+
+def test_grid_of_positions():
+    """The image size behind a position table: a configured size that fits, else the one square grid."""
+    patch = (8, 8)
+    assert grid_of_positions(17, [1, 0], patch, name="t", hint="h") == ((32, 32), 1)
+    assert grid_of_positions(10, [1, 0], patch, [(16, 40)], name="t", hint="h") == ((16, 40), 0)
+    assert grid_of_positions(11, [1, 0], patch, [(16, 40)], name="t", hint="h") == ((16, 40), 1)
+    with pytest.raises(ValueError, match="t has 11 rows .*not a square grid of patches; give the size"):
+        grid_of_positions(11, [1, 0], patch, name="t", hint="give the size")
+    # 9 rows with 5 prefix tokens: 3x3 patches without prefix rows, or 2x2 with them.
+    with pytest.raises(ValueError, match="square grid with and without prefix rows"):
+        grid_of_positions(9, [5, 0], patch, name="t", hint="h")
+    assert grid_of_positions(9, [5, 0], patch, [(16, 16)], name="t", hint="h") == ((16, 16), 5)
 
 
 def _script():

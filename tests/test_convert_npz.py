@@ -261,6 +261,15 @@ def test_unexpressible_heads_are_refused(tmp_path):
     assert max_diff(outputs(backbone, x), want, "backbone_only with pre_logits") <= TOLERANCE
 
 
+def test_hybrid_resnet_stem_is_refused(tmp_path):
+    """R50+ViT checkpoints carry a ResNet stem before the patch projection; vitrail has none, even for a backbone."""
+    arrays = jax_arrays("vit")
+    arrays["conv_root/kernel"] = np.zeros((7, 7, 3, 64), np.float32)
+    for backbone_only in (False, True):
+        with pytest.raises(NotImplementedError, match=r"\['conv_root/kernel'\]: a hybrid ResNet\+ViT stem"):
+            load_npz_checkpoint(save(tmp_path, arrays), backbone_only=backbone_only)
+
+
 def test_unknown_key_is_named(tmp_path):
     arrays = jax_arrays("vit")
     arrays["Transformer/encoderblock_1/LayerScale_0/scale"] = np.ones(WIDTH, np.float32)
@@ -294,9 +303,8 @@ def test_bfloat16_arrays_are_widened(tmp_path):
     np.testing.assert_array_equal(
         read, (bits["params/embedding/bias"].astype(np.uint32) << 16).view(np.float32)
     )
-    converted = open_source(
-        path
-    )  # timm reads bfloat16 only through jax: its reference gets the widened arrays
+    # timm reads bfloat16 only through jax: its reference gets the widened arrays.
+    converted = open_source(path)
     x = pixels()
     assert max_diff(outputs(converted.model, x), converted.reference(x), "bfloat16 file") <= TOLERANCE
 

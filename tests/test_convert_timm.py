@@ -22,6 +22,7 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 from vitrail import VitrailForImageClassification, VitrailModel  # noqa: E402
 from vitrail.convert.common import model_outputs  # noqa: E402
 from vitrail.convert.timm import (  # noqa: E402
+    TimmFacts,
     _heads_from_name,
     convert_timm_state_dict,
     is_timm_config,
@@ -32,12 +33,11 @@ from vitrail.convert.timm import (  # noqa: E402
 )
 
 TOLERANCE = 1e-5
-# 37 hidden MLP units: an odd size so that a transposed or mis-split tensor cannot pass by shape.
 ROOT = Path(__file__).resolve().parents[1]
+# 37 hidden MLP units: an odd size so that a transposed or mis-split tensor cannot pass by shape.
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_ratio=37 / 32, num_classes=5)
-UNKNOWN_ARCH = (
-    "vitrail_test_tiny"  # a name timm does not know: everything comes from the weights and config.json
-)
+# A name timm does not know: everything comes from the weights and config.json.
+UNKNOWN_ARCH = "vitrail_test_tiny"
 
 
 def make_timm(seed: int = 0, cls=VisionTransformer, **options) -> VisionTransformer:
@@ -241,6 +241,51 @@ def test_config_json_contradicting_the_weights_is_refused(tmp_path):
         load_timm_checkpoint(save_folder(tmp_path, reference, config))
 
 
+def test_facts_are_read_from_the_tensors():
+    reference = make_timm(
+        reg_tokens=3, init_values=1e-6, qk_norm=True, qkv_bias=False, img_size=(16, 40), global_pool="avg"
+    )
+    assert TimmFacts.read(reference.state_dict()) == TimmFacts(
+        width=32, depth=2, patch=(8, 8), channels=3, mlp_width=37, num_classes=5, class_token=True,
+        distilled=False, registers=3, positions=2 * 5 + 4, fc_norm=True, qk_norm=True, qkv_bias=False,
+        layer_scale=True,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "said, key",
+    [
+        ({"model_args": {"pre_norm": True}}, "pre_norm"),
+        ({"model_args": {"final_norm": False}}, "final_norm"),
+        ({"model_args": {"proj_bias": False}}, "proj_bias"),
+        ({"model_args": {"reg_tokens": 2}}, "reg_tokens"),
+        ({"model_args": {"patch_size": 16}}, "patch_size"),
+        ({"num_classes": 7}, "num_classes"),
+        ({"num_features": 64}, "num_features"),
+    ],
+)
+def test_config_json_is_reconciled_with_the_tensors(said, key):
+    """Whatever config.json says about an option the tensors show must agree with them, in one comparison."""
+    state = make_timm().state_dict()
+    timm_config = {**said, "model_args": {"num_heads": 4, **said.get("model_args", {})}}
+    with pytest.raises(ValueError, match=f"config.json says {key}=.*the weights say"):
+        vitrail_config_from_timm(state, timm_config=timm_config)
+
+
+def test_inconsistent_state_dicts_are_named_by_the_rename_engine(tmp_path):
+    """What the engine checks for every format is not checked again here, and is still refused by name."""
+    reference = make_timm()
+    state = reference.state_dict()
+    config = vitrail_config_from_timm(state, num_heads=4)
+    both_norms = {**state, "fc_norm.weight": state["norm.weight"], "fc_norm.bias": state["norm.bias"]}
+    with pytest.raises(ValueError, match=r"already filled: \['fc_norm.bias', 'fc_norm.weight'\]"):
+        convert_timm_state_dict(both_norms, config)
+    gap = {k.replace("blocks.1.", "blocks.2."): v for k, v in state.items()}  # blocks 0 and 2
+    folder = save_folder(tmp_path, reference, timm_config(reference, num_heads=4), state=gap)
+    with pytest.raises(ValueError, match=r"missing \['vitrail.encoder.layers.1.attention.proj.bias'"):
+        load_timm_checkpoint(folder)
+
+
 def test_pickle_needs_allow_pickle(tmp_path):
     reference = make_timm(reg_tokens=1)
     file = tmp_path / "model.pth"
@@ -365,9 +410,8 @@ def test_distilled_backbone_is_a_vitrail_model(tmp_path):
     print(f"distilled backbone: {diff:.3e}")
     assert diff <= TOLERANCE
     assert (converted.reference(pixels) - want).abs().max() <= TOLERANCE
-    config = vitrail_config_from_timm(
-        reference.state_dict(), num_heads=4
-    )  # no config.json: read off the tensors
+    # No config.json: everything is read off the tensors.
+    config = vitrail_config_from_timm(reference.state_dict(), num_heads=4)
     assert config.use_distillation_token and config.num_labels == 0 and list(config.image_hw) == [32, 32]
 
 

@@ -1,36 +1,60 @@
-"""The conversion engine every source format shares: declarative rename rows, one checked pass over a state
-dict, safe weight reading, and the record a conversion hands to `scripts/convert_checkpoint.py`.
+"""The conversion engine every source format shares: declarative rows, one checked pass over a state dict, the
+step from a checked state dict to a vitrail model, safe weight reading, and the record a conversion hands to
+`scripts/convert_checkpoint.py`.
 
-A source format (transformers, timm, JAX .npz) contributes only tables: `Rename` rows saying where each foreign
-tensor goes (and how it is reshaped or fused on the way) and `Drop` rows saying which tensors have no vitrail
-counterpart and why. `rename_state_dict` then places every source tensor exactly once or drops it with a logged
-reason, fills every vitrail tensor with the expected shape, and raises a `ValueError` naming anything that does
-not fit.
+A source format (transformers, timm, JAX .npz) contributes tables and what it reads off a checkpoint. The tables
+are rows of one dialect: `Rename` (where a foreign tensor goes, and how it is reshaped or fused on the way),
+`Drop` (a tensor with no vitrail counterpart, and why) and `Refuse` (a tensor of a part vitrail cannot reproduce,
+and what it is). What the format reads off a checkpoint -- the vitrail config its tensors fit, whether it has a
+classification head -- goes into a `Plan`, and `Plan.load` does the rest: `rename_state_dict` places every source
+tensor exactly once or drops it with a logged reason, fills every vitrail tensor with the expected shape, and
+raises a `ValueError` naming anything that does not fit; the model is then built, loaded strictly and put in eval
+mode.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
 import re
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-logger = logging.getLogger("vitrail.convert")
+from ..configuration_vitrail import VitrailConfig
+from ..modeling_vitrail import VitrailForImageClassification, VitrailModel
+
+logger = logging.getLogger(__name__)
+
+# What the placeholders of a row's `source` match; `{n}` and `{p}` carry the matched text into its `target`.
+_PLACEHOLDERS = {"{n}": r"(?P<n>\d+)", "{p}": r"(?P<p>weight|bias)", "*": ".*"}
+
+
+@functools.cache
+def _pattern(source: str) -> re.Pattern:
+    parts = re.split(r"(\{n\}|\{p\}|\*)", source)
+    return re.compile("".join(_PLACEHOLDERS.get(part, re.escape(part)) for part in parts))
+
+
+def _matches(source: str, name: str) -> re.Match | None:
+    return _pattern(source).fullmatch(name)
 
 
 @dataclass(frozen=True)
 class Rename:
-    """Source tensors whose name fully matches `source` (a regex) go to `target`.
+    """Source tensors named `source` go to `target`.
 
-    `target` is a `str.format` template: `{0}`, `{1}`... are the regex groups and `{backbone}` is `"vitrail."` for
-    head models and `""` for the bare `VitrailModel`. `transform` reshapes the tensor first (e.g. a JAX kernel
-    transposed to a torch weight). `slot=(k, n)` says the result is block `k` of `n` concatenated along dim 0 of
-    the target (q, k and v go into one fused `qkv`). `note` is logged once if the row is used.
+    `source` is the foreign name as written, where `{n}` stands for a layer number, `{p}` for `weight` or `bias`
+    and `*` for any text. `target` is the vitrail name, with `{n}` and `{p}` filled from the source, and
+    `{backbone}` for `"vitrail."` in head models and `""` in the bare `VitrailModel`. `transform` reshapes the
+    tensor first (e.g. a JAX kernel transposed to a torch weight). `slot=(k, n)` says the result is block `k` of
+    `n` concatenated along dim 0 of the target (q, k and v go into one fused `qkv`). `note` is logged once if the
+    row is used.
     """
 
     source: str
@@ -42,10 +66,88 @@ class Rename:
 
 @dataclass(frozen=True)
 class Drop:
-    """Source tensors matching `source` have no vitrail counterpart; each is dropped with `reason` logged."""
+    """Source tensors matching `source` (a `Rename` pattern) have no vitrail counterpart; each is dropped with
+    `reason` logged."""
 
     source: str
     reason: str
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """Source tensors matching `source` (a `Rename` pattern) belong to a part vitrail cannot reproduce: `reason`
+    says what it is (and what to do instead), and `refuse` stops the conversion with it."""
+
+    source: str
+    reason: str
+
+
+def in_layers(source_prefix: str, rows: Iterable[Rename]) -> tuple[Rename, ...]:
+    """`rows` written for the inside of one layer, made rows for every layer: `source_prefix` (which holds the
+    `{n}` placeholder) goes before each source and vitrail's `{backbone}encoder.layers.{n}.` before each target."""
+    return tuple(
+        replace(row, source=source_prefix + row.source, target="{backbone}encoder.layers.{n}." + row.target)
+        for row in rows
+    )
+
+
+def layer_count(names: Iterable[str], source: str) -> int:
+    """The number of layers: one more than the highest `{n}` among `names` matching the pattern `source` (a gap in
+    the numbering is left to `rename_state_dict`, which names the missing tensors)."""
+    return 1 + max((int(m["n"]) for name in names if (m := _matches(source, name))), default=-1)
+
+
+def height_width(value) -> tuple[int, int] | None:
+    """An image or patch size as checkpoints write it (an int, `(height, width)`, or timm's `input_size`
+    `(channels, height, width)`) as `(height, width)`; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return value, value
+    *_, height, width = value
+    return int(height), int(width)
+
+
+def grid_of_positions(
+    rows: int, prefixes: Sequence[int], patch: tuple[int, int], sizes=(), *, name: str, hint: str
+) -> tuple[tuple[int, int], int]:
+    """`((height, width), prefix rows)` of a learned position table of `rows` rows: one per patch, plus one per
+    prefix token that owns a position, as many as one of `prefixes`. The first of `sizes` (image sizes a config
+    names) whose grid fits wins; otherwise the grid is the square that exactly one of `prefixes` leaves. Raises
+    `ValueError` (ending with `hint`, how to name the size) when no square or two fit."""
+    for size in sizes:
+        prefix = rows - (size[0] // patch[0]) * (size[1] // patch[1])
+        if prefix in prefixes:
+            return tuple(size), prefix
+    squares = [(side, p) for p in prefixes if rows > p and (side := math.isqrt(rows - p)) ** 2 == rows - p]
+    if len(squares) == 1:
+        if sizes:
+            logger.warning(
+                "%s has %d rows, which fits none of the image sizes %s; using a square grid.",
+                name,
+                rows,
+                sizes,
+            )
+        [(side, prefix)] = squares
+        return (side * patch[0], side * patch[1]), prefix
+    problem = (
+        "is not a square grid of patches" if not squares else "is a square grid with and without prefix rows"
+    )
+    raise ValueError(
+        f"{name} has {rows} rows ({' or '.join(map(str, prefixes))} for prefix tokens), which {problem}; {hint}."
+    )
+
+
+def refuse(names: Iterable[str], rows: Iterable[Refuse], source_name: str = "checkpoint") -> None:
+    """Raise `NotImplementedError` for the first `Refuse` row that some of `names` match, naming them."""
+    names = sorted(names)
+    for row in rows:
+        hits = [name for name in names if _matches(row.source, name)]
+        if hits:
+            raise NotImplementedError(
+                f"The {source_name} has {hits[:4]}{' ...' if len(hits) > 4 else ''}: {row.reason}. vitrail cannot "
+                "reproduce it, and dropping the tensors would change the outputs, so nothing is converted."
+            )
 
 
 def expected_shapes(model_cls, config) -> dict[str, torch.Size]:
@@ -70,8 +172,7 @@ def rename_state_dict(
     match no row (and no `Drop`), keys that land on a tensor already filled, incomplete fused slots, and missing,
     unexpected or mis-shaped vitrail tensors.
     """
-    compiled = [(re.compile(row.source), row) for row in rows]
-    dropped = [(re.compile(d.source), d.reason) for d in drops]
+    rows, drops = list(rows), list(drops)
     out: dict[str, torch.Tensor] = {}
     fused: dict[str, dict[int, tuple[str, torch.Tensor]]] = {}
     fused_sizes: dict[str, int] = {}
@@ -80,16 +181,16 @@ def rename_state_dict(
     notes: list[str] = []
     for key, tensor in state.items():
         name = key[len(strip_prefix) :] if strip_prefix and key.startswith(strip_prefix) else key
-        hit = next(((m, row) for rx, row in compiled if (m := rx.fullmatch(name))), None)
+        hit = next(((m, row) for row in rows if (m := _matches(row.source, name))), None)
         if hit is None:
-            reason = next((why for rx, why in dropped if rx.fullmatch(name)), None)
+            reason = next((d.reason for d in drops if _matches(d.source, name)), None)
             if reason is None:
                 unplaced.append(key)
             else:
                 logger.info("Dropped %s: %s.", key, reason)
             continue
         match, row = hit
-        target = row.target.format(*match.groups(), backbone=backbone)
+        target = row.target.format(backbone=backbone, **match.groupdict())
         if row.transform is not None:
             tensor = row.transform(tensor)
         if row.note and row.note not in notes:
@@ -142,6 +243,68 @@ def rename_state_dict(
         raise ValueError(f"Shape mismatches (got, expected): {wrong}.")
     logger.info("All %d vitrail tensors filled from %d source tensors.", len(out), len(state))
     return {k: v.contiguous() for k, v in out.items()}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a source format works out about one checkpoint, and all that the conversion needs.
+
+    `state` is the source's tensors, `config` the `VitrailConfig` they fit, `head` whether the model has a
+    classification head (`VitrailForImageClassification`, else `VitrailModel`), `rows` and `drops` the format's
+    tables; `strip_prefix` and `source_name` as in `rename_state_dict`.
+    """
+
+    state: Mapping[str, torch.Tensor]
+    config: VitrailConfig
+    head: bool
+    rows: Sequence[Rename]
+    drops: Sequence[Drop] = ()
+    strip_prefix: str = ""
+    source_name: str = "checkpoint"
+
+    @property
+    def model_class(self) -> type[VitrailForImageClassification] | type[VitrailModel]:
+        return VitrailForImageClassification if self.head else VitrailModel
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The source's tensors under vitrail's names for `model_class`, checked by `rename_state_dict`."""
+        target = self.model_class
+        logger.info(
+            "Converting %d tensors (%s) into %s: %s.",
+            len(self.state),
+            self.source_name,
+            target.__name__,
+            describe(self.config),
+        )
+        return rename_state_dict(
+            self.state,
+            self.rows,
+            expected_shapes(target, self.config),
+            drops=self.drops,
+            backbone=f"{target.base_model_prefix}." if self.head else "",
+            strip_prefix=self.strip_prefix,
+            source_name=self.source_name,
+        )
+
+    def load(self) -> VitrailForImageClassification | VitrailModel:
+        """The converted vitrail model, every tensor loaded strictly, in eval mode."""
+        model = self.model_class(self.config)
+        model.load_state_dict(self.state_dict(), strict=True)
+        return model.eval()
+
+
+def describe(config: VitrailConfig) -> str:
+    """The architecture of `config` in one line, for logs and notes."""
+    (height, width), (ph, pw) = config.image_hw, config.patch_hw
+    tokens = {"class": config.use_cls_token, "distillation": config.use_distillation_token}
+    tokens = [f"{name} token" for name, used in tokens.items() if used]
+    tokens += [f"{config.num_register_tokens} registers"] if config.num_register_tokens else []
+    return (
+        f"{config.num_hidden_layers} layers, width {config.hidden_size}, {config.num_attention_heads} heads, MLP "
+        f"{config.intermediate_size} ({config.hidden_act}), patch {ph}x{pw}, {height}x{width} px, "
+        f"{', '.join(tokens) or 'no prefix tokens'}, {config.position_embedding_type} positions, "
+        f"{config.pooling} pooling"
+    )
 
 
 def read_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:

@@ -27,84 +27,76 @@ How each family maps onto vitrail's config:
 
 from __future__ import annotations
 
+import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig
 
-from ..configuration_vitrail import VitrailConfig, _pair
+from ..configuration_vitrail import VitrailConfig
 from ..modeling_vitrail import VitrailForImageClassification, VitrailModel
-from .common import Converted, Drop, Rename, expected_shapes, model_outputs, read_weights, rename_state_dict
+from .common import Converted, Drop, Plan, Rename, height_width, in_layers, model_outputs, read_weights
 
-logger = logging.getLogger("vitrail.convert")
+logger = logging.getLogger(__name__)
 
-P = "(weight|bias)"  # the parameter group in rows below
+# ---- layer rows, inside layer N ------------------------------------------------------------------------------
 
-# ---- layer tables: (source suffix, vitrail suffix, slot) inside layer N; `{p}` is weight or bias -----------------
-
-_QKV_HUB = (
-    ("attention.attention.query.{p}", "attention.qkv.{p}", (0, 3)),
-    ("attention.attention.key.{p}", "attention.qkv.{p}", (1, 3)),
-    ("attention.attention.value.{p}", "attention.qkv.{p}", (2, 3)),
-    ("attention.output.dense.{p}", "attention.proj.{p}", None),
+_HUB_ATTENTION = (
+    Rename("attention.attention.query.{p}", "attention.qkv.{p}", slot=(0, 3)),
+    Rename("attention.attention.key.{p}", "attention.qkv.{p}", slot=(1, 3)),
+    Rename("attention.attention.value.{p}", "attention.qkv.{p}", slot=(2, 3)),
+    Rename("attention.output.dense.{p}", "attention.proj.{p}"),
 )
-_QKV_V5 = (
-    ("attention.q_proj.{p}", "attention.qkv.{p}", (0, 3)),
-    ("attention.k_proj.{p}", "attention.qkv.{p}", (1, 3)),
-    ("attention.v_proj.{p}", "attention.qkv.{p}", (2, 3)),
-    ("attention.o_proj.{p}", "attention.proj.{p}", None),
+_V5_ATTENTION = (
+    Rename("attention.q_proj.{p}", "attention.qkv.{p}", slot=(0, 3)),
+    Rename("attention.k_proj.{p}", "attention.qkv.{p}", slot=(1, 3)),
+    Rename("attention.v_proj.{p}", "attention.qkv.{p}", slot=(2, 3)),
+    Rename("attention.o_proj.{p}", "attention.proj.{p}"),
 )
-_VIT_NORMS = (
-    ("layernorm_before.{p}", "norm1.{p}", None),
-    ("layernorm_after.{p}", "norm2.{p}", None),
-)
-_DINOV2_COMMON = (
-    ("norm1.{p}", "norm1.{p}", None),
-    ("norm2.{p}", "norm2.{p}", None),
-    ("layer_scale1.lambda1", "layer_scale1.scale", None),
-    ("layer_scale2.lambda1", "layer_scale2.scale", None),
-    ("mlp.fc1.{p}", "mlp.fc1.{p}", None),
-    ("mlp.fc2.{p}", "mlp.fc2.{p}", None),
+_VIT_NORMS = (Rename("layernorm_before.{p}", "norm1.{p}"), Rename("layernorm_after.{p}", "norm2.{p}"))
+_MLP = (Rename("mlp.fc1.{p}", "mlp.fc1.{p}"), Rename("mlp.fc2.{p}", "mlp.fc2.{p}"))
+_DINOV2_BLOCK = (
+    Rename("norm1.{p}", "norm1.{p}"),
+    Rename("norm2.{p}", "norm2.{p}"),
+    Rename("layer_scale1.lambda1", "layer_scale1.scale"),
+    Rename("layer_scale2.lambda1", "layer_scale2.scale"),
+    *_MLP,
 )
 
-# layout -> (prefix of layer N, rows)
+# layout -> the rows of every layer
 VIT_LAYERS = {
-    "hub": (
-        "encoder.layer.",
+    "hub": in_layers(
+        "encoder.layer.{n}.",
         (
-            *_QKV_HUB,
+            *_HUB_ATTENTION,
             *_VIT_NORMS,
-            ("intermediate.dense.{p}", "mlp.fc1.{p}", None),
-            ("output.dense.{p}", "mlp.fc2.{p}", None),
+            Rename("intermediate.dense.{p}", "mlp.fc1.{p}"),
+            Rename("output.dense.{p}", "mlp.fc2.{p}"),
         ),
     ),
-    "v5": (
-        "layers.",
-        (*_QKV_V5, *_VIT_NORMS, ("mlp.fc1.{p}", "mlp.fc1.{p}", None), ("mlp.fc2.{p}", "mlp.fc2.{p}", None)),
-    ),
+    "v5": in_layers("layers.{n}.", (*_V5_ATTENTION, *_VIT_NORMS, *_MLP)),
 }
 DINOV2_LAYERS = {
-    "hub": (
-        "encoder.layer.",
+    "hub": in_layers(
+        "encoder.layer.{n}.",
         (
-            *_QKV_HUB,
-            *_DINOV2_COMMON,
+            *_HUB_ATTENTION,
+            *_DINOV2_BLOCK,
             # SwiGLU (giant): one fused input projection, rows [gate; value], as vitrail's fc1.
-            ("mlp.weights_in.{p}", "mlp.fc1.{p}", None),
-            ("mlp.weights_out.{p}", "mlp.fc2.{p}", None),
+            Rename("mlp.weights_in.{p}", "mlp.fc1.{p}"),
+            Rename("mlp.weights_out.{p}", "mlp.fc2.{p}"),
         ),
     ),
-    "v5": (
-        "encoder.layer.",
+    "v5": in_layers(
+        "encoder.layer.{n}.",
         (
-            *_QKV_V5,
-            *_DINOV2_COMMON,
-            ("mlp.gate_proj.{p}", "mlp.fc1.{p}", (0, 2)),
-            ("mlp.up_proj.{p}", "mlp.fc1.{p}", (1, 2)),
-            ("mlp.down_proj.{p}", "mlp.fc2.{p}", None),
+            *_V5_ATTENTION,
+            *_DINOV2_BLOCK,
+            Rename("mlp.gate_proj.{p}", "mlp.fc1.{p}", slot=(0, 2)),
+            Rename("mlp.up_proj.{p}", "mlp.fc1.{p}", slot=(1, 2)),
+            Rename("mlp.down_proj.{p}", "mlp.fc2.{p}"),
         ),
     ),
 }
@@ -112,39 +104,38 @@ DINOV2_LAYERS = {
 # ---- rows outside the layers ----------------------------------------------------------------------------------
 
 _EMBEDDINGS = (
-    Rename(r"embeddings\.cls_token", "{backbone}embeddings.cls_token"),
-    Rename(r"embeddings\.position_embeddings", "{backbone}embeddings.position_embeddings"),
+    Rename("embeddings.cls_token", "{backbone}embeddings.cls_token"),
+    Rename("embeddings.position_embeddings", "{backbone}embeddings.position_embeddings"),
     Rename(
-        rf"embeddings\.patch_embeddings\.projection\.{P}",
-        "{backbone}embeddings.patch_embeddings.projection.{0}",
+        "embeddings.patch_embeddings.projection.{p}", "{backbone}embeddings.patch_embeddings.projection.{p}"
     ),
-    Rename(rf"layernorm\.{P}", "{backbone}layernorm.{0}"),
+    Rename("layernorm.{p}", "{backbone}layernorm.{p}"),
 )
-_CLASSIFIER = (Rename(rf"classifier\.{P}", "classifier.{0}"),)
+_CLASSIFIER = (Rename("classifier.{p}", "classifier.{p}"),)
 _DEIT_AS_REGISTER = Rename(
-    r"embeddings\.distillation_token",
+    "embeddings.distillation_token",
     "{backbone}embeddings.register_tokens",
     note="DeiT: no head reads the distillation token, so it becomes register token 0 with its own position "
     "(num_register_tokens=1, prefix_position_embeddings='all').",
 )
 _DEIT_DISTILLED = (
     Rename(
-        r"embeddings\.distillation_token",
+        "embeddings.distillation_token",
         "{backbone}embeddings.distillation_token",
         note="Distilled DeiT: distillation token and its head kept; logits are the mean of both heads.",
     ),
-    Rename(rf"cls_classifier\.{P}", "classifier.{0}"),
-    Rename(rf"distillation_classifier\.{P}", "distillation_classifier.{0}"),
+    Rename("cls_classifier.{p}", "classifier.{p}"),
+    Rename("distillation_classifier.{p}", "distillation_classifier.{p}"),
 )
-_DINOV2_REGISTERS = (Rename(r"embeddings\.register_tokens", "{backbone}embeddings.register_tokens"),)
+_DINOV2_REGISTERS = (Rename("embeddings.register_tokens", "{backbone}embeddings.register_tokens"),)
 
 _POOLER = Drop(
-    rf"pooler\.dense\.{P}",
+    "pooler.dense.{p}",
     "transformers' ViT pooler (tanh(dense(cls))) has no vitrail counterpart; vitrail's pooler_output is the "
     "normalised class token, and no transformers classification head reads the pooler",
 )
 _MASK_TOKEN = Drop(
-    r"embeddings\.mask_token",
+    "embeddings.mask_token",
     "DINOv2's mask token serves only its self-supervised pre-training; VitrailModel carries a mask token only "
     "for SimMIM (VitrailForMaskedImageModeling), where it is trained anew",
 )
@@ -152,10 +143,10 @@ _MASK_TOKEN = Drop(
 
 @dataclass(frozen=True)
 class Family:
-    """One transformers model family: its backbone prefix, layer tables and rows outside the layers."""
+    """One transformers model family: its backbone prefix, layer rows per layout and rows outside the layers."""
 
     prefix: str
-    layers: dict
+    layers: dict[str, tuple[Rename, ...]]
     rows: tuple[Rename, ...]
     drops: tuple[Drop, ...] = ()
 
@@ -180,6 +171,7 @@ def _is_distilled(hf_config, state=None) -> bool:
 
 
 def family_of(hf_config, state=None) -> str:
+    """The key of `FAMILIES` for a transformers config (and its tensors, which tell a distilled DeiT)."""
     model_type = getattr(hf_config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise NotImplementedError(
@@ -191,13 +183,7 @@ def family_of(hf_config, state=None) -> str:
 def hf_rename_rows(family: str, layout: str) -> list[Rename]:
     """Every `Rename` row of one family in one layout: rows outside the layers, then the layer rows."""
     spec = FAMILIES[family]
-    layers, rows = spec.layers[layout]
-    expanded = []
-    for src, dst, slot in rows:
-        source = re.escape(layers) + r"(\d+)\." + re.escape(src).replace(r"\{p\}", P)
-        target = "{backbone}encoder.layers.{0}." + dst.replace("{p}", "{1}")
-        expanded.append(Rename(source, target, slot=slot))
-    return [*spec.rows, *expanded]
+    return [*spec.rows, *spec.layers[layout]]
 
 
 # ---- config ----------------------------------------------------------------------------------------------------
@@ -249,7 +235,7 @@ def vitrail_config_from_hf(hf_config, state=None) -> VitrailConfig:
             fields[name] = list(fields[name])
     # transformers' patch convolution drops a partial last row/column of pixels, so its position table covers
     # floor(image / patch) patches: the size that table was made for is the whole-patch part of the image.
-    (h, w), (ph, pw) = _pair(fields["image_size"]), _pair(fields["patch_size"])
+    (h, w), (ph, pw) = height_width(fields["image_size"]), height_width(fields["patch_size"])
     if h % ph or w % pw:
         fields["image_size"] = [h // ph * ph, w // pw * pw]
         logger.info(
@@ -307,29 +293,23 @@ def detect_hf_layout(keys) -> str:
     return "hub" if hub else "v5"
 
 
-def _target_class(hf_config, state=None):
-    return VitrailForImageClassification if _wants_head(hf_config, state) else VitrailModel
+def _plan(state: dict[str, torch.Tensor], hf_config) -> Plan:
+    family, layout = family_of(hf_config, state), detect_hf_layout(state)
+    return Plan(
+        state,
+        vitrail_config_from_hf(hf_config, state),
+        head=_wants_head(hf_config, state),
+        rows=hf_rename_rows(family, layout),
+        drops=FAMILIES[family].drops,
+        strip_prefix=FAMILIES[family].prefix,
+        source_name=f"{family} checkpoint ({layout} layout)",
+    )
 
 
 def convert_hf_state_dict(state: dict[str, torch.Tensor], hf_config) -> dict[str, torch.Tensor]:
     """Rename a transformers ViT / DeiT / DINOv2 state dict (either layout) to vitrail's names, checking it
     completely (see `vitrail.convert.common.rename_state_dict` for what is checked)."""
-    family = family_of(hf_config, state)
-    config = vitrail_config_from_hf(hf_config, state)
-    target_cls = _target_class(hf_config, state)
-    layout = detect_hf_layout(state)
-    logger.info(
-        "Converting %d tensors (%s, %s layout) into %s.", len(state), family, layout, target_cls.__name__
-    )
-    return rename_state_dict(
-        state,
-        hf_rename_rows(family, layout),
-        expected_shapes(target_cls, config),
-        drops=FAMILIES[family].drops,
-        backbone="vitrail." if target_cls is VitrailForImageClassification else "",
-        strip_prefix=FAMILIES[family].prefix,
-        source_name=f"{family} checkpoint ({layout} layout)",
-    )
+    return _plan(state, hf_config).state_dict()
 
 
 # ---- folders ---------------------------------------------------------------------------------------------------
@@ -341,13 +321,7 @@ def load_hf_checkpoint(
     """Load a local transformers ViT / DeiT / DINOv2 folder (config.json + safetensors weights) as a vitrail model
     in eval mode: classification checkpoints give `VitrailForImageClassification`, backbones `VitrailModel`.
     `pytorch_model.bin` is read only with `allow_pickle=True`."""
-    folder = Path(path)
-    hf_config = AutoConfig.from_pretrained(folder)
-    state = read_weights(folder, allow_pickle)
-    converted = convert_hf_state_dict(state, hf_config)
-    model = _target_class(hf_config, state)(vitrail_config_from_hf(hf_config, state))
-    model.load_state_dict(converted, strict=True)
-    return model.eval()
+    return _plan(read_weights(path, allow_pickle), AutoConfig.from_pretrained(path)).load()
 
 
 # Preprocessor fields copied as they are; transformers' ViT/DeiT/Bit processors and vitrail's share their meaning.
@@ -379,10 +353,8 @@ def image_processor_from_hf(preprocessor_config: dict):
 
 
 def open_source(path: str | Path, *, allow_pickle: bool = False) -> Converted:
-    """The converted model, its processor and transformers' own model as the reference, for
-    `scripts/convert_checkpoint.py --from hf`."""
-    import json
-
+    """The converted model, its processor (from `preprocessor_config.json`, else None) and transformers' own model
+    as the reference, for `scripts/convert_checkpoint.py --from hf`."""
     import transformers
 
     folder = Path(path)
@@ -397,17 +369,13 @@ def open_source(path: str | Path, *, allow_pickle: bool = False) -> Converted:
     native = model.config.image_hw
 
     def reference(pixels: torch.Tensor) -> torch.Tensor:
-        kwargs = {}
-        if tuple(pixels.shape[-2:]) != native and not hf_config.model_type.startswith("dinov2"):
-            kwargs["interpolate_pos_encoding"] = True  # DINOv2 always resamples its table
-        return model_outputs(reference_model, pixels, **kwargs)
+        # DINOv2 resamples its table to every input; ViT and DeiT only when asked.
+        resample = tuple(pixels.shape[-2:]) != native and not hf_config.model_type.startswith("dinov2")
+        return model_outputs(
+            reference_model, pixels, **({"interpolate_pos_encoding": True} if resample else {})
+        )
 
-    notes = (
-        []
-        if processor is not None
-        else [f"No preprocessor_config.json in {folder}: no image processor saved."]
-    )
-    return Converted(model=model, processor=processor, reference=reference, notes=notes)
+    return Converted(model=model, processor=processor, reference=reference)
 
 
 __all__ = [
@@ -417,6 +385,7 @@ __all__ = [
     "VIT_LAYERS",
     "convert_hf_state_dict",
     "detect_hf_layout",
+    "family_of",
     "hf_rename_rows",
     "image_processor_from_hf",
     "load_hf_checkpoint",

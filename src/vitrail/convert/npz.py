@@ -42,9 +42,9 @@ the patch size; vitrail (with `dynamic_image_size=True`) and the timm reference 
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import logging
-import math
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -54,7 +54,19 @@ import torch
 
 from ..configuration_vitrail import VitrailConfig
 from ..modeling_vitrail import VitrailForImageClassification, VitrailModel
-from .common import Converted, Drop, Rename, expected_shapes, rename_state_dict
+from .common import (
+    Converted,
+    Drop,
+    Plan,
+    Refuse,
+    Rename,
+    describe,
+    grid_of_positions,
+    height_width,
+    in_layers,
+    layer_count,
+    refuse,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -85,28 +97,26 @@ def _flatten(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1)  # (heads, head_dim) -> (heads * head_dim,)
 
 
-# ---- rename tables ---------------------------------------------------------------------------------------------
-# Source names are matched after the checkpoint prefix is stripped (`read_npz`); `{backbone}` is `vitrail.` for head
-# models and empty for the bare backbone.
+# ---- tables ------------------------------------------------------------------------------------------------------
+# Source names are matched after the checkpoint prefix is stripped (`read_npz`).
 
 _POSITIONS = "{backbone}embeddings.position_embeddings"
-NPZ_SHARED_RENAMES: tuple[Rename, ...] = (
+NPZ_RENAMES: tuple[Rename, ...] = (
     Rename(
-        r"embedding/kernel", "{backbone}embeddings.patch_embeddings.projection.weight", transform=_conv_kernel
+        "embedding/kernel", "{backbone}embeddings.patch_embeddings.projection.weight", transform=_conv_kernel
     ),
-    Rename(r"embedding/bias", "{backbone}embeddings.patch_embeddings.projection.bias"),
-    Rename(r"cls", "{backbone}embeddings.cls_token"),
+    Rename("embedding/bias", "{backbone}embeddings.patch_embeddings.projection.bias"),
+    Rename("cls", "{backbone}embeddings.cls_token"),
     # vit_jax: added after the class token is prepended, so row 0 is the class token's position.
-    Rename(r"Transformer/posembed_input/pos_embedding", _POSITIONS),
+    Rename("Transformer/posembed_input/pos_embedding", _POSITIONS),
     # big_vision: added to the patches only (absent with posemb="sincos2d").
-    Rename(r"pos_embedding", _POSITIONS),
-    Rename(r"Transformer/encoder_norm/scale", "{backbone}layernorm.weight"),
-    Rename(r"Transformer/encoder_norm/bias", "{backbone}layernorm.bias"),
+    Rename("pos_embedding", _POSITIONS),
+    Rename("Transformer/encoder_norm/scale", "{backbone}layernorm.weight"),
+    Rename("Transformer/encoder_norm/bias", "{backbone}layernorm.bias"),
 )
-
 NPZ_HEAD_RENAMES: tuple[Rename, ...] = (
-    Rename(r"head/kernel", "classifier.weight", transform=_dense_kernel),
-    Rename(r"head/bias", "classifier.bias"),
+    Rename("head/kernel", "classifier.weight", transform=_dense_kernel),
+    Rename("head/bias", "classifier.bias"),
 )
 
 # Flax module names inside `Transformer/encoderblock_N/`, per layout.
@@ -125,54 +135,70 @@ NPZ_LAYER_MODULES: dict[str, dict[str, str]] = {
     },
 }
 
-# Inside one block: (Flax path with the module names above as fields, vitrail path inside the layer, slot,
-# transform).
-NPZ_LAYER_ROWS: tuple[tuple[str, str, tuple[int, int] | None, Callable | None], ...] = (
-    ("{norm1}/scale", "norm1.weight", None, None),
-    ("{norm1}/bias", "norm1.bias", None, None),
-    ("{attention}/query/kernel", "attention.qkv.weight", (0, 3), _heads_in_kernel),
-    ("{attention}/key/kernel", "attention.qkv.weight", (1, 3), _heads_in_kernel),
-    ("{attention}/value/kernel", "attention.qkv.weight", (2, 3), _heads_in_kernel),
-    ("{attention}/query/bias", "attention.qkv.bias", (0, 3), _flatten),
-    ("{attention}/key/bias", "attention.qkv.bias", (1, 3), _flatten),
-    ("{attention}/value/bias", "attention.qkv.bias", (2, 3), _flatten),
-    ("{attention}/out/kernel", "attention.proj.weight", None, _heads_out_kernel),
-    ("{attention}/out/bias", "attention.proj.bias", None, None),
-    ("{norm2}/scale", "norm2.weight", None, None),
-    ("{norm2}/bias", "norm2.bias", None, None),
-    ("{mlp}/Dense_0/kernel", "mlp.fc1.weight", None, _dense_kernel),
-    ("{mlp}/Dense_0/bias", "mlp.fc1.bias", None, None),
-    ("{mlp}/Dense_1/kernel", "mlp.fc2.weight", None, _dense_kernel),
-    ("{mlp}/Dense_1/bias", "mlp.fc2.bias", None, None),
-)
 
-# Dropped only with `backbone_only=True`: everything after the pooled representation.
+def _layer_rows(norm1: str, attention: str, norm2: str, mlp: str) -> tuple[Rename, ...]:
+    return in_layers(
+        "Transformer/encoderblock_{n}/",
+        (
+            Rename(f"{norm1}/scale", "norm1.weight"),
+            Rename(f"{norm1}/bias", "norm1.bias"),
+            Rename(f"{attention}/query/kernel", "attention.qkv.weight", (0, 3), _heads_in_kernel),
+            Rename(f"{attention}/key/kernel", "attention.qkv.weight", (1, 3), _heads_in_kernel),
+            Rename(f"{attention}/value/kernel", "attention.qkv.weight", (2, 3), _heads_in_kernel),
+            Rename(f"{attention}/query/bias", "attention.qkv.bias", (0, 3), _flatten),
+            Rename(f"{attention}/key/bias", "attention.qkv.bias", (1, 3), _flatten),
+            Rename(f"{attention}/value/bias", "attention.qkv.bias", (2, 3), _flatten),
+            Rename(f"{attention}/out/kernel", "attention.proj.weight", transform=_heads_out_kernel),
+            Rename(f"{attention}/out/bias", "attention.proj.bias"),
+            Rename(f"{norm2}/scale", "norm2.weight"),
+            Rename(f"{norm2}/bias", "norm2.bias"),
+            Rename(f"{mlp}/Dense_0/kernel", "mlp.fc1.weight", transform=_dense_kernel),
+            Rename(f"{mlp}/Dense_0/bias", "mlp.fc1.bias"),
+            Rename(f"{mlp}/Dense_1/kernel", "mlp.fc2.weight", transform=_dense_kernel),
+            Rename(f"{mlp}/Dense_1/bias", "mlp.fc2.bias"),
+        ),
+    )
+
+
+# layout -> the rows of every layer
+NPZ_LAYERS = {layout: _layer_rows(**modules) for layout, modules in NPZ_LAYER_MODULES.items()}
+
+_BACKBONE_ADVICE = (
+    "; pass `backbone_only=True` to convert the encoder alone into a VitrailModel (its last_hidden_state is "
+    "exact, its pooler_output is not this head's input: train a new head on it)"
+)
+_HYBRID = "a hybrid ResNet+ViT stem; vitrail has a plain patch convolution and no ResNet stem"
+NPZ_REFUSED: tuple[Refuse, ...] = (
+    Refuse("conv_root/*", _HYBRID),
+    Refuse("gn_root/*", _HYBRID),
+    Refuse("block1/*", _HYBRID),
+)
+# Refused unless `backbone_only=True`, which drops them with the classification head instead.
+NPZ_HEAD_REFUSED: tuple[Refuse, ...] = (
+    Refuse(
+        "MAPHead_0/*",
+        "a multihead attention pooling head (big_vision pool_type='map', as in SigLIP); vitrail pools by class "
+        "token or mean only" + _BACKBONE_ADVICE,
+    ),
+    Refuse(
+        "pre_logits/*",
+        "a representation layer, tanh(Dense) between pooling and the head (vit_jax representation_size, "
+        "big_vision rep_size, e.g. the original ImageNet-21k checkpoints); vitrail's head is a single Linear on "
+        "the pooled vector" + _BACKBONE_ADVICE,
+    ),
+)
 NPZ_BACKBONE_DROPS: tuple[Drop, ...] = (
-    Drop(r"head/.*", "backbone_only=True: the classification head is not converted"),
-    Drop(r"pre_logits/.*", "backbone_only=True: the pre-logits representation layer is not converted"),
-    Drop(r"MAPHead_0/.*", "backbone_only=True: the attention-pooling (MAP) head is not converted"),
+    Drop("head/*", "backbone_only=True: the classification head is not converted"),
+    Drop("pre_logits/*", "backbone_only=True: the pre-logits representation layer is not converted"),
+    Drop("MAPHead_0/*", "backbone_only=True: the attention-pooling (MAP) head is not converted"),
 )
-
-# A head with zero classes (some backbones ship one) holds no numbers; it is dropped.
-NPZ_EMPTY_HEAD_DROPS: tuple[Drop, ...] = (Drop(r"head/(kernel|bias)", "the head has zero classes"),)
+# A head with zero classes (some backbones ship one) holds no numbers.
+NPZ_EMPTY_HEAD_DROPS: tuple[Drop, ...] = (Drop("head/*", "the head has zero classes"),)
 
 
 def npz_rename_rows(layout: str, head: bool = True) -> list[Rename]:
     """All `Rename` rows of one layout (`"vit"` or `"big_vision"`); `head=False` leaves the classifier out."""
-    modules = NPZ_LAYER_MODULES[layout]
-    rows = list(NPZ_SHARED_RENAMES)
-    for source, target, slot, transform in NPZ_LAYER_ROWS:
-        rows.append(
-            Rename(
-                r"Transformer/encoderblock_(\d+)/" + re.escape(source.format(**modules)),
-                "{backbone}encoder.layers.{0}." + target,
-                slot=slot,
-                transform=transform,
-            )
-        )
-    if head:
-        rows.extend(NPZ_HEAD_RENAMES)
-    return rows
+    return [*NPZ_RENAMES, *NPZ_LAYERS[layout], *(NPZ_HEAD_RENAMES if head else ())]
 
 
 # ---- reading ---------------------------------------------------------------------------------------------------
@@ -277,6 +303,13 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
     return _canonical(_read_archive(path)[0])
 
 
+def _checked(arrays: Mapping[str, np.ndarray], backbone_only: bool) -> dict[str, np.ndarray]:
+    """`_canonical` arrays, with the parts vitrail cannot reproduce refused (see the module docstring)."""
+    arrays = _canonical(arrays)
+    refuse(arrays, NPZ_REFUSED + (() if backbone_only else NPZ_HEAD_REFUSED), "JAX .npz checkpoint")
+    return arrays
+
+
 # ---- config ----------------------------------------------------------------------------------------------------
 
 
@@ -294,43 +327,6 @@ def detect_npz_layout(arrays: Mapping[str, np.ndarray]) -> str:
             f"or `MlpBlock_0` (big_vision); it holds {block[:12] or 'nothing'}."
         )
     return found.pop()
-
-
-def _refuse_unexpressible(arrays: Mapping[str, np.ndarray], backbone_only: bool) -> None:
-    hybrid = sorted(k for k in arrays if k.startswith(("conv_root/", "gn_root/", "block1/")))
-    if hybrid:
-        raise NotImplementedError(
-            f"This is a hybrid ResNet+ViT checkpoint ({hybrid[:3]} ...): vitrail has a plain patch convolution "
-            "and no ResNet stem, so it cannot be converted."
-        )
-    if backbone_only:
-        return
-    advice = (
-        "Pass `backbone_only=True` to convert the encoder alone into a VitrailModel: its last_hidden_state is "
-        "exact, but its pooler_output is not this head's input, so train a new head on it."
-    )
-    map_keys = sorted(k for k in arrays if k.startswith("MAPHead_0/"))
-    if map_keys:
-        raise NotImplementedError(
-            f"The checkpoint pools with a multihead attention head ({map_keys[0]} and {len(map_keys) - 1} more "
-            "MAPHead_0 tensors; big_vision pool_type='map', as in SigLIP). vitrail pools by class token or mean "
-            f"only, and dropping the MAP head would change every prediction. {advice}"
-        )
-    pre_logits = sorted(k for k in arrays if k.startswith("pre_logits/"))
-    if pre_logits:
-        raise NotImplementedError(
-            f"The checkpoint has a representation layer ({', '.join(pre_logits)}: tanh(Dense) between pooling "
-            "and the head; vit_jax representation_size, big_vision rep_size, e.g. the original ImageNet-21k "
-            "checkpoints). vitrail's head is a single Linear on the pooled vector, and dropping the layer would "
-            f"change the logits. {advice}"
-        )
-
-
-def _num_layers(arrays: Mapping[str, np.ndarray]) -> int:
-    indices = {int(m.group(1)) for k in arrays if (m := re.match(r"Transformer/encoderblock_(\d+)/", k))}
-    if not indices or indices != set(range(len(indices))):
-        raise ValueError(f"Encoder blocks must be numbered 0..N-1 without gaps; found {sorted(indices)}.")
-    return len(indices)
 
 
 def _num_heads(arrays: Mapping[str, np.ndarray], layout: str, num_heads: int | None) -> int:
@@ -363,7 +359,7 @@ def _positions(
     key = next(
         (k for k in ("Transformer/posembed_input/pos_embedding", "pos_embedding") if k in arrays), None
     )
-    given = None if image_size is None else ((image_size,) * 2 if isinstance(image_size, int) else image_size)
+    given = height_width(image_size)
     if key is None:
         if given is None:
             logger.warning(
@@ -376,27 +372,20 @@ def _positions(
     table = arrays[key]
     if table.ndim != 3 or table.shape[0] != 1:
         raise ValueError(f"{key} should have shape (1, tokens, width), got {table.shape}.")
-    length = table.shape[1]
-    prefixes = (0, 1) if has_cls else (0,)
-    if given is not None:
+    rows, prefixes = table.shape[1], (0, 1) if has_cls else (0,)
+    if given is None:
+        given, prefix = grid_of_positions(
+            rows, prefixes, patch, name=key, hint="pass image_size=(height, width)"
+        )
+    else:
         grid = (given[0] // patch[0], given[1] // patch[1])
-        prefix = length - grid[0] * grid[1]
+        prefix = rows - grid[0] * grid[1]
         if prefix not in prefixes:
             raise ValueError(
-                f"{key} has {length} rows, but image_size={given} with patch {patch} makes a {grid[0]}x{grid[1]} "
+                f"{key} has {rows} rows, but image_size={given} with patch {patch} makes a {grid[0]}x{grid[1]} "
                 f"grid ({grid[0] * grid[1]} patches){' plus a class token' if has_cls else ''}. To run at another "
                 "resolution, load at the stored one (leave image_size unset) and call `model.set_image_size(...)`."
             )
-    else:
-        for prefix in prefixes:
-            side = math.isqrt(length - prefix)
-            if side > 0 and side * side == length - prefix:
-                break
-        else:
-            raise ValueError(
-                f"{key} has {length} rows, which is not a square grid of patches; pass image_size=(height, width)."
-            )
-        given = (side * patch[0], side * patch[1])
     return "learned", ("cls" if prefix else "none"), (int(given[0]), int(given[1]))
 
 
@@ -417,8 +406,7 @@ def vitrail_config_from_npz(
     sin-cos positions, which store no table). `num_labels` must agree with the head when there is one.
     `exact_gelu` is explained in the module docstring.
     """
-    arrays = _canonical(arrays)
-    _refuse_unexpressible(arrays, backbone_only)
+    arrays = _checked(arrays, backbone_only)
     layout = detect_npz_layout(arrays)
     modules = NPZ_LAYER_MODULES[layout]
     patch_kernel = arrays["embedding/kernel"]
@@ -431,7 +419,7 @@ def vitrail_config_from_npz(
     position_type, prefix_positions, (height, image_width) = _positions(arrays, (ph, pw), has_cls, image_size)
     fields = dict(
         hidden_size=width,
-        num_hidden_layers=_num_layers(arrays),
+        num_hidden_layers=layer_count(arrays, "Transformer/encoderblock_{n}/*"),
         num_attention_heads=_num_heads(arrays, layout, num_heads),
         intermediate_size=int(arrays[f"Transformer/encoderblock_0/{modules['mlp']}/Dense_0/kernel"].shape[1]),
         hidden_act="gelu" if exact_gelu else "gelu_pytorch_tanh",
@@ -453,22 +441,6 @@ def vitrail_config_from_npz(
         raise ValueError(f"num_labels={num_labels}, but the checkpoint's head has {classes} classes.")
     if classes or num_labels is not None:
         fields["num_labels"] = classes or num_labels
-    logger.info(
-        "JAX .npz (%s layout): %d layers, width %d, %d heads, MLP %d, patch %dx%d, %dx%d px, %s pooling, "
-        "%s positions, %s GELU.",
-        layout,
-        fields["num_hidden_layers"],
-        width,
-        fields["num_attention_heads"],
-        fields["intermediate_size"],
-        ph,
-        pw,
-        height,
-        image_width,
-        fields["pooling"],
-        position_type,
-        "exact" if exact_gelu else "tanh-approximate",
-    )
     return VitrailConfig(**fields)
 
 
@@ -477,11 +449,21 @@ def _head_classes(arrays: Mapping[str, np.ndarray]) -> int:
     return 0 if kernel is None else int(kernel.shape[-1])
 
 
-def _target_class(arrays: Mapping[str, np.ndarray], backbone_only: bool):
-    return VitrailModel if backbone_only or not _head_classes(arrays) else VitrailForImageClassification
-
-
 # ---- state dict ------------------------------------------------------------------------------------------------
+
+
+def _plan(arrays: Mapping[str, np.ndarray], config: VitrailConfig, backbone_only: bool) -> Plan:
+    """The conversion of `_checked` arrays."""
+    layout = detect_npz_layout(arrays)
+    head = not backbone_only and _head_classes(arrays) > 0
+    return Plan(
+        {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()},
+        config,
+        head=head,
+        rows=npz_rename_rows(layout, head=head),
+        drops=NPZ_BACKBONE_DROPS if backbone_only else () if head else NPZ_EMPTY_HEAD_DROPS,
+        source_name=f"JAX .npz checkpoint ({layout} layout)",
+    )
 
 
 def convert_npz(
@@ -493,22 +475,7 @@ def convert_npz(
     Every array is placed exactly once or dropped with a logged reason; unknown keys, missing tensors and shape
     mismatches raise a `ValueError` naming them.
     """
-    arrays = _canonical(arrays)
-    _refuse_unexpressible(arrays, backbone_only)
-    layout = detect_npz_layout(arrays)
-    target_cls = _target_class(arrays, backbone_only)
-    head = target_cls is VitrailForImageClassification
-    drops = NPZ_BACKBONE_DROPS if backbone_only else () if head else NPZ_EMPTY_HEAD_DROPS
-    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
-    logger.info("Converting %d arrays (%s layout) into %s.", len(state), layout, target_cls.__name__)
-    return rename_state_dict(
-        state,
-        npz_rename_rows(layout, head=head),
-        expected_shapes(target_cls, config),
-        drops=drops,
-        backbone="vitrail." if head else "",
-        source_name="JAX .npz checkpoint",
-    )
+    return _plan(_checked(arrays, backbone_only), config, backbone_only).state_dict()
 
 
 def load_npz_checkpoint(
@@ -523,10 +490,6 @@ def load_npz_checkpoint(
     """A JAX ViT `.npz` as a vitrail model in eval mode: `VitrailForImageClassification` when it has a head with
     classes, else `VitrailModel` (always with `backbone_only=True`). Keywords as in `vitrail_config_from_npz`."""
     arrays = read_npz(path)
-    return _load(arrays, num_heads, image_size, num_labels, exact_gelu, backbone_only)
-
-
-def _load(arrays, num_heads, image_size, num_labels, exact_gelu, backbone_only):
     config = vitrail_config_from_npz(
         arrays,
         num_heads=num_heads,
@@ -535,10 +498,7 @@ def _load(arrays, num_heads, image_size, num_labels, exact_gelu, backbone_only):
         exact_gelu=exact_gelu,
         backbone_only=backbone_only,
     )
-    state = convert_npz(arrays, config, backbone_only=backbone_only)
-    model = _target_class(arrays, backbone_only)(config)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+    return _plan(arrays, config, backbone_only).load()
 
 
 # ---- preprocessing ---------------------------------------------------------------------------------------------
@@ -560,12 +520,7 @@ def npz_image_processor(config: VitrailConfig):
     return VitrailImageProcessor(
         size={"height": height, "width": width},
         resample=PILImageResampling.BILINEAR,
-        do_resize=True,
         do_center_crop=False,
-        crop_pct=None,
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
         image_mean=half,
         image_std=half,
         num_channels=config.num_channels,
@@ -587,49 +542,27 @@ def posemb_sincos_2d(rows: int, cols: int, width: int, temperature: float = 10_0
 
 
 def _timm_reference(
-    raw: Mapping[str, np.ndarray],
-    config: VitrailConfig,
-    head: bool,
-    notes: list[str],
-    path: Path | None = None,
-) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    raw: Mapping[str, np.ndarray], config: VitrailConfig, head: bool, path: Path | None = None
+) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, str]:
     """timm's `VisionTransformer` loading the same arrays with its own `.npz` reader (`_load_weights`): the file
-    itself when `path` is given and timm can read it as it is, else `raw` re-saved in memory."""
-    try:
-        from timm.models.vision_transformer import VisionTransformer
-    except ImportError:
-        notes.append("timm is not installed: no reference to compare against.")
-        return None
+    itself when `path` is given and timm can read it as it is, else `raw` re-saved in memory. Returns the
+    reference (None without timm) and a note saying what it is."""
+    if importlib.util.find_spec("timm") is None:
+        return None, "timm is not installed: no reference to compare against."
+    from .timm import timm_model_like
 
     prefix = npz_prefix(raw)
     sincos = config.position_embedding_type == "sincos2d"
-    (ph, pw), width = config.patch_hw, config.hidden_size
-    options = dict(
-        patch_size=(ph, pw),
-        in_chans=config.num_channels,
-        num_classes=config.num_labels if head else 0,
-        global_pool="token" if config.pooling == "cls" else "avg",
-        embed_dim=width,
-        depth=config.num_hidden_layers,
-        num_heads=config.num_attention_heads,
-        mlp_ratio=(config.intermediate_size + 0.5) / width,  # timm takes int(width * ratio)
-        qkv_bias=config.qkv_bias,
-        class_token=config.use_cls_token,
-        no_embed_class=config.prefix_position_embeddings == "none",
-        fc_norm=False,
-        dynamic_img_size=True,
-        dynamic_img_pad=True,
-        act_layer="gelu" if config.hidden_act == "gelu" else "gelu_tanh",
-    )
+    (ph, pw), num_classes = config.patch_hw, config.num_labels if head else 0
 
-    def build(grid: tuple[int, int]) -> VisionTransformer:
-        model = VisionTransformer(img_size=(grid[0] * ph, grid[1] * pw), **options)
+    def build(grid: tuple[int, int]):
+        model = timm_model_like(config, num_classes, image_hw=(grid[0] * ph, grid[1] * pw))
         if path is not None and not sincos:
             model.load_pretrained(str(path))
             return model.eval()
         arrays = dict(raw)
         if sincos:  # timm has no sin-cos table: hand it big_vision's for this grid as a learned one
-            arrays[f"{prefix}pos_embedding"] = posemb_sincos_2d(*grid, width)
+            arrays[f"{prefix}pos_embedding"] = posemb_sincos_2d(*grid, config.hidden_size)
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         buffer.seek(0)
@@ -654,10 +587,9 @@ def _timm_reference(
         if sincos
         else "learned table resampled bicubically with antialiasing at other sizes"
     )
-    notes.append(
+    return reference, (
         f"Reference: timm VisionTransformer reading the same .npz with its own loader ({gelu}; {positions})."
     )
-    return reference
 
 
 def open_source(
@@ -673,28 +605,28 @@ def open_source(
     last hidden state for backbones)."""
     raw, widened = _read_archive(path)
     arrays = _canonical(raw)
-    model = _load(arrays, num_heads, image_size, None, exact_gelu, backbone_only)
-    config = model.config
-    layout = detect_npz_layout(arrays)
-    notes = [
-        f"JAX .npz, {layout} layout: {config.num_hidden_layers} layers, width {config.hidden_size}, "
-        f"{config.num_attention_heads} heads, {config.image_hw[0]}x{config.image_hw[1]} px, pooling "
-        f"{config.pooling!r}, positions {config.position_embedding_type!r}, hidden_act {config.hidden_act!r} "
-        "(JAX trained with tanh-approximate GELU; exact_gelu=False reproduces it).",
-        "Preprocessing: resize to the model size (bilinear, no crop), scale to [-1, 1].",
-    ]
-    head = isinstance(model, VitrailForImageClassification)
+    config = vitrail_config_from_npz(
+        arrays, num_heads=num_heads, image_size=image_size, exact_gelu=exact_gelu, backbone_only=backbone_only
+    )
+    plan = _plan(arrays, config, backbone_only)
     # timm reads bfloat16 only through jax; give it the widened copy then.
-    reference = _timm_reference(raw, config, head, notes, path=None if widened else Path(path))
-    return Converted(model=model, processor=npz_image_processor(config), reference=reference, notes=notes)
+    reference, note = _timm_reference(raw, config, plan.head, path=None if widened else Path(path))
+    notes = [
+        f"JAX .npz, {detect_npz_layout(arrays)} layout: {describe(config)}. JAX trained with tanh-approximate GELU; "
+        "exact_gelu=False reproduces it.",
+        "Preprocessing: resize to the model size (bilinear, no crop), scale to [-1, 1].",
+        note,
+    ]
+    return Converted(plan.load(), npz_image_processor(config), reference, notes)
 
 
 __all__ = [
     "NPZ_BACKBONE_DROPS",
     "NPZ_HEAD_RENAMES",
+    "NPZ_LAYERS",
     "NPZ_LAYER_MODULES",
-    "NPZ_LAYER_ROWS",
-    "NPZ_SHARED_RENAMES",
+    "NPZ_REFUSED",
+    "NPZ_RENAMES",
     "convert_npz",
     "detect_npz_layout",
     "load_npz_checkpoint",

@@ -5,12 +5,13 @@ usually in a Hub folder next to a `config.json` such as
 `{"architecture": "vit_base_patch16_224.augreg2_in21k_ft_in1k", "num_classes": 1000, "global_pool": "token",
 "pretrained_cfg": {"input_size": [3, 224, 224], "crop_pct": 0.9, ...}, "label_names": [...], "model_args": {...}}`.
 
-Almost the whole architecture is read off the tensors: width, depth, patch size, MLP size, grid, class and
-register tokens, whether prefix tokens own positions (`no_embed_class`), `fc_norm`, `qk_norm`, LayerScale, biases.
-What the tensors cannot say comes, in order, from explicit arguments, the config.json (`model_args`, then its
-top-level fields), timm itself when it is installed and knows the architecture name (the model is built on the
-meta device and read), and finally documented defaults -- each guess is logged. The head count resolves the same
-way, ending with the architecture's size word (`vit_base_...` -> 12 heads) when the width agrees with that size.
+Almost the whole architecture is read off the tensors (`TimmFacts`): width, depth, patch size, MLP size, class,
+distillation and register tokens, position rows, `fc_norm`, `qk_norm`, LayerScale, biases. `vitrail_config_from_timm`
+reconciles these facts with everything else in one place: what config.json says about them must agree; what they
+cannot say (heads, pooling, image size and so whether prefix tokens own positions, activation, epsilon) comes, in
+order, from explicit arguments, the config.json, timm itself when it is installed and knows the architecture name
+(the model is built on the meta device and read), the name's size word (`vit_base_...` -> 12 heads, when the width
+agrees), and finally documented defaults -- each guess is logged.
 
 timm's distilled DeiT (`VisionTransformerDistilled`, e.g. `deit_base_distilled_patch16_224`) converts too: its
 `dist_token` becomes vitrail's distillation token (`use_distillation_token=True`, token order `[cls, distillation,
@@ -19,85 +20,98 @@ patches]`, `pos_embed` rows for both tokens: `prefix_position_embeddings="all"`)
 distilled backbone (`num_classes=0`) becomes a `VitrailModel` that keeps the token.
 
 Every timm option vitrail cannot reproduce raises, naming the tensor or option: attention pooling
-(`global_pool="map"`), `pre_norm` (`norm_pre`), gated MLPs, `proj_bias=False`, a bias-free patch embedding, a patch
-norm, `scale_attn_norm` / `scale_mlp_norm`, `final_norm=False`, max pooling, `pool_include_prefix`. Nothing that
-affects the outputs is dropped.
+(`global_pool="map"`), `pre_norm` (`norm_pre`), gated MLPs, `proj_bias=False`, a patch norm, `scale_attn_norm` /
+`scale_mlp_norm`, `final_norm=False`, max pooling, `pool_include_prefix`. Nothing that affects the outputs is
+dropped.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..configuration_vitrail import VitrailConfig
+from ..configuration_vitrail import VARIANTS, VitrailConfig
 from ..modeling_vitrail import VitrailForImageClassification, VitrailModel
-from .common import Converted, Drop, Rename, expected_shapes, read_weights, rename_state_dict
+from .common import (
+    Converted,
+    Plan,
+    Refuse,
+    Rename,
+    describe,
+    grid_of_positions,
+    height_width,
+    in_layers,
+    layer_count,
+    read_weights,
+    refuse,
+)
 
 logger = logging.getLogger(__name__)
 
-# ---- rename table ----------------------------------------------------------------------------------------------
-# timm names -> vitrail names. `{backbone}` is "vitrail." for the classifier and "" for the bare VitrailModel.
-# timm's fused qkv has rows [q; k; v] like vitrail's, so every tensor is copied as it is.
-
-_LAYER = r"blocks\.(\d+)\."
-_LAYER_TARGET = "{backbone}encoder.layers.{0}."
+# ---- tables ------------------------------------------------------------------------------------------------------
+# timm's fused qkv has rows [q; k; v] like vitrail's, so every tensor is copied as it is. Every tensor of a
+# supported timm VisionTransformer affects its outputs, so nothing is dropped.
 
 TIMM_RENAMES: tuple[Rename, ...] = (
-    Rename(r"cls_token", "{backbone}embeddings.cls_token"),
-    Rename(r"dist_token", "{backbone}embeddings.distillation_token"),
-    Rename(r"reg_token", "{backbone}embeddings.register_tokens"),
-    Rename(r"pos_embed", "{backbone}embeddings.position_embeddings"),
-    Rename(r"patch_embed\.proj\.(weight|bias)", "{backbone}embeddings.patch_embeddings.projection.{0}"),
-    Rename(_LAYER + r"norm1\.(weight|bias)", _LAYER_TARGET + "norm1.{1}"),
-    Rename(_LAYER + r"norm2\.(weight|bias)", _LAYER_TARGET + "norm2.{1}"),
-    Rename(_LAYER + r"attn\.qkv\.(weight|bias)", _LAYER_TARGET + "attention.qkv.{1}"),
-    Rename(_LAYER + r"attn\.q_norm\.(weight|bias)", _LAYER_TARGET + "attention.q_norm.{1}"),
-    Rename(_LAYER + r"attn\.k_norm\.(weight|bias)", _LAYER_TARGET + "attention.k_norm.{1}"),
-    Rename(_LAYER + r"attn\.proj\.(weight|bias)", _LAYER_TARGET + "attention.proj.{1}"),
-    Rename(_LAYER + r"ls1\.gamma", _LAYER_TARGET + "layer_scale1.scale"),
-    Rename(_LAYER + r"ls2\.gamma", _LAYER_TARGET + "layer_scale2.scale"),
-    Rename(_LAYER + r"mlp\.fc1\.(weight|bias)", _LAYER_TARGET + "mlp.fc1.{1}"),
-    Rename(_LAYER + r"mlp\.fc2\.(weight|bias)", _LAYER_TARGET + "mlp.fc2.{1}"),
-    Rename(r"norm\.(weight|bias)", "{backbone}layernorm.{0}"),
+    Rename("cls_token", "{backbone}embeddings.cls_token"),
+    Rename("dist_token", "{backbone}embeddings.distillation_token"),
+    Rename("reg_token", "{backbone}embeddings.register_tokens"),
+    Rename("pos_embed", "{backbone}embeddings.position_embeddings"),
+    Rename("patch_embed.proj.{p}", "{backbone}embeddings.patch_embeddings.projection.{p}"),
+    *in_layers(
+        "blocks.{n}.",
+        (
+            Rename("norm1.{p}", "norm1.{p}"),
+            Rename("norm2.{p}", "norm2.{p}"),
+            Rename("attn.qkv.{p}", "attention.qkv.{p}"),
+            Rename("attn.q_norm.{p}", "attention.q_norm.{p}"),
+            Rename("attn.k_norm.{p}", "attention.k_norm.{p}"),
+            Rename("attn.proj.{p}", "attention.proj.{p}"),
+            Rename("ls1.gamma", "layer_scale1.scale"),
+            Rename("ls2.gamma", "layer_scale2.scale"),
+            Rename("mlp.fc1.{p}", "mlp.fc1.{p}"),
+            Rename("mlp.fc2.{p}", "mlp.fc2.{p}"),
+        ),
+    ),
+    Rename("norm.{p}", "{backbone}layernorm.{p}"),
     Rename(
-        r"fc_norm\.(weight|bias)",
-        "{backbone}layernorm.{0}",
+        "fc_norm.{p}",
+        "{backbone}layernorm.{p}",
         note="timm's fc_norm (final norm on the pooled vector) became vitrail's layernorm with use_fc_norm=True.",
     ),
-    Rename(r"head\.(weight|bias)", "classifier.{0}"),
-    Rename(r"head_dist\.(weight|bias)", "distillation_classifier.{0}"),
+    Rename("head.{p}", "classifier.{p}"),
+    Rename("head_dist.{p}", "distillation_classifier.{p}"),
 )
 
-# Every tensor of a supported timm VisionTransformer affects its outputs, so nothing is dropped.
-TIMM_DROPPED: tuple[Drop, ...] = ()
-
-# Tensors of timm options vitrail has no counterpart for: (regex, what it is and what to do). Checked before
-# renaming so that the error says what the tensor *is*, not only that it is unknown.
-TIMM_UNSUPPORTED: tuple[tuple[str, str], ...] = (
-    (
-        r"attn_pool\..*",
+# Tensors of timm options vitrail has no counterpart for, refused before anything else is read so that the error
+# says what the tensor *is*, not only that it is unknown.
+TIMM_REFUSED: tuple[Refuse, ...] = (
+    Refuse(
+        "attn_pool.*",
         "attention pooling (timm `global_pool='map'` / 'prr', as in SigLIP); vitrail pools with the class token "
         "or a mean. Convert only the backbone by removing the attn_pool.* and head.* tensors and passing "
         "global_pool='avg' (the pooled output then differs from timm's)",
     ),
-    (
-        r"norm_pre\..*",
+    Refuse(
+        "norm_pre.*",
         "a LayerNorm before the blocks (timm `pre_norm=True`, as in CLIP); vitrail has no pre-norm",
     ),
-    (r"patch_embed\.norm\..*", "a LayerNorm inside the patch embedding (timm `embed_norm_layer`)"),
-    (
-        _LAYER + r"attn\.norm\..*",
+    Refuse("patch_embed.norm.*", "a LayerNorm inside the patch embedding (timm `embed_norm_layer`)"),
+    Refuse(
+        "blocks.{n}.attn.norm.*",
         "a LayerNorm inside attention before its output projection (timm `scale_attn_norm=True`)",
     ),
-    (_LAYER + r"mlp\.norm\..*", "a LayerNorm inside the MLP (timm `scale_mlp_norm=True`)"),
-    (
-        _LAYER + r"mlp\.fc1_[gx]\..*",
+    Refuse("blocks.{n}.mlp.norm.*", "a LayerNorm inside the MLP (timm `scale_mlp_norm=True`)"),
+    Refuse(
+        "blocks.{n}.mlp.fc1_*",
         "a SwiGLU MLP with separate gate and value projections (timm `mlp_layer=SwiGLU`)",
     ),
 )
@@ -111,19 +125,18 @@ _KNOWN_MODEL_ARGS = {
     "drop_path_rate", "weight_init", "fix_init",
 }  # fmt: skip
 
-# Head counts of timm's size words, with the width each implies (timm vision_transformer.py model definitions).
-# The word is trusted only when the checkpoint's width is that width.
-TIMM_SIZE_HEADS: dict[str, tuple[int, int]] = {
-    "tiny": (192, 3),
-    "small": (384, 6),
-    "medium": (512, 8),
-    "base": (768, 12),
-    "large": (1024, 16),
-    "huge": (1280, 16),
-    "giant": (1408, 16),
-    "gigantic": (1664, 16),
-}
+# timm's size words and the vitrail variant each names (timm vision_transformer.py model definitions), for the
+# head count; the word is trusted only when the checkpoint's width is the variant's.
+TIMM_SIZE_WORDS = {"tiny": "Ti", "small": "S", "medium": "M", "base": "B", "large": "L", "huge": "H",
+                   "giant": "g", "gigantic": "G"}  # fmt: skip
 
+# vitrail's `hidden_act` -> timm's `act_layer`.
+_TIMM_ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "quick_gelu": "quick_gelu",
+    "silu": "silu",
+}
 _INTERPOLATIONS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 
 
@@ -137,7 +150,7 @@ def is_timm_config(config_dict: Mapping) -> bool:
     )
 
 
-# ---- reading the architecture off the tensors -----------------------------------------------------------------
+# ---- what the tensors say --------------------------------------------------------------------------------------
 
 
 def _strip_wrapper(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -147,24 +160,15 @@ def _strip_wrapper(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return dict(state)
 
 
-def _check_supported_tensors(state: Mapping[str, torch.Tensor]) -> None:
-    for pattern, what in TIMM_UNSUPPORTED:
-        hits = sorted(k for k in state if re.fullmatch(pattern, k))
-        if hits:
-            raise NotImplementedError(
-                f"The timm checkpoint has {hits[:4]}{' ...' if len(hits) > 4 else ''}: {what}. vitrail cannot "
-                "reproduce it, and dropping the tensors would change the outputs, so nothing is converted."
-            )
-    if "patch_embed.proj.weight" not in state or not any(k.startswith("blocks.") for k in state):
+def _refuse_unsupported(state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse tensors of timm options vitrail cannot reproduce (`TIMM_REFUSED`, and those told by a missing tensor
+    or a shape) and state dicts timm cannot have written."""
+    refuse(state, TIMM_REFUSED, "timm checkpoint")
+    needed = ("patch_embed.proj.weight", "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.weight")
+    if any(name not in state for name in needed):
         raise ValueError(
             "This is not a timm VisionTransformer state dict: `patch_embed.proj.weight` and `blocks.N.*` are "
             f"expected; first keys: {sorted(state)[:8]}."
-        )
-    if "patch_embed.proj.bias" not in state:
-        raise NotImplementedError(
-            "`patch_embed.proj.bias` is missing: the timm model has a bias-free patch embedding (timm sets that "
-            "with `pre_norm=True`); vitrail's patch projection always has a bias. Add a zero "
-            "`patch_embed.proj.bias` tensor only if you are sure the model was trained without one."
         )
     if "blocks.0.attn.proj.bias" not in state:
         raise NotImplementedError(
@@ -172,57 +176,31 @@ def _check_supported_tensors(state: Mapping[str, torch.Tensor]) -> None:
             "attention output projection always has a bias. (Zero biases would reproduce it: add "
             "`blocks.N.attn.proj.bias = zeros` for every block if you want that.)"
         )
-    has_norm = "norm.weight" in state
-    has_fc_norm = "fc_norm.weight" in state
-    if has_norm and has_fc_norm:
-        raise ValueError(
-            "The checkpoint has both `norm.*` and `fc_norm.*`; timm builds only one of them (the final norm goes "
-            "after pooling when `fc_norm` is used), so this state dict is inconsistent."
-        )
-    if not (has_norm or has_fc_norm):
+    if "norm.weight" not in state and "fc_norm.weight" not in state:
         raise NotImplementedError(
             "The checkpoint has neither `norm.*` nor `fc_norm.*`: the timm model was built with "
             "`final_norm=False`; vitrail always applies a final LayerNorm."
         )
-    fc1, fc2 = state.get("blocks.0.mlp.fc1.weight"), state.get("blocks.0.mlp.fc2.weight")
-    if fc1 is not None and fc2 is not None and fc1.shape[0] != fc2.shape[1]:
+    fc1, fc2 = state["blocks.0.mlp.fc1.weight"], state["blocks.0.mlp.fc2.weight"]
+    if fc1.shape[0] != fc2.shape[1]:
         raise NotImplementedError(
             f"`blocks.0.mlp.fc1` makes {fc1.shape[0]} features but `fc2` reads {fc2.shape[1]}: a gated MLP "
             "(timm `GluMlp` / `SwiGLUPacked`). vitrail has `mlp_type='swiglu'`, but timm's gate order and "
             "activation cannot be confirmed from the weights, so this converter refuses it."
         )
-    _check_distilled(state)
-
-
-def _check_distilled(state: Mapping[str, torch.Tensor]) -> None:
-    """A distillation token must come as timm's `VisionTransformerDistilled` builds it: after a class token, with
-    a second head exactly when there is a first one, the final norm on every token, and no register tokens."""
-    has_dist, has_head_dist = "dist_token" in state, "head_dist.weight" in state
-    if has_head_dist and not has_dist:
+    # A distillation token must come as timm's VisionTransformerDistilled builds it: with a second head exactly
+    # when there is a first one, the final norm on every token, and no register tokens.
+    if "head_dist.weight" in state and "dist_token" not in state:
         raise ValueError(
             "The checkpoint has `head_dist.*` but no `dist_token`: a distillation head needs timm's distillation "
             "token (VisionTransformerDistilled), so this state dict is inconsistent."
         )
-    if not has_dist:
+    if "dist_token" not in state:
         return
-    if "head.weight" in state and not has_head_dist:
+    if "head.weight" in state and "head_dist.weight" not in state:
         raise ValueError(
             "The checkpoint has `dist_token` and `head.*` but no `head_dist.*`; timm's VisionTransformerDistilled "
             "always has both heads (or neither, with num_classes=0), so this state dict is inconsistent."
-        )
-    if has_head_dist and "head.weight" not in state:
-        raise ValueError(
-            "The checkpoint has `head_dist.*` but no `head.*`; timm builds both heads or neither."
-        )
-    if "pos_embed" not in state:
-        raise ValueError(
-            "The checkpoint has `dist_token` but no `pos_embed`; timm's VisionTransformerDistilled always has "
-            "learned positions (even with pos_embed='none'), so this state dict is inconsistent."
-        )
-    if "cls_token" not in state:
-        raise ValueError(
-            "The checkpoint has `dist_token` but no `cls_token`; timm's VisionTransformerDistilled places the "
-            "distillation token after a class token."
         )
     if "reg_token" in state:
         raise NotImplementedError(
@@ -239,54 +217,110 @@ def _check_distilled(state: Mapping[str, torch.Tensor]) -> None:
         )
 
 
-def _depth(state: Mapping[str, torch.Tensor]) -> int:
-    indices = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
-    if indices != set(range(len(indices))):
-        raise ValueError(f"The timm checkpoint's blocks are not numbered 0..N-1: {sorted(indices)}.")
-    return len(indices)
+@dataclass(frozen=True)
+class TimmFacts:
+    """The architecture of a timm VisionTransformer as its tensors give it (`TimmFacts.read`)."""
 
+    width: int
+    depth: int
+    patch: tuple[int, int]
+    channels: int
+    mlp_width: int
+    num_classes: int  # 0 without a head
+    class_token: bool
+    distilled: bool
+    registers: int
+    positions: int | None  # rows of pos_embed; None with timm pos_embed='none'
+    fc_norm: bool
+    qk_norm: bool
+    qkv_bias: bool
+    layer_scale: bool
 
-def _pair(value) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    if isinstance(value, int):
-        return value, value
-    value = list(value)
-    if len(value) == 3:  # pretrained_cfg input_size (C, H, W)
-        value = value[1:]
-    return int(value[0]), int(value[1])
-
-
-def _timm_meta_model(architecture: str | None, model_args: dict, num_classes: int):
-    """The named timm model built on the meta device (no memory, no download), or None when timm is missing or
-    does not know the name."""
-    if not architecture:
-        return None
-    try:
-        import timm
-    except ImportError:
-        return None
-    if not timm.is_model(architecture):
-        logger.info(
-            "timm does not know the architecture %r; reading everything from the weights.", architecture
+    @classmethod
+    def read(cls, state: Mapping[str, torch.Tensor]) -> TimmFacts:
+        """The facts of a state dict that `_refuse_unsupported` lets through."""
+        patch = state["patch_embed.proj.weight"]  # (width, channels, ph, pw)
+        return cls(
+            width=patch.shape[0],
+            depth=layer_count(state, "blocks.{n}.*"),
+            patch=tuple(patch.shape[2:]),
+            channels=patch.shape[1],
+            mlp_width=state["blocks.0.mlp.fc1.weight"].shape[0],
+            num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0,
+            class_token="cls_token" in state,
+            distilled="dist_token" in state,
+            registers=state["reg_token"].shape[1] if "reg_token" in state else 0,
+            positions=state["pos_embed"].shape[1] if "pos_embed" in state else None,
+            fc_norm="fc_norm.weight" in state,
+            qk_norm="blocks.0.attn.q_norm.weight" in state,
+            qkv_bias="blocks.0.attn.qkv.bias" in state,
+            layer_scale="blocks.0.ls1.gamma" in state,
         )
-        return None
-    with torch.device("meta"):
-        return timm.create_model(architecture, pretrained=False, **{**model_args, "num_classes": num_classes})
+
+    @property
+    def prefix_tokens(self) -> int:
+        return int(self.class_token) + int(self.distilled) + self.registers
+
+    @property
+    def as_model_args(self) -> dict:
+        """The facts in the words of timm's config.json and `model_args` (pre_norm, final_norm and proj_bias: a
+        refused option's tensors would be there otherwise)."""
+        return {
+            "embed_dim": self.width,
+            "depth": self.depth,
+            "patch_size": self.patch,
+            "in_chans": self.channels,
+            "reg_tokens": self.registers,
+            "class_token": self.class_token,
+            "qk_norm": self.qk_norm,
+            "qkv_bias": self.qkv_bias,
+            "proj_bias": True,
+            "pre_norm": False,
+            "final_norm": True,
+            "num_classes": self.num_classes,
+            "num_features": self.width,
+        }
 
 
-def _from_meta_model(meta) -> dict:
-    """What the tensors cannot say, read from a timm model: heads, activation, norm epsilon, pooling. Raises when
-    the model uses a part vitrail cannot reproduce."""
+# ---- what timm and config.json say -----------------------------------------------------------------------------
+
+
+def _timm_says(architecture: str | None, model_args: dict, state: Mapping, facts: TimmFacts) -> dict:
+    """What timm's own model of `architecture`, built on the meta device (no memory, no download), says that the
+    tensors cannot, in the words of `model_args` plus vitrail's `hidden_act` and `layer_norm_eps`; {} when timm is
+    not installed or does not know the name. Raises when that model uses a part vitrail cannot reproduce, or is
+    not of the kind the weights are."""
+    if not architecture or importlib.util.find_spec("timm") is None:
+        return {}
+    import timm
     from timm.layers import Mlp
     from timm.models.deit import VisionTransformerDistilled
     from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
-    name = type(meta).__name__
+    if not timm.is_model(architecture):
+        logger.info(
+            "timm does not know the architecture %r; reading everything from the weights.", architecture
+        )
+        return {}
+    try:
+        with torch.device("meta"):
+            meta = timm.create_model(
+                architecture, pretrained=False, **{**model_args, "num_classes": facts.num_classes}
+            )
+    except (TypeError, RuntimeError, AssertionError) as error:  # model_args timm itself rejects
+        raise ValueError(
+            f"timm cannot build {architecture!r} with model_args {model_args}: {error}"
+        ) from error
     if type(meta) not in (VisionTransformer, VisionTransformerDistilled):
         raise NotImplementedError(
-            f"timm builds this architecture as {name}; only VisionTransformer and VisionTransformerDistilled "
-            "convert."
+            f"timm builds this architecture as {type(meta).__name__}; only VisionTransformer and "
+            "VisionTransformerDistilled convert."
+        )
+    if (type(meta) is VisionTransformerDistilled) != facts.distilled:
+        raise ValueError(
+            f"timm builds {architecture!r} as {type(meta).__name__}, but the weights "
+            f"{'have' if facts.distilled else 'have no'} `dist_token`: the config.json architecture does not "
+            "belong to these weights."
         )
     block = meta.blocks[0]
     for part, got, want in (
@@ -308,10 +342,8 @@ def _from_meta_model(meta) -> dict:
         hidden_act = "silu"
     else:
         raise NotImplementedError(f"The timm MLP activation {type(act).__name__} has no vitrail counterpart.")
-    norms = [
-        m for m in (block.norm1, block.norm2, block.attn.q_norm, meta.norm, meta.fc_norm) if m is not None
-    ]
-    norms = [m for m in norms if not isinstance(m, torch.nn.Identity)]
+    norms = [block.norm1, block.norm2, block.attn.q_norm, meta.norm, meta.fc_norm]
+    norms = [m for m in norms if m is not None and not isinstance(m, torch.nn.Identity)]
     if any(not isinstance(m, torch.nn.LayerNorm) for m in norms):
         kinds = sorted({type(m).__name__ for m in norms})
         raise NotImplementedError(
@@ -320,6 +352,16 @@ def _from_meta_model(meta) -> dict:
     eps = {m.eps for m in norms}
     if len(eps) != 1:
         raise NotImplementedError(f"This timm architecture mixes LayerNorm epsilons {sorted(eps)}.")
+    want = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if want != got:
+        differ = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+        logger.warning(
+            "The weights differ from timm's %r built with model_args %s at %s; converting what the weights say.",
+            architecture,
+            model_args,
+            differ[:6],
+        )
     return {
         "num_heads": block.attn.num_heads,
         "hidden_act": hidden_act,
@@ -329,15 +371,14 @@ def _from_meta_model(meta) -> dict:
         "dynamic_img_size": bool(getattr(meta, "dynamic_img_size", False)),
         "dynamic_img_pad": bool(getattr(meta.patch_embed, "dynamic_img_pad", False)),
         "img_size": tuple(meta.patch_embed.img_size),
-        "distilled": type(meta) is VisionTransformerDistilled,
     }
 
 
 def _heads_from_name(architecture: str | None, width: int) -> int | None:
     match = re.match(r"(?:vit|deit3?|eva)_([a-z]+)_", architecture or "")
-    if not match or match.group(1) not in TIMM_SIZE_HEADS:
+    if not match or match.group(1) not in TIMM_SIZE_WORDS:
         return None
-    size_width, heads = TIMM_SIZE_HEADS[match.group(1)]
+    size_width, _, heads, _ = VARIANTS[TIMM_SIZE_WORDS[match.group(1)]]
     if size_width != width:
         logger.warning(
             "The architecture name %r says %r (width %d), but the weights are %d wide; not trusting the name for "
@@ -350,44 +391,6 @@ def _heads_from_name(architecture: str | None, width: int) -> int | None:
         return None
     logger.info("num_heads=%d from the size word %r of %r.", heads, match.group(1), architecture)
     return heads
-
-
-def _grid(
-    num_positions: int, prefix: int, patch: tuple[int, int], img_sizes: list[tuple[int, int]]
-) -> tuple[tuple[int, int], bool]:
-    """`(image_size, no_embed_class)` from the position count: the table holds `num_patches` rows, plus one per
-    prefix token unless timm's `no_embed_class`. Image sizes named by the config are tried first; a square grid is
-    the fallback, and is refused when both layouts give a square."""
-    layouts = [False, True] if prefix else [True]
-    for image_size in img_sizes:
-        patches = (image_size[0] // patch[0]) * (image_size[1] // patch[1])
-        for no_embed_class in layouts:
-            if num_positions == patches + (0 if no_embed_class else prefix):
-                return image_size, no_embed_class
-    squares = []
-    for no_embed_class in layouts:
-        side = math.isqrt(num_positions - (0 if no_embed_class else prefix))
-        if side * side == num_positions - (0 if no_embed_class else prefix) and side > 0:
-            squares.append(((side * patch[0], side * patch[1]), no_embed_class))
-    if len(squares) == 1:
-        if img_sizes:
-            logger.warning(
-                "pos_embed has %d rows, which fits none of the configured image sizes %s; using a square grid.",
-                num_positions,
-                img_sizes,
-            )
-        return squares[0]
-    if not squares:
-        raise ValueError(
-            f"`pos_embed` has {num_positions} rows ({prefix} prefix token(s)), which is no square patch grid: the "
-            "image is not square. Put timm's config.json (with `pretrained_cfg.input_size` or `model_args.img_size`) "
-            "next to the weights."
-        )
-    raise ValueError(
-        f"`pos_embed` has {num_positions} rows: with {prefix} prefix token(s) that is a square grid both with and "
-        "without prefix positions (timm `no_embed_class`). Put timm's config.json (with "
-        "`pretrained_cfg.input_size` or `model_args.img_size`) next to the weights to decide."
-    )
 
 
 def _labels(timm_config: dict, num_classes: int) -> dict:
@@ -403,10 +406,11 @@ def _labels(timm_config: dict, num_classes: int) -> dict:
     return {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
 
 
-def _resolve_pooling(candidates, has_cls: bool, has_fc_norm: bool, num_classes: int) -> tuple[str, str]:
-    """(timm global_pool, vitrail pooling). `candidates` in order of precedence: the argument, config.json,
-    model_args, timm's model; with none, a guess from the tensors (logged). fc_norm works with either pooling:
-    vitrail's `use_fc_norm` normalises whatever vector is pooled, as timm's `fc_norm` does."""
+def _pooling(candidates, facts: TimmFacts) -> str:
+    """vitrail's `pooling` for timm's global_pool, the first of `candidates` that is not None (the argument,
+    config.json, model_args, timm's model); with none, a guess from the tensors (logged). fc_norm works with either
+    pooling: vitrail's `use_fc_norm` normalises whatever vector is pooled, as timm's `fc_norm` does."""
+    has_cls, has_fc_norm, num_classes = facts.class_token, facts.fc_norm, facts.num_classes
     pool = next((c for c in candidates if c is not None), None)
     if pool is None:
         pool = "token" if has_cls and not has_fc_norm else "avg"
@@ -436,252 +440,13 @@ def _resolve_pooling(candidates, has_cls: bool, has_fc_norm: bool, num_classes: 
         )
     if pool == "token" and not has_cls:
         raise ValueError("global_pool='token' needs a class token, but the checkpoint has no `cls_token`.")
-    # global_pool="" (no head): the pooled output is not timm's anyway; pool as timm's default head would.
-    return pool, {"token": "cls", "avg": "mean"}.get(pool, "cls" if has_cls else "mean")
-
-
-def _timm_options(
-    state: Mapping[str, torch.Tensor],
-    timm_config: dict | None,
-    num_heads: int | None,
-    global_pool: str | None,
-) -> dict:
-    """Every timm option the conversion and the timm reference need, resolved and cross-checked."""
-    timm_config = dict(timm_config or {})
-    model_args = dict(timm_config.get("model_args") or {})
-    unknown = sorted(set(model_args) - _KNOWN_MODEL_ARGS)
-    if unknown:
-        raise NotImplementedError(
-            f"config.json model_args {unknown} are timm options this converter does not know how to reproduce; "
-            f"understood are {sorted(_KNOWN_MODEL_ARGS)}."
-        )
-    pretrained_cfg = timm_config.get("pretrained_cfg") or {}
-    architecture = timm_config.get("architecture")
-
-    patch_w = state["patch_embed.proj.weight"]
-    width, channels = patch_w.shape[0], patch_w.shape[1]
-    patch = (patch_w.shape[2], patch_w.shape[3])
-    depth = _depth(state)
-    head = state.get("head.weight")
-    num_classes = 0 if head is None else head.shape[0]
-    if "num_classes" in timm_config and int(timm_config["num_classes"]) != num_classes:
-        raise ValueError(
-            f"config.json says num_classes={timm_config['num_classes']}, but the weights have "
-            f"{'no head' if head is None else f'a {num_classes}-class head'}."
-        )
-    has_cls = "cls_token" in state
-    distilled = "dist_token" in state
-    reg = state["reg_token"].shape[1] if "reg_token" in state else 0
-    prefix = int(has_cls) + int(distilled) + reg
-
-    meta_info = None
-    try:
-        meta = _timm_meta_model(architecture, model_args, num_classes)
-    except (TypeError, RuntimeError, AssertionError) as error:  # model_args timm itself rejects
-        raise ValueError(
-            f"timm cannot build {architecture!r} with model_args {model_args}: {error}"
-        ) from error
-    if meta is not None:
-        meta_info = _from_meta_model(meta)
-        if meta_info["distilled"] != distilled:
-            raise ValueError(
-                f"timm builds {architecture!r} as {type(meta).__name__}, but the weights "
-                f"{'have' if distilled else 'have no'} `dist_token`: the config.json architecture does not "
-                "belong to these weights."
-            )
-        want = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
-        got = {k: tuple(v.shape) for k, v in state.items()}
-        if want != got:
-            differ = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
-            logger.warning(
-                "The weights differ from timm's %r built with model_args %s at %s; converting what the weights say.",
-                architecture,
-                model_args,
-                differ[:6],
-            )
-
-    # Head count: argument, model_args, timm, the name's size word.
-    heads = num_heads or model_args.get("num_heads") or (meta_info or {}).get("num_heads")
-    heads = heads or _heads_from_name(architecture, width)
-    if not heads:
-        raise ValueError(
-            f"The number of attention heads cannot be read from the weights (width {width}): pass "
-            "`num_heads=` (`--num-heads` on the command line), or put timm's config.json with "
-            "`architecture` / `model_args.num_heads` next to the weights."
-        )
-    if width % heads:
-        raise ValueError(f"num_heads={heads} does not divide the width {width}.")
-
-    has_fc_norm = "fc_norm.weight" in state
-    candidates = (global_pool, timm_config.get("global_pool"), model_args.get("global_pool"))
-    pool, pooling = _resolve_pooling(
-        [*candidates, (meta_info or {}).get("global_pool")], has_cls, has_fc_norm, num_classes
-    )
-    if distilled and pool not in ("token", ""):
+    if facts.distilled and pool not in ("token", ""):
         raise ValueError(
             f"global_pool={pool!r}, but timm's VisionTransformerDistilled reads the class and distillation "
             "tokens (it accepts only global_pool='token')."
         )
-    if distilled:
-        pool, pooling = "token", "cls"  # timm keeps 'token' on a distilled backbone too
-
-    pool_include_prefix = model_args.get("pool_include_prefix", (meta_info or {}).get("pool_include_prefix"))
-    if pool_include_prefix and pool == "avg":
-        raise NotImplementedError(
-            "timm pool_include_prefix=True averages the class/register tokens too; vitrail's mean pooling reads "
-            "only the patch tokens."
-        )
-    if model_args.get("pre_norm") or model_args.get("final_norm") is False:
-        raise NotImplementedError("timm pre_norm=True / final_norm=False have no vitrail counterpart.")
-    if model_args.get("proj_bias") is False:
-        raise NotImplementedError("timm proj_bias=False has no vitrail counterpart.")
-    dynamic_pad = model_args.get("dynamic_img_pad", (meta_info or {}).get("dynamic_img_pad", False))
-    dynamic_size = bool(model_args.get("dynamic_img_size", (meta_info or {}).get("dynamic_img_size", False)))
-    if dynamic_pad and not dynamic_size:
-        raise NotImplementedError(
-            "timm dynamic_img_pad=True without dynamic_img_size pads inputs of the native size only; vitrail pads "
-            "when `dynamic_image_size=True`. Rebuild the timm model with dynamic_img_size=True to compare."
-        )
-
-    # Positions and grid.
-    img_sizes = [
-        s
-        for s in (
-            _pair(model_args.get("img_size")),
-            _pair(pretrained_cfg.get("input_size")),
-            (meta_info or {}).get("img_size"),
-        )
-        if s is not None
-    ]
-    pos = state.get("pos_embed")
-    if pos is None:
-        if not img_sizes:
-            raise ValueError(
-                "The checkpoint has no `pos_embed` (timm pos_embed='none'), so its image size cannot be read from "
-                "the weights: put timm's config.json (with pretrained_cfg.input_size) next to them."
-            )
-        image_size, no_embed_class = img_sizes[0], True
-    else:
-        image_size, no_embed_class = _grid(pos.shape[1], prefix, patch, img_sizes)
-        if distilled and no_embed_class:
-            # timm's _pos_embed has a no_embed_class branch, but __init__ always sizes pos_embed for
-            # num_patches + 2 rows, so such a model cannot run in timm and no checkpoint of it can exist.
-            raise NotImplementedError(
-                f"`pos_embed` has {pos.shape[1]} rows, one per patch of a {image_size} image and none for the class "
-                "and distillation tokens (timm no_embed_class=True). timm's VisionTransformerDistilled always "
-                "gives both tokens a position (its no_embed_class variant fails at run time), so this is no timm "
-                "checkpoint and there is nothing to check a conversion against."
-            )
-    if (
-        "no_embed_class" in model_args
-        and pos is not None
-        and bool(model_args["no_embed_class"]) != no_embed_class
-    ):
-        raise ValueError(
-            f"config.json says no_embed_class={model_args['no_embed_class']}, but pos_embed has {pos.shape[1]} "
-            f"rows for {prefix} prefix token(s) and a {image_size} image."
-        )
-
-    intermediate = state["blocks.0.mlp.fc1.weight"].shape[0]
-    checks = {
-        "embed_dim": width,
-        "depth": depth,
-        "patch_size": patch,
-        "in_chans": channels,
-        "reg_tokens": reg,
-        "class_token": has_cls,
-        "qk_norm": "blocks.0.attn.q_norm.weight" in state,
-        "qkv_bias": "blocks.0.attn.qkv.bias" in state,
-    }
-    for key, value in checks.items():
-        if key in model_args:
-            given = _pair(model_args[key]) if key == "patch_size" else model_args[key]
-            if given != value:
-                raise ValueError(
-                    f"config.json model_args says {key}={model_args[key]}, the weights say {value}."
-                )
-    if "num_features" in timm_config and int(timm_config["num_features"]) != width:
-        raise ValueError(
-            f"config.json says num_features={timm_config['num_features']}, the weights are {width} wide."
-        )
-    if "mlp_ratio" in model_args and int(width * model_args["mlp_ratio"]) != intermediate:
-        raise ValueError(
-            f"config.json mlp_ratio={model_args['mlp_ratio']} does not give the MLP width {intermediate}."
-        )
-
-    if meta_info is None:
-        logger.info(
-            "timm does not describe this architecture here; assuming timm's VisionTransformer defaults: exact GELU "
-            "and LayerNorm eps 1e-6."
-        )
-    layer_scale = "blocks.0.ls1.gamma" in state
-    return {
-        "architecture": architecture,
-        "known_to_timm": meta_info is not None,
-        "model_args": model_args,
-        "num_classes": num_classes,
-        "width": width,
-        "depth": depth,
-        "heads": heads,
-        "intermediate": intermediate,
-        "patch": patch,
-        "channels": channels,
-        "image_size": image_size,
-        "has_cls": has_cls,
-        "distilled": distilled,
-        "reg": reg,
-        "no_embed_class": no_embed_class,
-        "has_pos": pos is not None,
-        "global_pool": pool,
-        "pooling": pooling,
-        "fc_norm": has_fc_norm,
-        "qk_norm": checks["qk_norm"],
-        "qkv_bias": checks["qkv_bias"],
-        # Only the initial value of new LayerScale vectors; the converted ones are loaded.
-        "init_values": (model_args.get("init_values") or 1e-5) if layer_scale else None,
-        "dynamic_img_size": dynamic_size,
-        "hidden_act": (meta_info or {}).get("hidden_act", "gelu"),
-        "layer_norm_eps": (meta_info or {}).get("layer_norm_eps", 1e-6),
-        "labels": _labels(timm_config, num_classes) if num_classes else {"num_labels": 0},
-    }
-
-
-def _config_from_options(options: dict) -> VitrailConfig:
-    height, width = options["image_size"]
-    ph, pw = options["patch"]
-    if not options["has_pos"]:
-        prefix_positions = "none"
-    elif options["no_embed_class"] or not (options["has_cls"] or options["reg"]):
-        prefix_positions = "none"
-    elif options["reg"] == 0 and not options["distilled"]:
-        prefix_positions = "cls"
-    else:
-        prefix_positions = "all"
-    return VitrailConfig(
-        hidden_size=options["width"],
-        num_hidden_layers=options["depth"],
-        num_attention_heads=options["heads"],
-        intermediate_size=options["intermediate"],
-        hidden_act=options["hidden_act"],
-        layer_norm_eps=options["layer_norm_eps"],
-        image_size=height if height == width else [height, width],
-        patch_size=ph if ph == pw else [ph, pw],
-        num_channels=options["channels"],
-        qkv_bias=options["qkv_bias"],
-        encoder_stride=ph,
-        pooling=options["pooling"],
-        use_cls_token=options["has_cls"],
-        use_distillation_token=options["distilled"],
-        num_register_tokens=options["reg"],
-        position_embedding_type="learned" if options["has_pos"] else "none",
-        prefix_position_embeddings=prefix_positions,
-        use_fc_norm=options["fc_norm"],
-        layer_scale_init_value=options["init_values"],
-        qk_norm=options["qk_norm"],
-        dynamic_image_size=options["dynamic_img_size"],
-        position_interpolation="bicubic_antialias",
-        **options["labels"],
-    )
+    # global_pool="" (no head): the pooled output is not timm's anyway; pool as timm's default head would.
+    return {"token": "cls", "avg": "mean"}.get(pool, "cls" if has_cls else "mean")
 
 
 def vitrail_config_from_timm(
@@ -695,25 +460,151 @@ def vitrail_config_from_timm(
     """The `VitrailConfig` reproducing a timm `VisionTransformer` state dict.
 
     `timm_config` is the Hub folder's config.json (optional; it supplies the head count, pooling, image size and
-    label names the tensors cannot). `num_heads` and `global_pool` ("token" or "avg") override it. Labels come from
-    `label_names` unless `id2label` is given; a checkpoint without a head gives `num_labels=0`. Raises `NotImplementedError` for timm options
-    vitrail cannot reproduce and `ValueError` when something needed is unknown or the inputs disagree.
+    label names the tensors cannot). `num_heads` and `global_pool` ("token" or "avg") override it. Labels come
+    from `label_names` unless `id2label` is given; a checkpoint without a head gives `num_labels=0`. Raises
+    `NotImplementedError` for timm options vitrail cannot reproduce and `ValueError` when something needed is
+    unknown or the inputs disagree.
     """
     state = _strip_wrapper(state_dict)
-    _check_supported_tensors(state)
-    options = _timm_options(state, timm_config, num_heads, global_pool)
+    _refuse_unsupported(state)
+    facts = TimmFacts.read(state)
+    timm_config = dict(timm_config or {})
+    model_args = dict(timm_config.get("model_args") or {})
+    unknown = sorted(set(model_args) - _KNOWN_MODEL_ARGS)
+    if unknown:
+        raise NotImplementedError(
+            f"config.json model_args {unknown} are timm options this converter does not know how to reproduce; "
+            f"understood are {sorted(_KNOWN_MODEL_ARGS)}."
+        )
+    architecture = timm_config.get("architecture")
+    meta = _timm_says(architecture, model_args, state, facts)
+    if not meta:
+        logger.info(
+            "timm does not describe this architecture here; assuming timm's VisionTransformer defaults: exact GELU "
+            "and LayerNorm eps 1e-6."
+        )
+
+    # What config.json says must be what the weights say.
+    said = {
+        **model_args,
+        "patch_size": height_width(model_args.get("patch_size")),
+        "num_classes": timm_config.get("num_classes"),
+        "num_features": timm_config.get("num_features"),
+    }
+    for key, value in facts.as_model_args.items():
+        if said.get(key) is not None and said[key] != value:
+            raise ValueError(f"config.json says {key}={said[key]}, the weights say {value}.")
+    if "mlp_ratio" in model_args and int(facts.width * model_args["mlp_ratio"]) != facts.mlp_width:
+        raise ValueError(
+            f"config.json mlp_ratio={model_args['mlp_ratio']} does not give the MLP width {facts.mlp_width}."
+        )
+
+    # What the weights cannot say: the argument first, then config.json, timm's own model, the name, defaults.
+    def option(key: str, default=None):
+        return model_args.get(key, meta.get(key, default))
+
+    heads = num_heads or option("num_heads") or _heads_from_name(architecture, facts.width)
+    if not heads:
+        raise ValueError(
+            f"The number of attention heads cannot be read from the weights (width {facts.width}): pass "
+            "`num_heads=` (`--num-heads` on the command line), or put timm's config.json with "
+            "`architecture` / `model_args.num_heads` next to the weights."
+        )
+    pooling = _pooling([global_pool, timm_config.get("global_pool"), option("global_pool")], facts)
+    if option("pool_include_prefix") and pooling == "mean":
+        raise NotImplementedError(
+            "timm pool_include_prefix=True averages the class/register tokens too; vitrail's mean pooling reads "
+            "only the patch tokens."
+        )
+    dynamic_size = bool(option("dynamic_img_size", False))
+    if option("dynamic_img_pad") and not dynamic_size:
+        raise NotImplementedError(
+            "timm dynamic_img_pad=True without dynamic_img_size pads inputs of the native size only; vitrail pads "
+            "when `dynamic_image_size=True`. Rebuild the timm model with dynamic_img_size=True to compare."
+        )
+
+    sizes = [
+        height_width(model_args.get("img_size")),
+        height_width((timm_config.get("pretrained_cfg") or {}).get("input_size")),
+    ]
+    sizes = [s for s in (*sizes, meta.get("img_size")) if s is not None]
+    if facts.positions is not None:
+        (height, width), prefix_rows = grid_of_positions(
+            facts.positions,
+            [facts.prefix_tokens, 0] if facts.prefix_tokens else [0],
+            facts.patch,
+            sizes,
+            name="`pos_embed`",
+            hint="put timm's config.json (with `pretrained_cfg.input_size` or `model_args.img_size`) next to the "
+            "weights",
+        )
+        no_embed_class = prefix_rows == 0
+    elif sizes:
+        (height, width), no_embed_class = sizes[0], True
+    else:
+        raise ValueError(
+            "The checkpoint has no `pos_embed` (timm pos_embed='none'), so its image size cannot be read from "
+            "the weights: put timm's config.json (with pretrained_cfg.input_size) next to them."
+        )
+    if model_args.get("no_embed_class", no_embed_class) != no_embed_class and facts.positions is not None:
+        raise ValueError(
+            f"config.json says no_embed_class={model_args['no_embed_class']}, but pos_embed has "
+            f"{facts.positions} rows for {facts.prefix_tokens} prefix token(s) and a {height}x{width} image."
+        )
+    if facts.distilled and (facts.positions is None or no_embed_class):
+        raise NotImplementedError(
+            f"`pos_embed` has {facts.positions or 'no'} rows for a {height}x{width} image: the class and distillation "
+            "tokens own no position (timm no_embed_class=True or pos_embed='none'), a model timm's "
+            "VisionTransformerDistilled cannot run, so there is nothing to check a conversion against."
+        )
+
+    if id2label is not None and len(id2label) != facts.num_classes:
+        raise ValueError(f"id2label has {len(id2label)} labels, the head {facts.num_classes} classes.")
     if id2label is not None:
-        if len(id2label) != options["num_classes"]:
-            raise ValueError(
-                f"id2label has {len(id2label)} labels, the head {options['num_classes']} classes."
-            )
         labels = {int(k): str(v) for k, v in id2label.items()}
-        options["labels"] = {"id2label": labels, "label2id": {v: k for k, v in labels.items()}}
-    return _config_from_options(options)
+        labels = {"id2label": labels, "label2id": {v: k for k, v in labels.items()}}
+    else:
+        labels = _labels(timm_config, facts.num_classes) if facts.num_classes else {"num_labels": 0}
+    if facts.positions is None or no_embed_class or not facts.prefix_tokens:
+        prefix_positions = "none"
+    else:
+        prefix_positions = "cls" if facts.prefix_tokens == 1 and facts.class_token else "all"
+    return VitrailConfig(
+        hidden_size=facts.width,
+        num_hidden_layers=facts.depth,
+        num_attention_heads=heads,
+        intermediate_size=facts.mlp_width,
+        hidden_act=meta.get("hidden_act", "gelu"),
+        layer_norm_eps=meta.get("layer_norm_eps", 1e-6),
+        image_size=height if height == width else [height, width],
+        patch_size=facts.patch[0] if facts.patch[0] == facts.patch[1] else list(facts.patch),
+        num_channels=facts.channels,
+        qkv_bias=facts.qkv_bias,
+        encoder_stride=facts.patch[0],
+        pooling=pooling,
+        use_cls_token=facts.class_token,
+        use_distillation_token=facts.distilled,
+        num_register_tokens=facts.registers,
+        position_embedding_type="none" if facts.positions is None else "learned",
+        prefix_position_embeddings=prefix_positions,
+        use_fc_norm=facts.fc_norm,
+        # Only the initial value of new LayerScale vectors; the converted ones are loaded.
+        layer_scale_init_value=(model_args.get("init_values") or 1e-5) if facts.layer_scale else None,
+        qk_norm=facts.qk_norm,
+        dynamic_image_size=dynamic_size,
+        position_interpolation="bicubic_antialias",
+        **labels,
+    )
 
 
-def _target_class(state: Mapping[str, torch.Tensor]):
-    return VitrailForImageClassification if "head.weight" in state else VitrailModel
+def _plan(state: Mapping[str, torch.Tensor], config: VitrailConfig) -> Plan:
+    return Plan(
+        state,
+        config,
+        head="head.weight" in state,
+        rows=TIMM_RENAMES,
+        source_name="timm VisionTransformer checkpoint",
+    )
 
 
 def convert_timm_state_dict(
@@ -722,29 +613,17 @@ def convert_timm_state_dict(
     """Rename a timm VisionTransformer state dict to vitrail's names for `target_cls` (default: the classifier
     when there is a `head`, else `VitrailModel`), checking every tensor (see `rename_state_dict`)."""
     state = _strip_wrapper(state_dict)
-    _check_supported_tensors(state)
-    target_cls = target_cls or _target_class(state)
-    if target_cls is VitrailForImageClassification and "head.weight" not in state:
+    _refuse_unsupported(state)
+    plan = _plan(state, config)
+    if target_cls not in (None, plan.model_class):
         raise ValueError(
-            "The timm checkpoint has no head (num_classes=0): convert it into VitrailModel, or add a head later "
-            "with `VitrailForImageClassification` and `vitrail.convert.fit_to_class`."
+            f"The timm checkpoint has {'a' if plan.head else 'no'} head (a classifier, `head.*`): convert it into "
+            f"{plan.model_class.__name__} (`vitrail.convert.fit_to_class` then adds or leaves out a head)."
         )
-    if target_cls is VitrailModel and "head.weight" in state:
-        raise ValueError(
-            "The timm checkpoint has a classification head (`head.*`); convert it into "
-            "VitrailForImageClassification (VitrailModel would have to drop it)."
-        )
-    return rename_state_dict(
-        state,
-        TIMM_RENAMES,
-        expected_shapes(target_cls, config),
-        drops=TIMM_DROPPED,
-        backbone="vitrail." if target_cls is not VitrailModel else "",
-        source_name="timm VisionTransformer checkpoint",
-    )
+    return plan.state_dict()
 
 
-# ---- files ------------------------------------------------------------------------------------------------------
+# ---- files -------------------------------------------------------------------------------------------------------
 
 
 def _read_source(path: str | Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict, Path | None]:
@@ -771,17 +650,6 @@ def _read_source(path: str | Path, allow_pickle: bool) -> tuple[dict[str, torch.
     )
 
 
-def _load(state, timm_config, num_heads, global_pool):
-    _check_supported_tensors(state)
-    options = _timm_options(state, timm_config, num_heads, global_pool)
-    config = _config_from_options(options)
-    target_cls = _target_class(state)
-    converted = convert_timm_state_dict(state, config, target_cls)
-    model = target_cls(config)
-    model.load_state_dict(converted, strict=True)
-    return model.eval(), options
-
-
 def load_timm_checkpoint(
     path: str | Path,
     *,
@@ -797,8 +665,10 @@ def load_timm_checkpoint(
     `label_names`), one without gives `VitrailModel`.
     """
     state, timm_config, _ = _read_source(path, allow_pickle)
-    model, _ = _load(state, timm_config, num_heads, global_pool)
-    return model
+    config = vitrail_config_from_timm(
+        state, timm_config=timm_config, num_heads=num_heads, global_pool=global_pool
+    )
+    return _plan(state, config).load()
 
 
 # ---- preprocessing ------------------------------------------------------------------------------------------------
@@ -845,69 +715,78 @@ def timm_image_processor(pretrained_cfg: Mapping):
             f"timm crop_mode={crop_mode!r} (resize the longer side and pad) has no VitrailImageProcessor "
             "counterpart; only 'center' and 'squash' convert."
         )
-    # torchvision's CenterCrop places an odd margin at round((H - h) / 2), transformers' at floor.
-    extra = {"center_crop_rounding": "round"}
     return VitrailImageProcessor(
-        **extra,
-        do_resize=True,
         size=size,
         resample=_INTERPOLATIONS[interpolation],
         do_center_crop=True,
         crop_size={"height": height, "width": width},
-        crop_pct=None,
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
         image_mean=mean,
         image_std=std,
         num_channels=channels,
+        # torchvision's CenterCrop places an odd margin at round((H - h) / 2), transformers' at floor.
+        center_crop_rounding="round",
     )
 
 
 # ---- the timm reference -----------------------------------------------------------------------------------------
 
 
-def _timm_reference(options: dict, state: dict, weight_file: Path | None):
-    """timm's own model with the same weights, built to accept any input size (its own position resampling)."""
-    try:
-        import timm
-        from timm.models.deit import VisionTransformerDistilled
-        from timm.models.vision_transformer import VisionTransformer
-    except ImportError:
+def timm_model_like(config: VitrailConfig, num_classes: int, image_hw: tuple[int, int] | None = None):
+    """timm's `VisionTransformer` (`VisionTransformerDistilled` with a distillation token) of `config`'s
+    architecture, randomly initialised, taking any input size as vitrail's `dynamic_image_size` does: positions
+    resampled at run time, partial patches padded. `image_hw` overrides the size its position table is made for."""
+    from timm.models.deit import VisionTransformerDistilled
+    from timm.models.vision_transformer import VisionTransformer
+
+    model_cls = VisionTransformerDistilled if config.use_distillation_token else VisionTransformer
+    return model_cls(
+        img_size=image_hw or config.image_hw,
+        patch_size=config.patch_hw,
+        in_chans=config.num_channels,
+        num_classes=num_classes,
+        global_pool="token" if config.pooling == "cls" else "avg",
+        embed_dim=config.hidden_size,
+        depth=config.num_hidden_layers,
+        num_heads=config.num_attention_heads,
+        mlp_ratio=(config.intermediate_size + 0.5) / config.hidden_size,  # timm takes int(width * ratio)
+        qkv_bias=config.qkv_bias,
+        qk_norm=config.qk_norm,
+        init_values=config.layer_scale_init_value,
+        class_token=config.use_cls_token,
+        pos_embed="none" if config.position_embedding_type == "none" else "learn",
+        no_embed_class=config.prefix_position_embeddings == "none",
+        reg_tokens=config.num_register_tokens,
+        fc_norm=config.use_fc_norm,
+        act_layer=_TIMM_ACTIVATIONS[config.hidden_act],
+        dynamic_img_size=True,
+        dynamic_img_pad=True,
+    )
+
+
+def _timm_reference(
+    timm_config: dict, config: VitrailConfig, state: dict, weight_file: Path | None
+) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, str]:
+    """timm's own model with the same weights, built to accept any input size (its own position resampling), and
+    a note saying what it is; None when timm is not installed."""
+    if importlib.util.find_spec("timm") is None:
         return None, "timm is not installed: no reference model to compare with."
-    if options["known_to_timm"]:
-        model = timm.create_model(
-            options["architecture"],
-            pretrained=False,
-            **{**options["model_args"], "num_classes": options["num_classes"], "dynamic_img_size": True},
-        )
-        how = f"timm.create_model({options['architecture']!r})"
+    import timm
+
+    architecture, num_classes = (
+        timm_config.get("architecture"),
+        config.num_labels if "head.weight" in state else 0,
+    )
+    if architecture and timm.is_model(architecture):
+        model_args = {
+            **timm_config.get("model_args", {}),
+            "num_classes": num_classes,
+            "dynamic_img_size": True,
+        }
+        model = timm.create_model(architecture, pretrained=False, **model_args)
+        how = f"timm.create_model({architecture!r})"
     else:
-        width = options["width"]
-        # VisionTransformerDistilled takes VisionTransformer's arguments and resamples its positions (cls and
-        # dist rows kept) at run time with dynamic_img_size=True, as VisionTransformer does.
-        model_cls = VisionTransformerDistilled if options["distilled"] else VisionTransformer
-        model = model_cls(
-            img_size=options["image_size"],
-            patch_size=options["patch"],
-            in_chans=options["channels"],
-            num_classes=options["num_classes"],
-            global_pool=options["global_pool"],
-            embed_dim=width,
-            depth=options["depth"],
-            num_heads=options["heads"],
-            mlp_ratio=(options["intermediate"] + 0.5) / width,  # timm takes int(width * ratio)
-            qkv_bias=options["qkv_bias"],
-            qk_norm=options["qk_norm"],
-            init_values=options["init_values"],
-            class_token=options["has_cls"],
-            pos_embed="learn" if options["has_pos"] else "none",
-            no_embed_class=options["no_embed_class"],
-            reg_tokens=options["reg"],
-            fc_norm=options["fc_norm"],
-            dynamic_img_size=True,
-        )
-        how = f"timm {model_cls.__name__} built from the inferred options"
+        model = timm_model_like(config, num_classes)
+        how = f"timm {type(model).__name__} built from the converted config"
     if weight_file is not None:
         timm.models.load_checkpoint(model, str(weight_file), strict=True)
     else:
@@ -916,7 +795,7 @@ def _timm_reference(options: dict, state: dict, weight_file: Path | None):
 
     def reference(pixels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return model(pixels) if options["num_classes"] else model.forward_features(pixels)
+            return model(pixels) if num_classes else model.forward_features(pixels)
 
     return reference, f"reference: {how}, weights loaded by timm, dynamic_img_size=True."
 
@@ -932,36 +811,32 @@ def open_source(
     the reference, for `scripts/convert_checkpoint.py --from timm`. The reference maps pixels of any size to timm's
     logits (its `forward_features` tokens for a checkpoint without a head)."""
     state, timm_config, weight_file = _read_source(path, allow_pickle)
-    model, options = _load(state, timm_config, num_heads, global_pool)
-    notes = [
-        f"timm {options['architecture'] or 'VisionTransformer'}: {options['depth']} blocks, width "
-        f"{options['width']}, {options['heads']} heads, image {options['image_size']}, global_pool "
-        f"{options['global_pool']!r}{', distillation token' if options['distilled'] else ''}, "
-        f"{type(model).__name__}."
-    ]
+    config = vitrail_config_from_timm(
+        state, timm_config=timm_config, num_heads=num_heads, global_pool=global_pool
+    )
+    model = _plan(state, config).load()
+    notes = [f"timm {timm_config.get('architecture') or 'VisionTransformer'}: {describe(config)}."]
     processor = None
-    pretrained_cfg = timm_config.get("pretrained_cfg")
-    if pretrained_cfg:
+    if timm_config.get("pretrained_cfg"):
         try:
-            processor = timm_image_processor(pretrained_cfg)
+            processor = timm_image_processor(timm_config["pretrained_cfg"])
         except NotImplementedError as error:
             notes.append(f"No image processor: {error}")
-    else:
-        notes.append("No pretrained_cfg in config.json: no image processor.")
-    reference, note = _timm_reference(options, state, weight_file)
+    reference, note = _timm_reference(timm_config, config, state, weight_file)
     notes.append(note)
     return Converted(model=model, processor=processor, reference=reference, notes=notes)
 
 
 __all__ = [
-    "TIMM_DROPPED",
+    "TIMM_REFUSED",
     "TIMM_RENAMES",
-    "TIMM_SIZE_HEADS",
-    "TIMM_UNSUPPORTED",
+    "TIMM_SIZE_WORDS",
+    "TimmFacts",
     "convert_timm_state_dict",
     "is_timm_config",
     "load_timm_checkpoint",
     "open_source",
     "timm_image_processor",
+    "timm_model_like",
     "vitrail_config_from_timm",
 ]
