@@ -63,7 +63,7 @@ def test_one_process_training_learns(tmp_path):
     assert "model-index" in card and f"{metrics['test_accuracy']:.4f}"[:4] in card
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
     # scripts/evaluate_checkpoint.py scores the saved folder on the same test split and gets the same accuracy.
-    from vitrail.evaluating import EvaluateArguments, evaluate_checkpoint
+    from vitrail.evaluate_checkpoint import EvaluateArguments, evaluate_checkpoint
 
     scored = evaluate_checkpoint(
         EvaluateArguments(model=str(out), output_dir=str(tmp_path / "eval")), DataArguments()

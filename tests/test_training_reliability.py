@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from tests.test_training import QUIET, ROOT, TINY, run_train
 from vitrail import training
 from vitrail.data import image_folder_dataset
-from vitrail.evaluating import EvaluateArguments, evaluate_checkpoint
+from vitrail.evaluate_checkpoint import EvaluateArguments, evaluate_checkpoint
 from vitrail.run_folder import checkpoint_problem, find_resume_checkpoint, write_atomic
 from vitrail.training import (
     DataArguments,
@@ -438,7 +438,7 @@ def test_split_is_stored_and_evaluation_refuses_another(finished, tmp_path, capl
     with pytest.raises(ValueError, match=r"(?s)test split here is not the one stored.*split_seed: 0 -> 1"):
         evaluate_checkpoint(other, DataArguments(**data, split_seed=1))
     other.allow_split_mismatch = True
-    with caplog.at_level(logging.WARNING, logger="vitrail.evaluating"):
+    with caplog.at_level(logging.WARNING, logger="vitrail.evaluate_checkpoint"):
         evaluate_checkpoint(other, DataArguments(**data, split_seed=1))
     assert "test split here is not the one stored" in caplog.text
 

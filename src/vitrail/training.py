@@ -572,7 +572,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     Returns what the folder's `all_results.json` holds. A rerun of a finished run with the same settings
     returns it without training; see `vitrail.run_folder.start_run` for resuming and refusing.
     """
-    from .evaluation import confusion_matrix, make_compute_metrics
+    from .metrics import confusion_matrix, make_compute_metrics
     from .model_card import render_model_card
     from .plots import plot_confusion_matrix, plot_training_curves
 

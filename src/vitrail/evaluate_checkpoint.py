@@ -1,5 +1,5 @@
-"""Evaluate any vitrail checkpoint on a split: metrics, confusion matrix and plots; `scripts/evaluate_checkpoint.py` is the
-command line."""
+"""Score a vitrail classifier checkpoint on one split of the data: metrics, confusion matrix and its plot;
+`scripts/evaluate_checkpoint.py` is the command line. (The metrics themselves live in `vitrail.metrics`.)"""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 from transformers import TrainingArguments
 from transformers.utils import cached_file
 
-from .evaluation import confusion_matrix, make_compute_metrics
 from .image_processing_vitrail import VitrailImageProcessor
+from .metrics import confusion_matrix, make_compute_metrics
 from .modeling_vitrail import VitrailForImageClassification
 from .plots import plot_confusion_matrix
 from .run_folder import DATA_SPLIT, differences, read_json, write_json_atomic
