@@ -377,12 +377,8 @@ def test_folder_layouts_are_followed_or_named(tmp_path, caplog):
     (data / "owl" / "gone.png").symlink_to(tmp_path / "nowhere.png")
     with caplog.at_level(logging.WARNING, logger="vitrail.data"):
         splits, skipped = image_folder_dataset(str(data))
-    assert splits["train"].features["label"].names == [
-        "bat",
-        "cat",
-        "dog",
-        "owl",
-    ]  # the symlinked class is in
+    # The symlinked class is in.
+    assert splits["train"].features["label"].names == ["bat", "cat", "dog", "owl"]
     assert len(splits["train"]) == 32 and not skipped
     assert (
         "skipped 3 files: cat/photo.heic (unsupported format), dog/notes.txt (unsupported format), "

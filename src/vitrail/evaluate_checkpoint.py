@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import TrainingArguments
+from transformers import TrainingArguments, default_data_collator
 from transformers.utils import cached_file
 
 from .image_processing_vitrail import VitrailImageProcessor
@@ -15,7 +15,7 @@ from .metrics import confusion_matrix, make_compute_metrics
 from .modeling_vitrail import VitrailForImageClassification
 from .plots import plot_confusion_matrix
 from .run_folder import DATA_SPLIT, differences, read_json, write_json_atomic
-from .training import Collator, DataArguments, VitrailTrainer, check_model_source, load_splits, prepare_splits
+from .training import DataArguments, VitrailTrainer, check_model_source, load_splits, prepare_splits
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def evaluate_checkpoint(args: EvaluateArguments, data_args: DataArguments) -> di
             report_to=[],
             disable_tqdm=True,
         ),
-        data_collator=Collator(),
+        data_collator=default_data_collator,
         compute_metrics=make_compute_metrics(len(labels)),
     )
     prediction = trainer.predict(prepared[args.split], metric_key_prefix=args.split)
