@@ -439,6 +439,21 @@ def test_split_is_stored_and_evaluation_refuses_another(finished, tmp_path, capl
     assert "test split here is not the one stored" in caplog.text
 
 
+def test_evaluation_processes_uncached_data_too(finished, tmp_path):
+    """Data too big to cache (here forced with `--cache_pixels false`) is processed from the image column while
+    it is scored: the Trainer must keep that column."""
+    data = {
+        "train_dir": str(finished.data),
+        "test_size": 0.25,
+        "validation_size": 0.125,
+        "cache_pixels": False,
+    }
+    scored = evaluate_checkpoint(
+        EvaluateArguments(model=str(finished.out), output_dir=str(tmp_path / "eval")), DataArguments(**data)
+    )
+    assert scored["test_accuracy"] == pytest.approx(finished.metrics["test_accuracy"])
+
+
 # ---- flags ----------------------------------------------------------------------------------------------------
 
 

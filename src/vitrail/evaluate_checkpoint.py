@@ -91,6 +91,7 @@ def evaluate_checkpoint(args: EvaluateArguments, data_args: DataArguments) -> di
             per_device_eval_batch_size=args.batch_size,
             report_to=[],
             disable_tqdm=True,
+            remove_unused_columns=False,  # data too big to cache is processed on the fly, from the image column
         ),
         data_collator=default_data_collator,
         compute_metrics=make_compute_metrics(len(labels)),
