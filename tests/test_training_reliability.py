@@ -553,3 +553,20 @@ def test_pretraining_reruns_share_the_checks(tmp_path, caplog):
     with pytest.raises(ValueError, match=r"schedule\.learning_rate: 5e-05 -> 0\.001"):
         run("--learning_rate", "1e-3")
     assert metrics.keys() == again.keys()
+
+
+def test_pretraining_is_reproducible(tmp_path):
+    """Two pretraining runs with the same seed write the same weights: the encoder is initialised from the seed."""
+    from vitrail.pretraining import PretrainArguments, pretrain
+
+    overrides = TINY.replace(",pooling=mean,use_cls_token=false", "")
+    for name in ("first", "second"):
+        _, data_args, training_args = parse_args(
+            ["--output_dir", str(tmp_path / name), *QUIET, "--max_train_samples", "32", "--max_steps", "1",
+             "--per_device_train_batch_size", "16", "--save_strategy", "no", "--validation_size", "0"]
+        )  # fmt: skip
+        pretrain(PretrainArguments(config_overrides=overrides), data_args, training_args)
+    first, second = (load_file(tmp_path / name / "model.safetensors") for name in ("first", "second"))
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key

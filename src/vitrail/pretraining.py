@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-from transformers import TrainingArguments
+from transformers import TrainingArguments, set_seed
 
 from .configuration_vitrail import VitrailConfig
 from .modeling_vitrail import VitrailForMaskedImageModeling
@@ -99,6 +99,7 @@ def pretrain(args: PretrainArguments, data_args: DataArguments, training_args: T
         return start.finished
     processor = new_processor(config)
     prepare_splits(data.splits, processor, data_args)
+    set_seed(training_args.seed)  # the Trainer seeds too, but only after the model is initialised here
     trainer = VitrailTrainer(
         model=VitrailForMaskedImageModeling(config),
         # The masks play the part of labels: with them named so, evaluation computes the masked loss.
