@@ -6,9 +6,9 @@
   from its path: `evaluate.load("accuracy")` would fetch a script from the Hugging Face Hub; a path needs nothing.
 
 Both routes run one definition, `classification.classification_metrics`, and give the same numbers. The Trainer
-takes the numpy route: `metric.compute` encodes every score through Arrow features, 4.5 s for 10,000 x 1,000
-logits here against 0.03 s. Each process computes on the predictions the Trainer has already gathered from all
-processes.
+takes the numpy route: `metric.compute` encodes every score through Arrow features first, about 100x slower
+(random float32 logits of shape (10,000, 1,000): 8.1 s against 0.09 s on this 2-core machine, shared). Each
+process computes on the predictions the Trainer has already gathered from all processes.
 """
 
 from collections.abc import Callable
