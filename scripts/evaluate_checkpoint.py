@@ -14,7 +14,7 @@ import sys
 
 from transformers import HfArgumentParser
 
-from vitrail.evaluating import EvaluateArguments, evaluate_checkpoint
+from vitrail.evaluate_checkpoint import EvaluateArguments, evaluate_checkpoint
 from vitrail.training import DataArguments
 
 if __name__ == "__main__":

@@ -1,4 +1,11 @@
-"""Shared fixtures: a tiny, deliberately odd-sized config so that shape bugs cannot hide behind round numbers."""
+"""Shared fixtures: a tiny, deliberately odd-sized config so that shape bugs cannot hide behind round numbers;
+and a fresh interpreter that cannot import vitrail, for the Hub-code path."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,3 +41,37 @@ def pixels() -> torch.Tensor:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# Prepended to every script `run_without_vitrail` runs: vitrail is installed (editable) here, so removing it from
+# PYTHONPATH is not enough; blocked in sys.modules, it fails to import, and only a checkpoint's own code can run.
+BLOCK_VITRAIL = 'import sys\nsys.modules["vitrail"] = None\n'
+DONE = "remote checks done"
+
+
+def run_without_vitrail(script: str, *args, root: Path, env: dict[str, str]) -> dict:
+    """Run the Python source `script` as a user's machine would, where vitrail is not installed, and return the
+    JSON report it writes to the path it gets as its last argument (after `args`).
+
+    The process starts in an empty folder under `root` (so neither src/ nor a checkpoint's code is importable by
+    accident), without PYTHONPATH and without this process's HF_* settings: `env` gives its own.
+    """
+    workdir = root / "elsewhere"
+    workdir.mkdir()
+    report = root / "report.json"
+    inherited = {
+        key: value
+        for key, value in os.environ.items()
+        if key != "PYTHONPATH" and not key.startswith(("HF_", "HUGGINGFACE_"))
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", f"{BLOCK_VITRAIL}{script}\nprint({DONE!r})\n", *map(str, args), str(report)],
+        cwd=workdir,
+        env={**inherited, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert DONE in result.stdout
+    return json.loads(report.read_text())

@@ -39,7 +39,7 @@ from vitrail.hub import (
     push_checkpoint,
 )
 
-from .conftest import tiny_config
+from .conftest import run_without_vitrail, tiny_config
 from .hub_server import USER, client_env, patch_client, serve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -882,9 +882,8 @@ def test_scripts(hub, checkpoints, tmp_path, capsys, repo_id):
 
 REMOTE = textwrap.dedent(
     """
-    import sys
-    sys.modules["vitrail"] = None  # vitrail is installed (editable): block it so only the repo's code runs
     import json
+    import sys
 
     import PIL.Image
     import torch
@@ -942,24 +941,8 @@ def test_hub_code_path_from_the_repo_id(hub, checkpoints, tmp_path, repo_id):
         }
         probabilities = model(pixels).logits.softmax(-1)[0]
     save_file({k: v.contiguous() for k, v in reference.items()}, tmp_path / "reference.safetensors")
-    workdir = (
-        tmp_path / "elsewhere"
-    )  # an empty cwd: neither src/ nor a checkpoint's code is importable by accident
-    workdir.mkdir()
-    env = client_env(
-        hub, tmp_path / "remote_home", {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    )
-    args = [repo_id, tmp_path / "reference.safetensors", tmp_path / "image.png", tmp_path / "report.json"]
-    result = subprocess.run(
-        [sys.executable, "-c", REMOTE, *map(str, args)],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-5000:]
-    report = json.loads((tmp_path / "report.json").read_text())
+    args = [repo_id, tmp_path / "reference.safetensors", tmp_path / "image.png"]
+    report = run_without_vitrail(REMOTE, *args, root=tmp_path, env=client_env(hub, tmp_path / "remote_home"))
 
     assert report["vitrail_modules"] == []
     for name, class_name in {

@@ -6,10 +6,7 @@ pipelines and reports what it got; the tests compare that report with references
 
 import builtins
 import json
-import os
 import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -26,7 +23,7 @@ from vitrail import (
     VitrailImageProcessor,
 )
 
-from .conftest import tiny_config
+from .conftest import run_without_vitrail, tiny_config
 
 ID2LABEL = {0: "cat", 1: "dog", 2: "bird"}
 CODE_FILES = ("configuration_vitrail.py", "modeling_vitrail.py", "image_processing_vitrail.py")
@@ -97,9 +94,8 @@ def folders(tmp_path_factory) -> Path:
 
 REMOTE = textwrap.dedent(
     """
-    import sys
-    sys.modules["vitrail"] = None  # vitrail is installed (editable): block it so only the folder's code runs
     import json
+    import sys
     from pathlib import Path
 
     import PIL.Image
@@ -202,7 +198,6 @@ REMOTE = textwrap.dedent(
         name for name, module in sys.modules.items() if module is not None and name.split(".")[0] == "vitrail"
     )
     Path(sys.argv[2]).write_text(json.dumps(report))
-    print("remote checks done")
     """
 )
 
@@ -210,29 +205,13 @@ REMOTE = textwrap.dedent(
 @pytest.fixture(scope="module")
 def remote(folders) -> dict:
     """Run every Hub-code check in one fresh interpreter that cannot import vitrail; return its report."""
-    workdir = (
-        folders / "elsewhere"
-    )  # an empty cwd: neither src/ nor the checkpoint code is on sys.path by accident
-    workdir.mkdir()
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(
-        HF_HUB_OFFLINE="1",
-        HF_HOME=str(folders / "hf_home"),
-        HF_HUB_DISABLE_PROGRESS_BARS="1",
-        TRANSFORMERS_VERBOSITY="error",
-    )
-    report_path = folders / "report.json"
-    result = subprocess.run(
-        [sys.executable, "-c", REMOTE, str(folders), str(report_path)],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-5000:]
-    assert "remote checks done" in result.stdout
-    return json.loads(report_path.read_text())
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(folders / "hf_home"),
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+    }
+    return run_without_vitrail(REMOTE, folders, root=folders, env=env)
 
 
 def test_folder_carries_code_and_auto_map(folders):

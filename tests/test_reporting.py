@@ -2,6 +2,7 @@
 
 import importlib.resources
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 from sklearn.metrics import f1_score, top_k_accuracy_score
 from transformers import EvalPrediction, SchedulerType
 
-from vitrail.evaluation import (
+from vitrail.metrics import (
     CLASSIFICATION_METRIC_PATH,
     confusion_matrix,
     load_classification_metric,
@@ -162,6 +163,25 @@ def test_make_compute_metrics_takes_logits_from_a_tuple():
     }
     with pytest.raises(ValueError, match=r"\(N, 3\)"):
         three_way(EvalPrediction(predictions=hand_made_scores(), label_ids=np.array(REFERENCES)))
+
+
+def test_compute_metrics_agrees_with_the_evaluate_module_without_its_cost():
+    """The Trainer's callback gives the `evaluate` module's numbers (ties included), computed in numpy: the
+    module's Arrow encoding took 4.5 s for 10,000 x 1,000 logits, the callback takes well under a second."""
+    rng = np.random.default_rng(2)
+    logits = rng.integers(0, 4, size=(500, 12)).astype(np.float32)  # many ties
+    labels = rng.integers(0, 12, size=500)
+    results = make_compute_metrics(num_labels=12)(EvalPrediction(predictions=logits, label_ids=labels))
+    assert results == load_classification_metric().compute(predictions=logits, references=labels)
+    assert set(results) == {"accuracy", "macro_f1", "top5_accuracy"}
+
+    logits = rng.normal(size=(10_000, 1_000)).astype(np.float32)
+    labels = rng.integers(0, 1_000, size=10_000)
+    compute_metrics = make_compute_metrics(num_labels=1_000)
+    started = time.perf_counter()
+    results = compute_metrics(EvalPrediction(predictions=logits, label_ids=labels))
+    assert time.perf_counter() - started < 1.0
+    assert results == classification_metrics(logits, labels)
 
 
 def log_history(epochs: int = 4, with_eval: bool = True) -> list[dict]:

@@ -12,7 +12,16 @@ import pytest
 import torch
 
 from vitrail.data import digits_dataset, split_dataset
-from vitrail.training import DataArguments, ModelArguments, build_model, parameter_groups, parse_args, train
+from vitrail.training import (
+    DataArguments,
+    ModelArguments,
+    build_model,
+    load_splits,
+    parameter_groups,
+    parse_args,
+    prepare_splits,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = (
@@ -63,7 +72,7 @@ def test_one_process_training_learns(tmp_path):
     assert "model-index" in card and f"{metrics['test_accuracy']:.4f}"[:4] in card
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
     # scripts/evaluate_checkpoint.py scores the saved folder on the same test split and gets the same accuracy.
-    from vitrail.evaluating import EvaluateArguments, evaluate_checkpoint
+    from vitrail.evaluate_checkpoint import EvaluateArguments, evaluate_checkpoint
 
     scored = evaluate_checkpoint(
         EvaluateArguments(model=str(out), output_dir=str(tmp_path / "eval")), DataArguments()
@@ -287,9 +296,8 @@ def test_batch_augment_is_exact_where_it_should_be():
     from vitrail.data import AugmentationConfig, BatchAugment
 
     images = torch.randn(4, 3, 10, 6)
-    torch.testing.assert_close(
-        BatchAugment(AugmentationConfig())(images), images, atol=1e-5, rtol=0
-    )  # identity
+    # No augmentation asked: the identity.
+    torch.testing.assert_close(BatchAugment(AugmentationConfig())(images), images, atol=1e-5, rtol=0)
     flipped = BatchAugment(AugmentationConfig(hflip=1.0))(images)
     torch.testing.assert_close(flipped, images.flip(-1))
     # A shift pulls in pixels from outside the image; they take the fill value (normalised black), not zero.
@@ -310,11 +318,33 @@ def test_batch_augment_is_exact_where_it_should_be():
     assert crops.shape == images.shape and not torch.allclose(crops, images)
 
 
+def test_cached_and_on_the_fly_splits_give_the_same_batches():
+    """transformers' `default_data_collator` batches both forms of a prepared split alike (a tensor cache, and a
+    `datasets` split processed on the fly): the same pixels, and int64 class ids as labels."""
+    from transformers import default_data_collator
+
+    _, processor = build_model(ModelArguments(config_overrides=TINY), [str(i) for i in range(10)])
+    batches = {}
+    for cache in (True, False):
+        data_args = DataArguments(cache_pixels=cache, max_train_samples=16)
+        splits = load_splits(data_args).splits
+        prepare_splits(splits, processor, data_args)
+        prepared = splits["train"]
+        batches[type(prepared).__name__] = default_data_collator([prepared[i] for i in range(16)])
+    assert batches.keys() == {"ProcessedSplit", "Dataset"}
+    cached, on_the_fly = batches.values()
+    assert cached.keys() == on_the_fly.keys() == {"pixel_values", "labels"}
+    assert cached["pixel_values"].shape == (16, 1, 8, 8) and cached["pixel_values"].dtype == torch.float32
+    assert cached["labels"].dtype == torch.int64
+    for key in ("pixel_values", "labels"):
+        torch.testing.assert_close(cached[key], on_the_fly[key], rtol=0, atol=0)  # dtypes included
+
+
 def test_evaluation_batches_are_not_augmented(tmp_path):
-    from transformers import TrainingArguments
+    from transformers import TrainingArguments, default_data_collator
 
     from vitrail.data import AugmentationConfig, BatchAugment
-    from vitrail.training import Collator, ProcessedSplit, VitrailTrainer
+    from vitrail.training import ProcessedSplit, VitrailTrainer
 
     model, _ = build_model(ModelArguments(config_overrides=TINY), [str(i) for i in range(10)])
     pixels, labels = torch.randn(20, 1, 8, 8), torch.randint(0, 10, (20,))
@@ -324,7 +354,7 @@ def test_evaluation_batches_are_not_augmented(tmp_path):
     trainer = VitrailTrainer(
         model=model.eval(),
         args=args,
-        data_collator=Collator(),
+        data_collator=default_data_collator,
         augment=BatchAugment(AugmentationConfig(rotation=30, translate=0.3, hflip=0.5)),
     )
     predicted = trainer.predict(ProcessedSplit(pixels, labels)).predictions

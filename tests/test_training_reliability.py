@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from tests.test_training import QUIET, ROOT, TINY, run_train
 from vitrail import training
 from vitrail.data import image_folder_dataset
-from vitrail.evaluating import EvaluateArguments, evaluate_checkpoint
+from vitrail.evaluate_checkpoint import EvaluateArguments, evaluate_checkpoint
 from vitrail.run_folder import checkpoint_problem, find_resume_checkpoint, write_atomic
 from vitrail.training import (
     DataArguments,
@@ -377,12 +377,8 @@ def test_folder_layouts_are_followed_or_named(tmp_path, caplog):
     (data / "owl" / "gone.png").symlink_to(tmp_path / "nowhere.png")
     with caplog.at_level(logging.WARNING, logger="vitrail.data"):
         splits, skipped = image_folder_dataset(str(data))
-    assert splits["train"].features["label"].names == [
-        "bat",
-        "cat",
-        "dog",
-        "owl",
-    ]  # the symlinked class is in
+    # The symlinked class is in.
+    assert splits["train"].features["label"].names == ["bat", "cat", "dog", "owl"]
     assert len(splits["train"]) == 32 and not skipped
     assert (
         "skipped 3 files: cat/photo.heic (unsupported format), dog/notes.txt (unsupported format), "
@@ -438,9 +434,24 @@ def test_split_is_stored_and_evaluation_refuses_another(finished, tmp_path, capl
     with pytest.raises(ValueError, match=r"(?s)test split here is not the one stored.*split_seed: 0 -> 1"):
         evaluate_checkpoint(other, DataArguments(**data, split_seed=1))
     other.allow_split_mismatch = True
-    with caplog.at_level(logging.WARNING, logger="vitrail.evaluating"):
+    with caplog.at_level(logging.WARNING, logger="vitrail.evaluate_checkpoint"):
         evaluate_checkpoint(other, DataArguments(**data, split_seed=1))
     assert "test split here is not the one stored" in caplog.text
+
+
+def test_evaluation_processes_uncached_data_too(finished, tmp_path):
+    """Data too big to cache (here forced with `--cache_pixels false`) is processed from the image column while
+    it is scored: the Trainer must keep that column."""
+    data = {
+        "train_dir": str(finished.data),
+        "test_size": 0.25,
+        "validation_size": 0.125,
+        "cache_pixels": False,
+    }
+    scored = evaluate_checkpoint(
+        EvaluateArguments(model=str(finished.out), output_dir=str(tmp_path / "eval")), DataArguments(**data)
+    )
+    assert scored["test_accuracy"] == pytest.approx(finished.metrics["test_accuracy"])
 
 
 # ---- flags ----------------------------------------------------------------------------------------------------
@@ -542,3 +553,20 @@ def test_pretraining_reruns_share_the_checks(tmp_path, caplog):
     with pytest.raises(ValueError, match=r"schedule\.learning_rate: 5e-05 -> 0\.001"):
         run("--learning_rate", "1e-3")
     assert metrics.keys() == again.keys()
+
+
+def test_pretraining_is_reproducible(tmp_path):
+    """Two pretraining runs with the same seed write the same weights: the encoder is initialised from the seed."""
+    from vitrail.pretraining import PretrainArguments, pretrain
+
+    overrides = TINY.replace(",pooling=mean,use_cls_token=false", "")
+    for name in ("first", "second"):
+        _, data_args, training_args = parse_args(
+            ["--output_dir", str(tmp_path / name), *QUIET, "--max_train_samples", "32", "--max_steps", "1",
+             "--per_device_train_batch_size", "16", "--save_strategy", "no", "--validation_size", "0"]
+        )  # fmt: skip
+        pretrain(PretrainArguments(config_overrides=overrides), data_args, training_args)
+    first, second = (load_file(tmp_path / name / "model.safetensors") for name in ("first", "second"))
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key

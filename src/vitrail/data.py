@@ -329,9 +329,10 @@ class BatchAugment:
         flip = torch.where(torch.rand(batch) < aug.hflip, -1.0, 1.0)
         sx, sy = width / zoom * flip, height / zoom
         cos, sin = torch.cos(angle), torch.sin(angle)
-        theta = torch.stack(
-            [torch.stack([sx * cos, -sy * sin, shift_x], 1), torch.stack([sx * sin, sy * cos, shift_y], 1)], 1
-        )  # (B, 2, 3): output grid -> input coordinates
+        # (B, 2, 3): for each sample, the affine map from output grid to input coordinates.
+        row_x = torch.stack([sx * cos, -sy * sin, shift_x], 1)
+        row_y = torch.stack([sx * sin, sy * cos, shift_y], 1)
+        theta = torch.stack([row_x, row_y], 1)
         grid = F.affine_grid(theta.to(pixels.dtype), list(pixels.shape), align_corners=False)
         fill = self.fill.to(pixels.dtype)
         return (

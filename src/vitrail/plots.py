@@ -120,7 +120,7 @@ def plot_confusion_matrix(
 
     Args:
         matrix (array-like of shape (K, K)): Counts, rows = true class, columns = predicted class, as returned by
-            `vitrail.evaluation.confusion_matrix`.
+            `vitrail.metrics.confusion_matrix`.
         class_names (`list[str]`): K names, in class-id order.
         path (`str` or `os.PathLike`): Where to write the PNG; parent folders are created.
         title (`str`): Figure title; the overall accuracy and sample count are added below it.

@@ -7,30 +7,25 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-from transformers import TrainingArguments
+from transformers import TrainingArguments, set_seed
 
 from .configuration_vitrail import VitrailConfig
-from .data import BatchAugment, black_level
 from .modeling_vitrail import VitrailForMaskedImageModeling
-from .run_folder import (
-    RESULTS,
-    check_output_dir,
-    model_settings,
-    schedule_settings,
-    start_run,
-    write_json_atomic,
-)
+from .run_folder import RESULTS, check_output_dir, model_settings, write_json_atomic
 from .training import (
     DataArguments,
     VitrailTrainer,
-    augmentation_config,
+    batch_augment,
+    begin_run,
     check_process_group,
     check_schedule,
     check_split_fractions,
-    data_settings,
+    fit,
     load_splits,
+    new_processor,
     parse_overrides,
     prepare_splits,
+    trainer_arguments,
 )
 
 logger = logging.getLogger(__name__)
@@ -47,7 +42,7 @@ class PretrainArguments:
         metadata={
             "help": "Side of the square blocks that are masked together, in pixels (SimMIM uses 32); a "
             "multiple of the model's patch size. Default: one model patch."
-        },  # fmt: skip
+        },
     )
 
 
@@ -75,14 +70,13 @@ class MaskingCollator:
 
 
 def pretrain(args: PretrainArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
-    check_process_group(training_args)
     """Pretrain an encoder with SimMIM and save it as a checkpoint; reruns resume, refuse or report a finished
     run as `vitrail.training.train` does."""
+    check_process_group(training_args)
     check_schedule(training_args)
     check_split_fractions(data_args)
     output = check_output_dir(training_args.output_dir)
     data = load_splits(data_args)
-    splits = data.splits
     overrides = parse_overrides(args.config_overrides)
     if args.image_size:
         overrides["image_size"] = args.image_size
@@ -90,13 +84,6 @@ def pretrain(args: PretrainArguments, data_args: DataArguments, training_args: T
         overrides.setdefault("encoder_stride", overrides["patch_size"])
     config = (
         VitrailConfig.from_variant(args.variant, **overrides) if args.variant else VitrailConfig(**overrides)
-    )
-    model = VitrailForMaskedImageModeling(config)
-    from .image_processing_vitrail import VitrailImageProcessor
-
-    height, width = config.image_hw
-    processor = VitrailImageProcessor(
-        size={"height": height, "width": width}, num_channels=config.num_channels
     )
     block = 1
     if args.mask_patch_size:
@@ -106,33 +93,24 @@ def pretrain(args: PretrainArguments, data_args: DataArguments, training_args: T
                 f"--mask_patch_size {args.mask_patch_size} must be a multiple of the patch size {patch}."
             )
         block = args.mask_patch_size // patch
-    settings = {
-        "script": "pretrain_mim",
-        "model": {"config": model_settings(config), "mask_ratio": args.mask_ratio, "mask_block": block},
-        "data": data_settings(data_args),
-        "schedule": schedule_settings(training_args),
-    }
-    start = start_run(training_args, settings, data.record)
+    source = {"config": model_settings(config), "mask_ratio": args.mask_ratio, "mask_block": block}
+    start = begin_run("pretrain_mim", source, data, data_args, training_args)
     if start.finished is not None:
         return start.finished
-    prepare_splits(splits, processor, data_args)
-    aug = augmentation_config(data_args)
-    training_args.remove_unused_columns = False
-    # The masks play the part of labels: with them named so, evaluation computes the masked loss.
-    training_args.label_names = ["bool_masked_pos"]
+    processor = new_processor(config)
+    prepare_splits(data.splits, processor, data_args)
+    set_seed(training_args.seed)  # the Trainer seeds too, but only after the model is initialised here
     trainer = VitrailTrainer(
-        augment=BatchAugment(aug, fill=black_level(processor)) if aug.geometric else None,
-        model=model,
-        args=training_args,
-        train_dataset=splits["train"],
-        eval_dataset=splits.get("validation"),
+        model=VitrailForMaskedImageModeling(config),
+        # The masks play the part of labels: with them named so, evaluation computes the masked loss.
+        args=trainer_arguments(training_args, label_names=["bool_masked_pos"]),
+        train_dataset=data.splits["train"],
+        eval_dataset=data.splits["validation"],
         data_collator=MaskingCollator(config.grid_size, args.mask_ratio, block),
         processing_class=processor,
+        augment=batch_augment(data_args, processor),
     )
-    result = trainer.train(resume_from_checkpoint=start.checkpoint)
-    metrics = dict(result.metrics)
-    if splits.get("validation") is not None:
-        metrics.update(trainer.evaluate())
+    metrics = fit(trainer, start)
     trainer.save_model()
     trainer.save_state()
     if trainer.is_world_process_zero():

@@ -6,6 +6,7 @@ the Trainer takes its distributed setup (DDP, FSDP, DeepSpeed) from Accelerate.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Image
 from huggingface_hub.utils import HFValidationError, validate_repo_id
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 
 from .configuration_vitrail import VitrailConfig
 from .convert import fit_processor_to, load_image_processor
@@ -40,6 +41,7 @@ from .image_processing_vitrail import VitrailImageProcessor
 from .modeling_vitrail import VitrailForImageClassification
 from .run_folder import (
     RESULTS,
+    RunStart,
     check_output_dir,
     model_settings,
     schedule_settings,
@@ -141,14 +143,16 @@ class VitrailTrainingArguments(TrainingArguments):
     )
 
 
-def augmentation_config(data_args: DataArguments) -> AugmentationConfig:
-    return AugmentationConfig(
+def batch_augment(data_args: DataArguments, processor) -> BatchAugment | None:
+    """The geometric augmentation the flags ask for, filling with the processor's black; None when they ask none."""
+    aug = AugmentationConfig(
         crop_scale=data_args.crop_scale,
         hflip=data_args.hflip,
         rotation=data_args.rotation,
         translate=data_args.translate,
         scale=data_args.scale_jitter,
     )
+    return BatchAugment(aug, fill=black_level(processor)) if aug.geometric else None
 
 
 def parse_overrides(text: str | None) -> dict[str, Any]:
@@ -231,6 +235,19 @@ def check_model_source(source: str, flag: str = "--model_name_or_path") -> None:
         raise ValueError(
             f"{flag} {source}: no such file or folder. Give a saved checkpoint folder or a Hub repo id "
             "(namespace/name)."
+        )
+
+
+def check_process_group(training_args: TrainingArguments) -> None:
+    """Refuse a launch whose processes did not join one process group. torchrun, or `accelerate launch --multi_gpu`,
+    on a machine without GPUs and without `--use_cpu true` starts N processes that each train alone, all writing
+    the same output folder."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and training_args.world_size != launched:
+        raise RuntimeError(
+            f"This job was launched as {launched} processes (WORLD_SIZE={launched}), but they did not join one "
+            f"process group (the Trainer sees {training_args.world_size}). Without GPUs, add `--use_cpu true` so "
+            "that they train together over gloo (README, 'Several processes')."
         )
 
 
@@ -409,30 +426,27 @@ def prepare_splits(splits, processor, data_args: DataArguments) -> None:
             splits[key] = split
 
 
-class Collator:
-    """Stacks processed samples into a batch."""
-
-    def __call__(self, samples):
-        pixels = torch.stack([torch.as_tensor(s["pixel_values"]) for s in samples])
-        labels = torch.tensor([int(s["labels"]) for s in samples])
-        return {"pixel_values": pixels, "labels": labels}
-
-
 # ---- model --------------------------------------------------------------------------------------------------
 
 
-def build_model(model_args: ModelArguments, labels: list[str], default_processor_size: int | None = None):
+def new_processor(config: VitrailConfig) -> VitrailImageProcessor:
+    """An image processor for `config`'s input size and channels, with VitrailImageProcessor's defaults."""
+    height, width = config.image_hw
+    return VitrailImageProcessor(size={"height": height, "width": width}, num_channels=config.num_channels)
+
+
+def build_model(model_args: ModelArguments, labels: list[str]):
     """A classifier for `labels`: from a checkpoint (new label set -> new head, new size -> resampled positions)
     or from scratch (`--variant` and/or `--config_overrides`)."""
     id2label = dict(enumerate(labels))
     label2id = {name: i for i, name in id2label.items()}
     overrides = parse_overrides(model_args.config_overrides)
+    if model_args.image_size:
+        overrides["image_size"] = model_args.image_size  # check_arguments refused a conflicting override
     if model_args.model_name_or_path:
         # A vitrail, transformers (ViT/DeiT/DINOv2) or timm checkpoint; from_pretrained converts foreign ones,
         # re-initialises the head for a new label set and resamples positions for a new size, saying so.
         source = model_args.model_name_or_path
-        if model_args.image_size:
-            overrides["image_size"] = model_args.image_size  # check_arguments refused a conflicting override
         try:
             model = VitrailForImageClassification.from_pretrained(source, id2label=id2label, **overrides)
         except RuntimeError as error:  # transformers' "size mismatch" refusal
@@ -445,20 +459,12 @@ def build_model(model_args: ModelArguments, labels: list[str], default_processor
             ) from error
         processor = load_image_processor(source)
     else:
-        fields_ = {"num_labels": len(labels), "id2label": id2label, "label2id": label2id, **overrides}
-        if model_args.image_size:
-            fields_["image_size"] = model_args.image_size
-        if model_args.variant:
-            config = VitrailConfig.from_variant(model_args.variant, **fields_)
-        else:
-            config = VitrailConfig(**fields_)
+        values, variant = {"id2label": id2label, "label2id": label2id, **overrides}, model_args.variant
+        config = VitrailConfig.from_variant(variant, **values) if variant else VitrailConfig(**values)
         model = VitrailForImageClassification(config)
         processor = None
     if processor is None:
-        size = model.config.image_hw
-        processor = VitrailImageProcessor(
-            size={"height": size[0], "width": size[1]}, num_channels=model.config.num_channels
-        )
+        processor = new_processor(model.config)
     else:
         fit_processor_to(processor, model.config.image_hw)
     return model, processor
@@ -565,6 +571,9 @@ class VitrailTrainer(Trainer):
 
 # ---- the job ----------------------------------------------------------------------------------------------------
 
+# The Trainer's metric prefix for each split a run can report on, in the order of preference.
+PREFIX = {"test": "test", "validation": "eval"}
+
 
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
     """Train, evaluate on validation and the held-out test split, and write a shareable checkpoint folder.
@@ -572,121 +581,66 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     Returns what the folder's `all_results.json` holds. A rerun of a finished run with the same settings
     returns it without training; see `vitrail.run_folder.start_run` for resuming and refusing.
     """
-    from .evaluation import confusion_matrix, make_compute_metrics
-    from .model_card import render_model_card
-    from .plots import plot_confusion_matrix, plot_training_curves
+    from .metrics import make_compute_metrics  # here, not at the top: it imports `evaluate`, which is slow
 
     check_process_group(training_args)
     check_arguments(model_args, data_args, training_args)
     output = check_output_dir(training_args.output_dir)
     data = load_splits(data_args)
-    splits = data.splits
-    labels = splits["train"].features[data_args.label_column_name].names
-    set_seed(
-        training_args.seed
-    )  # the head (or the whole model) is initialised here, before the Trainer seeds
+    labels = data.splits["train"].features[data_args.label_column_name].names
+    set_seed(training_args.seed)  # the Trainer seeds too, but only after the model is initialised here
     model, processor = build_model(model_args, labels)
-    settings = {
-        "script": "train",
-        "model": {
-            "model_name_or_path": _source_id(model_args.model_name_or_path),
-            "config": model_settings(model.config),
-        },
-        "data": data_settings(data_args),
-        "schedule": {**schedule_settings(training_args), "layer_decay": model_args.layer_decay},
+    source = {
+        "model_name_or_path": _source_id(model_args.model_name_or_path),
+        "config": model_settings(model.config),
     }
-    start = start_run(training_args, settings, data.record)
+    start = begin_run("train", source, data, data_args, training_args, layer_decay=model_args.layer_decay)
     if start.finished is not None:
         return start.finished
-    prepare_splits(splits, processor, data_args)
-    aug = augmentation_config(data_args)
-
-    training_args.remove_unused_columns = False  # set_transform needs the raw image column
-    # The Trainer's own push would upload training_args.bin (a pickle) and replace our card, before the card,
-    # plots and results exist: the finished folder is pushed with vitrail.hub at the end instead.
-    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
+    prepare_splits(data.splits, processor, data_args)
     trainer = VitrailTrainer(
         model=model,
-        args=training_args,
-        train_dataset=splits["train"],
-        eval_dataset=splits.get("validation"),
-        data_collator=Collator(),
+        # The Trainer's own push would upload training_args.bin (a pickle) and its own card before ours exists;
+        # `push` uploads the finished folder instead.
+        args=trainer_arguments(training_args, push_to_hub=False),
+        train_dataset=data.splits["train"],
+        eval_dataset=data.splits["validation"],
+        data_collator=default_data_collator,
         processing_class=processor,
         compute_metrics=make_compute_metrics(len(labels)),
         layer_decay=model_args.layer_decay,
-        augment=BatchAugment(aug, fill=black_level(processor)) if aug.geometric else None,
+        augment=batch_augment(data_args, processor),
         mixup_alpha=data_args.mixup_alpha,
         cutmix_alpha=data_args.cutmix_alpha,
     )
-    started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=start.checkpoint)
-    metrics = dict(result.metrics)
-    metrics["train_wall_time"] = time.perf_counter() - started
-
-    if splits.get("validation") is not None:
-        metrics.update(trainer.evaluate(splits["validation"], metric_key_prefix="eval"))
+    metrics = fit(trainer, start)
     # Results are reported on the held-out test split; with --test_size 0, on the validation split.
-    report = next((key for key in ("test", "validation") if splits.get(key) is not None), None)
-    prediction = None
-    if report:
-        prediction = trainer.predict(splits[report], metric_key_prefix="test" if report == "test" else "eval")
-    if report == "test":  # the validation metrics are in already
+    split = next((key for key in PREFIX if data.splits[key] is not None), None)
+    prediction = trainer.predict(data.splits[split], metric_key_prefix=PREFIX[split]) if split else None
+    if split == "test":  # the validation metrics are in already
         metrics.update(prediction.metrics)
-
     trainer.save_model()  # weights (safetensors), config, code files, processor
-    training_args.push_to_hub = (
-        push_to_hub  # restored after save_model (which would push); recorded in the JSON
-    )
     trainer.log_metrics("all", metrics)
     trainer.save_state()
     results = {**metrics, "skipped_images": data.skipped_images} if data.skipped_images else metrics
-    if not trainer.is_world_process_zero():
-        return results
-    # The Trainer also pickles its arguments; a shareable folder keeps them as JSON instead (checkpoint-N
-    # folders keep the Trainer's own resume files).
-    (output / "training_args.bin").unlink(missing_ok=True)
-    write_json_atomic(output / "training_args.json", json.loads(training_args.to_json_string()))
-    plots = [plot_training_curves(trainer.state.log_history, output / "training_curves.png").name]
-    if prediction is not None:
-        logits = (
-            prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-        )
-        matrix = confusion_matrix(prediction.label_ids, logits.argmax(-1), len(labels))
-        title = f"{report.capitalize()} split"
-        plots.append(plot_confusion_matrix(matrix, labels, output / "confusion_matrix.png", title=title).name)
-        write_json_atomic(output / "confusion_matrix.json", {"labels": labels, "matrix": matrix.tolist()})
-    render_model_card(
-        model_name=output.name,
-        output_dir=output,
-        metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-        dataset_name=data.name,
-        dataset_id=data_args.dataset_name,
-        base_model=model_args.model_name_or_path,
-        hyperparameters=_hyperparameters(model_args, data_args, training_args),
-        recipe=_recipe(model_args, data_args, training_args),
-        config_summary=_config_summary(model.config),
-        plots=plots,
-        repo_id=training_args.hub_model_id if push_to_hub else None,
-        dataset_split=report or "test",
-        skipped_images=sorted(data.skipped_images),
-    )
-    write_json_atomic(output / RESULTS, results)  # last: its presence marks the run finished
-    if push_to_hub:
-        from .hub import push_checkpoint
-
-        accuracy = metrics.get(f"{'test' if report == 'test' else 'eval'}_accuracy")
-        commit = push_checkpoint(
-            output,
-            training_args.hub_model_id or output.name,
-            private=bool(training_args.hub_private_repo),
-            revision=training_args.hub_revision,
-            token=training_args.hub_token,
-            commit_message=f"vitrail: {report} accuracy {accuracy:.4f}"
-            if accuracy is not None
-            else "vitrail",
-        )
-        logger.info("Hub: %s", commit.commit_url if commit else "unchanged, no new commit")
+    if trainer.is_world_process_zero():
+        write_report(output, trainer, metrics, split, prediction, data, model_args, data_args, training_args)
+        write_json_atomic(output / RESULTS, results)  # last: its presence marks the run finished
+        if training_args.push_to_hub:
+            push(output, training_args, metrics, split)
     return results
+
+
+def begin_run(script: str, model: dict, data: LoadedData, data_args, training_args, **schedule) -> RunStart:
+    """Record a run's settings in its output folder and decide how it starts (`run_folder.start_run`): `model`
+    says what is trained, `schedule` adds to the schedule settings of `training_args`."""
+    settings = {
+        "script": script,
+        "model": model,
+        "data": data_settings(data_args),
+        "schedule": {**schedule_settings(training_args), **schedule},
+    }
+    return start_run(training_args, settings, data.record)
 
 
 def data_settings(data_args: DataArguments) -> dict:
@@ -705,6 +659,66 @@ def _source_id(source: str | None) -> str | None:
     return source
 
 
+def trainer_arguments(training_args: TrainingArguments, **changes) -> TrainingArguments:
+    """The Trainer's copy of `training_args`, with `changes`; the caller's arguments stay as given (they are what
+    `training_args.json` records). The copy keeps the raw image column, which `set_transform` reads."""
+    args = copy.copy(training_args)  # not dataclasses.replace: that would run __post_init__ a second time
+    args.remove_unused_columns = False
+    for name, value in changes.items():
+        setattr(args, name, value)
+    return args
+
+
+def fit(trainer: Trainer, start: RunStart) -> dict:
+    """Train from where `start` says, then evaluate on the validation split when there is one."""
+    started = time.perf_counter()
+    metrics = dict(trainer.train(resume_from_checkpoint=start.checkpoint).metrics)
+    metrics["train_wall_time"] = time.perf_counter() - started
+    if trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    return metrics
+
+
+def write_report(
+    output, trainer, metrics, split, prediction, data, model_args, data_args, training_args
+) -> None:
+    """Write what a finished run adds to its checkpoint: its arguments as JSON (in place of the Trainer's pickle),
+    the training curves, the confusion matrix of the reported `split` from `prediction` (plot and JSON) and the
+    model card."""
+    from .metrics import confusion_matrix
+    from .model_card import render_model_card
+    from .plots import plot_confusion_matrix, plot_training_curves
+
+    # A shareable folder holds no pickle; the checkpoint-N folders keep the Trainer's, which resuming reads.
+    (output / "training_args.bin").unlink(missing_ok=True)
+    write_json_atomic(output / "training_args.json", json.loads(training_args.to_json_string()))
+    plots = [plot_training_curves(trainer.state.log_history, output / "training_curves.png").name]
+    config = trainer.model.config
+    if prediction is not None:
+        labels = [config.id2label[i] for i in range(config.num_labels)]
+        scores = prediction.predictions  # logits, or a tuple that starts with them
+        scores = scores[0] if isinstance(scores, tuple) else scores
+        matrix = confusion_matrix(prediction.label_ids, scores, len(labels))
+        title = f"{split.capitalize()} split"
+        plots.append(plot_confusion_matrix(matrix, labels, output / "confusion_matrix.png", title=title).name)
+        write_json_atomic(output / "confusion_matrix.json", {"labels": labels, "matrix": matrix.tolist()})
+    render_model_card(
+        model_name=output.name,
+        output_dir=output,
+        metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        dataset_name=data.name,
+        dataset_id=data_args.dataset_name,
+        base_model=model_args.model_name_or_path,
+        hyperparameters=_hyperparameters(model_args, data_args, training_args),
+        recipe=_recipe(model_args, training_args),
+        config_summary=_config_summary(config),
+        plots=plots,
+        repo_id=training_args.hub_model_id if training_args.push_to_hub else None,
+        dataset_split=split or "test",
+        skipped_images=sorted(data.skipped_images),
+    )
+
+
 def _hyperparameters(model_args, data_args, training_args) -> dict:
     keep = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "weight_decay",
             "lr_scheduler_type", "warmup_steps", "label_smoothing_factor", "seed", "bf16")  # fmt: skip
@@ -717,12 +731,9 @@ def _hyperparameters(model_args, data_args, training_args) -> dict:
     return values
 
 
-def _recipe(model_args, data_args, training_args) -> str:
-    start = (
-        f"Fine-tuned from `{model_args.model_name_or_path}`"
-        if model_args.model_name_or_path
-        else "Trained from scratch"
-    )
+def _recipe(model_args, training_args) -> str:
+    source = model_args.model_name_or_path
+    start = f"Fine-tuned from `{source}`" if source else "Trained from scratch"
     schedule = getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
     return (
         f"{start} with vitrail's `scripts/train.py` (transformers Trainer, AdamW, {schedule} "
@@ -736,17 +747,20 @@ def _config_summary(config: VitrailConfig) -> dict:
     return {k: getattr(config, k) for k in keep}
 
 
-def check_process_group(training_args: TrainingArguments) -> None:
-    """Refuse a launch whose processes did not join one process group. torchrun, or `accelerate launch --multi_gpu`,
-    on a machine without GPUs and without `--use_cpu true` starts N processes that each train alone, all writing
-    the same output folder."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and training_args.world_size != launched:
-        raise RuntimeError(
-            f"This job was launched as {launched} processes (WORLD_SIZE={launched}), but they did not join one "
-            f"process group (the Trainer sees {training_args.world_size}). Without GPUs, add `--use_cpu true` so "
-            "that they train together over gloo (README, 'Several processes')."
-        )
+def push(output: Path, training_args: TrainingArguments, metrics: dict, split: str | None) -> None:
+    """Upload the finished folder with `vitrail.hub.push_checkpoint`, to the repo and branch the flags name."""
+    from .hub import push_checkpoint
+
+    accuracy = metrics.get(f"{PREFIX[split]}_accuracy") if split else None
+    commit = push_checkpoint(
+        output,
+        training_args.hub_model_id or output.name,
+        private=bool(training_args.hub_private_repo),
+        revision=training_args.hub_revision,
+        token=training_args.hub_token,
+        commit_message=f"vitrail: {split} accuracy {accuracy:.4f}" if accuracy is not None else "vitrail",
+    )
+    logger.info("Hub: %s", commit.commit_url if commit else "unchanged, no new commit")
 
 
 def parse_args(argv: list[str] | None = None):

@@ -1,10 +1,10 @@
 """Image-classification metrics from class scores: accuracy, top-k accuracy, macro F1, confusion matrix.
 
 This file is an `evaluate` module that needs no network: load it with
-`evaluate.load("<path>/vitrail/metrics/classification.py")` (or `vitrail.evaluation.load_classification_metric()`).
+`evaluate.load("<path>/vitrail/metrics/classification.py")` (or `vitrail.metrics.load_classification_metric()`).
 `evaluate.load` copies this one file into its module cache and imports the copy, so it must stay
 self-contained: numpy, datasets and evaluate only, no imports from vitrail. The same functions are imported
-directly by `vitrail.evaluation`, so the `evaluate` path and `Trainer(compute_metrics=...)` share one definition.
+directly by `vitrail.metrics`, so the `evaluate` path and `Trainer(compute_metrics=...)` share one definition.
 
 Definitions (chosen to agree with scikit-learn and with `np.argmax`):
 

@@ -1,5 +1,5 @@
-"""Evaluate any vitrail checkpoint on a split: metrics, confusion matrix and plots; `scripts/evaluate_checkpoint.py` is the
-command line."""
+"""Score a vitrail classifier checkpoint on one split of the data: metrics, confusion matrix and its plot;
+`scripts/evaluate_checkpoint.py` is the command line. (The metrics themselves live in `vitrail.metrics`.)"""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import TrainingArguments
+from transformers import TrainingArguments, default_data_collator
 from transformers.utils import cached_file
 
-from .evaluation import confusion_matrix, make_compute_metrics
 from .image_processing_vitrail import VitrailImageProcessor
+from .metrics import confusion_matrix, make_compute_metrics
 from .modeling_vitrail import VitrailForImageClassification
 from .plots import plot_confusion_matrix
 from .run_folder import DATA_SPLIT, differences, read_json, write_json_atomic
-from .training import Collator, DataArguments, VitrailTrainer, check_model_source, load_splits, prepare_splits
+from .training import DataArguments, VitrailTrainer, check_model_source, load_splits, prepare_splits
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +91,9 @@ def evaluate_checkpoint(args: EvaluateArguments, data_args: DataArguments) -> di
             per_device_eval_batch_size=args.batch_size,
             report_to=[],
             disable_tqdm=True,
+            remove_unused_columns=False,  # data too big to cache is processed on the fly, from the image column
         ),
-        data_collator=Collator(),
+        data_collator=default_data_collator,
         compute_metrics=make_compute_metrics(len(labels)),
     )
     prediction = trainer.predict(prepared[args.split], metric_key_prefix=args.split)
