@@ -1045,6 +1045,28 @@ def test_train_py_push_to_hub(hub, tmp_path, repo_id):
     assert repo_id.encode() in files["README.md"]  # the card's usage snippet names the repo
 
 
+def test_pretrain_mim_push_to_hub_goes_through_vitrail_hub(hub, tmp_path, repo_id):
+    """`scripts/pretrain_mim.py --push_to_hub` pushes like train.py: the checked folder, no pickle, loadable."""
+    from transformers import TrainingArguments
+
+    from vitrail import VitrailForMaskedImageModeling
+    from vitrail.pretraining import PretrainArguments, pretrain
+    from vitrail.training import DataArguments
+
+    overrides = (
+        "image_size=8,patch_size=2,encoder_stride=2,num_channels=1,hidden_size=32,num_hidden_layers=2,"
+    )
+    overrides += "num_attention_heads=4,intermediate_size=64"
+    args = TrainingArguments(output_dir=str(tmp_path / "mim"), max_steps=2, report_to=[], use_cpu=True,
+                             save_strategy="no", disable_tqdm=True, push_to_hub=True, hub_model_id=repo_id)  # fmt: skip
+    pretrain(PretrainArguments(config_overrides=overrides), DataArguments(max_train_samples=64), args)
+    files = hub.files(repo_id)
+    assert {*CODE_FILES, "model.safetensors", "config.json", "preprocessor_config.json"} <= set(files)
+    assert "training_args.json" in files and not [name for name in files if name.endswith(".bin")]
+    pulled = pull_checkpoint(repo_id, local_dir=tmp_path / "pulled")
+    assert type(VitrailForMaskedImageModeling.from_pretrained(pulled)) is VitrailForMaskedImageModeling
+
+
 def test_from_pretrained_converts_a_transformers_vit_repo(hub, tmp_path, repo_id):
     """A google/vit-style repo on the Hub (transformers' ViT, its own key layout) opens with vitrail's class: only
     config, weights and preprocessing are downloaded, then converted."""

@@ -25,6 +25,8 @@ from .training import (
     new_processor,
     parse_overrides,
     prepare_splits,
+    push,
+    save_arguments,
     trainer_arguments,
 )
 
@@ -103,7 +105,8 @@ def pretrain(args: PretrainArguments, data_args: DataArguments, training_args: T
     trainer = VitrailTrainer(
         model=VitrailForMaskedImageModeling(config),
         # The masks play the part of labels: with them named so, evaluation computes the masked loss.
-        args=trainer_arguments(training_args, label_names=["bool_masked_pos"]),
+        # vitrail.hub pushes the finished folder (below); the Trainer's own push would upload its pickles.
+        args=trainer_arguments(training_args, label_names=["bool_masked_pos"], push_to_hub=False),
         train_dataset=data.splits["train"],
         eval_dataset=data.splits["validation"],
         data_collator=MaskingCollator(config.grid_size, args.mask_ratio, block),
@@ -114,5 +117,8 @@ def pretrain(args: PretrainArguments, data_args: DataArguments, training_args: T
     trainer.save_model()
     trainer.save_state()
     if trainer.is_world_process_zero():
+        save_arguments(output, training_args)
         write_json_atomic(output / RESULTS, metrics)  # last: its presence marks the run finished
+        if training_args.push_to_hub:
+            push(output, training_args, metrics, split=None)
     return metrics

@@ -679,6 +679,14 @@ def fit(trainer: Trainer, start: RunStart) -> dict:
     return metrics
 
 
+def save_arguments(output: Path, training_args: TrainingArguments) -> None:
+    """Record the run's arguments as `training_args.json`, in place of the pickled `training_args.bin` that
+    `Trainer.save_model` writes: a shareable folder holds no pickle. (The checkpoint-N folders keep the Trainer's
+    own copy, which resuming reads.)"""
+    (output / "training_args.bin").unlink(missing_ok=True)
+    write_json_atomic(output / "training_args.json", json.loads(training_args.to_json_string()))
+
+
 def write_report(
     output, trainer, metrics, split, prediction, data, model_args, data_args, training_args
 ) -> None:
@@ -689,9 +697,7 @@ def write_report(
     from .model_card import render_model_card
     from .plots import plot_confusion_matrix, plot_training_curves
 
-    # A shareable folder holds no pickle; the checkpoint-N folders keep the Trainer's, which resuming reads.
-    (output / "training_args.bin").unlink(missing_ok=True)
-    write_json_atomic(output / "training_args.json", json.loads(training_args.to_json_string()))
+    save_arguments(output, training_args)
     plots = [plot_training_curves(trainer.state.log_history, output / "training_curves.png").name]
     config = trainer.model.config
     if prediction is not None:
