@@ -316,10 +316,19 @@ def test_unusable_output_dir_is_found_before_training(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match=r"--output_dir .*file/run cannot be a folder: .*file is a file"):
         run_train(tmp_path, name="file/run")
-    if os.geteuid() != 0:  # root writes into read-only folders
-        (tmp_path / "locked").mkdir(mode=0o500)
-        with pytest.raises(ValueError, match=r"--output_dir .*locked/run is not writable"):
-            run_train(tmp_path, name="locked/run")
+    # A folder that refuses writes. Root writes into read-only folders, so the refusal is the file system's
+    # answer, as a read-only mount or a full disk would give it, whoever runs the test.
+    (tmp_path / "locked").mkdir()
+    write_text = Path.write_text
+
+    def refuse(path, *args, **kwargs):
+        if path.parent.name == "run" and path.parent.parent.name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return write_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", refuse)
+    with pytest.raises(ValueError, match=r"--output_dir .*locked/run is not writable \(Permission denied\)"):
+        run_train(tmp_path, name="locked/run")
 
 
 def not_reached(*args, **kwargs):
