@@ -255,7 +255,7 @@ def fit_to_class(source, cls, config=None, ignore_mismatched_sizes: bool = False
     if unexpected or gaps:
         raise ValueError(f"Cannot fit the converted checkpoint: missing {gaps}, unexpected {unexpected}.")
     if missing:
-        logger.warning("%s: %s newly initialised.", cls.__name__, ", ".join(missing))
+        logger.warning("%s: %s newly initialised.", cls.__name__, ", ".join(sorted(missing)))
     return model
 
 
