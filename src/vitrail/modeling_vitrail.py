@@ -428,9 +428,9 @@ def _check_runs_folder_code(path, subfolder: str | None) -> None:
         )
 
 
-# A head's tensors (masked image modeling's mask token included): a checkpoint without them opens in a head class,
-# which gets a new head; a class without them leaves the checkpoint's out.
-_HEAD_TENSOR = re.compile(r"((distillation_)?classifier|decoder)\..+|(vitrail\.)?embeddings\.mask_token")
+# The parts of the heads (masked image modeling's mask token is one): a checkpoint without a part opens in a class
+# that has it, which gets it new; a class without a part leaves the checkpoint's out.
+_HEAD_PART = re.compile(r"((?:distillation_)?classifier|decoder)\..+|(?:vitrail\.)?embeddings\.(mask_token)")
 
 
 def _listed(names: set[str]) -> str:
@@ -531,11 +531,14 @@ class VitrailPreTrainedModel(PreTrainedModel):
                 "the vitrail package (`pip install vitrail`), whose `from_pretrained` converts it on the way in."
             )
         info = loading_info or {"missing_keys": [], "unexpected_keys": []}
-        missing = set(info["missing_keys"])
-        head = {name for name in self.state_dict() if _HEAD_TENSOR.fullmatch(name)}
-        if missing & head == head:  # the checkpoint has no head, or this class has none
-            missing -= head
-        unknown = {name for name in info["unexpected_keys"] if not _HEAD_TENSOR.fullmatch(name)}
+        missing, parts = set(info["missing_keys"]), {}
+        for name in self.state_dict():
+            if part := _HEAD_PART.fullmatch(name):
+                parts.setdefault(part.group(1) or part.group(2), set()).add(name)
+        missing -= {
+            name for part in parts.values() if part <= missing for name in part
+        }  # absent as a whole: new
+        unknown = {name for name in info["unexpected_keys"] if not _HEAD_PART.fullmatch(name)}
         if missing or unknown:
             raise ValueError(
                 f"{source} does not fit its config: it lacks {_listed(missing)} and holds {_listed(unknown)} that "
