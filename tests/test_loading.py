@@ -139,7 +139,7 @@ def test_non_finite_weights_are_refused_by_name(value, code, tmp_path):
     folder = classifier_folder(tmp_path)
     name = "vitrail.encoder.layers.1.mlp.fc2.bias"
     edit_weights(folder, lambda state: state[name].__setitem__(3, value))
-    with pytest.raises(ValueError, match=rf"NaN or inf in {re.escape(name)}\b.*predict NaN"):
+    with pytest.raises(ValueError, match=rf"not finite \(NaN or inf\) in {re.escape(name)}\b.*predict NaN"):
         VitrailForImageClassification.from_pretrained(folder)
 
 
@@ -147,14 +147,14 @@ def test_the_pipeline_refuses_nan_weights_instead_of_answering_nan(tmp_path):
     folder = classifier_folder(tmp_path)
     VitrailImageProcessor(size={"height": 30, "width": 30}).save_pretrained(folder)
     edit_weights(folder, lambda state: state["vitrail.layernorm.bias"].fill_(float("nan")))
-    with pytest.raises(ValueError, match=r"NaN or inf in vitrail\.layernorm\.bias"):
+    with pytest.raises(ValueError, match=r"not finite \(NaN or inf\) in vitrail\.layernorm\.bias"):
         pipeline("image-classification", model=str(folder))
 
 
 def test_non_finite_converted_weights_are_refused_by_name(tmp_path):
     folder = hf_folder(tmp_path)
     edit_weights(folder, lambda state: state["vit.layernorm.bias"].fill_(float("inf")))
-    with pytest.raises(ValueError, match=r"NaN or inf in vitrail\.layernorm\.bias"):
+    with pytest.raises(ValueError, match=r"not finite \(NaN or inf\) in vitrail\.layernorm\.bias"):
         VitrailForImageClassification.from_pretrained(folder)
 
 
@@ -198,6 +198,23 @@ def test_heads_may_be_absent_or_left_out(code, tmp_path, transformers_warnings):
     for cls, folder in [(VitrailModel, "classifier"), (VitrailForMaskedImageModeling, "classifier"),
                         (VitrailForImageClassification, "mim"), (VitrailModel, "mim")]:  # fmt: skip
         assert isinstance(cls.from_pretrained(tmp_path / folder), cls)
+
+
+def test_hub_carried_code_leaves_image_size_to_transformers_and_resamples_after_loading(
+    tmp_path, monkeypatch
+):
+    """Without the package, `image_size=` is plain transformers (a shape mismatch, refused); `set_image_size`, which
+    travels with the model, resamples after loading, as the package does on the way in."""
+    folder = classifier_folder(tmp_path)
+    package = VitrailForImageClassification.from_pretrained(folder, image_size=40)
+    monkeypatch.setattr(VitrailPreTrainedModel, "pretrained_loader", None)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        VitrailForImageClassification.from_pretrained(folder, image_size=40)
+    model = VitrailForImageClassification.from_pretrained(folder)
+    model.set_image_size(40)
+    assert torch.equal(
+        model.vitrail.embeddings.position_embeddings, package.vitrail.embeddings.position_embeddings
+    )
 
 
 # ---- ignore_mismatched_sizes and the other arguments of transformers ---------------------------------------------
@@ -288,6 +305,8 @@ def test_check_checkpoint_runs_each_folders_own_code(tmp_path):
     check_checkpoint(a)
     with pytest.raises(CheckpointError, match="b code ran"):
         check_checkpoint(b)
+    # The installed package's classes load any vitrail folder, whatever code the folder carries.
+    assert isinstance(VitrailForImageClassification.from_pretrained(b), VitrailForImageClassification)
 
 
 def test_check_checkpoint_refuses_code_cached_for_another_folder(tmp_path, monkeypatch):

@@ -551,7 +551,7 @@ class VitrailPreTrainedModel(PreTrainedModel):
         broken = {name for name, tensor in tensors if not tensor.isfinite().all()}
         if broken:
             raise ValueError(
-                f"{source}: the weights hold NaN or inf in {_listed(broken)}, so the model would predict NaN. The "
+                f"{source}: weights not finite (NaN or inf) in {_listed(broken)}, so the model would predict NaN. The "
                 "checkpoint is damaged, or was saved after training diverged."
             )
 
