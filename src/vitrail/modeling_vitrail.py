@@ -278,15 +278,9 @@ class VitrailAttention(nn.Module):
         # reads this very call in the source to decide that vitrail supports switching).
         implementation = "eager" if output_attentions else self.config._attn_implementation
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        dropout = self.dropout_p if self.training else 0.0
         output, weights = attention(
-            self,
-            query,
-            key,
-            value,
-            None,
-            dropout=self.dropout_p if self.training else 0.0,
-            scaling=self.scaling,
-            is_causal=False,
+            self, query, key, value, None, dropout=dropout, scaling=self.scaling, is_causal=False
         )
         output = output.reshape(batch, tokens, width)  # (B, N, h, d) -> (B, N, D)
         return self.proj(output), (weights if output_attentions else None)
@@ -389,41 +383,13 @@ class VitrailEncoder(nn.Module):
         return hidden_states, all_hidden, all_weights
 
 
-def _from_pretrained_safely(load: Callable, path, *model_args, allow_pickle: bool = False, **kwargs):
-    """transformers' loading, but safetensors only unless `allow_pickle=True`. transformers falls back to a pickled
-    `pytorch_model.bin` (read with `weights_only=True`); vitrail refuses it by default, as it does for every other
-    source, and names the opt-in."""
-    if allow_pickle:
-        return load(path, *model_args, **kwargs)
-    if kwargs.get("use_safetensors") is False:
-        raise ValueError(
-            "`use_safetensors=False` asks for pickled weights, which can run code when loaded; vitrail reads them "
-            "only when you also pass `allow_pickle=True` (for a source you trust)."
-        )
-    try:
-        return load(path, *model_args, **{**kwargs, "use_safetensors": True})
-    except OSError as error:
-        if "model.safetensors" not in str(error):
-            raise
-        folder = Path(str(path))
-        if folder.is_dir() and not any(folder.glob("*.bin")):
-            raise OSError(
-                f"{path} holds no weights: neither model.safetensors nor a sharded index."
-            ) from error
-        raise OSError(
-            f"{path} has no safetensors weights (model.safetensors or a sharded index), only pickled ones "
-            "(pytorch_model.bin), and unpickling can run code. If you trust the source, pass `allow_pickle=True` "
-            "(read with `weights_only=True`), or re-save the weights once as safetensors."
-        ) from error
-
-
 def _check_runs_folder_code(path, subfolder: str | None) -> None:
     """Refuse a local folder whose own `modeling_vitrail.py` is not the code running: transformers' Auto classes keep
     one model class per config class, which same-named folders with the same configuration code share."""
     theirs = Path(str(path), subfolder or "", Path(__file__).name)
     if theirs.is_file() and theirs.read_bytes() != Path(__file__).read_bytes():
         raise ImportError(
-            f"{theirs} differs from the code of this class ({__file__}); transformers' Auto classes reuse the model "
+            f"{theirs} differs from the code of this class ({__file__}): transformers' Auto classes reuse the model "
             "class of an earlier folder of the same name in this process. Load it in a new process, or rename it."
         )
 
@@ -475,13 +441,8 @@ class VitrailPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             init.zeros_(module.bias)
         elif isinstance(module, VitrailEmbeddings):
-            tokens = (
-                module.cls_token,
-                module.distillation_token,
-                module.register_tokens,
-                module.position_embeddings,
-            )
-            for token in tokens:
+            learned = (module.cls_token, module.distillation_token, module.register_tokens)
+            for token in (*learned, module.position_embeddings):
                 if token is not None:
                     init.trunc_normal_(token, mean=0.0, std=std)
             if module.mask_token is not None:
@@ -509,22 +470,41 @@ class VitrailPreTrainedModel(PreTrainedModel):
         return cls.from_vitrail_checkpoint(pretrained_model_name_or_path, *model_args, **kwargs)
 
     @classmethod
-    def from_vitrail_checkpoint(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """transformers' `from_pretrained` for a vitrail checkpoint, safetensors only unless `allow_pickle=True` (then
-        read with `weights_only=True`), and refusing what `check_loaded_weights` refuses where transformers would warn
-        or stay silent. `ignore_mismatched_sizes=True` keeps transformers' meaning (re-initialise what the config
-        resizes)."""
+    def from_vitrail_checkpoint(cls, path, *model_args, allow_pickle: bool = False, **kwargs):
+        """transformers' `from_pretrained` for a vitrail checkpoint, refusing what `check_loaded_weights` refuses
+        where transformers would warn or stay silent, and reading safetensors only: transformers falls back to a
+        pickled `pytorch_model.bin`, which vitrail reads only with `allow_pickle=True` (`weights_only=True`), as
+        for every other source. `ignore_mismatched_sizes=True` keeps transformers' meaning."""
         output_loading_info = kwargs.pop("output_loading_info", False)
-        path, load = pretrained_model_name_or_path, super().from_pretrained
-        model, info = _from_pretrained_safely(load, path, *model_args, output_loading_info=True, **kwargs)
+        if not allow_pickle:
+            if kwargs.get("use_safetensors") is False:
+                raise ValueError(
+                    "`use_safetensors=False` asks for pickled weights, which can run code when loaded; vitrail reads "
+                    "them only when you also pass `allow_pickle=True` (for a source you trust)."
+                )
+            kwargs["use_safetensors"] = True
+        try:
+            model, info = super().from_pretrained(path, *model_args, output_loading_info=True, **kwargs)
+        except OSError as error:
+            if allow_pickle or "model.safetensors" not in str(error):
+                raise
+            folder = Path(str(path))
+            if folder.is_dir() and not any(folder.glob("*.bin")):
+                raise OSError(
+                    f"{path} holds no weights: neither model.safetensors nor a sharded index."
+                ) from error
+            raise OSError(
+                f"{path} has no safetensors weights (model.safetensors or a sharded index), only pickled ones "
+                "(pytorch_model.bin), and unpickling can run code. If you trust the source, pass `allow_pickle=True` "
+                "(read with `weights_only=True`), or re-save the weights once as safetensors."
+            ) from error
         model.check_loaded_weights(path, info)
         return (model, info) if output_loading_info else model
 
     def check_loaded_weights(self, source, loading_info: dict | None = None) -> None:
-        """Refuse weights that do not make this model, naming the tensors: another model type's checkpoint; tensors
-        the config builds that the checkpoint lacks (a missing layer), or that it holds and the config does not build
-        (from transformers' `loading_info`); NaN or inf values. A checkpoint without a head opens in a head class,
-        which gets a new one (transformers warns), and a class without a head leaves the checkpoint's out."""
+        """Refuse, naming the tensors, weights that do not make this model: another model type's checkpoint, tensors
+        the config builds that are missing or that it does not build (from transformers' `loading_info`; a head part
+        may be absent as a whole, see `_HEAD_PART`), NaN or inf."""
         if self.config.model_type != VitrailConfig.model_type:  # as config.json says
             raise ImportError(
                 f"{source} is not a vitrail checkpoint (model_type {self.config.model_type!r}); converting it needs "
@@ -535,9 +515,8 @@ class VitrailPreTrainedModel(PreTrainedModel):
         for name in self.state_dict():
             if part := _HEAD_PART.fullmatch(name):
                 parts.setdefault(part.group(1) or part.group(2), set()).add(name)
-        missing -= {
-            name for part in parts.values() if part <= missing for name in part
-        }  # absent as a whole: new
+        # A head part absent as a whole is new by design (transformers warns); one partly there is damage.
+        missing -= {name for part in parts.values() if part <= missing for name in part}
         unknown = {name for name in info["unexpected_keys"] if not _HEAD_PART.fullmatch(name)}
         if missing or unknown:
             raise ValueError(
@@ -545,10 +524,8 @@ class VitrailPreTrainedModel(PreTrainedModel):
                 "the config does not build. Damaged weights, or a config other than the one they were saved with "
                 "(more or fewer layers?): load them with that config rather than leave tensors random or unused."
             )
-        tensors = [
-            (name, t) for name, t in self.state_dict().items() if t.is_floating_point() and not t.is_meta
-        ]
-        broken = {name for name, tensor in tensors if not tensor.isfinite().all()}
+        floats = {name: t for name, t in self.state_dict().items() if t.is_floating_point() and not t.is_meta}
+        broken = {name for name, tensor in floats.items() if not tensor.isfinite().all()}
         if broken:
             raise ValueError(
                 f"{source}: weights not finite (NaN or inf) in {_listed(broken)}, so the model would predict NaN. The "
