@@ -1,6 +1,9 @@
 """vitrail: the Vision Transformer as a first-class citizen of the Hugging Face ecosystem.
 
-Importing vitrail registers its config, models and image processor with transformers' Auto classes.
+Importing vitrail registers its config, models and image processor with transformers' Auto classes, and gives the
+model classes the package's `from_pretrained` (`vitrail.loading`: conversion of other implementations' checkpoints,
+new image sizes and label sets). Imports run one way: the three files that travel with a checkpoint
+(`configuration_vitrail`, `modeling_vitrail`, `image_processing_vitrail`) import nothing else of vitrail.
 """
 
 from transformers import (
@@ -14,6 +17,7 @@ from transformers.utils import is_torchvision_available
 
 from .configuration_vitrail import VARIANTS, VitrailConfig
 from .image_processing_vitrail import VitrailImageProcessor
+from .loading import load_pretrained
 from .modeling_vitrail import (
     VitrailForImageClassification,
     VitrailForMaskedImageModeling,
@@ -22,6 +26,8 @@ from .modeling_vitrail import (
 )
 
 __version__ = "0.1.0"
+
+VitrailPreTrainedModel.pretrained_loader = load_pretrained
 
 AutoConfig.register(VitrailConfig.model_type, VitrailConfig, exist_ok=True)
 AutoModel.register(VitrailConfig, VitrailModel, exist_ok=True)

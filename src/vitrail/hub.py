@@ -362,6 +362,20 @@ def _check_forward(folder: Path, config: dict, processor_config: dict) -> None:
     }
     if incomplete:
         raise CheckpointError(f"{folder}: the weights do not match config.json: {incomplete}")
+    # transformers caches the code of a local folder under the folder's name (5.0) or name and code hash (5.24):
+    # whatever the version, the code that ran must be the folder's own, not one cached for a same-named folder.
+    classes = (model_class, model_class.config_class, processor_class)
+    running = {Path(sys.modules[cls.__module__].__file__) for cls in classes}
+    stale = sorted(
+        file.name
+        for file in running
+        if not (folder / file.name).is_file() or file.read_bytes() != (folder / file.name).read_bytes()
+    )
+    if stale:
+        raise CheckpointError(
+            f"{folder}: the code transformers gave for {stale} is not the folder's own (it ran a module cached for "
+            "another folder of the same name in this process); check the folder in a new process."
+        )
 
     size = model.config.image_size
     height, width = (size, size) if isinstance(size, int) else size

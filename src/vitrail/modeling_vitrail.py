@@ -4,7 +4,9 @@ Patch embedding (a Conv2d with kernel = stride = patch) -> prefix tokens and pos
 layers (attention `softmax(QK^T / sqrt(d)) V`, then an MLP) -> final LayerNorm -> pooling -> heads.
 
 This file travels to the Hub with every checkpoint: it imports only torch, transformers and
-`configuration_vitrail`. Parameter names are the checkpoint format; the README lists them.
+`configuration_vitrail`, and knows nothing of the rest of vitrail (the package adds conversion, new image sizes
+and label sets on loading through `VitrailPreTrainedModel.pretrained_loader`). Parameter names are the checkpoint
+format; the README lists them.
 
 Layout choices were measured on a 2-core CPU at ViT-B/16 shapes (`python scripts/benchmark_layout.py`): one fused
 `qkv` projection and three separate ones, and adding positions before or after the prefix tokens are
@@ -15,10 +17,12 @@ as in timm and big_vision; the conversion tables split or join it for other layo
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -71,29 +75,6 @@ def sincos_2d_position_embeddings(
     return table.to(dtype).unsqueeze(0)
 
 
-def resample_position_grid(
-    table: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int], antialias: bool = True
-) -> torch.Tensor:
-    """Resample the patch part of a position table `(1, old_rows * old_cols, C)` to another grid, bicubically.
-
-    `antialias=True` is timm's `resample_abs_pos_embed` (a PIL-style bicubic kernel that low-passes when
-    shrinking); `antialias=False` is plain `F.interpolate`, what transformers' `interpolate_pos_encoding` does.
-    Rows and columns are resampled independently, so non-square grids keep their aspect.
-    """
-    if tuple(old_grid) == tuple(new_grid):
-        return table
-    dim = table.shape[-1]
-    grid = table.reshape(1, old_grid[0], old_grid[1], dim).permute(
-        0, 3, 1, 2
-    )  # (1, N, C) -> (1, C, rows, cols)
-    grid = F.interpolate(
-        grid.float(), size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=antialias
-    ).to(table.dtype)
-    return grid.permute(0, 2, 3, 1).reshape(
-        1, new_grid[0] * new_grid[1], dim
-    )  # (1, C, r, c) -> (1, r * c, C)
-
-
 class VitrailPatchEmbeddings(nn.Module):
     """Turns `(B, C, H, W)` images into `(B, rows * cols, hidden)` patch tokens with one strided convolution."""
 
@@ -130,9 +111,8 @@ class VitrailPatchEmbeddings(nn.Module):
                 "(`config.image_size`). Resize the images (the image processor does this), pass "
                 "`interpolate_pos_encoding=True`, or set `config.dynamic_image_size=True` to accept any size."
             )
-        patches = self.projection(
-            pixel_values.to(self.projection.weight.dtype)
-        )  # (B, C, H, W) -> (B, D, r, c)
+        # (B, C, H, W) -> (B, D, r, c)
+        patches = self.projection(pixel_values.to(self.projection.weight.dtype))
         grid = (patches.shape[-2], patches.shape[-1])
         return patches.flatten(2).transpose(1, 2), grid  # (B, D, r, c) -> (B, r * c, D)
 
@@ -168,18 +148,40 @@ class VitrailEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def patch_positions(self, grid: tuple[int, int], dtype: torch.dtype) -> torch.Tensor | None:
-        """Positions for a `grid` of patches, `(1, rows * cols, hidden)`, resampled or recomputed as needed."""
+        """Positions for a `grid` of patches, `(1, rows * cols, hidden)`: the one rule, at run time and in
+        `set_image_size`. A learned table is resampled bicubically, rows and columns independently:
+        `position_interpolation="bicubic_antialias"` is timm's `resample_abs_pos_embed` (low-passes when shrinking),
+        `"bicubic"` transformers' `interpolate_pos_encoding`. Sin-cos positions are computed for the grid."""
+        native = tuple(grid) == tuple(self.grid_size)
         kind = self.config.position_embedding_type
-        if kind == "learned":
-            table = self.position_embeddings[:, self.num_prefix_positions :]
-            antialias = self.config.position_interpolation == "bicubic_antialias"
-            return resample_position_grid(table, self.grid_size, grid, antialias=antialias)
         if kind == "sincos2d":
-            if tuple(grid) == tuple(self.grid_size):
+            if native:
                 return self.sincos_position_embeddings.to(dtype)
-            table = sincos_2d_position_embeddings(*grid, self.config.hidden_size, device=self.device)
-            return table.to(dtype)
-        return None
+            return sincos_2d_position_embeddings(*grid, self.config.hidden_size, device=self.device).to(dtype)
+        if kind != "learned":
+            return None
+        table = self.position_embeddings[:, self.num_prefix_positions :]
+        if native:
+            return table
+        width, antialias = table.shape[-1], self.config.position_interpolation == "bicubic_antialias"
+        # (1, N, C) -> (1, C, rows, cols) -> resampled -> (1, rows * cols, C)
+        image = table.reshape(1, *self.grid_size, width).permute(0, 3, 1, 2).float()
+        image = F.interpolate(
+            image, size=tuple(grid), mode="bicubic", align_corners=False, antialias=antialias
+        )
+        return image.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], width).to(table.dtype)
+
+    @torch.no_grad()
+    def set_grid(self, grid: tuple[int, int]) -> None:
+        """Make `grid` the native one, storing the positions `patch_positions` gives for it (prefix rows kept)."""
+        if self.position_embeddings is not None:
+            prefix = self.position_embeddings[:, : self.num_prefix_positions]
+            patches = self.patch_positions(grid, self.position_embeddings.dtype)
+            self.position_embeddings = nn.Parameter(torch.cat([prefix, patches], dim=1))
+        elif self.config.position_embedding_type == "sincos2d":
+            table = self.patch_positions(grid, self.sincos_position_embeddings.dtype)
+            self.register_buffer("sincos_position_embeddings", table, persistent=False)
+        self.grid_size = tuple(grid)
 
     @property
     def device(self) -> torch.device:
@@ -276,15 +278,9 @@ class VitrailAttention(nn.Module):
         # reads this very call in the source to decide that vitrail supports switching).
         implementation = "eager" if output_attentions else self.config._attn_implementation
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        dropout = self.dropout_p if self.training else 0.0
         output, weights = attention(
-            self,
-            query,
-            key,
-            value,
-            None,
-            dropout=self.dropout_p if self.training else 0.0,
-            scaling=self.scaling,
-            is_causal=False,
+            self, query, key, value, None, dropout=dropout, scaling=self.scaling, is_causal=False
         )
         output = output.reshape(batch, tokens, width)  # (B, N, h, d) -> (B, N, D)
         return self.proj(output), (weights if output_attentions else None)
@@ -387,44 +383,25 @@ class VitrailEncoder(nn.Module):
         return hidden_states, all_hidden, all_weights
 
 
-_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
-
-
-def _read_config_dict(path, kwargs: dict) -> dict | None:
-    """The checkpoint's raw config.json as a dict, or None when there is none (transformers then says why)."""
-    try:
-        config, _ = VitrailConfig.get_config_dict(path, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
-    except (OSError, ValueError):
-        return None
-    return config
-
-
-def _from_pretrained_safely(load: Callable, path, *model_args, allow_pickle: bool = False, **kwargs):
-    """transformers' loading, but safetensors only unless `allow_pickle=True`. transformers falls back to a pickled
-    `pytorch_model.bin` (read with `weights_only=True`); vitrail refuses it by default, as it does for every other
-    source, and names the opt-in."""
-    if allow_pickle:
-        return load(path, *model_args, **kwargs)
-    if kwargs.get("use_safetensors") is False:
-        raise ValueError(
-            "`use_safetensors=False` asks for pickled weights, which can run code when loaded; vitrail reads them "
-            "only when you also pass `allow_pickle=True` (for a source you trust)."
+def _check_runs_folder_code(path, subfolder: str | None) -> None:
+    """Refuse a local folder whose own `modeling_vitrail.py` is not the code running: transformers' Auto classes keep
+    one model class per config class, which same-named folders with the same configuration code share."""
+    theirs = Path(str(path), subfolder or "", Path(__file__).name)
+    if theirs.is_file() and theirs.read_bytes() != Path(__file__).read_bytes():
+        raise ImportError(
+            f"{theirs} differs from the code of this class ({__file__}): transformers' Auto classes reuse the model "
+            "class of an earlier folder of the same name in this process. Load it in a new process, or rename it."
         )
-    try:
-        return load(path, *model_args, **{**kwargs, "use_safetensors": True})
-    except OSError as error:
-        if "model.safetensors" not in str(error):
-            raise
-        folder = Path(str(path))
-        if folder.is_dir() and not any(folder.glob("*.bin")):
-            raise OSError(
-                f"{path} holds no weights: neither model.safetensors nor a sharded index."
-            ) from error
-        raise OSError(
-            f"{path} has no safetensors weights (model.safetensors or a sharded index), only pickled ones "
-            "(pytorch_model.bin), and unpickling can run code. If you trust the source, pass `allow_pickle=True` "
-            "(read with `weights_only=True`), or re-save the weights once as safetensors."
-        ) from error
+
+
+# The parts of the heads (masked image modeling's mask token is one): a checkpoint without a part opens in a class
+# that has it, which gets it new; a class without a part leaves the checkpoint's out.
+_HEAD_PART = re.compile(r"((?:distillation_)?classifier|decoder)\..+|(?:vitrail\.)?embeddings\.(mask_token)")
+
+
+def _listed(names: set[str]) -> str:
+    shown = sorted(names) or ["no tensor"]
+    return ", ".join(shown[:12]) + (f" and {len(shown) - 12} more" if len(shown) > 12 else "")
 
 
 # Every saved checkpoint opens with these Auto classes, whatever head it holds (the head's own class is added by
@@ -464,13 +441,8 @@ class VitrailPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             init.zeros_(module.bias)
         elif isinstance(module, VitrailEmbeddings):
-            tokens = (
-                module.cls_token,
-                module.distillation_token,
-                module.register_tokens,
-                module.position_embeddings,
-            )
-            for token in tokens:
+            learned = (module.cls_token, module.distillation_token, module.register_tokens)
+            for token in (*learned, module.position_embeddings):
                 if token is not None:
                     init.trunc_normal_(token, mean=0.0, std=std)
             if module.mask_token is not None:
@@ -483,90 +455,82 @@ class VitrailPreTrainedModel(PreTrainedModel):
         elif isinstance(module, VitrailLayerScale):
             init.constant_(module.scale, self.config.layer_scale_init_value)
 
+    # `import vitrail` sets this to `vitrail.loading.load_pretrained` (conversion, `image_size=`, new label sets).
+    # The copy of this file that travels with a checkpoint has none: it opens vitrail checkpoints only.
+    pretrained_loader: ClassVar[Callable | None] = None
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """transformers' `from_pretrained`, with four additions:
+        """With vitrail installed, `vitrail.loading.load_pretrained`. In Hub-carried code, `from_vitrail_checkpoint`,
+        once sure that a local folder's own `modeling_vitrail.py` is the code running."""
+        loader = VitrailPreTrainedModel.pretrained_loader
+        if loader is not None:
+            return loader(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+        _check_runs_folder_code(pretrained_model_name_or_path, kwargs.get("subfolder"))
+        return cls.from_vitrail_checkpoint(pretrained_model_name_or_path, *model_args, **kwargs)
 
-        - weights are read from safetensors only: a checkpoint that has only pickled weights (`pytorch_model.bin`)
-          is refused unless `allow_pickle=True` (then read with `weights_only=True`), whatever the source;
-
-        - a checkpoint of another implementation (transformers ViT / DeiT / DINOv2 `config.json`, a timm folder
-          with its `config.json`, or a JAX `.npz` file) is converted on the way in by `vitrail.convert` (needs the
-          vitrail package);
-        - `image_size=` other than the checkpoint's resamples the learned position table
-          (`config.position_interpolation`) instead of re-initialising it;
-        - a label set (`num_labels=` / `id2label=`) other than the checkpoint's re-initialises only the
-          classification head(s), with a warning; the rest is loaded.
-        """
-        image_size = kwargs.pop("image_size", None)
-        labels = {name: kwargs.pop(name) for name in ("num_labels", "id2label", "label2id") if name in kwargs}
-        source = (
-            None
-            if kwargs.get("config") is not None
-            else _read_config_dict(pretrained_model_name_or_path, kwargs)
-        )
-        if source is None and str(pretrained_model_name_or_path).endswith(".npz"):
-            source = {"model_type": None, "format": "npz"}  # a JAX checkpoint file: no config.json
-        if source is not None and source.get("model_type") != VitrailConfig.model_type:
-            try:
-                from vitrail.convert import load_foreign_pretrained
-            except ImportError as error:  # running from Hub-carried code without the package
-                raise ImportError(
-                    f"{pretrained_model_name_or_path} is not a vitrail checkpoint (model_type "
-                    f"{source.get('model_type')!r}); converting it needs the vitrail package: `pip install vitrail`."
+    @classmethod
+    def from_vitrail_checkpoint(cls, path, *model_args, allow_pickle: bool = False, **kwargs):
+        """transformers' `from_pretrained` for a vitrail checkpoint, refusing what `check_loaded_weights` refuses
+        where transformers would warn or stay silent, and reading safetensors only: transformers falls back to a
+        pickled `pytorch_model.bin`, which vitrail reads only with `allow_pickle=True` (`weights_only=True`), as
+        for every other source. `ignore_mismatched_sizes=True` keeps transformers' meaning."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        if not allow_pickle:
+            if kwargs.get("use_safetensors") is False:
+                raise ValueError(
+                    "`use_safetensors=False` asks for pickled weights, which can run code when loaded; vitrail reads "
+                    "them only when you also pass `allow_pickle=True` (for a source you trust)."
+                )
+            kwargs["use_safetensors"] = True
+        try:
+            model, info = super().from_pretrained(path, *model_args, output_loading_info=True, **kwargs)
+        except OSError as error:
+            if allow_pickle or "model.safetensors" not in str(error):
+                raise
+            folder = Path(str(path))
+            if folder.is_dir() and not any(folder.glob("*.bin")):
+                raise OSError(
+                    f"{path} holds no weights: neither model.safetensors nor a sharded index."
                 ) from error
-            model = load_foreign_pretrained(cls, pretrained_model_name_or_path, source, *model_args, **kwargs)
-        else:
-            model = _from_pretrained_safely(
-                super().from_pretrained, pretrained_model_name_or_path, *model_args, **kwargs
-            )
-        if isinstance(model, tuple):  # output_loading_info=True
-            model[0]._adapt(image_size, labels)
-            return model
-        model._adapt(image_size, labels)
-        return model
+            raise OSError(
+                f"{path} has no safetensors weights (model.safetensors or a sharded index), only pickled ones "
+                "(pytorch_model.bin), and unpickling can run code. If you trust the source, pass `allow_pickle=True` "
+                "(read with `weights_only=True`), or re-save the weights once as safetensors."
+            ) from error
+        model.check_loaded_weights(path, info)
+        return (model, info) if output_loading_info else model
 
-    def _adapt(self, image_size, labels: dict) -> None:
-        """Apply the label set and image size asked of `from_pretrained`."""
-        self._adapt_labels(**labels)
-        requested = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size or ())
-        if image_size is not None and requested != self.config.image_hw:
-            logger.warning(
-                "Resampling the position table from %s to %s px (%s).",
-                self.config.image_size,
-                image_size,
-                self.config.position_interpolation,
+    def check_loaded_weights(self, source, loading_info: dict | None = None) -> None:
+        """Refuse, naming the tensors, weights that do not make this model: another model type's checkpoint, tensors
+        the config builds that are missing or that it does not build (from transformers' `loading_info`; a head part
+        may be absent as a whole, see `_HEAD_PART`), NaN or inf."""
+        if self.config.model_type != VitrailConfig.model_type:  # as config.json says
+            raise ImportError(
+                f"{source} is not a vitrail checkpoint (model_type {self.config.model_type!r}); converting it needs "
+                "the vitrail package (`pip install vitrail`), whose `from_pretrained` converts it on the way in."
             )
-            self.set_image_size(image_size)
-
-    def _adapt_labels(self, num_labels=None, id2label=None, label2id=None) -> None:
-        """Apply a requested label set; a different one means a new head (heads only exist on classifiers)."""
-        if id2label is None and label2id is not None:
-            id2label = {i: name for name, i in label2id.items()}
-        if id2label is None and num_labels is None:
-            return
-        if id2label is None:
-            if num_labels == self.config.num_labels:
-                return
-            id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
-        id2label = {int(k): v for k, v in id2label.items()}
-        if num_labels is not None and num_labels != len(id2label):
-            raise ValueError(f"`num_labels={num_labels}` but `id2label` names {len(id2label)} classes.")
-        if id2label == self.config.id2label:
-            return
-        if hasattr(self, "reset_classifier"):
-            logger.warning(
-                "The checkpoint's head predicts %d classes %s; %d classes %s were asked for. The classification "
-                "head is re-initialised (train it before use); every other weight is loaded.",
-                self.config.num_labels,
-                list(self.config.id2label.values())[:5],
-                len(id2label),
-                list(id2label.values())[:5],
+        info = loading_info or {"missing_keys": [], "unexpected_keys": []}
+        missing, parts = set(info["missing_keys"]), {}
+        for name in self.state_dict():
+            if part := _HEAD_PART.fullmatch(name):
+                parts.setdefault(part.group(1) or part.group(2), set()).add(name)
+        # A head part absent as a whole is new by design (transformers warns); one partly there is damage.
+        missing -= {name for part in parts.values() if part <= missing for name in part}
+        unknown = {name for name in info["unexpected_keys"] if not _HEAD_PART.fullmatch(name)}
+        if missing or unknown:
+            raise ValueError(
+                f"{source} does not fit its config: it lacks {_listed(missing)} and holds {_listed(unknown)} that "
+                "the config does not build. Damaged weights, or a config other than the one they were saved with "
+                "(more or fewer layers?): load them with that config rather than leave tensors random or unused."
             )
-            self.reset_classifier(id2label)
-        else:
-            self.config.id2label = id2label
-            self.config.label2id = {v: k for k, v in id2label.items()}
+        floats = {name: t for name, t in self.state_dict().items() if t.is_floating_point() and not t.is_meta}
+        broken = {name for name, tensor in floats.items() if not tensor.isfinite().all()}
+        if broken:
+            raise ValueError(
+                f"{source}: weights not finite (NaN or inf) in {_listed(broken)}, so the model would predict NaN. The "
+                "checkpoint is damaged, or was saved after training diverged."
+            )
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights and config as transformers does, plus the code files and an `auto_map` that names only
@@ -603,28 +567,14 @@ class VitrailPreTrainedModel(PreTrainedModel):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def set_image_size(self, image_size: int | tuple[int, int]) -> None:
-        """Make the model's native input size `image_size`, resampling the learned position table (bicubic, as
-        `config.position_interpolation` says; prefix-token positions are kept as they are) instead of
-        re-initialising it. Fine-tuning or evaluating at a new resolution starts here."""
+        """Make the model's native input size `image_size`, resampling the learned position table once by the rule
+        the model applies at run time (`VitrailEmbeddings.patch_positions`) instead of re-initialising it.
+        Fine-tuning or evaluating at a new resolution starts here."""
         new = VitrailConfig(**{**self.config.to_dict(), "image_size": image_size})  # validates the new size
         embeddings = self.base_model.embeddings
-        if embeddings.position_embeddings is not None:
-            table = embeddings.position_embeddings.data
-            prefix, patches = (
-                table[:, : embeddings.num_prefix_positions],
-                table[:, embeddings.num_prefix_positions :],
-            )
-            antialias = self.config.position_interpolation == "bicubic_antialias"
-            patches = resample_position_grid(
-                patches, embeddings.grid_size, new.grid_size, antialias=antialias
-            )
-            embeddings.position_embeddings = nn.Parameter(torch.cat([prefix, patches], dim=1))
-        if embeddings.config.position_embedding_type == "sincos2d":
-            table = sincos_2d_position_embeddings(*new.grid_size, new.hidden_size, device=embeddings.device)
-            embeddings.register_buffer("sincos_position_embeddings", table, persistent=False)
-        self.config.image_size = image_size
-        embeddings.grid_size = new.grid_size
+        embeddings.set_grid(new.grid_size)
         embeddings.patch_embeddings.image_hw = new.image_hw
+        self.config.image_size = image_size
 
     def _use_dynamic_size(self, interpolate_pos_encoding: bool | None) -> bool:
         return (
@@ -739,6 +689,11 @@ class VitrailForImageClassification(VitrailPreTrainedModel):
 
     def reset_classifier(self, id2label: dict[int, str]) -> None:
         """Give the model a freshly initialised head for a new label set (everything else is kept)."""
+        old, new = list(self.config.id2label.values()), list(id2label.values())
+        logger.warning(
+            f"The classification head, which predicts {len(old)} classes {old[:5]}, is re-initialised for "
+            f"{len(new)} classes {new[:5]} (train it before use); every other weight is kept."
+        )
         self.config.id2label = {int(k): v for k, v in id2label.items()}
         self.config.label2id = {v: k for k, v in self.config.id2label.items()}
         self.num_labels = self.config.num_labels

@@ -1,10 +1,12 @@
 """transformers' ModelTesterMixin over vitrail's three classes: a ViT-style tester written for vitrail. Run through
 `tests/transformers_common/run.py` (`make test-transformers`), which puts it beside transformers' own tests."""
 
+import os
 import tempfile
 import unittest
 
 import torch
+from safetensors.torch import save_file
 from transformers.models.auto import modeling_auto
 from transformers.testing_utils import require_torch
 
@@ -100,3 +102,28 @@ class VitrailModelTest(ModelTesterMixin, unittest.TestCase):
                 self.assertEqual(loaded.classifier.out_features, 42)
                 for name, tensor in model.vitrail.state_dict().items():
                     self.assertTrue(torch.equal(tensor, loaded.vitrail.state_dict()[name]), name)
+
+    def test_model_weights_reload_no_missing_tied_weights(self):
+        """Replaces transformers' version, which expects a checkpoint whose weights were all replaced by one stray
+        tensor to load, every parameter left at its initialisation, with a warning. vitrail refuses it by name
+        (README, "Loading"): the stray integer tensor before loading, and with a float one, the missing tensors."""
+        config, _ = self.model_tester.prepare_config_and_inputs_for_common()
+        for model_class in self.all_model_classes:
+            model = model_class(config)
+            with tempfile.TemporaryDirectory() as folder:
+                model.save_pretrained(folder)
+                for stray, refusal in (
+                    (torch.tensor([1, 2]), "not floating point"),
+                    (torch.ones(2), "lacks"),
+                ):
+                    save_file(
+                        {"tensor": stray},
+                        os.path.join(folder, "model.safetensors"),
+                        metadata={"format": "pt"},
+                    )
+                    with self.assertRaises(ValueError) as caught:
+                        model_class.from_pretrained(folder)
+                    self.assertIn(refusal, str(caught.exception))
+                    self.assertIn("tensor", str(caught.exception))
+                backbone = "" if model.base_model is model else "vitrail."  # a head absent as a whole is new
+                self.assertIn(f"lacks {backbone}embeddings.cls_token", str(caught.exception))

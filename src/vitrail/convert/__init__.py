@@ -6,8 +6,9 @@
   preprocessing;
 - `vitrail.convert.npz`: JAX `.npz` files of google-research/vision_transformer and big_vision.
 
-`VitrailForImageClassification.from_pretrained` / `VitrailModel.from_pretrained` call `load_foreign_pretrained`
-here when a folder or Hub repo holds a transformers or timm checkpoint instead of a vitrail one.
+With vitrail installed, `VitrailForImageClassification.from_pretrained` & co. (`vitrail.loading`) call
+`load_foreign_pretrained` here when a folder or Hub repo holds a transformers or timm checkpoint, or the path is a
+JAX `.npz` file, and check every checkpoint's weight files with `check_weight_files` before loading.
 `scripts/convert_checkpoint.py` writes a complete vitrail folder from any of the three and checks the logits.
 """
 
@@ -18,9 +19,10 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from transformers.utils import cached_file
 
 from ..configuration_vitrail import VitrailConfig
-from ..modeling_vitrail import _HUB_KWARGS
 from .common import Converted, Drop, Rename, expected_shapes, read_weights, rename_state_dict
 from .hf import (
     SUPPORTED_MODEL_TYPES,
@@ -35,7 +37,9 @@ from .timm import is_timm_config, load_timm_checkpoint, timm_image_processor
 
 logger = logging.getLogger("vitrail.convert")
 
-_IGNORED_KWARGS = ("trust_remote_code", "ignore_mismatched_sizes", "use_safetensors", "weights_only")
+# The arguments of `from_pretrained` that say where a checkpoint is, as transformers and huggingface_hub name them.
+HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+_PICKLES = ("pytorch_model.bin", "model.pth", "model.pt")
 
 
 def resolve_folder(path_or_repo, allow_pickle: bool = False, **hub_kwargs) -> Path:
@@ -56,26 +60,85 @@ def resolve_folder(path_or_repo, allow_pickle: bool = False, **hub_kwargs) -> Pa
     return Path(root) / subfolder
 
 
+def weight_files(path_or_repo, allow_pickle: bool = False, **hub_kwargs) -> list[Path]:
+    """The files a checkpoint's weights are read from, in transformers' order: `model.safetensors`, else the shards
+    its index names, else (only with `allow_pickle=True`) a pickle; downloaded to the cache for a Hub repo. Empty
+    when there are none (loading then says why)."""
+
+    def find(name: str) -> Path | None:
+        file = cached_file(path_or_repo, name, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+        return Path(file) if file else None
+
+    if single := find("model.safetensors"):
+        return [single]
+    if index := find("model.safetensors.index.json"):
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as error:
+            raise OSError(
+                f"{index} is not a weight index (a JSON file with a `weight_map`): {error}"
+            ) from error
+        return [file for file in map(find, shards) if file]
+    return [file for file in map(find, _PICKLES) if file][:1] if allow_pickle else []
+
+
+def check_weight_files(files) -> None:
+    """Open each weight file before loading: one that cannot be read is named (safetensors' own error does not say
+    which file), and tensors that are not floating point are refused by name, since loading would cast them to
+    float silently. Pickles (read only with `allow_pickle=True`) are opened on the meta device: no data is read."""
+    for file in files:
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(file, framework="pt") as weights:
+                    dtypes = {name: weights.get_slice(name).get_dtype() for name in weights.keys()}
+            except SafetensorError as error:
+                raise OSError(
+                    f"{file} cannot be read as safetensors ({error}): it is truncated, empty or damaged. Save or "
+                    "download the checkpoint again."
+                ) from error
+            wrong = {name: dtype for name, dtype in dtypes.items() if not dtype.startswith(("F", "BF"))}
+        else:
+            state = torch.load(file, map_location="meta", weights_only=True)
+            for wrapper in ("state_dict", "model"):  # training checkpoints often nest the weights
+                if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+                    state = state[wrapper]
+            tensors = {name: t for name, t in state.items() if isinstance(t, torch.Tensor)}
+            wrong = {name: str(t.dtype) for name, t in tensors.items() if not t.is_floating_point()}
+        if wrong:
+            shown = dict(sorted(wrong.items())[:12])
+            raise ValueError(
+                f"{file} holds {len(wrong)} tensor(s) that are not floating point, as no vitrail weight is: {shown}. "
+                "The file is damaged or holds quantized or other data; loading would cast them to float silently."
+            )
+
+
 def load_foreign_pretrained(cls, path_or_repo, config_dict: dict, *model_args, **kwargs):
     """Open a transformers ViT / DeiT / DINOv2 or timm checkpoint, or a JAX `.npz` file (`config_dict` is then
     `{"format": "npz"}`), as `cls` (a vitrail model class).
 
     The checkpoint is converted into the vitrail class it corresponds to, then fitted to `cls`: asking
     `VitrailModel` of a classifier drops the head (logged); asking a head class of a backbone adds a newly
-    initialised head (warned). Keyword arguments: the Hub ones of `from_pretrained`, `allow_pickle`,
-    `attn_implementation`, `dtype`, and VitrailConfig fields that do not change tensor shapes (e.g.
-    `drop_path_rate`, `dynamic_image_size`); anything else raises `TypeError`.
+    initialised head (warned). The weight files are checked first (`check_weight_files`) and the result after
+    (`check_loaded_weights`: NaN or inf refused by name). Keyword arguments: the Hub ones of `from_pretrained`,
+    `allow_pickle`, `attn_implementation`, `dtype`, `ignore_mismatched_sizes` (as in `fit_to_class`), and
+    VitrailConfig fields (e.g. `drop_path_rate`, `dynamic_image_size`); anything else raises `TypeError`.
     """
     if model_args:
         raise TypeError(
             f"Positional model arguments are not supported for converted checkpoints: {model_args}."
         )
     allow_pickle = bool(kwargs.pop("allow_pickle", False))
-    hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
+    hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
     dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
     attn_implementation = kwargs.pop("attn_implementation", None)
-    for name in _IGNORED_KWARGS:
-        kwargs.pop(name, None)
+    ignore_mismatched_sizes = bool(kwargs.pop("ignore_mismatched_sizes", False))
+    kwargs.pop("trust_remote_code", None)  # converting runs vitrail's code, never the checkpoint's
+    if kwargs.pop("use_safetensors", None) is False and not allow_pickle:
+        raise ValueError(
+            "`use_safetensors=False` asks for pickled weights: pass `allow_pickle=True` to read them."
+        )
+    if kwargs.pop("weights_only", True) is False:
+        raise ValueError("Converted checkpoints' pickles are read with `weights_only=True` only.")
     fields = set(VitrailConfig.__dataclass_fields__)
     unknown = sorted(set(kwargs) - fields)
     if unknown:
@@ -88,6 +151,7 @@ def load_foreign_pretrained(cls, path_or_repo, config_dict: dict, *model_args, *
         source = load_npz_checkpoint(path_or_repo)
     elif timm or config_dict.get("model_type") in SUPPORTED_MODEL_TYPES:
         folder = resolve_folder(path_or_repo, allow_pickle=allow_pickle, **hub)
+        check_weight_files(weight_files(folder, allow_pickle=allow_pickle))
         source = (load_timm_checkpoint if timm else load_hf_checkpoint)(folder, allow_pickle=allow_pickle)
     else:
         raise ValueError(
@@ -101,7 +165,8 @@ def load_foreign_pretrained(cls, path_or_repo, config_dict: dict, *model_args, *
         config = VitrailConfig(**{**config.to_dict(), **kwargs})
     if attn_implementation:
         config._attn_implementation = attn_implementation
-    model = fit_to_class(source, cls, config)
+    model = fit_to_class(source, cls, config, ignore_mismatched_sizes=ignore_mismatched_sizes)
+    model.check_loaded_weights(path_or_repo)
     if dtype is not None and dtype != "auto":
         model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     return model.eval()
@@ -152,21 +217,20 @@ def fit_processor_to(processor, image_hw: tuple[int, int]) -> None:
         processor.crop_size = {"height": image_hw[0], "width": image_hw[1]}
 
 
-def fit_to_class(source, cls, config=None):
-    """`source` (a vitrail model) as an instance of `cls`, sharing every tensor both have."""
+def fit_to_class(source, cls, config=None, ignore_mismatched_sizes: bool = False):
+    """`source` (a vitrail model) as an instance of `cls` built from `config` (default: the source's), sharing every
+    tensor both have. A tensor whose shape `config` changes is refused by name, or with
+    `ignore_mismatched_sizes=True` newly initialised (warned), as transformers does."""
     config = config or source.config
     if type(source) is cls and config is source.config:
         return source
     model = cls(config)
-    backbone = getattr(source, "vitrail", source)
-    missing, unexpected = model.base_model.load_state_dict(backbone.state_dict(), strict=False)
-    if unexpected or set(missing) - {"embeddings.mask_token"}:
-        raise ValueError(f"Cannot fit the converted backbone: missing {missing}, unexpected {unexpected}.")
+    prefix = "" if model.base_model is model else f"{model.base_model_prefix}."
+    state = {prefix + name: tensor for name, tensor in source.base_model.state_dict().items()}
     has_head = hasattr(source, "classifier")
-    if hasattr(model, "classifier") and has_head:
-        model.classifier.load_state_dict(source.classifier.state_dict())
-        if source.distillation_classifier is not None:
-            model.distillation_classifier.load_state_dict(source.distillation_classifier.state_dict())
+    if has_head and hasattr(model, "classifier"):
+        heads = ("classifier.", "distillation_classifier.")
+        state.update({name: t for name, t in source.state_dict().items() if name.startswith(heads)})
     elif hasattr(model, "classifier"):
         logger.warning(
             "The checkpoint is a backbone without a classification head: %s gets a newly initialised head "
@@ -175,8 +239,23 @@ def fit_to_class(source, cls, config=None):
         )
     elif has_head:
         logger.info("%s has no classification head: the checkpoint's head is not loaded.", cls.__name__)
+    target = model.state_dict()
+    resized = sorted(name for name, t in state.items() if name in target and t.shape != target[name].shape)
+    if resized and not ignore_mismatched_sizes:
+        raise ValueError(
+            f"The arguments given change the shape of {resized}: leave them out, or pass "
+            "`ignore_mismatched_sizes=True` to initialise these tensors anew."
+        )
+    missing, unexpected = model.load_state_dict(
+        {name: t for name, t in state.items() if name not in resized}, strict=False
+    )
+    # New by design: the tensors of a head the source lacks, the mask token of masked image modeling, and with
+    # `ignore_mismatched_sizes=True` the resized ones. A gap in the backbone is a bug, never filled at random.
+    gaps = [n for n in missing if n.startswith(prefix) and n not in resized and not n.endswith("mask_token")]
+    if unexpected or gaps:
+        raise ValueError(f"Cannot fit the converted checkpoint: missing {gaps}, unexpected {unexpected}.")
     if missing:
-        logger.warning("%s: %s newly initialised.", cls.__name__, ", ".join(missing))
+        logger.warning("%s: %s newly initialised.", cls.__name__, ", ".join(sorted(missing)))
     return model
 
 
@@ -184,7 +263,9 @@ __all__ = [
     "Converted",
     "Drop",
     "Rename",
+    "HUB_KWARGS",
     "SUPPORTED_MODEL_TYPES",
+    "check_weight_files",
     "convert_hf_state_dict",
     "detect_hf_layout",
     "expected_shapes",
@@ -202,4 +283,5 @@ __all__ = [
     "resolve_folder",
     "timm_image_processor",
     "vitrail_config_from_hf",
+    "weight_files",
 ]
