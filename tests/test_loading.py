@@ -8,9 +8,7 @@ checkpoint does (a process without vitrail, below, checks the Auto-class path fo
 import ast
 import json
 import logging
-import os
 import re
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -30,7 +28,7 @@ from vitrail import (
 )
 from vitrail.hub import CheckpointError, check_checkpoint
 
-from .conftest import tiny_config
+from .conftest import run_without_vitrail, tiny_config
 
 SRC = Path(vitrail.__file__).parent
 TRAVELLING = ("configuration_vitrail", "modeling_vitrail", "image_processing_vitrail")
@@ -327,16 +325,17 @@ def test_check_checkpoint_refuses_code_cached_for_another_folder(tmp_path, monke
 
 AUTO_TWINS = textwrap.dedent(
     """
-    import sys
-    sys.modules["vitrail"] = None  # only the folders' own code can run
+    import json
+    from pathlib import Path
     from transformers import AutoModelForImageClassification
-    a, b = sys.argv[1:3]
+    a, b, report = sys.argv[1:4]
     AutoModelForImageClassification.from_pretrained(a, trust_remote_code=True)
     try:
         AutoModelForImageClassification.from_pretrained(b, trust_remote_code=True)
-        print("loaded b")
+        outcome = "loaded b"
     except ImportError as error:
-        print("refused b:", error)
+        outcome = f"refused b: {error}"
+    Path(report).write_text(json.dumps({"outcome": outcome}))
     """
 )
 
@@ -345,9 +344,6 @@ def test_auto_classes_never_run_a_same_named_folders_code(tmp_path):
     """transformers' Auto classes give b/ckpt the model class they made for a/ckpt (same name, same configuration
     code): the Hub-carried `from_pretrained` refuses instead of loading b with a's code."""
     a, b = twin_folders(tmp_path, "modeling_vitrail.py")
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), TRANSFORMERS_VERBOSITY="error")
-    result = subprocess.run([sys.executable, "-c", AUTO_TWINS, str(a), str(b)], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"refused b: {b / 'modeling_vitrail.py'} differs from the code of this class" in result.stdout
+    env = dict(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), TRANSFORMERS_VERBOSITY="error")
+    report = run_without_vitrail(AUTO_TWINS, a, b, root=tmp_path, env=env)
+    assert f"refused b: {b / 'modeling_vitrail.py'} differs from the code of this class" in report["outcome"]
