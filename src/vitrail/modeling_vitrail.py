@@ -102,11 +102,9 @@ class VitrailPatchEmbeddings(nn.Module):
                 f"the model with `num_channels={channels}`."
             )
         if dynamic_size:
-            # Pad bottom/right up to whole patches so no border pixel is dropped.
-            pad_h = -height % self.patch_hw[0]
-            pad_w = -width % self.patch_hw[1]
-            if pad_h or pad_w:
-                pixel_values = F.pad(pixel_values, (0, pad_w, 0, pad_h))
+            # Pad bottom/right up to whole patches so no border pixel is dropped. Padding by zero when the sides fit
+            # costs a copy, but takes no branch on the size, which `torch.export` would fix to the example's.
+            pixel_values = F.pad(pixel_values, (0, -width % self.patch_hw[1], 0, -height % self.patch_hw[0]))
         elif (height, width) != self.image_hw:
             raise ValueError(
                 f"Input image size {height}x{width} does not match the model's {self.image_hw[0]}x{self.image_hw[1]} "
@@ -154,7 +152,10 @@ class VitrailEmbeddings(nn.Module):
         `set_image_size`. A learned table is resampled bicubically, rows and columns independently:
         `position_interpolation="bicubic_antialias"` is timm's `resample_abs_pos_embed` (low-passes when shrinking),
         `"bicubic"` transformers' `interpolate_pos_encoding`. Sin-cos positions are computed for the grid."""
-        native = tuple(grid) == tuple(self.grid_size)
+        # A symbolic grid (`torch.export` with a dynamic image size) cannot be compared without fixing it to the
+        # example's: it takes the general path, which gives the native table itself at the native grid (bicubic
+        # weights at offset 0 are exactly 1 and 0; sin-cos positions are recomputed by the same function).
+        native = not any(isinstance(n, torch.SymInt) for n in grid) and tuple(grid) == tuple(self.grid_size)
         kind = self.config.position_embedding_type
         if kind == "sincos2d":
             if native:
