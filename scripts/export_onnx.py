@@ -6,11 +6,10 @@
 
 The graph takes `pixel_values` `(batch, channels, height, width)`, preprocessed as the checkpoint's image
 processor does, and gives `logits`. The batch is always dynamic; `--dynamic-size` makes height and width dynamic
-too (from two patches a side), for checkpoints whose config has `dynamic_image_size=True`. Any checkpoint vitrail
-opens can be exported (its own, or a transformers / timm / JAX one, converted on the way in). The file is then run
+too (from two patches a side), for checkpoints whose config has `dynamic_image_size=True`. The file is then run
 with onnxruntime on batch sizes 1 and 3 (and, with `--dynamic-size`, two other image sizes) and compared with
 PyTorch: prints `max abs logit difference: ...` and exits with status 1 above `--tolerance` (1e-4). Needs `onnx`,
-`onnxscript` and `onnxruntime` (vitrail's dev extra). About 10 s for the digits model on this 2-core CPU.
+`onnxscript` and `onnxruntime` (vitrail's dev extra). About 15 s of CPU for a digits model here (25 s on a busy machine).
 """
 
 import argparse

@@ -116,8 +116,8 @@ def test_onnx_dynamic_size(models, onnx_dynamic):
 
 
 def test_check_inputs_cover_what_is_promised(models):
-    """The script's own check: batches 1 and 3 and, with a dynamic size, a smaller size that no patch divides and
-    a larger non-square one."""
+    """The script's own check: batches 1 and 3 and, with a dynamic size, a smaller size with a side no patch
+    divides and a larger non-square one."""
     config = models["dynamic"].config
     assert [tuple(x.shape) for x in check_inputs(config, dynamic_size=False)] == [
         (1, 3, 30, 20),

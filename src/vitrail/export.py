@@ -97,7 +97,7 @@ def onnx_max_difference(
 
 def check_inputs(config, dynamic_size: bool, seed: int = 0) -> list[torch.Tensor]:
     """Inputs that exercise what the export promises: batch sizes other than the example's (1 and 3) and, with a
-    dynamic size, a smaller size that is no multiple of the patch (positions shrink, padding runs) and a larger
+    dynamic size, a smaller size with a side no patch divides (positions shrink, padding runs) and a larger
     non-square one (positions grow)."""
     generator = torch.Generator().manual_seed(seed)
     height, width = config.image_hw

@@ -730,7 +730,8 @@ class VitrailBackbone(BackboneMixin, VitrailPreTrainedModel):
 
     ```python
     >>> from transformers import AutoBackbone
-    >>> backbone = AutoBackbone.from_pretrained("my-vit", out_indices=[4, 8, 12])  # trust_remote_code=True without vitrail
+    >>> # A Hub repo (transformers 5.24's AutoBackbone misses local folders); trust_remote_code=True without vitrail
+    >>> backbone = AutoBackbone.from_pretrained("you/my-vit", out_indices=[4, 8, 12])
     >>> [tuple(m.shape) for m in backbone(pixel_values).feature_maps]  # 224 px, patch 16
     [(1, 768, 14, 14), (1, 768, 14, 14), (1, 768, 14, 14)]
     ```
