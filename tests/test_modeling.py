@@ -88,6 +88,7 @@ def test_auto_map_covers_every_auto_class(config, tmp_path):
     assert auto_map == {
         "AutoConfig": "configuration_vitrail.VitrailConfig",
         "AutoModel": "modeling_vitrail.VitrailModel",
+        "AutoBackbone": "modeling_vitrail.VitrailBackbone",
         "AutoModelForImageClassification": "modeling_vitrail.VitrailForImageClassification",
         "AutoImageProcessor": "image_processing_vitrail.VitrailImageProcessor",
     }

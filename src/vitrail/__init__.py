@@ -7,6 +7,7 @@ new image sizes and label sets). Imports run one way: the three files that trave
 """
 
 from transformers import (
+    AutoBackbone,
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
@@ -19,6 +20,7 @@ from .configuration_vitrail import VARIANTS, VitrailConfig
 from .image_processing_vitrail import VitrailImageProcessor
 from .loading import load_pretrained
 from .modeling_vitrail import (
+    VitrailBackbone,
     VitrailForImageClassification,
     VitrailForMaskedImageModeling,
     VitrailModel,
@@ -31,6 +33,7 @@ VitrailPreTrainedModel.pretrained_loader = load_pretrained
 
 AutoConfig.register(VitrailConfig.model_type, VitrailConfig, exist_ok=True)
 AutoModel.register(VitrailConfig, VitrailModel, exist_ok=True)
+AutoBackbone.register(VitrailConfig, VitrailBackbone, exist_ok=True)
 AutoModelForImageClassification.register(VitrailConfig, VitrailForImageClassification, exist_ok=True)
 AutoModelForMaskedImageModeling.register(VitrailConfig, VitrailForMaskedImageModeling, exist_ok=True)
 AutoImageProcessor.register(
@@ -45,6 +48,7 @@ if is_torchvision_available():
 
 __all__ = [
     "VARIANTS",
+    "VitrailBackbone",
     "VitrailConfig",
     "VitrailForImageClassification",
     "VitrailForMaskedImageModeling",

@@ -6,6 +6,7 @@ No `from __future__ import annotations` here: `@strict` checks field types, and 
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.backbone_utils import BackboneConfigMixin
 
 POOLINGS = ("cls", "mean", "cls_mean")
 POSITION_EMBEDDING_TYPES = ("learned", "sincos2d", "none")
@@ -34,7 +35,7 @@ def _pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
 
 
 @strict
-class VitrailConfig(PreTrainedConfig):
+class VitrailConfig(BackboneConfigMixin, PreTrainedConfig):
     r"""
     Configuration of a vitrail Vision Transformer. Defaults give ViT-B/16 at 224 px, laid out as in
     Dosovitskiy et al. 2020: a class token with a learned position, pre-norm layers, class-token pooling.
@@ -91,6 +92,13 @@ class VitrailConfig(PreTrainedConfig):
             `resample_abs_pos_embed`, DINOv2 with registers) or `"bicubic"` (plain `F.interpolate`, transformers'
             ViT, DeiT and DINOv2 `interpolate_pos_encoding`). Converted checkpoints keep their source's choice, so
             they match it at every resolution.
+        out_features (`list[str]`, *optional*): the stages `VitrailBackbone` returns as feature maps, named as in
+            `stage_names`: `"stem"` (the embeddings), then `"stage1"` ... `"stage{num_hidden_layers}"` (each layer's
+            output). Defaults to the last stage. transformers' backbone API, as in `Dinov2Config`.
+        out_indices (`list[int]`, *optional*): the same stages by index into `stage_names` (negative ones count
+            from the end); give either, the other follows.
+        apply_layernorm (`bool`, defaults to `True`): `VitrailBackbone` applies the final LayerNorm to its feature
+            maps (as `Dinov2Backbone` does; with `use_fc_norm=True` that norm was trained on pooled vectors).
 
     Example:
 
@@ -130,12 +138,26 @@ class VitrailConfig(PreTrainedConfig):
     qk_norm: bool = False
     dynamic_image_size: bool = False
     position_interpolation: str = "bicubic_antialias"
+    _out_features: list[str] | None = None
+    _out_indices: list[int] | None = None
+    apply_layernorm: bool = True
 
     def __post_init__(self, **kwargs):
         if self.prefix_position_embeddings is None:
             learned_cls = self.position_embedding_type == "learned" and self.use_cls_token
             self.prefix_position_embeddings = "cls" if learned_cls else "none"
+        self.set_output_features_output_indices(
+            out_features=kwargs.pop("out_features", None), out_indices=kwargs.pop("out_indices", None)
+        )
         super().__post_init__(**kwargs)
+
+    def to_dict(self) -> dict:
+        """The fields, as transformers saves them; the backbone's stages only when they are not the default (the
+        last), so that a config saved without choosing them keeps meaning "the last" at any depth."""
+        output = super().to_dict()
+        if output["out_features"] == self.stage_names[-1:]:
+            del output["out_features"], output["out_indices"]
+        return output
 
     # ---- derived values: computed here and nowhere else -------------------------------------------------------
 
@@ -167,6 +189,20 @@ class VitrailConfig(PreTrainedConfig):
     def num_prefix_positions(self) -> int:
         """Prefix tokens that own a row of the learned position table."""
         return {"cls": 1, "all": self.num_prefix_tokens, "none": 0}[self.prefix_position_embeddings]
+
+    @property
+    def stage_names(self) -> list[str]:
+        """The stages a backbone can return: `"stem"` (the embeddings), then `"stage{i}"`, the output of layer i.
+        Derived, so not saved; a config that carries them (as Dinov2's do) must agree."""
+        return ["stem"] + [f"stage{i}" for i in range(1, self.num_hidden_layers + 1)]
+
+    @stage_names.setter
+    def stage_names(self, names: list[str]) -> None:
+        if list(names) != self.stage_names:
+            raise ValueError(
+                f"`stage_names` {names} do not match the {self.num_hidden_layers} layers of this config, whose stages "
+                f"are {self.stage_names}; leave `stage_names` out (they follow from `num_hidden_layers`)."
+            )
 
     @property
     def head_dim(self) -> int:

@@ -30,8 +30,10 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
+    BackboneOutput,
     BaseModelOutputWithPooling,
     ImageClassifierOutput,
     MaskedImageModelingOutput,
@@ -100,11 +102,9 @@ class VitrailPatchEmbeddings(nn.Module):
                 f"the model with `num_channels={channels}`."
             )
         if dynamic_size:
-            # Pad bottom/right up to whole patches so no border pixel is dropped.
-            pad_h = -height % self.patch_hw[0]
-            pad_w = -width % self.patch_hw[1]
-            if pad_h or pad_w:
-                pixel_values = F.pad(pixel_values, (0, pad_w, 0, pad_h))
+            # Pad bottom/right up to whole patches so no border pixel is dropped. Padding by zero when the sides fit
+            # costs a copy, but takes no branch on the size, which `torch.export` would fix to the example's.
+            pixel_values = F.pad(pixel_values, (0, -width % self.patch_hw[1], 0, -height % self.patch_hw[0]))
         elif (height, width) != self.image_hw:
             raise ValueError(
                 f"Input image size {height}x{width} does not match the model's {self.image_hw[0]}x{self.image_hw[1]} "
@@ -152,7 +152,10 @@ class VitrailEmbeddings(nn.Module):
         `set_image_size`. A learned table is resampled bicubically, rows and columns independently:
         `position_interpolation="bicubic_antialias"` is timm's `resample_abs_pos_embed` (low-passes when shrinking),
         `"bicubic"` transformers' `interpolate_pos_encoding`. Sin-cos positions are computed for the grid."""
-        native = tuple(grid) == tuple(self.grid_size)
+        # A symbolic grid (`torch.export` with a dynamic image size) cannot be compared without fixing it to the
+        # example's: it takes the general path, which gives the native table itself at the native grid (bicubic
+        # weights at offset 0 are exactly 1 and 0; sin-cos positions are recomputed by the same function).
+        native = not any(isinstance(n, torch.SymInt) for n in grid) and tuple(grid) == tuple(self.grid_size)
         kind = self.config.position_embedding_type
         if kind == "sincos2d":
             if native:
@@ -360,6 +363,25 @@ class VitrailLayer(GradientCheckpointingLayer):
         return hidden_states, weights
 
 
+def chosen_indices(request, count: int, name: str) -> frozenset[int] | None:
+    """The entries an `output_attentions` / `output_hidden_states` argument asks for among `count`: none (`None`:
+    `False`, `None` or an empty list), all (`True`), or those of an index or list of indices, negative ones
+    counting from the end as in transformers' output capturing. An index out of range is refused (transformers
+    silently selects nothing for it)."""
+    if request is None or request is False:
+        return None
+    if request is True:
+        return frozenset(range(count))
+    items = [request] if isinstance(request, int) else list(request)
+    bad = [i for i in items if isinstance(i, bool) or not isinstance(i, int) or not -count <= i < count]
+    if bad:
+        raise ValueError(
+            f"`{name}={request!r}`: {bad} cannot index the {count} entries there are; pass `True` for all of them, "
+            f"or integers from {-count} to {count - 1} (negative ones count from the end)."
+        )
+    return frozenset(i % count for i in items) or None
+
+
 class VitrailEncoder(nn.Module):
     """The stack of layers; drop-path probability grows linearly from 0 at the first layer to the configured rate."""
 
@@ -370,17 +392,28 @@ class VitrailEncoder(nn.Module):
         self.layers = nn.ModuleList([VitrailLayer(config, rate) for rate in rates])
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False, output_hidden_states: bool = False
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
-        all_hidden = (hidden_states,) if output_hidden_states else None
-        all_weights = () if output_attentions else None
-        for layer in self.layers:
-            hidden_states, weights = layer(hidden_states, output_attentions)
-            if output_hidden_states:
-                all_hidden += (hidden_states,)
-            if output_attentions:
-                all_weights += (weights,)
-        return hidden_states, all_hidden, all_weights
+        self,
+        hidden_states: torch.Tensor,
+        attention_layers: frozenset[int] | None = None,
+        hidden_layers: frozenset[int] | None = None,
+        depth: int | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...] | None, tuple[torch.Tensor | None, ...] | None]:
+        """Run the first `depth` layers (all by default), the ones in `attention_layers` with eager attention so
+        that they return their weights. Returns the last output, then the hidden states (index 0 the input, `i`
+        the output of layer `i - 1`) chosen by `hidden_layers` and the weights of `attention_layers`: one entry per
+        index, `None` where not chosen (transformers' convention), or `None` instead of a tuple when none is. Only
+        chosen tensors are kept, so memory does not grow with depth."""
+        chosen_attentions, chosen_hidden = attention_layers or frozenset(), hidden_layers or frozenset()
+        states = [hidden_states if 0 in chosen_hidden else None]
+        weights = []
+        for index, layer in enumerate(self.layers[:depth]):
+            hidden_states, layer_weights = layer(hidden_states, index in chosen_attentions)
+            states.append(hidden_states if index + 1 in chosen_hidden else None)
+            weights.append(layer_weights)
+        unrun = len(self.layers) - len(weights)
+        states = tuple(states) + (None,) * unrun if hidden_layers else None
+        weights = tuple(weights) + (None,) * unrun if attention_layers else None
+        return hidden_states, states, weights
 
 
 def _check_runs_folder_code(path, subfolder: str | None) -> None:
@@ -405,10 +438,12 @@ def _listed(names: set[str]) -> str:
 
 
 # Every saved checkpoint opens with these Auto classes, whatever head it holds (the head's own class is added by
-# transformers when it saves): `AutoModel` on a classifier checkpoint gives its backbone.
+# transformers when it saves): `AutoModel` on a classifier checkpoint gives its bare model, `AutoBackbone` its
+# feature maps.
 _AUTO_MAP = {
     "AutoConfig": "configuration_vitrail.VitrailConfig",
     "AutoModel": "modeling_vitrail.VitrailModel",
+    "AutoBackbone": "modeling_vitrail.VitrailBackbone",
 }
 _PROCESSOR_FILE = "image_processing_vitrail.py"
 
@@ -584,6 +619,19 @@ class VitrailPreTrainedModel(PreTrainedModel):
     def _flag(self, value: bool | None, name: str) -> bool:
         return bool(getattr(self.config, name, False) if value is None else value)
 
+    def _chosen_outputs(self, output_attentions, output_hidden_states):
+        """The layers whose attention weights, and the hidden states, a call asks for (see `chosen_indices`);
+        unset arguments take the config's `output_attentions` / `output_hidden_states`."""
+        depth = self.config.num_hidden_layers
+        if output_attentions is None:
+            output_attentions = getattr(self.config, "output_attentions", False)
+        if output_hidden_states is None:
+            output_hidden_states = getattr(self.config, "output_hidden_states", False)
+        return (
+            chosen_indices(output_attentions, depth, "output_attentions"),
+            chosen_indices(output_hidden_states, depth + 1, "output_hidden_states"),
+        )
+
 
 class VitrailModel(VitrailPreTrainedModel):
     r"""
@@ -636,21 +684,24 @@ class VitrailModel(VitrailPreTrainedModel):
                 with the mask token (masked image modeling only).
             interpolate_pos_encoding (`bool`, *optional*): accept an input size other than `config.image_size` for
                 this call (pad to whole patches, resample positions). Defaults to `config.dynamic_image_size`.
-            output_attentions (`bool`, *optional*): also return each layer's attention weights, whatever the
-                attention backend.
-            output_hidden_states (`bool`, *optional*): also return the embeddings and each layer's output.
+            output_attentions (`bool`, `int` or `list[int]`, *optional*): also return attention weights
+                `(batch, heads, tokens, tokens)`, whatever the attention backend: `True` for every layer, or the
+                indices of the layers wanted (`[-1]`: the last), which alone run eager attention while the others
+                keep the configured kernel; the tuple has an entry per layer, `None` for those not chosen.
+            output_hidden_states (`bool`, `int` or `list[int]`, *optional*): also return the embeddings (index 0)
+                and each layer's output (index `i` for layer `i - 1`, before the final norm): `True` for all, or the
+                indices wanted, with `None` in the other entries, as transformers' output capturing does.
             return_dict (`bool`, *optional*): return a `ModelOutput` (default) rather than a tuple.
         """
         if pixel_values is None:
             raise ValueError("`pixel_values` is required: pass a (batch, channels, height, width) tensor.")
-        output_attentions = self._flag(output_attentions, "output_attentions")
-        output_hidden_states = self._flag(output_hidden_states, "output_hidden_states")
+        attention_layers, hidden_layers = self._chosen_outputs(output_attentions, output_hidden_states)
         return_dict = self._flag(return_dict, "return_dict")
 
         tokens, _ = self.embeddings(
             pixel_values, bool_masked_pos, dynamic_size=self._use_dynamic_size(interpolate_pos_encoding)
         )
-        tokens, hidden_states, attentions = self.encoder(tokens, output_attentions, output_hidden_states)
+        tokens, hidden_states, attentions = self.encoder(tokens, attention_layers, hidden_layers)
         if self.config.use_fc_norm:
             pooled = self.layernorm(self.pool(tokens))
         else:
@@ -661,6 +712,81 @@ class VitrailModel(VitrailPreTrainedModel):
             last_hidden_state=tokens, pooler_output=pooled, hidden_states=hidden_states, attentions=attentions
         )
         return output if return_dict else output.to_tuple()
+
+
+class VitrailBackbone(BackboneMixin, VitrailPreTrainedModel):
+    r"""
+    vitrail as a backbone for dense tasks (detection, segmentation, depth), in transformers' backbone API: the
+    stages named by `config.out_features` / `config.out_indices` (`"stem"` for the embeddings, `"stage{i}"` for
+    layer i's output) come back as `feature_maps`, each `(batch, hidden_size, rows, cols)` over the patch grid of
+    the input (prefix tokens left out, final LayerNorm applied when `config.apply_layernorm`). Only the layers up
+    to the last stage any output needs are run. It has `VitrailModel`'s parameters, so any vitrail checkpoint
+    (a classifier's or MIM model's head left out) loads into it.
+
+    Args:
+        config ([`VitrailConfig`]): the model configuration.
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoBackbone
+    >>> # A Hub repo (transformers 5.24's AutoBackbone misses local folders); trust_remote_code=True without vitrail
+    >>> backbone = AutoBackbone.from_pretrained("you/my-vit", out_indices=[4, 8, 12])
+    >>> [tuple(m.shape) for m in backbone(pixel_values).feature_maps]  # 224 px, patch 16
+    [(1, 768, 14, 14), (1, 768, 14, 14), (1, 768, 14, 14)]
+    ```
+    """
+
+    def __init__(self, config: VitrailConfig):
+        super().__init__(config)
+        self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
+        self.embeddings = VitrailEmbeddings(config)
+        self.encoder = VitrailEncoder(config)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embeddings
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs,
+    ) -> BackboneOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.Tensor` of shape `(batch, num_channels, height, width)`): the images.
+            output_hidden_states, output_attentions, return_dict, interpolate_pos_encoding: as in [`VitrailModel`]
+                (hidden states and attentions asked for are computed even past the last feature map).
+        """
+        if pixel_values is None:
+            raise ValueError("`pixel_values` is required: pass a (batch, channels, height, width) tensor.")
+        attention_layers, hidden_layers = self._chosen_outputs(output_attentions, output_hidden_states)
+        return_dict = self._flag(return_dict, "return_dict")
+        stages = [self.stage_names.index(name) for name in self.out_features]
+        depth = max([*stages, *(hidden_layers or ()), *(i + 1 for i in attention_layers or ())])
+
+        tokens, grid = self.embeddings(
+            pixel_values, dynamic_size=self._use_dynamic_size(interpolate_pos_encoding)
+        )
+        _, states, attentions = self.encoder(
+            tokens, attention_layers, (hidden_layers or frozenset()) | set(stages), depth
+        )
+        feature_maps = tuple(self._feature_map(states[stage], grid) for stage in stages)
+        if hidden_layers is not None:
+            hidden_layers = tuple(state if i in hidden_layers else None for i, state in enumerate(states))
+        output = BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_layers, attentions=attentions)
+        return output if return_dict else output.to_tuple()
+
+    def _feature_map(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        if self.config.apply_layernorm:
+            tokens = self.layernorm(tokens)
+        patches = tokens[:, self.config.num_prefix_tokens :]
+        return patches.transpose(1, 2).reshape(patches.shape[0], -1, *grid)  # (B, r * c, D) -> (B, D, r, c)
 
 
 class VitrailForImageClassification(VitrailPreTrainedModel):
@@ -838,6 +964,7 @@ class VitrailForMaskedImageModeling(VitrailPreTrainedModel):
 
 
 VitrailModel.register_for_auto_class("AutoModel")
+VitrailBackbone.register_for_auto_class("AutoBackbone")
 VitrailForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 VitrailForMaskedImageModeling.register_for_auto_class("AutoModelForMaskedImageModeling")
 
@@ -845,6 +972,7 @@ __all__ = [
     "VitrailImageClassifierOutput",
     "VitrailPreTrainedModel",
     "VitrailModel",
+    "VitrailBackbone",
     "VitrailForImageClassification",
     "VitrailForMaskedImageModeling",
 ]
