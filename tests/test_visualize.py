@@ -220,6 +220,12 @@ def test_attention_figure_is_written(tmp_path, overrides, channels, input_hw, pa
     assert suptitle.startswith("two.png: 7 (91%)\nquery: ")
     if not model.config.use_cls_token:
         assert "mean of the patch queries (mean-pooled model, no class token)" in suptitle
+    rollout_title = figure.axes[1].get_title()
+    assert rollout_title.startswith("rollout (mean of heads)")
+    if model.config.num_prefix_tokens:  # the share left on the registers, to a tenth of a percent
+        assert rollout_title.endswith(
+            f"\n{float(maps.rollout_prefix_share[1]):.1%} on prefix tokens (not drawn)"
+        )
 
     path = save_attention_figure(model_view(pixels[1]), maps, tmp_path / "maps" / "two.png", index=1)
     width, height = (round(side * figure.dpi) for side in figure.get_size_inches())

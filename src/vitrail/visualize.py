@@ -277,7 +277,7 @@ def attention_figure(image: np.ndarray, maps: AttentionMaps, index: int = 0, tit
     panels = [("input", None)]
     if maps.rollout is not None:
         share = float(maps.rollout_prefix_share[index])
-        note = f"\n{share:.0%} on prefix tokens (not drawn)" if maps.layout.num_prefix_tokens else ""
+        note = f"\n{share:.1%} on prefix tokens (not drawn)" if maps.layout.num_prefix_tokens else ""
         panels.append((f"rollout ({maps.head_fusion} of heads){note}", maps.rollout[index].numpy()))
     last = maps.num_layers
     panels += [(f"layer {last}, head {h + 1}", heads[h]) for h in range(len(heads))]
