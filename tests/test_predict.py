@@ -1,6 +1,7 @@
 """scripts/predict.py and vitrail.predict: classify files and folders, report unreadable files by name."""
 
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
 from tests.conftest import tiny_config
 from vitrail import VitrailForImageClassification, VitrailImageProcessor, VitrailModel
@@ -157,3 +159,54 @@ def test_unreadable_files_do_not_stop_the_batch(checkpoint, images):
     assert isinstance(results[0], Failure) and "broken.jpg" in results[0].reason
     assert results[1].labels == expected_top(checkpoint, images / "a.png", 1)[0]
     assert isinstance(results[2], Failure) and "notes.txt" in results[2].reason
+
+
+def test_a_transformers_checkpoint_is_converted_and_keeps_its_own_preprocessing(tmp_path):
+    labels = dict(id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
+    config = ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=37, **labels)  # fmt: skip
+    reference = ViTForImageClassification(config).eval()
+    with torch.no_grad():  # random init leaves logits near zero; spread them so that preprocessing shows
+        for parameter in reference.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)
+    # Not the 0.5 mean/std a vitrail processor defaults to; a 16x16 image, so no resize kernel differs.
+    processor = ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.1, 0.4, 0.9], image_std=0.2)
+    reference.save_pretrained(tmp_path / "hf")
+    processor.save_pretrained(tmp_path / "hf")
+    file = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(file)
+
+    model, loaded_processor = load_classifier(str(tmp_path / "hf"))
+    (prediction,) = predict_files([str(file)], model, loaded_processor, top_k=3)
+    with Image.open(file) as image, torch.no_grad():
+        logits = reference(**processor(images=image, return_tensors="pt")).logits[0]
+    top = logits.softmax(-1).topk(3)
+    assert prediction.labels == [LABELS[int(i)] for i in top.indices]
+    np.testing.assert_allclose(prediction.scores, top.values, atol=1e-5)
+    (default,) = predict_files([str(file)], model, VitrailImageProcessor(size={"height": 16, "width": 16}))
+    assert np.abs(np.array(default.scores) - top.values.numpy()).max() > 1e-3  # the test can tell
+
+
+def test_multi_label_scores_are_sigmoids_and_repeated_names_get_numbered_maps(checkpoint, images, tmp_path):
+    model, processor = load_classifier(str(checkpoint))
+    model.config.problem_type = "multi_label_classification"
+    (images / "sub" / "a.png").write_bytes((images / "a.png").read_bytes())
+    files = [str(images / "a.png"), str(images / "sub" / "a.png")]
+    results = list(predict_files(files, model, processor, top_k=3, attention_dir=tmp_path / "maps"))
+    with Image.open(images / "a.png") as image, torch.no_grad():
+        logits = model(**processor(images=image, return_tensors="pt")).logits[0]
+    expected = logits.sigmoid().topk(3)
+    for result in results:
+        assert result.labels == [LABELS[int(i)] for i in expected.indices]
+        np.testing.assert_allclose(result.scores, expected.values, atol=1e-6)
+    assert expected.values.sum() > 1.01  # not a softmax
+    assert [Path(r.attention_map).name for r in results] == ["a.png", "a-2.png"]
+
+
+def test_bad_flags_exit_with_status_2(checkpoint, images, monkeypatch, capsys):
+    script = str(ROOT / "scripts" / "predict.py")
+    monkeypatch.setattr(sys, "argv", [script, str(images), "--model", str(checkpoint), "--top-k", "0"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(script, run_name="__main__")
+    assert exit_.value.code == 2
+    assert "--top-k and --batch-size must be positive" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from pathlib import Path
 import PIL.Image
 import torch
 
+from .configuration_vitrail import VitrailConfig
 from .convert import load_image_processor
 from .image_processing_vitrail import open_image_source
 from .modeling_vitrail import VitrailForImageClassification
@@ -78,9 +79,14 @@ def find_images(inputs: Iterable[str]) -> tuple[list[str], list[Failure]]:
 def load_classifier(model_path: str, device: str | torch.device = "cpu"):
     """The checkpoint's classifier (in eval mode, on `device`) and its own image processor: vitrail's, or one
     translated from a transformers or timm checkpoint's preprocessing. Refuses a checkpoint without a
-    classification head (a new one would be random) or without preprocessing settings."""
-    model, info = VitrailForImageClassification.from_pretrained(model_path, output_loading_info=True)
-    if any(key.startswith("classifier.") for key in info["missing_keys"]) or model.config.num_labels < 1:
+    classification head (a new one would be random) or without preprocessing settings. (Converted checkpoints
+    report no loading info: for a transformers or timm backbone the converter warns that the head is new.)"""
+    if VitrailConfig.get_config_dict(model_path)[0].get("model_type") == VitrailConfig.model_type:
+        model, info = VitrailForImageClassification.from_pretrained(model_path, output_loading_info=True)
+        missing = info["missing_keys"]
+    else:
+        model, missing = VitrailForImageClassification.from_pretrained(model_path), []
+    if any(key.startswith("classifier.") for key in missing) or model.config.num_labels < 1:
         raise ValueError(
             f"{model_path} holds no classification head (a backbone or a pretraining checkpoint), so its "
             "predictions would be random: fine-tune it on labelled images first (scripts/train.py)."
