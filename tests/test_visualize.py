@@ -215,12 +215,22 @@ def test_attention_figure_is_written(tmp_path, overrides, channels, input_hw, pa
     pixels = torch.rand(2, channels, *input_hw)
     maps = attention_maps(model, pixels)
     figure = attention_figure(model_view(pixels[1]), maps, index=1, title="two.png: 7 (91%)")
-    assert len([axes for axes in figure.axes if axes.images]) == panels  # input, rollout, 4 heads
+    drawn = [axes for axes in figure.axes if axes.images]
+    assert len(drawn) == panels  # input, rollout, 4 heads
     suptitle = figure.get_suptitle()
     assert suptitle.startswith("two.png: 7 (91%)\nquery: ")
     if not model.config.use_cls_token:
         assert "mean of the patch queries (mean-pooled model, no class token)" in suptitle
-    rollout_title = figure.axes[1].get_title()
+    height, width = input_hw
+    for axes in drawn:
+        assert axes.get_xlim() == (0, width) and axes.get_ylim() == (
+            height,
+            0,
+        )  # dynamic sizes: padding cut off
+    overlay = drawn[1].images[1]  # the rollout over the input: 0 to its maximum, one colour per patch
+    np.testing.assert_allclose(overlay.get_array(), maps.rollout[1] / maps.rollout[1].max(), rtol=1e-6)
+    assert overlay.get_interpolation() == "nearest"
+    rollout_title = drawn[1].get_title()
     assert rollout_title.startswith("rollout (mean of heads)")
     if model.config.num_prefix_tokens:  # the share left on the registers, to a tenth of a percent
         assert rollout_title.endswith(
