@@ -371,7 +371,8 @@ BROKEN = {
     "not vitrail": (_edit_json("config.json", model_type="vit"), "model_type 'vit', not 'vitrail'"),
     "no code file": (
         lambda f: (f / "modeling_vitrail.py").unlink(),
-        r"code file modeling_vitrail.py is missing \(named by config.json's auto_map\['AutoModel'\].*"
+        r"code file modeling_vitrail.py is missing \(named by config.json's auto_map\['AutoBackbone'\], "
+        r"config.json's auto_map\['AutoModel'\], config.json's auto_map\['AutoModelForImageClassification'\]\); "
         r"save the model with vitrail's classes",
     ),
     "no processor code": (
