@@ -67,8 +67,8 @@ SDPA_BACKENDS = {
 }
 CPU_FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
 GEMM_SIZE = 2048
-# NVIDIA H200 (SXM) bf16 tensor-core peak without sparsity: 989 TFLOP/s (NVIDIA's H200 datasheet lists 1,979
-# TFLOP/s "with sparsity", which is twice the dense rate). Model FLOP utilisation on an H200 is against this.
+# NVIDIA H200 SXM bf16 tensor-core peak without sparsity: 989 TFLOP/s (NVIDIA's H200 datasheet lists 1,979
+# TFLOPS "with sparsity", twice the dense rate). Model FLOP utilisation on an H200 is against this.
 H200_BF16_DENSE_PEAK = 989e12
 NUM_LABELS = 1000
 
@@ -103,17 +103,19 @@ def synchronizer(device: str) -> Callable[[], None]:
 
 
 def gemm_rate(dtype: torch.dtype, device: str) -> float:
-    """FLOP/s of a GEMM_SIZE x GEMM_SIZE matmul in `dtype`: the median of 5 after one warm-up."""
-    sync = synchronizer(device)
+    """FLOP/s of a GEMM_SIZE x GEMM_SIZE matmul in `dtype`: the median of 5 timings after one warm-up. A GPU does
+    one in tens of microseconds, so there each timing covers 50 matmuls."""
+    sync, repeats = synchronizer(device), 50 if device == "cuda" else 1
     a, b = (torch.randn(GEMM_SIZE, GEMM_SIZE, device=device).to(dtype) for _ in range(2))
     a @ b
     sync()
     times = []
     for _ in range(5):
         start = time.perf_counter()
-        a @ b
+        for _ in range(repeats):
+            a @ b
         sync()
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start) / repeats)
     return 2 * GEMM_SIZE**3 / statistics.median(times)
 
 
@@ -121,18 +123,17 @@ def forward_flops(config: VitrailConfig) -> float:
     """FLOPs (2 per multiply-add) of one image's forward pass: the patch projection, per layer the qkv and output
     projections, QK^T and attention x V, the MLP; then the head. LayerNorm, softmax, GELU and the residual adds
     are left out (under 1% at ViT-B/16)."""
-    patch_h, patch_w = (
-        config.patch_size if isinstance(config.patch_size, list | tuple) else [config.patch_size] * 2
-    )
-    size_h, size_w = (
-        config.image_size if isinstance(config.image_size, list | tuple) else [config.image_size] * 2
-    )
+    (patch_h, patch_w), (size_h, size_w) = pair(config.patch_size), pair(config.image_size)
     patches = (size_h // patch_h) * (size_w // patch_w)
     tokens = patches + config.num_prefix_tokens
     width, mlp = config.hidden_size, config.intermediate_size
     per_layer = 2 * tokens * (4 * width * width + 2 * width * mlp) + 4 * tokens * tokens * width
     embedding = 2 * patches * config.num_channels * patch_h * patch_w * width
     return embedding + config.num_hidden_layers * per_layer + 2 * width * config.num_labels
+
+
+def pair(value: int | list[int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (value[0], value[1])
 
 
 # ---- results ----------------------------------------------------------------------------------------------------
@@ -143,7 +144,7 @@ class Row:
     """One line of the table: per-round values of each peer, or why a peer has none."""
 
     label: str
-    unit: str  # "ms", "s", "img/s" or "MB"
+    unit: str  # "ms/batch", "ms/step", "s", "img/s" or "MB"
     higher_is_better: bool = False
     values: dict[str, list[float]] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)
@@ -240,7 +241,13 @@ def measure_row(row: Row, calls: dict[str, Callable[[], object]], args, sync) ->
             continue
         timed[name] = functools.partial(median_time, call, args.iters, sync)
     row.values.update(interleaved(timed, args.rounds))
+    progress(row.label)
     return row
+
+
+def progress(label: str) -> None:
+    """A line on stderr per measured row: a full run takes many minutes and prints its table at the end."""
+    print(f"[{time.strftime('%H:%M:%S')}] measured: {label}", file=sys.stderr, flush=True)
 
 
 # ---- models -----------------------------------------------------------------------------------------------------
@@ -354,14 +361,14 @@ def model_rows(args, config, peers: dict[str, Peer], dtype_name: str, gemm: floa
 
         row = Row(f"{labels[0]}, SDPA {backend} backend only", "ms/batch", flops=flops, gemm=gemm)
         rows.append(measure_row(row, inference_calls(peers, inputs, context), args, sync))
-    if args.compile:
+    if "inference" in args.compile:
         rows += compiled_rows(args, peers, inference, lambda compiled: inference_calls(compiled, inputs))
     for peer in peers.values():
         peer.model.float().train()
     autocast = tag == "bf16"
     training = Row(labels[1], "ms/step", flops=3 * flops, gemm=gemm)  # backward ~ twice the forward
     rows.append(measure_row(training, training_calls(peers, x, targets, autocast, args.device), args, sync))
-    if args.compile:
+    if "training" in args.compile:
         rows += compiled_rows(
             args,
             peers,
@@ -384,6 +391,7 @@ def compiled_rows(args, peers, eager: Row, make_calls: Callable[[dict[str, Peer]
     first = Row(f"{eager.label}, torch.compile: first call (compiles)", "s")
     for name, call in calls.items():
         first.values[name] = [median_time(call, 1, sync)]
+    progress(first.label)
     row = measure_row(
         Row(f"{eager.label}, torch.compile", eager.unit, flops=eager.flops, gemm=eager.gemm),
         calls,
@@ -532,6 +540,7 @@ def from_pretrained_rows(args, config, peers: dict[str, Peer]) -> list[Row]:
             load(name)
             memory[name].clear()
         seconds = interleaved({name: functools.partial(load, name) for name in loaders}, args.load_rounds)
+    progress("from_pretrained")
     label = f"from_pretrained, {args.variant} checkpoint in a temporary folder"
     return [
         Row(label, "s", values=seconds),
@@ -552,7 +561,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--layers", type=int, help="override the variant's depth (a small model for tests)")
-    parser.add_argument("--compile", action="store_true", help="add torch.compile rows (minutes on a CPU)")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="inference,training",
+        default="",
+        help="add torch.compile rows: inference, training or both (the default); minutes on a CPU",
+    )
     parser.add_argument("--sdpa-backends", default="", help="comma-separated: flash, efficient, cudnn, math")
     parser.add_argument(
         "--baseline-processor", help="another image_processing_vitrail.py to time beside vitrail's"
@@ -571,6 +586,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [name for name in args.dtypes if name not in DTYPES]
     if unknown or not args.dtypes:
         parser.error(f"--dtype {args.dtype!r}: write a comma-separated list of {list(DTYPES)}")
+    args.compile = [name.strip() for name in args.compile.split(",") if name.strip()]
+    if set(args.compile) - {"inference", "training"}:
+        parser.error(f"--compile: write inference, training or both, got {','.join(args.compile)!r}")
     args.sdpa_backends = [name.strip() for name in args.sdpa_backends.split(",") if name.strip()]
     unknown = [name for name in args.sdpa_backends if name not in SDPA_BACKENDS]
     if unknown:
@@ -593,7 +611,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.iters = 1 if args.quick else 3
     args.load_rounds = 1 if args.quick else 3
     args.processor_images = 8 if args.quick else 96
-    args.pipeline_images = args.batch if args.quick else 4 * args.batch
+    args.pipeline_images = args.batch if args.quick else min(4 * args.batch, 64)
     return args
 
 
@@ -631,21 +649,15 @@ def main(argv: list[str] | None = None) -> str:
     rows = []
     for name in args.dtypes:
         rows += model_rows(args, config, peers, name, gemms.get(name), bf16_ok)
-    if args.device == "cuda" and "bfloat16" in gemms:
+    if "H200" in device_name:
         for row in rows:
             if "bf16" in row.label and row.flops and row.values:
-                mfu = {
-                    n: row.flops / statistics.median(v) / H200_BF16_DENSE_PEAK for n, v in row.values.items()
-                }
+                mfu = ", ".join(
+                    f"{name} {row.flops / statistics.median(values) / H200_BF16_DENSE_PEAK:.1%}"
+                    for name, values in row.values.items()
+                )
                 row.note = "; ".join(
-                    filter(
-                        None,
-                        [
-                            row.note,
-                            "MFU vs H200 bf16 dense 989 TFLOP/s: "
-                            + ", ".join(f"{n} {m:.1%}" for n, m in mfu.items()),
-                        ],
-                    )
+                    filter(None, [row.note, f"MFU vs the H200's 989 TFLOP/s bf16 peak: {mfu}"])
                 )
 
     size = {"height": args.image_size, "width": args.image_size}

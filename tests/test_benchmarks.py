@@ -2,7 +2,11 @@
 Nothing here asserts a timing: the numbers depend on the machine."""
 
 import importlib.util
+import os
 import re
+import shlex
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -144,6 +148,45 @@ def test_cuda_without_cuda_says_so(capsys):
     assert "--device cuda: no CUDA device is available" in capsys.readouterr().err
 
 
+def gpu_flags() -> list[str]:
+    """The peers.py flags benchmarks/gpu.sh passes."""
+    script = (ROOT / "benchmarks" / "gpu.sh").read_text()
+    return shlex.split(re.search(r"^PEERS_FLAGS=\((.*?)\)", script, re.DOTALL | re.MULTILINE).group(1))
+
+
+def test_gpu_script_flags_parse(capsys):
+    """gpu.sh asks for CUDA, bf16, compiled inference and every SDPA backend; peers.py accepts those flags (here
+    with the device swapped for the CPU), and refuses the CUDA device where there is none."""
+    flags = gpu_flags()
+    assert flags[:4] == ["--device", "cuda", "--dtype", "bfloat16"]
+    module = peers()
+    args = module.parse_args([*flags[:1], "cpu", *flags[2:]])
+    assert args.dtypes == ["bfloat16"] and args.compile == ["inference"]
+    assert args.sdpa_backends == ["flash", "efficient", "cudnn", "math"]
+    assert module.parse_args([*flags[:1], "cpu", *flags[2:], "--compile"]).compile == [
+        "inference",
+        "training",
+    ]
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            module.parse_args(flags)
+        assert "--device cuda: no CUDA device is available" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    shutil.which("nvidia-smi") is not None, reason="checks the refusal on a machine without a GPU"
+)
+def test_gpu_script_refuses_without_a_gpu(tmp_path):
+    """Without an NVIDIA GPU, gpu.sh stops at once with a message, before it installs anything."""
+    env = {**os.environ, "VENV": str(tmp_path / "venv")}
+    result = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert result.returncode == 1
+    assert "gpu.sh: no NVIDIA GPU here" in result.stderr
+    assert not (tmp_path / "venv").exists()
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -158,6 +201,7 @@ def test_cuda_without_cuda_says_so(capsys):
         (["--image-size", "30"], r"--image-size 30 is not a multiple of the 16-pixel patch"),
         (["--sdpa-backends", "flash,fast"], r"--sdpa-backends: unknown \['fast'\]"),
         (["--device", "tpu"], r"argument --device: invalid choice: 'tpu'"),
+        (["--compile", "backward"], r"--compile: write inference, training or both, got 'backward'"),
         (
             ["--baseline-processor", "no/such/file.py"],
             r"--baseline-processor 'no/such/file.py' is not a file",
