@@ -18,9 +18,8 @@ CONFIG = dict(
 )  # fmt: skip
 TOLERANCE = 1e-5
 
-pytestmark = (
-    pytest.mark.slow
-)  # reason: inductor compiles each graph with the C++ compiler, ~20-60 s per test here
+# Slow: inductor compiles each graph with the C++ compiler, ~10-25 s per test here with a warm cache, more without.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
