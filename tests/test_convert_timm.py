@@ -481,9 +481,12 @@ def _processor_diff(pretrained_cfg: dict, image: PIL.Image.Image) -> float:
     return (got - want).abs().max().item()
 
 
-# The resize and the crop are the same PIL operations on both sides and the normalisation the same float32
+# Bicubic: the resize and the crop are the same PIL operations on both sides and the normalisation the same float32
 # arithmetic, so the pixels agree exactly (measured 0.0); 1e-6 leaves room for a different operation order only.
 PIXEL_TOLERANCE = 1e-6
+# Bilinear: vitrail resizes with torch's antialiased kernel (as transformers' torchvision backend), timm's transform
+# with PIL; a few pixels differ by one 8-bit level, i.e. 1/255 over the smallest ImageNet std (measured 1.751e-02).
+BILINEAR_TOLERANCE = 1 / 255 / 0.224 + 1e-6
 
 
 @pytest.mark.parametrize(
@@ -514,7 +517,7 @@ def test_processor_matches_timm_transform(pretrained_cfg, size):
     image = _photo().resize(size) if size != (640, 427) else _photo()
     diff = _processor_diff(pretrained_cfg, image)
     print(f"max abs pixel diff {pretrained_cfg.get('crop_mode', 'center')} {size}: {diff:.3e}")
-    assert diff <= PIXEL_TOLERANCE
+    assert diff <= (BILINEAR_TOLERANCE if pretrained_cfg["interpolation"] == "bilinear" else PIXEL_TOLERANCE)
 
 
 def test_processor_odd_crop_margin():

@@ -272,6 +272,34 @@ def test_processor_batches_and_lists(data, kwargs):
     run_processor(images, kwargs, None if not expected or None in expected else expected)
 
 
+@examples(200)
+@given(
+    channels=st.integers(1, 5),
+    shape=st.tuples(st.integers(1, 40), st.integers(1, 40)),
+    size=st.tuples(st.integers(1, 40), st.integers(1, 40)),
+    floats=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_bilinear_resize_tracks_pil(channels, shape, size, floats, seed):
+    """Any channel count, shrinking or enlarging, 1-pixel sides included: a bilinear resize lands within one 8-bit
+    level of PIL's band-by-band resize for uint8 images, and within float rounding of PIL's mode F for floats."""
+    array = np.random.default_rng(seed).integers(0, 256, (channels, *shape), dtype=np.uint8)
+    image = array.astype(np.float32) if floats else array
+    processor = VitrailImageProcessor(
+        size={"height": size[0], "width": size[1]}, num_channels=channels, do_normalize=False
+    )
+    kwargs = {"input_data_format": "channels_first", "return_tensors": "np"}
+    levels = processor(image, do_rescale=not floats, **kwargs)["pixel_values"][0] * (1 if floats else 255)
+    mode = "F" if floats else "L"
+    expected = np.stack(
+        [
+            np.asarray(PIL.Image.fromarray(band, mode).resize(size[::-1], PIL.Image.Resampling.BILINEAR))
+            for band in image
+        ]
+    )
+    np.testing.assert_allclose(levels, expected, atol=1e-3 if floats else 1 + 1e-3)
+
+
 # ---- configs ---------------------------------------------------------------------------------------------------
 
 

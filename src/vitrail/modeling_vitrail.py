@@ -272,7 +272,10 @@ class VitrailAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, tokens, width = hidden_states.shape
         qkv = self.qkv(hidden_states).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
-        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, N, 3, h, d) -> 3 x (B, h, N, d)
+        # Unbinding the `3` axis in place, then moving heads forward, makes the same views as a permute of the
+        # whole tensor, but backward stacks the three gradients straight into the (B, N, 3, h, d) layout of the
+        # projection's output: one copy of it per layer instead of two (stack, then reshape a permuted tensor).
+        query, key, value = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, N, 3, h, d) -> 3 x (B, h, N, d)
         if self.q_norm is not None:
             query, key = self.q_norm(query), self.k_norm(key)
 

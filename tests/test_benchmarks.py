@@ -1,0 +1,215 @@
+"""benchmarks/peers.py: its quick mode prints the table it promises, and bad arguments are refused by name.
+Nothing here asserts a timing: the numbers depend on the machine."""
+
+import importlib.util
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--variant", "Ti/16", "--image-size", "32", "--layers", "2", "--batch", "2", "--quick"]
+NUMBER = r"\d[\d,]*(\.\d+)?"
+VALUE = rf"{NUMBER} \[{NUMBER}–{NUMBER}\]"  # median [min–max]
+
+
+def peers():
+    spec = importlib.util.spec_from_file_location("benchmarks_peers", ROOT / "benchmarks" / "peers.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def torch_threads():
+    """The benchmark sets torch's thread count for the whole process: put it back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def table_rows(report: str) -> dict[str, list[str]]:
+    """The markdown table's body as {first cell: other cells}."""
+    lines = [line for line in report.splitlines() if line.startswith("|")]
+    header, rule, *body = lines
+    assert header.split(" | ")[1:] == [
+        "vitrail",
+        "transformers",
+        "timm",
+        "vitrail ÷ transformers",
+        "vitrail ÷ timm",
+        "notes |",
+    ]
+    assert rule == "|---|--:|--:|--:|--:|--:|---|"
+    rows = {}
+    for line in body:
+        cells = [cell.strip() for cell in line.strip("|").split(" | ")]
+        assert len(cells) == 7, line
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_quick_table_on_a_tiny_variant(torch_threads, capsys):
+    """Every promised row is there, each model cell is a median with its spread (and a GEMM share for model
+    rows), each ratio cell too; timm has no processor or pipeline, and says so; bf16 rows are measured only where
+    the CPU has native bf16."""
+    module = peers()
+    report = module.main([*TINY, "--threads", "1", "--sdpa-backends", "math"])
+    assert report in capsys.readouterr().out
+    header = report.split("\n\n")[0]
+    assert re.search(r"CPU: .+, flags: ", header) and "torch threads 1" in header
+    assert f"torch {torch.__version__}, transformers " in header and ", timm " in header
+    assert re.search(rf"GEMM 2048² float32: {NUMBER} GFLOP/s", header)
+    assert "model: Ti/16 at 32 px, 2 layers" in header and "batch 2; 2 rounds" in header
+
+    rows = table_rows(report)
+    native = module.native_bf16("cpu", module.cpu_description()[1])
+    model_rows = [
+        "inference fp32, ms/batch",
+        "inference fp32, SDPA math backend only, ms/batch",
+        "training step fp32 (fwd+bwd+AdamW), ms/step",
+        "inference bf16 (bf16 weights), ms/batch",
+        "inference bf16 (bf16 weights), SDPA math backend only, ms/batch",
+        "training step bf16 (fwd+bwd+AdamW, autocast), ms/step",
+    ]
+    other_rows = [
+        "image processor, 8 photo crops -> 32x32, img/s",
+        'pipeline("image-classification"), 2 PIL images, batch 2, img/s',
+        "from_pretrained, Ti/16 checkpoint in a temporary folder, s",
+        "from_pretrained, Ti/16 checkpoint in a temporary folder: peak RSS growth (psutil, sampled every 1 ms), MB",
+    ]
+    if not native:  # the SDPA row is only asked for, never built, where bf16 is emulated
+        model_rows.remove("inference bf16 (bf16 weights), SDPA math backend only, ms/batch")
+    assert list(rows) == model_rows + other_rows
+    for label in model_rows:
+        cells = rows[label]
+        if "bf16" in label and not native:
+            assert cells[:3] == ["not measurable: bf16 emulated"] * 3 and cells[3:5] == ["–", "–"]
+            continue
+        for cell in cells[:3]:
+            assert re.fullmatch(rf"{VALUE} \(\d+%\)", cell), (label, cell)  # median [spread] (share of GEMM)
+        for cell in cells[3:5]:
+            assert re.fullmatch(VALUE, cell), (label, cell)
+    for label in other_rows:
+        cells = rows[label]
+        assert (
+            re.fullmatch(VALUE, cells[0]) and re.fullmatch(VALUE, cells[1]) and re.fullmatch(VALUE, cells[3])
+        )
+        if label.startswith(("image processor", "pipeline")):
+            assert cells[2].startswith("– (no ") and cells[4] == "–"
+        else:
+            assert re.fullmatch(VALUE, cells[2]) and re.fullmatch(VALUE, cells[4])
+    assert "ViTImageProcessor" in rows[other_rows[0]][5]
+
+
+def test_baseline_processor_is_timed_beside(torch_threads, tmp_path):
+    """`--baseline-processor FILE` times another copy of image_processing_vitrail.py and reports the ratio."""
+    baseline = tmp_path / "old_image_processing_vitrail.py"
+    baseline.write_text((ROOT / "src" / "vitrail" / "image_processing_vitrail.py").read_text())
+    module = peers()
+    args = module.parse_args([*TINY, "--baseline-processor", str(baseline)])
+    size = {"height": 32, "width": 32}
+    processors = {
+        "vitrail": module.VitrailImageProcessor(size=size),
+        "transformers": module.ViTImageProcessor(size=size),
+    }
+    row = module.processor_row(args, processors, module.photo_crops(4))
+    assert re.search(
+        rf"baseline old_image_processing_vitrail.py: {VALUE} img/s, vitrail ÷ baseline {VALUE}", row.note
+    )
+
+
+def test_emulated_bf16_rows_are_not_measured():
+    """Without native bf16 (and without --force-bf16) the bf16 rows say why they hold no numbers."""
+    module = peers()
+    args = module.parse_args(TINY)
+    rows = module.model_rows(args, config=None, peers={}, dtype_name="bfloat16", gemm=None, bf16_ok=False)
+    cells = table_rows(module.table(rows))
+    assert list(cells) == [
+        "inference bf16 (bf16 weights), ms/batch",
+        "training step bf16 (fwd+bwd+AdamW, autocast), ms/step",
+    ]
+    for row in cells.values():
+        assert row == ["not measurable: bf16 emulated"] * 3 + ["–", "–", ""]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_without_cuda_says_so(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        peers().parse_args(["--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert "--device cuda: no CUDA device is available" in capsys.readouterr().err
+
+
+def gpu_flags() -> list[str]:
+    """The peers.py flags benchmarks/gpu.sh passes."""
+    script = (ROOT / "benchmarks" / "gpu.sh").read_text()
+    return shlex.split(re.search(r"^PEERS_FLAGS=\((.*?)\)", script, re.DOTALL | re.MULTILINE).group(1))
+
+
+def test_gpu_script_flags_parse(capsys):
+    """gpu.sh asks for CUDA, bf16, compiled inference and every SDPA backend; peers.py accepts those flags (here
+    with the device swapped for the CPU), and refuses the CUDA device where there is none."""
+    flags = gpu_flags()
+    assert flags[:4] == ["--device", "cuda", "--dtype", "bfloat16"]
+    module = peers()
+    args = module.parse_args([*flags[:1], "cpu", *flags[2:]])
+    assert args.dtypes == ["bfloat16"] and args.compile == ["inference"]
+    assert args.sdpa_backends == ["flash", "efficient", "cudnn", "math"]
+    assert module.parse_args([*flags[:1], "cpu", *flags[2:], "--compile"]).compile == [
+        "inference",
+        "training",
+    ]
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            module.parse_args(flags)
+        assert "--device cuda: no CUDA device is available" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    shutil.which("nvidia-smi") is not None, reason="checks the refusal on a machine without a GPU"
+)
+def test_gpu_script_refuses_without_a_gpu(tmp_path):
+    """Without an NVIDIA GPU, gpu.sh stops at once with a message, before it installs anything."""
+    env = {**os.environ, "VENV": str(tmp_path / "venv")}
+    result = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert result.returncode == 1
+    assert "gpu.sh: no NVIDIA GPU here" in result.stderr
+    assert not (tmp_path / "venv").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--variant", "M/16"], r"--variant 'M/16': choose one of \['Ti/16', 'S/16', 'B/16', 'L/16'\]"),
+        (["--variant", "B/32"], r"--variant 'B/32'"),
+        (
+            ["--dtype", "float16"],
+            r"--dtype 'float16': write a comma-separated list of \['float32', 'bfloat16'\]",
+        ),
+        (["--batch", "0"], r"--batch must be at least 1, got 0"),
+        (["--rounds", "-1"], r"--rounds must be at least 1"),
+        (["--image-size", "30"], r"--image-size 30 is not a multiple of the 16-pixel patch"),
+        (["--sdpa-backends", "flash,fast"], r"--sdpa-backends: unknown \['fast'\]"),
+        (["--device", "tpu"], r"argument --device: invalid choice: 'tpu'"),
+        (["--compile", "backward"], r"--compile: write inference, training or both, got 'backward'"),
+        (
+            ["--baseline-processor", "no/such/file.py"],
+            r"--baseline-processor 'no/such/file.py' is not a file",
+        ),
+    ],
+)
+def test_bad_arguments_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        peers().parse_args(argv)
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
