@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--variant", "Ti/16", "--image-size", "32", "--layers", "2", "--batch", "2", "--quick"]
@@ -28,11 +29,17 @@ def peers():
 
 
 @pytest.fixture
-def torch_threads():
-    """The benchmark sets torch's thread count for the whole process: put it back."""
+def process_settings():
+    """The benchmark sets torch's thread count and transformers' log level and progress bars for the whole
+    process: put them back, or the tests after it run on one thread and miss transformers' warnings."""
     threads = torch.get_num_threads()
+    verbosity = transformers.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
     yield
     torch.set_num_threads(threads)
+    transformers.logging.set_verbosity(verbosity)
+    if bars:
+        transformers.logging.enable_progress_bar()
 
 
 def table_rows(report: str) -> dict[str, list[str]]:
@@ -56,7 +63,7 @@ def table_rows(report: str) -> dict[str, list[str]]:
     return rows
 
 
-def test_quick_table_on_a_tiny_variant(torch_threads, capsys):
+def test_quick_table_on_a_tiny_variant(process_settings, capsys):
     """Every promised row is there, each model cell is a median with its spread (and a GEMM share for model
     rows), each ratio cell too; timm has no processor or pipeline, and says so; bf16 rows are measured only where
     the CPU has native bf16."""
@@ -109,7 +116,7 @@ def test_quick_table_on_a_tiny_variant(torch_threads, capsys):
     assert "ViTImageProcessor" in rows[other_rows[0]][5]
 
 
-def test_baseline_processor_is_timed_beside(torch_threads, tmp_path):
+def test_baseline_processor_is_timed_beside(process_settings, tmp_path):
     """`--baseline-processor FILE` times another copy of image_processing_vitrail.py and reports the ratio."""
     baseline = tmp_path / "old_image_processing_vitrail.py"
     baseline.write_text((ROOT / "src" / "vitrail" / "image_processing_vitrail.py").read_text())

@@ -75,8 +75,11 @@ def code(request, monkeypatch) -> str:
 
 @pytest.fixture
 def transformers_warnings(monkeypatch, caplog):
-    """transformers' loggers do not propagate to pytest's handler by default."""
-    monkeypatch.setattr(logging.getLogger("transformers"), "propagate", True)
+    """transformers' loggers do not propagate to pytest's handler by default, and another test may have lowered
+    their level: warnings on, for this test only."""
+    root = logging.getLogger("transformers")
+    monkeypatch.setattr(root, "propagate", True)
+    monkeypatch.setattr(root, "level", logging.WARNING)
     caplog.set_level(logging.WARNING)
     return caplog
 
