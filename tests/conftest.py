@@ -28,6 +28,16 @@ def tiny_config(**overrides) -> VitrailConfig:
     return VitrailConfig(**{**TINY, **overrides})
 
 
+def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """`model` in eval mode with every parameter drawn from N(0, 0.3²) by `seed`: weights far from their
+    initialisation, so that a wrong position, token or tensor shows clearly in the outputs."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    return model.eval()
+
+
 @pytest.fixture
 def config() -> VitrailConfig:
     return tiny_config(num_labels=5)

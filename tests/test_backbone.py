@@ -20,20 +20,12 @@ from vitrail import (
     VitrailPreTrainedModel,
 )
 
-from .conftest import run_without_vitrail, tiny_config
+from .conftest import randomise, run_without_vitrail, tiny_config
 from .hub_server import USER, client_env, patch_client, serve
 
 # Non-square (15 x 10 patches) with four prefix tokens: class, distillation, two registers.
 OPTIONS = dict(num_hidden_layers=4, image_size=(30, 20), use_distillation_token=True, num_register_tokens=2)
 PREFIX, ROWS, COLS, WIDTH = 4, 15, 10, 32
-
-
-def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import torch
 from vitrail import VitrailForImageClassification
 from vitrail.export import check_inputs, export_onnx, export_program, onnx_max_difference
 
-from .conftest import tiny_config
+from .conftest import randomise, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4  # the issue's bar for onnxruntime against PyTorch
@@ -24,15 +24,6 @@ TOLERANCE = 1e-4  # the issue's bar for onnxruntime against PyTorch
 # 2 x 2-patch minimum, and non-square sizes below and above the native one with a side no patch divides (padding).
 BATCHES = (1, 3, 5)
 DYNAMIC = ((1, 30, 20), (3, 4, 4), (2, 21, 29), (5, 17, 9), (1, 61, 42))
-
-
-def randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Weights far from their init, so that a wrong position or token would show in the logits."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    return model.eval()
 
 
 def inputs(sizes, seed: int = 1) -> list[torch.Tensor]:

@@ -23,20 +23,11 @@ from vitrail import (
     VitrailImageProcessor,
 )
 
-from .conftest import run_without_vitrail, tiny_config
+from .conftest import randomise, run_without_vitrail, tiny_config
 
 ID2LABEL = {0: "cat", 1: "dog", 2: "bird"}
 CODE_FILES = ("configuration_vitrail.py", "modeling_vitrail.py", "image_processing_vitrail.py")
 ATOL = 1e-6
-
-
-def randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Weights far from the initialisation, so that outputs differ clearly between inputs and labels."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -28,18 +28,10 @@ from vitrail import (
 )
 from vitrail.hub import CheckpointError, check_checkpoint
 
-from .conftest import run_without_vitrail, tiny_config
+from .conftest import randomise, run_without_vitrail, tiny_config
 
 SRC = Path(vitrail.__file__).parent
 TRAVELLING = ("configuration_vitrail", "modeling_vitrail", "image_processing_vitrail")
-
-
-def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    return model.eval()
 
 
 def classifier_folder(folder: Path, **overrides) -> Path:
