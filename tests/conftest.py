@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny, deliberately odd-sized config so that shape bugs cannot hide behind round numbers;
 and a fresh interpreter that cannot import vitrail, for the Hub-code path."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -26,6 +27,18 @@ TINY = dict(
 
 def tiny_config(**overrides) -> VitrailConfig:
     return VitrailConfig(**{**TINY, **overrides})
+
+
+def load_script(relative_path: str):
+    """A script or benchmark of this repository (not part of the package), imported from its path, e.g.
+    `load_script("scripts/convert_checkpoint.py")`. It is registered in `sys.modules` under its file's stem,
+    as dataclasses defined in it need."""
+    path = Path(__file__).resolve().parents[1] / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -1,26 +1,14 @@
 """scripts/attention_pictures.py: the README's two pictures are written, small, from the data they claim."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from tests.conftest import tiny_config
+from tests.conftest import load_script, tiny_config
 from vitrail import VitrailForImageClassification, VitrailImageProcessor
 from vitrail.run_folder import DATA_SPLIT, write_json_atomic
 from vitrail.training import DataArguments, load_splits
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location(
-        "attention_pictures", ROOT / "scripts" / "attention_pictures.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +33,9 @@ def digits_model(tmp_path_factory) -> Path:
 
 
 def test_both_pictures_are_written_small(digits_model, tmp_path):
-    photos, digits = load_script().main(str(digits_model), str(tmp_path / "docs"))
+    photos, digits = load_script("scripts/attention_pictures.py").main(
+        str(digits_model), str(tmp_path / "docs")
+    )
     assert [photos.name, digits.name] == ["attention_photos.png", "attention_digits.png"]
     for path, figures in ((photos, 2), (digits, 3)):
         assert path.stat().st_size < 200 * 1024
@@ -63,4 +53,4 @@ def test_digits_must_come_from_the_models_held_out_split(digits_model, tmp_path)
         (other / file.name).write_bytes(file.read_bytes())
     write_json_atomic(other / DATA_SPLIT, load_splits(DataArguments(split_seed=1)).record)
     with pytest.raises(ValueError, match="test split here is not the one stored"):
-        load_script().digits(str(other), tmp_path, tmp_path)
+        load_script("scripts/attention_pictures.py").digits(str(other), tmp_path, tmp_path)

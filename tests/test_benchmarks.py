@@ -1,31 +1,23 @@
 """benchmarks/peers.py: its quick mode prints the table it promises, and bad arguments are refused by name.
 Nothing here asserts a timing: the numbers depend on the machine."""
 
-import importlib.util
 import os
 import re
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
+from .conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--variant", "Ti/16", "--image-size", "32", "--layers", "2", "--batch", "2", "--quick"]
 NUMBER = r"\d[\d,]*(\.\d+)?"
 VALUE = rf"{NUMBER} \[{NUMBER}–{NUMBER}\]"  # median [min–max]
-
-
-def peers():
-    spec = importlib.util.spec_from_file_location("benchmarks_peers", ROOT / "benchmarks" / "peers.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -67,7 +59,7 @@ def test_quick_table_on_a_tiny_variant(process_settings, capsys):
     """Every promised row is there, each model cell is a median with its spread (and a GEMM share for model
     rows), each ratio cell too; timm has no processor or pipeline, and says so; bf16 rows are measured only where
     the CPU has native bf16."""
-    module = peers()
+    module = load_script("benchmarks/peers.py")
     report = module.main([*TINY, "--threads", "1", "--sdpa-backends", "math"])
     assert report in capsys.readouterr().out
     header = report.split("\n\n")[0]
@@ -120,7 +112,7 @@ def test_baseline_processor_is_timed_beside(process_settings, tmp_path):
     """`--baseline-processor FILE` times another copy of image_processing_vitrail.py and reports the ratio."""
     baseline = tmp_path / "old_image_processing_vitrail.py"
     baseline.write_text((ROOT / "src" / "vitrail" / "image_processing_vitrail.py").read_text())
-    module = peers()
+    module = load_script("benchmarks/peers.py")
     args = module.parse_args([*TINY, "--baseline-processor", str(baseline)])
     size = {"height": 32, "width": 32}
     processors = {
@@ -135,7 +127,7 @@ def test_baseline_processor_is_timed_beside(process_settings, tmp_path):
 
 def test_emulated_bf16_rows_are_not_measured():
     """Without native bf16 (and without --force-bf16) the bf16 rows say why they hold no numbers."""
-    module = peers()
+    module = load_script("benchmarks/peers.py")
     args = module.parse_args(TINY)
     rows = module.model_rows(args, config=None, peers={}, dtype_name="bfloat16", gemm=None, bf16_ok=False)
     cells = table_rows(module.table(rows))
@@ -150,7 +142,7 @@ def test_emulated_bf16_rows_are_not_measured():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_cuda_without_cuda_says_so(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        peers().parse_args(["--device", "cuda"])
+        load_script("benchmarks/peers.py").parse_args(["--device", "cuda"])
     assert exit_info.value.code == 2
     assert "--device cuda: no CUDA device is available" in capsys.readouterr().err
 
@@ -166,7 +158,7 @@ def test_gpu_script_flags_parse(capsys):
     with the device swapped for the CPU), and refuses the CUDA device where there is none."""
     flags = gpu_flags()
     assert flags[:4] == ["--device", "cuda", "--dtype", "bfloat16"]
-    module = peers()
+    module = load_script("benchmarks/peers.py")
     args = module.parse_args([*flags[:1], "cpu", *flags[2:]])
     assert args.dtypes == ["bfloat16"] and args.compile == ["inference"]
     assert args.sdpa_backends == ["flash", "efficient", "cudnn", "math"]
@@ -217,6 +209,6 @@ def test_gpu_script_refuses_without_a_gpu(tmp_path):
 )
 def test_bad_arguments_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        peers().parse_args(argv)
+        load_script("benchmarks/peers.py").parse_args(argv)
     assert exit_info.value.code == 2
     assert re.search(message, capsys.readouterr().err)

@@ -1,6 +1,5 @@
 """Conversion of transformers ViT/DeiT checkpoints (both key layouts) into vitrail, checked by logit parity."""
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -43,7 +42,8 @@ from vitrail.convert.common import (
 )
 from vitrail.convert.hf import FAMILIES, hf_rename_rows
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import load_script
+
 SHAPE = dict(image_size=30, patch_size=2, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
              intermediate_size=37, layer_norm_eps=1e-12)  # fmt: skip
 LABELS = {0: "cat", 1: "dog", 2: "emu", 3: "fox", 4: "gnu"}
@@ -355,15 +355,6 @@ def test_grid_of_positions():
     assert grid_of_positions(9, [5, 0], patch, [(16, 16)], name="t", hint="h") == ((16, 16), 5)
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location(
-        "convert_checkpoint", ROOT / "scripts" / "convert_checkpoint.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_script_end_to_end(tmp_path, capsys, pixels):
     from transformers import DeiTImageProcessorPil
 
@@ -380,7 +371,8 @@ def test_script_end_to_end(tmp_path, capsys, pixels):
     )
     hf_processor.save_pretrained(src)
 
-    assert _script().main(["--from", "hf", "--input", str(src), "--output", str(dst)]) == 0
+    script = load_script("scripts/convert_checkpoint.py")
+    assert script.main(["--from", "hf", "--input", str(src), "--output", str(dst)]) == 0
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("max abs logit difference: "))
     assert float(line.split(": ")[1]) < 1e-5 and "(converted, before saving)" in out
@@ -406,7 +398,7 @@ def test_script_resamples_to_another_size_and_compares_with_the_source(tmp_path,
     src, dst = tmp_path / "src", tmp_path / "dst"
     hf_vit(DeiTForImageClassificationWithTeacher, DeiTConfig).save_pretrained(src)
     argv = ["--from", "hf", "--input", str(src), "--output", str(dst), "--image-size", "38x26"]
-    assert _script().main(argv) == 0
+    assert load_script("scripts/convert_checkpoint.py").main(argv) == 0
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("max abs logit difference (resampled to 38x26)"))
     assert float(line.rsplit(": ", 1)[1]) < 1e-5

@@ -19,6 +19,8 @@ from vitrail.convert.npz import (
     vitrail_config_from_npz,
 )
 
+from .conftest import load_script
+
 WIDTH, DEPTH, HEADS, MLP, PATCH, GRID, CLASSES = 32, 2, 4, 37, 2, 5, 5
 IMAGE = PATCH * GRID
 TOLERANCE = 1e-5
@@ -341,16 +343,9 @@ def test_processor_scales_to_minus_one_one(tmp_path):
 @pytest.mark.parametrize("positions", ["learned", "sincos2d"])
 def test_script_from_npz(tmp_path, capsys, positions):
     """`--from npz` end to end: timm reads the same file as the reference, at the native size and at 14 px."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location(
-        "convert_checkpoint", root / "scripts" / "convert_checkpoint.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("scripts/convert_checkpoint.py")
     layout = "vit" if positions == "learned" else "big_vision"
     src = save(tmp_path, jax_arrays(layout, cls=positions == "learned", positions=positions))
     argv = ["--from", "npz", "--input", str(src), "--output", str(tmp_path / "out"), "--image-size", "14"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -32,8 +31,9 @@ from vitrail.convert.timm import (  # noqa: E402
     vitrail_config_from_timm,
 )
 
+from .conftest import load_script  # noqa: E402
+
 TOLERANCE = 1e-5
-ROOT = Path(__file__).resolve().parents[1]
 # 37 hidden MLP units: an odd size so that a transposed or mis-split tensor cannot pass by shape.
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_ratio=37 / 32, num_classes=5)
 # A name timm does not know: everything comes from the weights and config.json.
@@ -554,13 +554,7 @@ def test_from_pretrained_opens_a_timm_folder(tmp_path):
 
 
 def test_script_from_timm(tmp_path, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "convert_checkpoint", ROOT / "scripts" / "convert_checkpoint.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("scripts/convert_checkpoint.py")
     reference = make_timm(no_embed_class=True, reg_tokens=1)
     src = save_folder(tmp_path / "timm", reference, timm_config(reference, num_heads=TINY["num_heads"]))
     size = TINY["img_size"] + 2 * TINY["patch_size"]

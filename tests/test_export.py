@@ -2,7 +2,6 @@
 batch always and a dynamic height and width when the config has `dynamic_image_size=True`; and
 scripts/export_onnx.py, run as a user runs it."""
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -16,7 +15,7 @@ import torch
 from vitrail import VitrailForImageClassification
 from vitrail.export import check_inputs, export_onnx, export_program, onnx_max_difference
 
-from .conftest import randomise, tiny_config
+from .conftest import load_script, randomise, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4  # the issue's bar for onnxruntime against PyTorch
@@ -138,17 +137,10 @@ def test_script(models, tmp_path):
     assert measured < TOLERANCE
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("export_onnx", ROOT / "scripts" / "export_onnx.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_script_fails_on_a_mismatch(onnx_fixed, tmp_path, monkeypatch, capsys):
     """A graph that computes something else (the fixed model's, checked against a reloaded copy with other
     weights) is caught by onnxruntime's real run: exit status 1."""
-    script = load_script()
+    script = load_script("scripts/export_onnx.py")
     other = tmp_path / "other"
     randomise(VitrailForImageClassification(tiny_config(num_labels=5)), seed=7).save_pretrained(other)
     monkeypatch.setattr(script, "export_onnx", lambda model, path, dynamic_size: onnx_fixed)
@@ -159,7 +151,7 @@ def test_script_fails_on_a_mismatch(onnx_fixed, tmp_path, monkeypatch, capsys):
 
 def test_script_refuses_dynamic_size_for_a_fixed_size_checkpoint(models, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        load_script().main(
+        load_script("scripts/export_onnx.py").main(
             ["--model", str(models["fixed_dir"]), "--output", str(tmp_path / "m.onnx"), "--dynamic-size"]
         )
     assert exit_info.value.code == 2

@@ -7,7 +7,6 @@ would.
 """
 
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -39,10 +38,9 @@ from vitrail.hub import (
     push_checkpoint,
 )
 
-from .conftest import run_without_vitrail, tiny_config
+from .conftest import load_script, run_without_vitrail, tiny_config
 from .hub_server import USER, client_env, patch_client, serve
 
-ROOT = Path(__file__).resolve().parents[1]
 ID2LABEL = {0: "cat", 1: "dog", 2: "bird"}
 CODE_FILES = ("configuration_vitrail.py", "modeling_vitrail.py", "image_processing_vitrail.py")
 CARD = "---\nlibrary_name: transformers\npipeline_tag: image-classification\ntags: [vitrail]\n---\n\n# tiny\n"
@@ -736,7 +734,7 @@ def test_offline_pull_into_a_folder_of_another_repo_is_refused(
     with pytest.raises(HubError, match="HF_HUB_OFFLINE is set .*holds a checkpoint with no pull record"):
         pull_checkpoint(repo_id, local_dir=unrecorded)
     with pytest.raises(SystemExit) as exit_info:
-        load_script("pull_from_hub").main([repo_id, "--local-dir", str(pulled)])
+        load_script("scripts/pull_from_hub.py").main([repo_id, "--local-dir", str(pulled)])
     assert exit_info.value.code == 1
     assert same_weights(pulled, checkpoints["v2"]) and same_weights(unrecorded, checkpoints["v1"])
     assert leftovers(tmp_path) == ["other", "unrecorded"]
@@ -847,15 +845,8 @@ def test_an_invalid_repo_id_is_refused_before_any_request(hub, checkpoints, bad_
 # ---- scripts -----------------------------------------------------------------------------------------------
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_scripts(hub, checkpoints, tmp_path, capsys, repo_id):
-    push, pull = load_script("push_to_hub"), load_script("pull_from_hub")
+    push, pull = load_script("scripts/push_to_hub.py"), load_script("scripts/pull_from_hub.py")
     folder = copy_of(checkpoints["v2"], tmp_path)
     (folder / "notes.txt").write_text("shared on purpose")
     (folder / "data.csv").write_text("stays home")
