@@ -71,9 +71,11 @@ def transformers_warnings(monkeypatch, caplog):
     their level: warnings on, for this test only."""
     root = logging.getLogger("transformers")
     monkeypatch.setattr(root, "propagate", True)
-    monkeypatch.setattr(root, "level", logging.WARNING)
+    level = root.level
+    root.setLevel(logging.WARNING)  # setLevel, not the attribute: child loggers cache their effective level
     caplog.set_level(logging.WARNING)
-    return caplog
+    yield caplog
+    root.setLevel(level)
 
 
 # ---- one-way imports -------------------------------------------------------------------------------------------
