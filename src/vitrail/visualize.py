@@ -65,8 +65,7 @@ class TokenLayout:
     @classmethod
     def from_config(cls, config, image_hw: Sequence[int]) -> TokenLayout:
         """The layout of `config`'s model for an input of `image_hw` pixels (the `pixel_values`' last two sides)."""
-        patch = config.patch_size
-        patch_hw = (patch, patch) if isinstance(patch, int) else (int(patch[0]), int(patch[1]))
+        patch_hw = config.patch_hw
         height, width = image_hw
         return cls(
             use_cls_token=config.use_cls_token,
