@@ -13,7 +13,9 @@ varied crops of scikit-learn's two sample photos (vitrail against transformers' 
 torchvision backend where torchvision is installed); `pipeline("image-classification")` end to end on a list of
 PIL images; `from_pretrained` time and peak memory of a checkpoint of the variant (ViT-B/16 by default) saved to a
 temporary folder. Model rows give each model's achieved FLOP/s as a share of this machine's measured GEMM rate
-(a 2048 x 2048 matmul of the row's dtype); FLOPs are counted analytically (`forward_flops`).
+(a 2048 x 2048 matmul of the row's dtype); FLOPs are counted analytically (`forward_flops`). Their notes give the
+matmul floor: the time the model's own matrix products take when timed alone (`matmul_floor`), which no eager
+model can beat with these kernels, and so the largest ratio any model could reach against each peer here.
 
 Each round runs the three models one after another, the order rotated from round to round, so that a slow spell
 of a shared machine hits all of them; a cell is the median over rounds with the min-max spread; a ratio is the
@@ -130,6 +132,61 @@ def forward_flops(config: VitrailConfig) -> float:
     per_layer = 2 * tokens * (4 * width * width + 2 * width * mlp) + 4 * tokens * tokens * width
     embedding = 2 * patches * config.num_channels * patch_h * patch_w * width
     return embedding + config.num_hidden_layers * per_layer + 2 * width * config.num_labels
+
+
+def matmul_shapes(config: VitrailConfig, batch: int) -> list[tuple[int, int, int, int, int]]:
+    """(count, batch, m, k, n) of every matrix product in one forward of `batch` images, the products
+    `forward_flops` counts: the patch projection (the GEMM a Conv2d with kernel = stride amounts to), per layer
+    the qkv, output and MLP projections and, per head, QK^T and attention x V; then the head."""
+    (patch_h, patch_w), (size_h, size_w) = pair(config.patch_size), pair(config.image_size)
+    patches = (size_h // patch_h) * (size_w // patch_w)
+    tokens = patches + config.num_prefix_tokens
+    width, mlp, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    heads, rows = config.num_attention_heads, batch * tokens
+    return [
+        (1, 1, batch * patches, config.num_channels * patch_h * patch_w, width),
+        (layers, 1, rows, width, 3 * width),
+        (layers, 1, rows, width, width),
+        (layers, 1, rows, width, mlp),
+        (layers, 1, rows, mlp, width),
+        (layers, batch * heads, tokens, width // heads, tokens),  # Q K^T
+        (layers, batch * heads, tokens, tokens, width // heads),  # softmax(Q K^T / sqrt(d)) V
+        (1, 1, batch, width, config.num_labels),
+    ]
+
+
+def matmul_floor(
+    config: VitrailConfig, batch: int, dtype: torch.dtype, device: str, training: bool, iters: int
+):
+    """Seconds that the model's matrix products alone take on this machine: each shape of `matmul_shapes` timed
+    on its own (median of `iters` after a warm-up) times its count; for a training step, each product's two
+    backward products as well (input gradient dY·W, weight gradient dYᵀ·X, in the layouts autograd hands the
+    kernels). All three models run these products through the same kernels, so no eager implementation can take
+    less time than this: a peer's time divided by it is the largest ratio any model could reach against that
+    peer here."""
+    sync, total = synchronizer(device), 0.0
+    for count, group, m, k, n in matmul_shapes(config, batch):
+        x, w, dy = (
+            torch.randn(group, *shape, device=device).to(dtype).squeeze(0)
+            for shape in [(m, k), (n, k), (m, n)]
+        )
+        products = [lambda x=x, w=w: x @ w.mT]
+        if training:
+            products += [lambda dy=dy, w=w: dy @ w, lambda dy=dy, x=x: dy.mT @ x]
+        for product in products:
+            product()
+            total += count * median_time(product, iters, sync)
+    return total
+
+
+def floor_note(row: Row, floor: float) -> str:
+    """The matmul floor of `row`'s model and the ratio it caps against each peer (their median over it)."""
+    caps = [
+        f"{statistics.median(row.values[peer]) / floor:.2f}× {peer}"
+        for peer in PEERS[1:]
+        if peer in row.values
+    ]
+    return f"matmuls alone {floor * 1000:.{digits_for([floor * 1000])}f} ms: ratio cap " + ", ".join(caps)
 
 
 def pair(value: int | list[int]) -> tuple[int, int]:
@@ -353,6 +410,8 @@ def model_rows(args, config, peers: dict[str, Peer], dtype_name: str, gemm: floa
     inputs = x.to(dtype)
     inference = Row(labels[0], "ms/batch", flops=flops, gemm=gemm)
     rows.append(measure_row(inference, inference_calls(peers, inputs), args, sync))
+    floor = matmul_floor(config, args.batch, dtype, args.device, training=False, iters=args.floor_iters)
+    inference.note = "; ".join(filter(None, [inference.note, floor_note(inference, floor)]))
     for backend in args.sdpa_backends:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -368,6 +427,8 @@ def model_rows(args, config, peers: dict[str, Peer], dtype_name: str, gemm: floa
     autocast = tag == "bf16"
     training = Row(labels[1], "ms/step", flops=3 * flops, gemm=gemm)  # backward ~ twice the forward
     rows.append(measure_row(training, training_calls(peers, x, targets, autocast, args.device), args, sync))
+    floor = matmul_floor(config, args.batch, dtype, args.device, training=True, iters=args.floor_iters)
+    training.note = "; ".join(filter(None, [training.note, floor_note(training, floor)]))
     if "training" in args.compile:
         rows += compiled_rows(
             args,
@@ -609,6 +670,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--baseline-processor {args.baseline_processor!r} is not a file")
     args.rounds = args.rounds or (2 if args.quick else 5)
     args.iters = 1 if args.quick else 3
+    args.floor_iters = 1 if args.quick else 5
     args.load_rounds = 1 if args.quick else 3
     args.processor_images = 8 if args.quick else 96
     args.pipeline_images = args.batch if args.quick else min(4 * args.batch, 64)

@@ -96,6 +96,9 @@ def test_quick_table_on_a_tiny_variant(process_settings, capsys):
             assert re.fullmatch(rf"{VALUE} \(\d+%\)", cell), (label, cell)  # median [spread] (share of GEMM)
         for cell in cells[3:5]:
             assert re.fullmatch(VALUE, cell), (label, cell)
+        if "SDPA" not in label:
+            cap = rf"matmuls alone {NUMBER} ms: ratio cap {NUMBER}× transformers, {NUMBER}× timm"
+            assert re.fullmatch(cap, cells[5]), (label, cells[5])
     for label in other_rows:
         cells = rows[label]
         assert (
@@ -106,6 +109,35 @@ def test_quick_table_on_a_tiny_variant(process_settings, capsys):
         else:
             assert re.fullmatch(VALUE, cells[2]) and re.fullmatch(VALUE, cells[4])
     assert "ViTImageProcessor" in rows[other_rows[0]][5]
+
+
+@pytest.mark.parametrize("variant", ["Ti/16", "B/16"])
+def test_matmul_floor_times_the_products_forward_flops_counts(variant):
+    """The floor's shapes are the model's products: their FLOPs add up to `forward_flops` for the batch, so the
+    ratio cap rests on the same count as the GEMM shares. A training floor times three products per forward one."""
+    module = load_script("benchmarks/peers.py")
+    config = module.VitrailConfig.from_variant(variant, num_labels=module.NUM_LABELS)
+    shapes = module.matmul_shapes(config, batch=3)
+    flops = sum(2 * count * group * m * k * n for count, group, m, k, n in shapes)
+    assert flops == 3 * module.forward_flops(config)
+
+    tiny = module.VitrailConfig.from_variant("Ti/16", image_size=32, num_hidden_layers=1, num_labels=10)
+    timed = []
+    real_median_time = module.median_time
+    module.median_time = lambda call, iters, sync: timed.append(call()) or 0.001
+    try:
+        forward = module.matmul_floor(tiny, 2, torch.float32, "cpu", training=False, iters=1)
+        step = module.matmul_floor(tiny, 2, torch.float32, "cpu", training=True, iters=1)
+    finally:
+        module.median_time = real_median_time
+    products = len(module.matmul_shapes(tiny, 2))
+    assert len(timed) == 4 * products  # 1 product per shape for the forward, 3 for the step
+    assert forward == pytest.approx(0.001 * sum(count for count, *_ in module.matmul_shapes(tiny, 2)))
+    assert step == pytest.approx(3 * forward)
+    # each product has the shape its role gives it: the output (m, n), the input gradient (m, k), the weight
+    # gradient (n, k)
+    count, group, m, k, n = module.matmul_shapes(tiny, 2)[1]
+    assert [t.shape for t in timed[products + 3 : products + 6]] == [(m, n), (m, k), (n, k)]
 
 
 def test_baseline_processor_is_timed_beside(process_settings, tmp_path):
