@@ -244,3 +244,22 @@ def test_bad_arguments_are_refused(argv, message, capsys):
         load_script("benchmarks/peers.py").parse_args(argv)
     assert exit_info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_training_step_uses_the_trainers_default_optimizer(tmp_path):
+    """The training rows time the AdamW that scripts/train.py gets from the Trainer by default: the fused one."""
+    module = load_script("benchmarks/peers.py")
+    assert transformers.TrainingArguments(output_dir=str(tmp_path)).optim == "adamw_torch_fused"
+    model = torch.nn.Linear(3, 2)
+    calls = module.training_calls(
+        {"vitrail": module.Peer(model, lambda m, x: m(x))},
+        torch.randn(4, 3),
+        torch.tensor([0, 1, 0, 1]),
+        False,
+        "cpu",
+    )
+    optimizer = calls["vitrail"].args[1]
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is True
+    before = model.weight.detach().clone()
+    calls["vitrail"]()
+    assert not torch.equal(before, model.weight)
