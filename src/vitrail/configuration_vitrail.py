@@ -239,8 +239,7 @@ class VitrailConfig(BackboneConfigMixin, PreTrainedConfig):
             "patch_size": int(patch),
             "encoder_stride": int(patch),
         }
-        fields.update(overrides)
-        return cls(**fields)
+        return cls(**{**fields, **overrides})
 
     # ---- validation (runs at construction and again in save_pretrained) ---------------------------------------
 

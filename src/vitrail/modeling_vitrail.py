@@ -58,14 +58,13 @@ class VitrailImageClassifierOutput(ImageClassifierOutput):
     distillation_logits: torch.FloatTensor | None = None
 
 
-def sincos_2d_position_embeddings(
-    rows: int, cols: int, width: int, temperature: float = 10000.0, dtype=torch.float32, device=None
-) -> torch.Tensor:
-    """Fixed 2D sin-cos positions, `(1, rows * cols, width)`, in big_vision's `posemb_sincos_2d` layout:
-    the channels are `[sin(x), cos(x), sin(y), cos(y)]`, a quarter each, over `width // 4` frequencies."""
+def sincos_2d_position_embeddings(rows: int, cols: int, width: int, device=None) -> torch.Tensor:
+    """Fixed 2D sin-cos positions, float32 `(1, rows * cols, width)`, in big_vision's `posemb_sincos_2d` layout
+    (temperature 10000): the channels are `[sin(x), cos(x), sin(y), cos(y)]`, a quarter each, over `width // 4`
+    frequencies."""
     quarter = width // 4
     omega = torch.arange(quarter, dtype=torch.float64, device=device) / max(quarter - 1, 1)
-    omega = temperature**-omega
+    omega = 10000.0**-omega
     y, x = torch.meshgrid(
         torch.arange(rows, dtype=torch.float64, device=device),
         torch.arange(cols, dtype=torch.float64, device=device),
@@ -74,7 +73,7 @@ def sincos_2d_position_embeddings(
     x = x.reshape(-1, 1) * omega  # (rows * cols, quarter)
     y = y.reshape(-1, 1) * omega
     table = torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
-    return table.to(dtype).unsqueeze(0)
+    return table.float().unsqueeze(0)
 
 
 class VitrailPatchEmbeddings(nn.Module):
