@@ -8,11 +8,14 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.backbone_utils import BackboneConfigMixin
 
-POOLINGS = ("cls", "mean", "cls_mean")
-POSITION_EMBEDDING_TYPES = ("learned", "sincos2d", "none")
-PREFIX_POSITIONS = ("cls", "all", "none")
-POSITION_INTERPOLATIONS = ("bicubic_antialias", "bicubic")
-MLP_TYPES = ("mlp", "swiglu")
+# The fields that name one of a few choices, and their choices.
+_CHOICES = {
+    "mlp_type": ("mlp", "swiglu"),
+    "pooling": ("cls", "mean", "cls_mean"),
+    "position_embedding_type": ("learned", "sincos2d", "none"),
+    "prefix_position_embeddings": ("cls", "all", "none"),
+    "position_interpolation": ("bicubic_antialias", "bicubic"),
+}
 
 # Width, depth, heads and MLP size of the published ViT sizes. Ti/S/B/L/H come from Dosovitskiy et al. 2020 and
 # Touvron et al. 2021 (DeiT); M, g and G from Zhai et al. 2021 ("Scaling Vision Transformers"), DINOv2 uses g.
@@ -236,23 +239,25 @@ class VitrailConfig(BackboneConfigMixin, PreTrainedConfig):
             "patch_size": int(patch),
             "encoder_stride": int(patch),
         }
-        fields.update(overrides)
-        return cls(**fields)
+        return cls(**{**fields, **overrides})
 
     # ---- validation (runs at construction and again in save_pretrained) ---------------------------------------
 
     def validate_architecture(self):
+        # Validators run in name order, this one first: the later ones may rely on the choices being known.
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"Unknown `{name}` {getattr(self, name)!r}; choose one of {choices}.")
         for name in (
             "hidden_size",
             "num_hidden_layers",
             "num_attention_heads",
             "intermediate_size",
             "num_channels",
+            "encoder_stride",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
-        if self.mlp_type not in MLP_TYPES:
-            raise ValueError(f"Unknown `mlp_type` {self.mlp_type!r}; choose one of {MLP_TYPES}.")
         # Imported here: transformers' activations import torch, which a config alone does not need.
         from transformers.activations import ACT2FN
 
@@ -279,12 +284,8 @@ class VitrailConfig(BackboneConfigMixin, PreTrainedConfig):
                 f"`image_size` {h}x{w} is not divisible by `patch_size` {ph}x{pw}, so border pixels would be lost. "
                 "Choose sizes that divide, or set `dynamic_image_size=True` to pad inputs up to whole patches."
             )
-        if self.encoder_stride <= 0:
-            raise ValueError(f"`encoder_stride` must be positive, got {self.encoder_stride}.")
 
     def validate_tokens_and_pooling(self):
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"Unknown `pooling` {self.pooling!r}; choose one of {POOLINGS}.")
         if self.pooling in ("cls", "cls_mean") and not self.use_cls_token:
             raise ValueError(
                 f"`pooling={self.pooling!r}` reads the class token, but `use_cls_token=False`. "
@@ -304,21 +305,6 @@ class VitrailConfig(BackboneConfigMixin, PreTrainedConfig):
             )
         if self.num_register_tokens < 0:
             raise ValueError(f"`num_register_tokens` must be >= 0, got {self.num_register_tokens}.")
-        if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
-            raise ValueError(
-                f"Unknown `position_embedding_type` {self.position_embedding_type!r}; "
-                f"choose one of {POSITION_EMBEDDING_TYPES}."
-            )
-        if self.position_interpolation not in POSITION_INTERPOLATIONS:
-            raise ValueError(
-                f"Unknown `position_interpolation` {self.position_interpolation!r}; "
-                f"choose one of {POSITION_INTERPOLATIONS}."
-            )
-        if self.prefix_position_embeddings not in PREFIX_POSITIONS:
-            raise ValueError(
-                f"Unknown `prefix_position_embeddings` {self.prefix_position_embeddings!r}; "
-                f"choose one of {PREFIX_POSITIONS}."
-            )
         if self.position_embedding_type == "sincos2d" and self.hidden_size % 4:
             raise ValueError(
                 f"`position_embedding_type='sincos2d'` splits channels into four sin/cos groups, so `hidden_size` "

@@ -58,14 +58,13 @@ class VitrailImageClassifierOutput(ImageClassifierOutput):
     distillation_logits: torch.FloatTensor | None = None
 
 
-def sincos_2d_position_embeddings(
-    rows: int, cols: int, width: int, temperature: float = 10000.0, dtype=torch.float32, device=None
-) -> torch.Tensor:
-    """Fixed 2D sin-cos positions, `(1, rows * cols, width)`, in big_vision's `posemb_sincos_2d` layout:
-    the channels are `[sin(x), cos(x), sin(y), cos(y)]`, a quarter each, over `width // 4` frequencies."""
+def sincos_2d_position_embeddings(rows: int, cols: int, width: int, device=None) -> torch.Tensor:
+    """Fixed 2D sin-cos positions, float32 `(1, rows * cols, width)`, in big_vision's `posemb_sincos_2d` layout
+    (temperature 10000): the channels are `[sin(x), cos(x), sin(y), cos(y)]`, a quarter each, over `width // 4`
+    frequencies."""
     quarter = width // 4
     omega = torch.arange(quarter, dtype=torch.float64, device=device) / max(quarter - 1, 1)
-    omega = temperature**-omega
+    omega = 10000.0**-omega
     y, x = torch.meshgrid(
         torch.arange(rows, dtype=torch.float64, device=device),
         torch.arange(cols, dtype=torch.float64, device=device),
@@ -74,7 +73,7 @@ def sincos_2d_position_embeddings(
     x = x.reshape(-1, 1) * omega  # (rows * cols, quarter)
     y = y.reshape(-1, 1) * omega
     table = torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
-    return table.to(dtype).unsqueeze(0)
+    return table.float().unsqueeze(0)
 
 
 class VitrailPatchEmbeddings(nn.Module):
@@ -90,6 +89,8 @@ class VitrailPatchEmbeddings(nn.Module):
         )
 
     def forward(self, pixel_values: torch.Tensor, dynamic_size: bool) -> tuple[torch.Tensor, tuple[int, int]]:
+        if pixel_values is None:
+            raise ValueError("`pixel_values` is required: pass a (batch, channels, height, width) tensor.")
         if pixel_values.ndim != 4:
             raise ValueError(
                 f"`pixel_values` must have shape (batch, channels, height, width), got {tuple(pixel_values.shape)}."
@@ -160,7 +161,8 @@ class VitrailEmbeddings(nn.Module):
         if kind == "sincos2d":
             if native:
                 return self.sincos_position_embeddings.to(dtype)
-            return sincos_2d_position_embeddings(*grid, self.config.hidden_size, device=self.device).to(dtype)
+            device = self.patch_embeddings.projection.weight.device
+            return sincos_2d_position_embeddings(*grid, self.config.hidden_size, device=device).to(dtype)
         if kind != "learned":
             return None
         table = self.position_embeddings[:, self.num_prefix_positions :]
@@ -185,10 +187,6 @@ class VitrailEmbeddings(nn.Module):
             table = self.patch_positions(grid, self.sincos_position_embeddings.dtype)
             self.register_buffer("sincos_position_embeddings", table, persistent=False)
         self.grid_size = tuple(grid)
-
-    @property
-    def device(self) -> torch.device:
-        return self.patch_embeddings.projection.weight.device
 
     def forward(
         self,
@@ -465,6 +463,7 @@ class VitrailPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    _input_embed_layer = "patch_embeddings"  # what transformers' `get_input_embeddings` returns
     # The heads' losses are per-batch means; the Trainer must not pass `num_items_in_batch` and skip its own
     # gradient-accumulation scaling.
     accepts_loss_kwargs = False
@@ -620,26 +619,27 @@ class VitrailPreTrainedModel(PreTrainedModel):
         embeddings.patch_embeddings.image_hw = new.image_hw
         self.config.image_size = image_size
 
-    def _use_dynamic_size(self, interpolate_pos_encoding: bool | None) -> bool:
-        return (
-            self.config.dynamic_image_size if interpolate_pos_encoding is None else interpolate_pos_encoding
-        )
-
-    def _flag(self, value: bool | None, name: str) -> bool:
-        return bool(getattr(self.config, name, False) if value is None else value)
+    def _or_config(self, value, name: str):
+        """A call's argument, or the config's field `name` when the argument is unset (None)."""
+        return getattr(self.config, name, False) if value is None else value
 
     def _chosen_outputs(self, output_attentions, output_hidden_states):
-        """The layers whose attention weights, and the hidden states, a call asks for (see `chosen_indices`);
-        unset arguments take the config's `output_attentions` / `output_hidden_states`."""
+        """The layers whose attention weights, and the hidden states, a call asks for (see `chosen_indices`)."""
         depth = self.config.num_hidden_layers
-        if output_attentions is None:
-            output_attentions = getattr(self.config, "output_attentions", False)
-        if output_hidden_states is None:
-            output_hidden_states = getattr(self.config, "output_hidden_states", False)
         return (
-            chosen_indices(output_attentions, depth, "output_attentions"),
-            chosen_indices(output_hidden_states, depth + 1, "output_hidden_states"),
+            chosen_indices(
+                self._or_config(output_attentions, "output_attentions"), depth, "output_attentions"
+            ),
+            chosen_indices(
+                self._or_config(output_hidden_states, "output_hidden_states"),
+                depth + 1,
+                "output_hidden_states",
+            ),
         )
+
+    def _as_requested(self, output, return_dict: bool | None):
+        """`output` as a `ModelOutput`, or as a tuple when `return_dict` (or else the config's) is False."""
+        return output if self._or_config(return_dict, "return_dict") else output.to_tuple()
 
 
 class VitrailModel(VitrailPreTrainedModel):
@@ -662,9 +662,6 @@ class VitrailModel(VitrailPreTrainedModel):
         self.encoder = VitrailEncoder(config)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.embeddings.patch_embeddings
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """`(B, N, D)` tokens -> the `(B, pooled_size)` vector the head reads; registers are never pooled."""
@@ -702,13 +699,12 @@ class VitrailModel(VitrailPreTrainedModel):
                 indices wanted, with `None` in the other entries, as transformers' output capturing does.
             return_dict (`bool`, *optional*): return a `ModelOutput` (default) rather than a tuple.
         """
-        if pixel_values is None:
-            raise ValueError("`pixel_values` is required: pass a (batch, channels, height, width) tensor.")
         attention_layers, hidden_layers = self._chosen_outputs(output_attentions, output_hidden_states)
-        return_dict = self._flag(return_dict, "return_dict")
 
         tokens, _ = self.embeddings(
-            pixel_values, bool_masked_pos, dynamic_size=self._use_dynamic_size(interpolate_pos_encoding)
+            pixel_values,
+            bool_masked_pos,
+            dynamic_size=self._or_config(interpolate_pos_encoding, "dynamic_image_size"),
         )
         tokens, hidden_states, attentions = self.encoder(tokens, attention_layers, hidden_layers)
         if self.config.use_fc_norm:
@@ -720,7 +716,7 @@ class VitrailModel(VitrailPreTrainedModel):
         output = BaseModelOutputWithPooling(
             last_hidden_state=tokens, pooler_output=pooled, hidden_states=hidden_states, attentions=attentions
         )
-        return output if return_dict else output.to_tuple()
+        return self._as_requested(output, return_dict)
 
 
 class VitrailBackbone(BackboneMixin, VitrailPreTrainedModel):
@@ -754,9 +750,6 @@ class VitrailBackbone(BackboneMixin, VitrailPreTrainedModel):
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.embeddings.patch_embeddings
-
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -772,15 +765,12 @@ class VitrailBackbone(BackboneMixin, VitrailPreTrainedModel):
             output_hidden_states, output_attentions, return_dict, interpolate_pos_encoding: as in [`VitrailModel`]
                 (hidden states and attentions asked for are computed even past the last feature map).
         """
-        if pixel_values is None:
-            raise ValueError("`pixel_values` is required: pass a (batch, channels, height, width) tensor.")
         attention_layers, hidden_layers = self._chosen_outputs(output_attentions, output_hidden_states)
-        return_dict = self._flag(return_dict, "return_dict")
         stages = [self.stage_names.index(name) for name in self.out_features]
         depth = max([*stages, *(hidden_layers or ()), *(i + 1 for i in attention_layers or ())])
 
         tokens, grid = self.embeddings(
-            pixel_values, dynamic_size=self._use_dynamic_size(interpolate_pos_encoding)
+            pixel_values, dynamic_size=self._or_config(interpolate_pos_encoding, "dynamic_image_size")
         )
         _, states, attentions = self.encoder(
             tokens, attention_layers, (hidden_layers or frozenset()) | set(stages), depth
@@ -789,7 +779,7 @@ class VitrailBackbone(BackboneMixin, VitrailPreTrainedModel):
         if hidden_layers is not None:
             hidden_layers = tuple(state if i in hidden_layers else None for i, state in enumerate(states))
         output = BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_layers, attentions=attentions)
-        return output if return_dict else output.to_tuple()
+        return self._as_requested(output, return_dict)
 
     def _feature_map(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         if self.config.apply_layernorm:
@@ -861,7 +851,6 @@ class VitrailForImageClassification(VitrailPreTrainedModel):
                 is the mean of the two heads' losses, DeiT's hard-distillation objective.
             interpolate_pos_encoding, output_attentions, output_hidden_states, return_dict: as in [`VitrailModel`].
         """
-        return_dict = self._flag(return_dict, "return_dict")
         distillation_labels = kwargs.pop("distillation_labels", None)
         outputs = self.vitrail(
             pixel_values,
@@ -895,7 +884,7 @@ class VitrailForImageClassification(VitrailPreTrainedModel):
             cls_logits=cls_logits,
             distillation_logits=distillation_logits,
         )
-        return output if return_dict else output.to_tuple()
+        return self._as_requested(output, return_dict)
 
 
 class VitrailForMaskedImageModeling(VitrailPreTrainedModel):
@@ -938,12 +927,10 @@ class VitrailForMaskedImageModeling(VitrailPreTrainedModel):
                 without it there is no loss, only a reconstruction.
             interpolate_pos_encoding, output_attentions, output_hidden_states, return_dict: as in [`VitrailModel`].
         """
-        return_dict = self._flag(return_dict, "return_dict")
-        dynamic_size = self._use_dynamic_size(interpolate_pos_encoding)
         outputs = self.vitrail(
             pixel_values,
             bool_masked_pos=bool_masked_pos,
-            interpolate_pos_encoding=dynamic_size,
+            interpolate_pos_encoding=interpolate_pos_encoding,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
@@ -969,7 +956,7 @@ class VitrailForMaskedImageModeling(VitrailPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-        return output if return_dict else output.to_tuple()
+        return self._as_requested(output, return_dict)
 
 
 VitrailModel.register_for_auto_class("AutoModel")
