@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from transformers.utils import cached_file
 
 from ..configuration_vitrail import VitrailConfig
-from .common import Converted, Drop, Rename, expected_shapes, read_weights, rename_state_dict
+from .common import PICKLES, Converted, Drop, Rename, expected_shapes, read_weights, rename_state_dict, unnest
 from .hf import (
     SUPPORTED_MODEL_TYPES,
     convert_hf_state_dict,
@@ -39,7 +39,6 @@ logger = logging.getLogger("vitrail.convert")
 
 # The arguments of `from_pretrained` that say where a checkpoint is, as transformers and huggingface_hub name them.
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
-_PICKLES = ("pytorch_model.bin", "model.pth", "model.pt")
 
 
 def resolve_folder(path_or_repo, allow_pickle: bool = False, **hub_kwargs) -> Path:
@@ -79,7 +78,7 @@ def weight_files(path_or_repo, allow_pickle: bool = False, **hub_kwargs) -> list
                 f"{index} is not a weight index (a JSON file with a `weight_map`): {error}"
             ) from error
         return [file for file in map(find, shards) if file]
-    return [file for file in map(find, _PICKLES) if file][:1] if allow_pickle else []
+    return [file for file in map(find, PICKLES) if file][:1] if allow_pickle else []
 
 
 def check_weight_files(files) -> None:
@@ -98,10 +97,7 @@ def check_weight_files(files) -> None:
                 ) from error
             wrong = {name: dtype for name, dtype in dtypes.items() if not dtype.startswith(("F", "BF"))}
         else:
-            state = torch.load(file, map_location="meta", weights_only=True)
-            for wrapper in ("state_dict", "model"):  # training checkpoints often nest the weights
-                if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-                    state = state[wrapper]
+            state = unnest(torch.load(file, map_location="meta", weights_only=True))
             tensors = {name: t for name, t in state.items() if isinstance(t, torch.Tensor)}
             wrong = {name: str(t.dtype) for name, t in tensors.items() if not t.is_floating_point()}
         if wrong:
@@ -175,8 +171,6 @@ def load_foreign_pretrained(cls, path_or_repo, config_dict: dict, *model_args, *
 def load_image_processor(path_or_repo, **hub_kwargs):
     """The image processor that goes with a checkpoint: vitrail's own `preprocessor_config.json`, one translated
     from transformers' (ViT/DeiT/DINOv2) or from timm's `pretrained_cfg`; None when the checkpoint says nothing."""
-    from transformers.utils import cached_file
-
     from ..image_processing_vitrail import VitrailImageProcessor
 
     def read(name: str) -> dict | None:

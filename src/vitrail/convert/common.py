@@ -41,10 +41,6 @@ def _pattern(source: str) -> re.Pattern:
     return re.compile("".join(_PLACEHOLDERS.get(part, re.escape(part)) for part in parts))
 
 
-def _matches(source: str, name: str) -> re.Match | None:
-    return _pattern(source).fullmatch(name)
-
-
 @dataclass(frozen=True)
 class Rename:
     """Source tensors named `source` go to `target`.
@@ -94,7 +90,7 @@ def in_layers(source_prefix: str, rows: Iterable[Rename]) -> tuple[Rename, ...]:
 def layer_count(names: Iterable[str], source: str) -> int:
     """The number of layers: one more than the highest `{n}` among `names` matching the pattern `source` (a gap in
     the numbering is left to `rename_state_dict`, which names the missing tensors)."""
-    return 1 + max((int(m["n"]) for name in names if (m := _matches(source, name))), default=-1)
+    return 1 + max((int(m["n"]) for name in names if (m := _pattern(source).fullmatch(name))), default=-1)
 
 
 def height_width(value) -> tuple[int, int] | None:
@@ -142,7 +138,7 @@ def refuse(names: Iterable[str], rows: Iterable[Refuse], source_name: str = "che
     """Raise `NotImplementedError` for the first `Refuse` row that some of `names` match, naming them."""
     names = sorted(names)
     for row in rows:
-        hits = [name for name in names if _matches(row.source, name)]
+        hits = [name for name in names if _pattern(row.source).fullmatch(name)]
         if hits:
             raise NotImplementedError(
                 f"The {source_name} has {hits[:4]}{' ...' if len(hits) > 4 else ''}: {row.reason}. vitrail cannot "
@@ -181,9 +177,9 @@ def rename_state_dict(
     notes: list[str] = []
     for key, tensor in state.items():
         name = key[len(strip_prefix) :] if strip_prefix and key.startswith(strip_prefix) else key
-        hit = next(((m, row) for row in rows if (m := _matches(row.source, name))), None)
+        hit = next(((m, row) for row in rows if (m := _pattern(row.source).fullmatch(name))), None)
         if hit is None:
-            reason = next((d.reason for d in drops if _matches(d.source, name)), None)
+            reason = next((d.reason for d in drops if _pattern(d.source).fullmatch(name)), None)
             if reason is None:
                 unplaced.append(key)
             else:
@@ -307,6 +303,18 @@ def describe(config: VitrailConfig) -> str:
     )
 
 
+# Pickled weight files, in the order transformers looks for them; read only with `allow_pickle=True`.
+PICKLES = ("pytorch_model.bin", "model.pth", "model.pt")
+
+
+def unnest(state):
+    """The weights of an unpickled checkpoint: training checkpoints often nest them under `state_dict` or `model`."""
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    return state
+
+
 def read_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint: a `.safetensors` file, a folder with `model.safetensors` (or a sharded index), or
     -- only with `allow_pickle=True` -- a pickled `pytorch_model.bin` / `.pth` / `.pt`, read with
@@ -321,7 +329,7 @@ def read_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, torc
             for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
                 state.update(load_file(path / shard))
             return state
-        pickles = [p for p in ("pytorch_model.bin", "model.pth", "model.pt") if (path / p).is_file()]
+        pickles = [p for p in PICKLES if (path / p).is_file()]
         if not pickles:
             raise FileNotFoundError(f"No model.safetensors (or sharded index) in {path}.")
         path = path / pickles[0]
@@ -337,11 +345,7 @@ def read_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, torc
                 "opt in with `allow_pickle=True` (`--allow-pickle` on the command line)."
             )
         logger.warning("Loading pickled weights from %s (allow_pickle=True, weights_only=True).", path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        for wrapper in ("state_dict", "model"):  # training checkpoints often nest the weights
-            if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-                state = state[wrapper]
-        return state
+        return unnest(torch.load(path, map_location="cpu", weights_only=True))
     raise ValueError(
         f"Unsupported weight file {path}: expected .safetensors (or .bin/.pth/.pt with allow_pickle)."
     )
