@@ -298,9 +298,6 @@ def _timm_says(architecture: str | None, model_args: dict, state: Mapping, facts
     from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
     if not timm.is_model(architecture):
-        logger.info(
-            "timm does not know the architecture %r; reading everything from the weights.", architecture
-        )
         return {}
     try:
         with torch.device("meta"):
@@ -480,8 +477,9 @@ def vitrail_config_from_timm(
     meta = _timm_says(architecture, model_args, state, facts)
     if not meta:
         logger.info(
-            "timm does not describe this architecture here; assuming timm's VisionTransformer defaults: exact GELU "
-            "and LayerNorm eps 1e-6."
+            "timm does not describe the architecture %r here (not named, timm not installed, or a name timm does not "
+            "know); assuming timm's VisionTransformer defaults: exact GELU and LayerNorm eps 1e-6.",
+            architecture,
         )
 
     # What config.json says must be what the weights say.
