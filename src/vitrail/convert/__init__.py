@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from transformers.utils import cached_file
 
 from ..configuration_vitrail import VitrailConfig
-from .common import PICKLES, Converted, Drop, Rename, expected_shapes, read_weights, rename_state_dict, unnest
+from .common import PICKLES, Converted, Drop, Rename, read_weights, rename_state_dict, unnest
 from .hf import (
     SUPPORTED_MODEL_TYPES,
     convert_hf_state_dict,
@@ -262,7 +262,6 @@ __all__ = [
     "check_weight_files",
     "convert_hf_state_dict",
     "detect_hf_layout",
-    "expected_shapes",
     "fit_processor_to",
     "fit_to_class",
     "image_processor_from_hf",

@@ -146,12 +146,6 @@ def refuse(names: Iterable[str], rows: Iterable[Refuse], source_name: str = "che
             )
 
 
-def expected_shapes(model_cls, config) -> dict[str, torch.Size]:
-    """Names and shapes of the state dict `model_cls(config)` has, built on the meta device (no memory)."""
-    with torch.device("meta"):
-        return {k: v.shape for k, v in model_cls(config).state_dict().items()}
-
-
 def rename_state_dict(
     state: Mapping[str, torch.Tensor],
     rows: Iterable[Rename],
@@ -170,8 +164,7 @@ def rename_state_dict(
     """
     rows, drops = list(rows), list(drops)
     out: dict[str, torch.Tensor] = {}
-    fused: dict[str, dict[int, tuple[str, torch.Tensor]]] = {}
-    fused_sizes: dict[str, int] = {}
+    fused: dict[str, tuple[dict[int, tuple[str, torch.Tensor]], int]] = {}  # target -> (parts by slot, slots)
     unplaced: list[str] = []
     placed_twice: list[str] = []
     notes: list[str] = []
@@ -197,8 +190,7 @@ def rename_state_dict(
             out[target] = tensor
             continue
         index, count = row.slot
-        parts = fused.setdefault(target, {})
-        fused_sizes[target] = count
+        parts, _ = fused.setdefault(target, ({}, count))
         if index in parts:
             placed_twice.append(key)
         parts[index] = (key, tensor)
@@ -210,8 +202,7 @@ def rename_state_dict(
         )
     if placed_twice:
         raise ValueError(f"Source tensor(s) land on a vitrail tensor already filled: {sorted(placed_twice)}.")
-    for target, parts in fused.items():
-        count = fused_sizes[target]
+    for target, (parts, count) in fused.items():
         if sorted(parts) != list(range(count)):
             have = sorted(k for k, _ in parts.values())
             raise ValueError(
@@ -221,7 +212,7 @@ def rename_state_dict(
     if fused:
         logger.info(
             "Joined %d source tensors into %d vitrail tensors along dim 0 (e.g. %s).",
-            sum(len(parts) for parts in fused.values()),
+            sum(len(parts) for parts, _ in fused.values()),
             len(fused),
             next(iter(fused)),
         )
@@ -272,10 +263,12 @@ class Plan:
             target.__name__,
             describe(self.config),
         )
+        with torch.device("meta"):  # the names and shapes to fill, without memory
+            expected = {k: v.shape for k, v in target(self.config).state_dict().items()}
         return rename_state_dict(
             self.state,
             self.rows,
-            expected_shapes(target, self.config),
+            expected,
             drops=self.drops,
             backbone=f"{target.base_model_prefix}." if self.head else "",
             strip_prefix=self.strip_prefix,
