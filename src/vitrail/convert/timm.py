@@ -549,7 +549,7 @@ def vitrail_config_from_timm(
             f"config.json says no_embed_class={model_args['no_embed_class']}, but pos_embed has "
             f"{facts.positions} rows for {facts.prefix_tokens} prefix token(s) and a {height}x{width} image."
         )
-    if facts.distilled and (facts.positions is None or no_embed_class):
+    if facts.distilled and no_embed_class:
         raise NotImplementedError(
             f"`pos_embed` has {facts.positions or 'no'} rows for a {height}x{width} image: the class and distillation "
             "tokens own no position (timm no_embed_class=True or pos_embed='none'), a model timm's "
@@ -563,7 +563,8 @@ def vitrail_config_from_timm(
         labels = {"id2label": labels, "label2id": {v: k for k, v in labels.items()}}
     else:
         labels = _labels(timm_config, facts.num_classes) if facts.num_classes else {"num_labels": 0}
-    if facts.positions is None or no_embed_class or not facts.prefix_tokens:
+    # no_embed_class is also true without positions or without prefix tokens.
+    if no_embed_class:
         prefix_positions = "none"
     else:
         prefix_positions = "cls" if facts.prefix_tokens == 1 and facts.class_token else "all"
