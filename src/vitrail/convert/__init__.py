@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from transformers.utils import cached_file
 
 from ..configuration_vitrail import VitrailConfig
-from .common import PICKLES, Converted, Drop, Rename, read_weights, rename_state_dict, unnest
+from .common import Converted, Drop, Rename, read_weights, rename_state_dict, unnest, weight_files
 from .hf import (
     SUPPORTED_MODEL_TYPES,
     convert_hf_state_dict,
@@ -57,28 +57,6 @@ def resolve_folder(path_or_repo, allow_pickle: bool = False, **hub_kwargs) -> Pa
     hub_kwargs.pop("proxies", None)
     root = snapshot_download(str(path_or_repo), allow_patterns=patterns, **hub_kwargs)
     return Path(root) / subfolder
-
-
-def weight_files(path_or_repo, allow_pickle: bool = False, **hub_kwargs) -> list[Path]:
-    """The files a checkpoint's weights are read from, in transformers' order: `model.safetensors`, else the shards
-    its index names, else (only with `allow_pickle=True`) a pickle; downloaded to the cache for a Hub repo. Empty
-    when there are none (loading then says why)."""
-
-    def find(name: str) -> Path | None:
-        file = cached_file(path_or_repo, name, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
-        return Path(file) if file else None
-
-    if single := find("model.safetensors"):
-        return [single]
-    if index := find("model.safetensors.index.json"):
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError) as error:
-            raise OSError(
-                f"{index} is not a weight index (a JSON file with a `weight_map`): {error}"
-            ) from error
-        return [file for file in map(find, shards) if file]
-    return [file for file in map(find, PICKLES) if file][:1] if allow_pickle else []
 
 
 def check_weight_files(files) -> None:

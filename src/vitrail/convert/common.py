@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from transformers.utils import cached_file
 
 from ..configuration_vitrail import VitrailConfig
 from ..modeling_vitrail import VitrailForImageClassification, VitrailModel
@@ -297,7 +298,7 @@ def describe(config: VitrailConfig) -> str:
 
 
 # Pickled weight files, in the order transformers looks for them; read only with `allow_pickle=True`.
-PICKLES = ("pytorch_model.bin", "model.pth", "model.pt")
+_PICKLES = ("pytorch_model.bin", "model.pth", "model.pt")
 
 
 def unnest(state):
@@ -308,24 +309,44 @@ def unnest(state):
     return state
 
 
+def weight_files(path_or_repo, allow_pickle: bool = False, **hub_kwargs) -> list[Path]:
+    """The files a checkpoint's weights are read from, in transformers' order: `model.safetensors`, else the shards
+    its index names (a shard it lacks is refused by name), else (only with `allow_pickle=True`) a pickle;
+    downloaded to the cache for a Hub repo. Empty when there are none (loading then says why)."""
+
+    def find(name: str) -> Path | None:
+        file = cached_file(path_or_repo, name, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+        return Path(file) if file else None
+
+    if single := find("model.safetensors"):
+        return [single]
+    if index := find("model.safetensors.index.json"):
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as error:
+            raise OSError(
+                f"{index} is not a weight index (a JSON file with a `weight_map`): {error}"
+            ) from error
+        files = {shard: find(shard) for shard in shards}
+        lacking = [shard for shard, file in files.items() if file is None]
+        if lacking:
+            raise OSError(f"{index} names weight files the checkpoint does not have: {lacking}.")
+        return list(files.values())
+    return [file for file in map(find, _PICKLES) if file][:1] if allow_pickle else []
+
+
 def read_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint: a `.safetensors` file, a folder with `model.safetensors` (or a sharded index), or
     -- only with `allow_pickle=True` -- a pickled `pytorch_model.bin` / `.pth` / `.pt`, read with
     `weights_only=True`."""
     path = Path(path)
     if path.is_dir():
-        single, index = path / "model.safetensors", path / "model.safetensors.index.json"
-        if single.is_file():
-            return load_file(single)
-        if index.is_file():
-            state = {}
-            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-                state.update(load_file(path / shard))
-            return state
-        pickles = [p for p in PICKLES if (path / p).is_file()]
-        if not pickles:
+        files = weight_files(path, allow_pickle=True)  # a pickle is refused below without allow_pickle
+        if not files:
             raise FileNotFoundError(f"No model.safetensors (or sharded index) in {path}.")
-        path = path / pickles[0]
+        if len(files) > 1:
+            return {name: tensor for file in files for name, tensor in load_file(file).items()}
+        path = files[0]
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint at {path}.")
     if path.suffix == ".safetensors":
