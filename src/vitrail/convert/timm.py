@@ -390,17 +390,15 @@ def _heads_from_name(architecture: str | None, width: int) -> int | None:
     return heads
 
 
-def _labels(timm_config: dict, num_classes: int) -> dict:
+def _labels(timm_config: dict, num_classes: int) -> dict[int, str]:
     names = timm_config.get("label_names")
     if names and len(names) == num_classes:
-        id2label = {i: str(n) for i, n in enumerate(names)}
-    else:
-        if names:
-            logger.warning(
-                "config.json has %d label_names for %d classes; using LABEL_i.", len(names), num_classes
-            )
-        id2label = {i: f"LABEL_{i}" for i in range(num_classes)}
-    return {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+        return dict(enumerate(names))
+    if names:
+        logger.warning(
+            "config.json has %d label_names for %d classes; using LABEL_i.", len(names), num_classes
+        )
+    return {i: f"LABEL_{i}" for i in range(num_classes)}
 
 
 def _pooling(candidates, facts: TimmFacts) -> str:
@@ -558,11 +556,14 @@ def vitrail_config_from_timm(
 
     if id2label is not None and len(id2label) != facts.num_classes:
         raise ValueError(f"id2label has {len(id2label)} labels, the head {facts.num_classes} classes.")
-    if id2label is not None:
-        labels = {int(k): str(v) for k, v in id2label.items()}
-        labels = {"id2label": labels, "label2id": {v: k for k, v in labels.items()}}
-    else:
-        labels = _labels(timm_config, facts.num_classes) if facts.num_classes else {"num_labels": 0}
+    if id2label is None:
+        id2label = _labels(timm_config, facts.num_classes) if facts.num_classes else {}
+    id2label = {int(k): str(v) for k, v in id2label.items()}
+    labels = (
+        {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+        if id2label
+        else {"num_labels": 0}
+    )
     # no_embed_class is also true without positions or without prefix tokens.
     if no_embed_class:
         prefix_positions = "none"
