@@ -355,12 +355,12 @@ def open_source(path: str | Path, *, allow_pickle: bool = False) -> Converted:
     import transformers
 
     folder = Path(path)
-    model = load_hf_checkpoint(folder, allow_pickle=allow_pickle)
+    hf_config = AutoConfig.from_pretrained(folder)
+    model = _plan(read_weights(folder, allow_pickle), hf_config).load()
     processor_file = folder / "preprocessor_config.json"
     processor = (
         image_processor_from_hf(json.loads(processor_file.read_text())) if processor_file.is_file() else None
     )
-    hf_config = AutoConfig.from_pretrained(folder)
     architecture = (hf_config.architectures or ["AutoModel"])[0]
     reference_model = getattr(transformers, architecture).from_pretrained(folder).eval()
     native = model.config.image_hw
