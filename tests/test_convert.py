@@ -266,6 +266,15 @@ def test_sharded_checkpoint_converts_and_a_missing_shard_is_named(tmp_path, pixe
     for load in (load_hf_checkpoint, VitrailForImageClassification.from_pretrained):
         with pytest.raises(OSError, match=rf"does not have: \['{shards[-1].name}'\]"):
             load(tmp_path)
+    # The same check opens vitrail's own sharded checkpoints.
+    from .conftest import tiny_config
+
+    VitrailForImageClassification(tiny_config()).save_pretrained(tmp_path / "vitrail", max_shard_size="20KB")
+    shards = sorted((tmp_path / "vitrail").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1
+    shards[0].unlink()
+    with pytest.raises(OSError, match=rf"does not have: \['{shards[0].name}'\]"):
+        VitrailForImageClassification.from_pretrained(tmp_path / "vitrail")
 
 
 def test_unknown_key_is_named(tmp_path):
