@@ -254,6 +254,29 @@ def test_pickle_only_folder_is_refused_without_allow_pickle(tmp_path, pixels):
         torch.testing.assert_close(model(pixels).logits, reference(pixels).logits, atol=1e-5, rtol=0)
 
 
+def test_sharded_checkpoint_converts_and_a_missing_shard_is_named(tmp_path, pixels):
+    reference = hf_vit()
+    reference.save_pretrained(tmp_path, max_shard_size="20KB")
+    shards = sorted(tmp_path.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and not (tmp_path / "model.safetensors").exists()
+    model = load_hf_checkpoint(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixels).logits, reference(pixels).logits, atol=1e-5, rtol=0)
+    shards[-1].unlink()
+    for load in (load_hf_checkpoint, VitrailForImageClassification.from_pretrained):
+        with pytest.raises(OSError, match=rf"does not have: \['{shards[-1].name}'\]"):
+            load(tmp_path)
+    # The same check opens vitrail's own sharded checkpoints.
+    from .conftest import tiny_config
+
+    VitrailForImageClassification(tiny_config()).save_pretrained(tmp_path / "vitrail", max_shard_size="20KB")
+    shards = sorted((tmp_path / "vitrail").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1
+    shards[0].unlink()
+    with pytest.raises(OSError, match=rf"does not have: \['{shards[0].name}'\]"):
+        VitrailForImageClassification.from_pretrained(tmp_path / "vitrail")
+
+
 def test_unknown_key_is_named(tmp_path):
     reference = hf_vit()
     state = dict(reference.state_dict())

@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from transformers.utils import cached_file
 
 from ..configuration_vitrail import VitrailConfig
-from .common import Converted, Drop, Rename, expected_shapes, read_weights, rename_state_dict
+from .common import Converted, Drop, Rename, read_weights, rename_state_dict, unnest, weight_files
 from .hf import (
     SUPPORTED_MODEL_TYPES,
     convert_hf_state_dict,
@@ -39,7 +39,6 @@ logger = logging.getLogger("vitrail.convert")
 
 # The arguments of `from_pretrained` that say where a checkpoint is, as transformers and huggingface_hub name them.
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
-_PICKLES = ("pytorch_model.bin", "model.pth", "model.pt")
 
 
 def resolve_folder(path_or_repo, allow_pickle: bool = False, **hub_kwargs) -> Path:
@@ -60,28 +59,6 @@ def resolve_folder(path_or_repo, allow_pickle: bool = False, **hub_kwargs) -> Pa
     return Path(root) / subfolder
 
 
-def weight_files(path_or_repo, allow_pickle: bool = False, **hub_kwargs) -> list[Path]:
-    """The files a checkpoint's weights are read from, in transformers' order: `model.safetensors`, else the shards
-    its index names, else (only with `allow_pickle=True`) a pickle; downloaded to the cache for a Hub repo. Empty
-    when there are none (loading then says why)."""
-
-    def find(name: str) -> Path | None:
-        file = cached_file(path_or_repo, name, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
-        return Path(file) if file else None
-
-    if single := find("model.safetensors"):
-        return [single]
-    if index := find("model.safetensors.index.json"):
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError) as error:
-            raise OSError(
-                f"{index} is not a weight index (a JSON file with a `weight_map`): {error}"
-            ) from error
-        return [file for file in map(find, shards) if file]
-    return [file for file in map(find, _PICKLES) if file][:1] if allow_pickle else []
-
-
 def check_weight_files(files) -> None:
     """Open each weight file before loading: one that cannot be read is named (safetensors' own error does not say
     which file), and tensors that are not floating point are refused by name, since loading would cast them to
@@ -98,10 +75,7 @@ def check_weight_files(files) -> None:
                 ) from error
             wrong = {name: dtype for name, dtype in dtypes.items() if not dtype.startswith(("F", "BF"))}
         else:
-            state = torch.load(file, map_location="meta", weights_only=True)
-            for wrapper in ("state_dict", "model"):  # training checkpoints often nest the weights
-                if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-                    state = state[wrapper]
+            state = unnest(torch.load(file, map_location="meta", weights_only=True))
             tensors = {name: t for name, t in state.items() if isinstance(t, torch.Tensor)}
             wrong = {name: str(t.dtype) for name, t in tensors.items() if not t.is_floating_point()}
         if wrong:
@@ -175,8 +149,6 @@ def load_foreign_pretrained(cls, path_or_repo, config_dict: dict, *model_args, *
 def load_image_processor(path_or_repo, **hub_kwargs):
     """The image processor that goes with a checkpoint: vitrail's own `preprocessor_config.json`, one translated
     from transformers' (ViT/DeiT/DINOv2) or from timm's `pretrained_cfg`; None when the checkpoint says nothing."""
-    from transformers.utils import cached_file
-
     from ..image_processing_vitrail import VitrailImageProcessor
 
     def read(name: str) -> dict | None:
@@ -268,7 +240,6 @@ __all__ = [
     "check_weight_files",
     "convert_hf_state_dict",
     "detect_hf_layout",
-    "expected_shapes",
     "fit_processor_to",
     "fit_to_class",
     "image_processor_from_hf",

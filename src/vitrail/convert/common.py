@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from transformers.utils import cached_file
 
 from ..configuration_vitrail import VitrailConfig
 from ..modeling_vitrail import VitrailForImageClassification, VitrailModel
@@ -39,10 +40,6 @@ _PLACEHOLDERS = {"{n}": r"(?P<n>\d+)", "{p}": r"(?P<p>weight|bias)", "*": ".*"}
 def _pattern(source: str) -> re.Pattern:
     parts = re.split(r"(\{n\}|\{p\}|\*)", source)
     return re.compile("".join(_PLACEHOLDERS.get(part, re.escape(part)) for part in parts))
-
-
-def _matches(source: str, name: str) -> re.Match | None:
-    return _pattern(source).fullmatch(name)
 
 
 @dataclass(frozen=True)
@@ -94,7 +91,7 @@ def in_layers(source_prefix: str, rows: Iterable[Rename]) -> tuple[Rename, ...]:
 def layer_count(names: Iterable[str], source: str) -> int:
     """The number of layers: one more than the highest `{n}` among `names` matching the pattern `source` (a gap in
     the numbering is left to `rename_state_dict`, which names the missing tensors)."""
-    return 1 + max((int(m["n"]) for name in names if (m := _matches(source, name))), default=-1)
+    return 1 + max((int(m["n"]) for name in names if (m := _pattern(source).fullmatch(name))), default=-1)
 
 
 def height_width(value) -> tuple[int, int] | None:
@@ -142,18 +139,12 @@ def refuse(names: Iterable[str], rows: Iterable[Refuse], source_name: str = "che
     """Raise `NotImplementedError` for the first `Refuse` row that some of `names` match, naming them."""
     names = sorted(names)
     for row in rows:
-        hits = [name for name in names if _matches(row.source, name)]
+        hits = [name for name in names if _pattern(row.source).fullmatch(name)]
         if hits:
             raise NotImplementedError(
                 f"The {source_name} has {hits[:4]}{' ...' if len(hits) > 4 else ''}: {row.reason}. vitrail cannot "
                 "reproduce it, and dropping the tensors would change the outputs, so nothing is converted."
             )
-
-
-def expected_shapes(model_cls, config) -> dict[str, torch.Size]:
-    """Names and shapes of the state dict `model_cls(config)` has, built on the meta device (no memory)."""
-    with torch.device("meta"):
-        return {k: v.shape for k, v in model_cls(config).state_dict().items()}
 
 
 def rename_state_dict(
@@ -174,16 +165,15 @@ def rename_state_dict(
     """
     rows, drops = list(rows), list(drops)
     out: dict[str, torch.Tensor] = {}
-    fused: dict[str, dict[int, tuple[str, torch.Tensor]]] = {}
-    fused_sizes: dict[str, int] = {}
+    fused: dict[str, tuple[dict[int, tuple[str, torch.Tensor]], int]] = {}  # target -> (parts by slot, slots)
     unplaced: list[str] = []
     placed_twice: list[str] = []
     notes: list[str] = []
     for key, tensor in state.items():
         name = key[len(strip_prefix) :] if strip_prefix and key.startswith(strip_prefix) else key
-        hit = next(((m, row) for row in rows if (m := _matches(row.source, name))), None)
+        hit = next(((m, row) for row in rows if (m := _pattern(row.source).fullmatch(name))), None)
         if hit is None:
-            reason = next((d.reason for d in drops if _matches(d.source, name)), None)
+            reason = next((d.reason for d in drops if _pattern(d.source).fullmatch(name)), None)
             if reason is None:
                 unplaced.append(key)
             else:
@@ -201,8 +191,7 @@ def rename_state_dict(
             out[target] = tensor
             continue
         index, count = row.slot
-        parts = fused.setdefault(target, {})
-        fused_sizes[target] = count
+        parts, _ = fused.setdefault(target, ({}, count))
         if index in parts:
             placed_twice.append(key)
         parts[index] = (key, tensor)
@@ -214,8 +203,7 @@ def rename_state_dict(
         )
     if placed_twice:
         raise ValueError(f"Source tensor(s) land on a vitrail tensor already filled: {sorted(placed_twice)}.")
-    for target, parts in fused.items():
-        count = fused_sizes[target]
+    for target, (parts, count) in fused.items():
         if sorted(parts) != list(range(count)):
             have = sorted(k for k, _ in parts.values())
             raise ValueError(
@@ -225,7 +213,7 @@ def rename_state_dict(
     if fused:
         logger.info(
             "Joined %d source tensors into %d vitrail tensors along dim 0 (e.g. %s).",
-            sum(len(parts) for parts in fused.values()),
+            sum(len(parts) for parts, _ in fused.values()),
             len(fused),
             next(iter(fused)),
         )
@@ -276,10 +264,12 @@ class Plan:
             target.__name__,
             describe(self.config),
         )
+        with torch.device("meta"):  # the names and shapes to fill, without memory
+            expected = {k: v.shape for k, v in target(self.config).state_dict().items()}
         return rename_state_dict(
             self.state,
             self.rows,
-            expected_shapes(target, self.config),
+            expected,
             drops=self.drops,
             backbone=f"{target.base_model_prefix}." if self.head else "",
             strip_prefix=self.strip_prefix,
@@ -307,24 +297,56 @@ def describe(config: VitrailConfig) -> str:
     )
 
 
+# Pickled weight files, in the order transformers looks for them; read only with `allow_pickle=True`.
+_PICKLES = ("pytorch_model.bin", "model.pth", "model.pt")
+
+
+def unnest(state):
+    """The weights of an unpickled checkpoint: training checkpoints often nest them under `state_dict` or `model`."""
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    return state
+
+
+def weight_files(path_or_repo, allow_pickle: bool = False, **hub_kwargs) -> list[Path]:
+    """The files a checkpoint's weights are read from, in transformers' order: `model.safetensors`, else the shards
+    its index names (a shard it lacks is refused by name), else (only with `allow_pickle=True`) a pickle;
+    downloaded to the cache for a Hub repo. Empty when there are none (loading then says why)."""
+
+    def find(name: str) -> Path | None:
+        file = cached_file(path_or_repo, name, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+        return Path(file) if file else None
+
+    if single := find("model.safetensors"):
+        return [single]
+    if index := find("model.safetensors.index.json"):
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as error:
+            raise OSError(
+                f"{index} is not a weight index (a JSON file with a `weight_map`): {error}"
+            ) from error
+        files = {shard: find(shard) for shard in shards}
+        lacking = [shard for shard, file in files.items() if file is None]
+        if lacking:
+            raise OSError(f"{index} names weight files the checkpoint does not have: {lacking}.")
+        return list(files.values())
+    return [file for file in map(find, _PICKLES) if file][:1] if allow_pickle else []
+
+
 def read_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint: a `.safetensors` file, a folder with `model.safetensors` (or a sharded index), or
     -- only with `allow_pickle=True` -- a pickled `pytorch_model.bin` / `.pth` / `.pt`, read with
     `weights_only=True`."""
     path = Path(path)
     if path.is_dir():
-        single, index = path / "model.safetensors", path / "model.safetensors.index.json"
-        if single.is_file():
-            return load_file(single)
-        if index.is_file():
-            state = {}
-            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-                state.update(load_file(path / shard))
-            return state
-        pickles = [p for p in ("pytorch_model.bin", "model.pth", "model.pt") if (path / p).is_file()]
-        if not pickles:
+        files = weight_files(path, allow_pickle=True)  # a pickle is refused below without allow_pickle
+        if not files:
             raise FileNotFoundError(f"No model.safetensors (or sharded index) in {path}.")
-        path = path / pickles[0]
+        if len(files) > 1:
+            return {name: tensor for file in files for name, tensor in load_file(file).items()}
+        path = files[0]
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint at {path}.")
     if path.suffix == ".safetensors":
@@ -337,11 +359,7 @@ def read_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, torc
                 "opt in with `allow_pickle=True` (`--allow-pickle` on the command line)."
             )
         logger.warning("Loading pickled weights from %s (allow_pickle=True, weights_only=True).", path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        for wrapper in ("state_dict", "model"):  # training checkpoints often nest the weights
-            if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-                state = state[wrapper]
-        return state
+        return unnest(torch.load(path, map_location="cpu", weights_only=True))
     raise ValueError(
         f"Unsupported weight file {path}: expected .safetensors (or .bin/.pth/.pt with allow_pickle)."
     )

@@ -143,29 +143,27 @@ _MASK_TOKEN = Drop(
 
 @dataclass(frozen=True)
 class Family:
-    """One transformers model family: its backbone prefix, layer rows per layout and rows outside the layers."""
+    """One transformers model family: its layer rows per layout and rows outside the layers."""
 
-    prefix: str
     layers: dict[str, tuple[Rename, ...]]
     rows: tuple[Rename, ...]
     drops: tuple[Drop, ...] = ()
 
 
 FAMILIES = {
-    "vit": Family("vit.", VIT_LAYERS, _EMBEDDINGS + _CLASSIFIER, (_POOLER,)),
-    "deit": Family("deit.", VIT_LAYERS, _EMBEDDINGS + _CLASSIFIER + (_DEIT_AS_REGISTER,), (_POOLER,)),
-    "deit_distilled": Family("deit.", VIT_LAYERS, _EMBEDDINGS + _DEIT_DISTILLED, (_POOLER,)),
-    "dinov2": Family("dinov2.", DINOV2_LAYERS, _EMBEDDINGS + _CLASSIFIER, (_MASK_TOKEN,)),
+    "vit": Family(VIT_LAYERS, _EMBEDDINGS + _CLASSIFIER, (_POOLER,)),
+    "deit": Family(VIT_LAYERS, _EMBEDDINGS + _CLASSIFIER + (_DEIT_AS_REGISTER,), (_POOLER,)),
+    "deit_distilled": Family(VIT_LAYERS, _EMBEDDINGS + _DEIT_DISTILLED, (_POOLER,)),
+    "dinov2": Family(DINOV2_LAYERS, _EMBEDDINGS + _CLASSIFIER, (_MASK_TOKEN,)),
     "dinov2_with_registers": Family(
-        "dinov2_with_registers.", DINOV2_LAYERS, _EMBEDDINGS + _CLASSIFIER + _DINOV2_REGISTERS, (_MASK_TOKEN,)
+        DINOV2_LAYERS, _EMBEDDINGS + _CLASSIFIER + _DINOV2_REGISTERS, (_MASK_TOKEN,)
     ),
 }
 SUPPORTED_MODEL_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers")
-_DISTILLED_ARCHITECTURE = "DeiTForImageClassificationWithTeacher"
 
 
 def _is_distilled(hf_config, state=None) -> bool:
-    if _DISTILLED_ARCHITECTURE in (getattr(hf_config, "architectures", None) or []):
+    if "DeiTForImageClassificationWithTeacher" in (getattr(hf_config, "architectures", None) or []):
         return True
     return state is not None and any(k.endswith("distillation_classifier.weight") for k in state)
 
@@ -248,10 +246,9 @@ def vitrail_config_from_hf(hf_config, state=None) -> VitrailConfig:
     if getattr(hf_config, "problem_type", None) is not None:
         fields["problem_type"] = hf_config.problem_type
     if family.startswith("dinov2"):
-        patch = hf_config.patch_size
         fields.update(
             _dinov2_mlp(hf_config),
-            encoder_stride=patch if isinstance(patch, int) else patch[0],
+            encoder_stride=ph,
             drop_path_rate=hf_config.drop_path_rate,
             layer_scale_init_value=hf_config.layerscale_value,
             num_register_tokens=getattr(hf_config, "num_register_tokens", 0),
@@ -301,7 +298,7 @@ def _plan(state: dict[str, torch.Tensor], hf_config) -> Plan:
         head=_wants_head(hf_config, state),
         rows=hf_rename_rows(family, layout),
         drops=FAMILIES[family].drops,
-        strip_prefix=FAMILIES[family].prefix,
+        strip_prefix=f"{hf_config.model_type}.",  # each family's base_model_prefix is its model_type
         source_name=f"{family} checkpoint ({layout} layout)",
     )
 
@@ -358,12 +355,12 @@ def open_source(path: str | Path, *, allow_pickle: bool = False) -> Converted:
     import transformers
 
     folder = Path(path)
-    model = load_hf_checkpoint(folder, allow_pickle=allow_pickle)
+    hf_config = AutoConfig.from_pretrained(folder)
+    model = _plan(read_weights(folder, allow_pickle), hf_config).load()
     processor_file = folder / "preprocessor_config.json"
     processor = (
         image_processor_from_hf(json.loads(processor_file.read_text())) if processor_file.is_file() else None
     )
-    hf_config = AutoConfig.from_pretrained(folder)
     architecture = (hf_config.architectures or ["AutoModel"])[0]
     reference_model = getattr(transformers, architecture).from_pretrained(folder).eval()
     native = model.config.image_hw

@@ -303,13 +303,6 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
     return _canonical(_read_archive(path)[0])
 
 
-def _checked(arrays: Mapping[str, np.ndarray], backbone_only: bool) -> dict[str, np.ndarray]:
-    """`_canonical` arrays, with the parts vitrail cannot reproduce refused (see the module docstring)."""
-    arrays = _canonical(arrays)
-    refuse(arrays, NPZ_REFUSED + (() if backbone_only else NPZ_HEAD_REFUSED), "JAX .npz checkpoint")
-    return arrays
-
-
 # ---- config ----------------------------------------------------------------------------------------------------
 
 
@@ -406,7 +399,8 @@ def vitrail_config_from_npz(
     sin-cos positions, which store no table). `num_labels` must agree with the head when there is one.
     `exact_gelu` is explained in the module docstring.
     """
-    arrays = _checked(arrays, backbone_only)
+    arrays = _canonical(arrays)
+    refuse(arrays, NPZ_REFUSED + (() if backbone_only else NPZ_HEAD_REFUSED), "JAX .npz checkpoint")
     layout = detect_npz_layout(arrays)
     modules = NPZ_LAYER_MODULES[layout]
     patch_kernel = arrays["embedding/kernel"]
@@ -453,7 +447,7 @@ def _head_classes(arrays: Mapping[str, np.ndarray]) -> int:
 
 
 def _plan(arrays: Mapping[str, np.ndarray], config: VitrailConfig, backbone_only: bool) -> Plan:
-    """The conversion of `_checked` arrays."""
+    """The conversion of `_canonical` arrays that `vitrail_config_from_npz` has read and checked."""
     layout = detect_npz_layout(arrays)
     head = not backbone_only and _head_classes(arrays) > 0
     return Plan(
@@ -464,18 +458,6 @@ def _plan(arrays: Mapping[str, np.ndarray], config: VitrailConfig, backbone_only
         drops=NPZ_BACKBONE_DROPS if backbone_only else () if head else NPZ_EMPTY_HEAD_DROPS,
         source_name=f"JAX .npz checkpoint ({layout} layout)",
     )
-
-
-def convert_npz(
-    arrays: Mapping[str, np.ndarray], config: VitrailConfig, *, backbone_only: bool = False
-) -> dict[str, torch.Tensor]:
-    """Rename a JAX ViT checkpoint into a vitrail state dict for `config`: a `VitrailForImageClassification` one
-    when the checkpoint has a head with classes (and not `backbone_only`), else a `VitrailModel` one.
-
-    Every array is placed exactly once or dropped with a logged reason; unknown keys, missing tensors and shape
-    mismatches raise a `ValueError` naming them.
-    """
-    return _plan(_checked(arrays, backbone_only), config, backbone_only).state_dict()
 
 
 def load_npz_checkpoint(
@@ -627,7 +609,6 @@ __all__ = [
     "NPZ_LAYER_MODULES",
     "NPZ_REFUSED",
     "NPZ_RENAMES",
-    "convert_npz",
     "detect_npz_layout",
     "load_npz_checkpoint",
     "npz_image_processor",

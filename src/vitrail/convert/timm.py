@@ -298,9 +298,6 @@ def _timm_says(architecture: str | None, model_args: dict, state: Mapping, facts
     from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
     if not timm.is_model(architecture):
-        logger.info(
-            "timm does not know the architecture %r; reading everything from the weights.", architecture
-        )
         return {}
     try:
         with torch.device("meta"):
@@ -393,17 +390,15 @@ def _heads_from_name(architecture: str | None, width: int) -> int | None:
     return heads
 
 
-def _labels(timm_config: dict, num_classes: int) -> dict:
+def _labels(timm_config: dict, num_classes: int) -> dict[int, str]:
     names = timm_config.get("label_names")
     if names and len(names) == num_classes:
-        id2label = {i: str(n) for i, n in enumerate(names)}
-    else:
-        if names:
-            logger.warning(
-                "config.json has %d label_names for %d classes; using LABEL_i.", len(names), num_classes
-            )
-        id2label = {i: f"LABEL_{i}" for i in range(num_classes)}
-    return {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+        return dict(enumerate(names))
+    if names:
+        logger.warning(
+            "config.json has %d label_names for %d classes; using LABEL_i.", len(names), num_classes
+        )
+    return {i: f"LABEL_{i}" for i in range(num_classes)}
 
 
 def _pooling(candidates, facts: TimmFacts) -> str:
@@ -480,8 +475,9 @@ def vitrail_config_from_timm(
     meta = _timm_says(architecture, model_args, state, facts)
     if not meta:
         logger.info(
-            "timm does not describe this architecture here; assuming timm's VisionTransformer defaults: exact GELU "
-            "and LayerNorm eps 1e-6."
+            "timm does not describe the architecture %r here (not named, timm not installed, or a name timm does not "
+            "know); assuming timm's VisionTransformer defaults: exact GELU and LayerNorm eps 1e-6.",
+            architecture,
         )
 
     # What config.json says must be what the weights say.
@@ -551,7 +547,7 @@ def vitrail_config_from_timm(
             f"config.json says no_embed_class={model_args['no_embed_class']}, but pos_embed has "
             f"{facts.positions} rows for {facts.prefix_tokens} prefix token(s) and a {height}x{width} image."
         )
-    if facts.distilled and (facts.positions is None or no_embed_class):
+    if facts.distilled and no_embed_class:
         raise NotImplementedError(
             f"`pos_embed` has {facts.positions or 'no'} rows for a {height}x{width} image: the class and distillation "
             "tokens own no position (timm no_embed_class=True or pos_embed='none'), a model timm's "
@@ -560,12 +556,16 @@ def vitrail_config_from_timm(
 
     if id2label is not None and len(id2label) != facts.num_classes:
         raise ValueError(f"id2label has {len(id2label)} labels, the head {facts.num_classes} classes.")
-    if id2label is not None:
-        labels = {int(k): str(v) for k, v in id2label.items()}
-        labels = {"id2label": labels, "label2id": {v: k for k, v in labels.items()}}
-    else:
-        labels = _labels(timm_config, facts.num_classes) if facts.num_classes else {"num_labels": 0}
-    if facts.positions is None or no_embed_class or not facts.prefix_tokens:
+    if id2label is None:
+        id2label = _labels(timm_config, facts.num_classes) if facts.num_classes else {}
+    id2label = {int(k): str(v) for k, v in id2label.items()}
+    labels = (
+        {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+        if id2label
+        else {"num_labels": 0}
+    )
+    # no_embed_class is also true without positions or without prefix tokens.
+    if no_embed_class:
         prefix_positions = "none"
     else:
         prefix_positions = "cls" if facts.prefix_tokens == 1 and facts.class_token else "all"
