@@ -519,7 +519,9 @@ def test_other_channel_counts_pass_through(num_channels):
     with pytest.raises(ValueError, match=rf"`num_channels={num_channels}`: expected {num_channels} channels"):
         identity(rgb_array())
     # A grayscale (H, W) array is one channel: refused, naming the shape that was passed.
-    with pytest.raises(ValueError, match=rf"shape \({H}, {W}\) for a model with `num_channels={num_channels}`"):
+    with pytest.raises(
+        ValueError, match=rf"shape \({H}, {W}\) for a model with `num_channels={num_channels}`"
+    ):
         identity(rgb_array()[..., 0])
 
 
