@@ -518,6 +518,11 @@ def test_other_channel_counts_pass_through(num_channels):
         np.testing.assert_array_equal(run(identity, PIL.Image.fromarray(bands, "LA")), run(identity, bands))
     with pytest.raises(ValueError, match=rf"`num_channels={num_channels}`: expected {num_channels} channels"):
         identity(rgb_array())
+    # A grayscale (H, W) array is one channel: refused, naming the shape that was passed.
+    with pytest.raises(
+        ValueError, match=rf"shape \({H}, {W}\) for a model with `num_channels={num_channels}`"
+    ):
+        identity(rgb_array()[..., 0])
 
 
 def test_four_band_processor_feeds_a_four_channel_model(tmp_path):

@@ -1,22 +1,10 @@
 """Share vitrail checkpoints on the Hugging Face Hub: check a folder, push it, pull it back.
 
-A shareable checkpoint is the folder `save_pretrained` (or `scripts/train.py`) writes. A push uploads one declared
-allowlist (`checkpoint_files`): the weights (`model.safetensors`, or the shards its index names), `config.json` and
-`preprocessor_config.json`, the code files their `auto_map` names, the card (`README.md`), its plots and the
-trainer's result files. Anything else in the folder is reported as not pushed unless `include=` asks for it;
-subfolders never travel, and `check_checkpoint` refuses a folder that holds a symbolic link or a pickle, or is not
-a complete, loadable checkpoint, before a byte leaves the machine.
-
-`push_checkpoint` makes one commit on top of the branch head it read (`parent_commit`), so a checkpoint is never
-half-updated on the Hub. huggingface_hub leaves out files the branch already holds unchanged, so an unchanged
-folder makes no commit; weights of the other layout (one file vs. shards) still on the branch are deleted in the
-same commit, or transformers would load them.
-
-`pull_checkpoint` resolves the revision to one commit sha and downloads at that sha: the configs first, then only
-the code files their `auto_map` names (plain module names that shadow no importable module), the weights and the
-card. Each file must match the sha the Hub's tree listing gives. Into `local_dir`, files arrive in a hidden folder
-beside it and replace the previous checkpoint only once all arrived intact, with a record of the revision
-(`.vitrail-pull.json`); an error or SIGTERM leaves no partial folder behind.
+A push uploads one declared allowlist (`checkpoint_files`), and only once `check_checkpoint` has found the folder
+free of symbolic links and pickles, complete and loadable; it lands as one commit on the branch head it read
+(`push_checkpoint`). A pull downloads one revision at one commit sha, each file checked against the Hub's tree
+listing, and replaces a local folder only once every file arrived intact (`pull_checkpoint`); an error or SIGTERM
+leaves no partial folder behind.
 
 Every request has a time-out (`timeout=`, seconds); idempotent ones are retried with backoff. Whatever goes wrong
 is a `HubError` whose message names the repo, the revision and the cause.
@@ -719,10 +707,8 @@ def _holds(folder: Path, record: dict, repo_id: str, revision: str | None) -> bo
 def _files_to_pull(
     available: set[str], fetch: Callable[[str], Path], fail: Callable[[str], HubError]
 ) -> list[str]:
-    """What to download of a revision whose top level holds `available`: the configs (fetched here), the code
-    files their `auto_map`s name, the weights (one file; or the index, fetched here, and the shards it names) and
-    the card. Refuses code or shard names that are not plain file names, code names that would shadow an
-    importable module, and a revision that lacks any of these files."""
+    """The files `pull_checkpoint` downloads (and the refusals it lists) of a revision whose top level holds
+    `available`; the configs and the weights index are fetched here to read them."""
     weights = [name for name in (WEIGHTS, WEIGHTS_INDEX) if name in available][:1]  # transformers' preference
     missing = ([] if weights else [WEIGHTS]) + [name for name in CONFIGS if name not in available]
     auto_maps = [_json_object(fetch(name), fail).get("auto_map") for name in CONFIGS if name in available]

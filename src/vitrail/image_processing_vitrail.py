@@ -156,11 +156,6 @@ def to_numpy(image) -> np.ndarray:
         if image.is_floating_point() and image.dtype not in (torch.float16, torch.float32, torch.float64):
             image = image.float()  # bfloat16 and float8 have no numpy dtype
         image = image.numpy()
-    if not isinstance(image, np.ndarray):
-        raise TypeError(
-            f"Unsupported image type {type(image).__name__}: pass PIL images, numpy arrays, torch tensors, or "
-            "paths/URLs of image files."
-        )
     return image
 
 
@@ -185,25 +180,19 @@ def channels_first(
 ) -> np.ndarray:
     """`(H, W)`, `(H, W, C)` or `(C, H, W)` -> `(C, H, W)`. The channel axis is the end whose size the model can
     read; when both ends could be channels (e.g. `(3, 5, 3)`), `input_data_format` must say which."""
-    shape = tuple(image.shape)
+    shape, readable = tuple(image.shape), readable_channels(num_channels)
     if image.ndim == 2:
-        return image[None]
-    if image.ndim != 3:
-        raise ValueError(f"An image must have 2 or 3 dimensions, got shape {shape}.")
+        image, input_data_format = image[None], ChannelDimension.FIRST
     if input_data_format is None:
-        readable = readable_channels(num_channels)
-        first, last = shape[0] in readable, shape[-1] in readable
-        if first and last:
+        if shape[0] in readable and shape[-1] in readable:
             raise ValueError(
                 f"The image of shape {shape} is ambiguous: its first and its last dimension could both hold the "
                 'channels. Pass `input_data_format="channels_first"` or `input_data_format="channels_last"`.'
             )
-        if not (first or last):
-            raise ValueError(_channels_message(shape, num_channels))
-        input_data_format = ChannelDimension.FIRST if first else ChannelDimension.LAST
+        input_data_format = ChannelDimension.FIRST if shape[0] in readable else ChannelDimension.LAST
     if ChannelDimension(input_data_format) == ChannelDimension.LAST:
         image = np.moveaxis(image, -1, 0)
-    if image.shape[0] not in readable_channels(num_channels):
+    if image.shape[0] not in readable:  # also when neither end could be the channels
         raise ValueError(_channels_message(shape, num_channels))
     return image
 
@@ -265,8 +254,6 @@ def convert_channels(image: np.ndarray, num_channels: int, white: float = 255.0)
     channels = image.shape[0]
     if channels == num_channels:
         return image
-    if num_channels not in (1, 3) or channels not in CONVERTIBLE_CHANNELS:
-        raise ValueError(_channels_message(tuple(image.shape), num_channels))
     integer = np.issubdtype(image.dtype, np.integer)
     if channels == 4:
         # Composite over white, as a viewer shows a transparent image, instead of dropping alpha.
@@ -285,8 +272,6 @@ def convert_channels(image: np.ndarray, num_channels: int, white: float = 255.0)
 def channel_statistic(value, name: str, num_channels: int):
     """`image_mean` / `image_std` for `num_channels` channels: one value or one per channel. A triple of equal
     values (the default 0.5) collapses to one value for any channel count; other lengths raise."""
-    if value is None:
-        return None
     values = [float(v) for v in np.ravel(value)]
     if not all(math.isfinite(v) for v in values) or (name == "image_std" and min(values) <= 0):
         raise ValueError(f"`{name}` must hold finite values (and `image_std` positive ones), got {value!r}.")
@@ -349,13 +334,15 @@ def resize_bands(
 
 
 def resize_image(
-    image: np.ndarray, height: int, width: int, resample: PILImageResampling, reducing_gap: int | None = None
+    image: np.ndarray, height: int, width: int, resample=None, reducing_gap: int | None = None
 ) -> np.ndarray:
     """Resize a channels-first uint8 or float32 array. Bilinear runs torch's antialiased kernel, the one
     torchvision's tensor resize calls and transformers' torchvision backend uses: on uint8 it rounds to 8-bit
     levels as PIL does, and lands within one level of PIL's numbers (PIL and torch round their fixed-point
     weights differently); floats are not rounded. Other filters, `reducing_gap`, and one-pixel-wide outputs (which
-    torch 2.14's generic antialiased kernel resamples wrongly) go through PIL band by band (`resize_bands`)."""
+    torch 2.14's generic antialiased kernel resamples wrongly) go through PIL band by band (`resize_bands`).
+    `resample` is a `PILImageResampling` (or its int); `None` is bilinear."""
+    resample = PILImageResampling(PILImageResampling.BILINEAR if resample is None else resample)
     if resample != PILImageResampling.BILINEAR or reducing_gap is not None or width == 1:
         return resize_bands(image, height, width, resample, reducing_gap)
     if not image.flags.writeable:  # torch warns on read-only arrays (PIL's); order="K" keeps the layout
@@ -368,10 +355,11 @@ def resize_image(
     return F.interpolate(tensor, size=(height, width), mode="bilinear", antialias=True)[0].numpy()
 
 
-def crop_pct_size(height: int, width: int, size, crop_pct: float) -> tuple[int, int]:
-    """The size to resize to before center-cropping `size` (timm's evaluation transform): both sides of `size`
-    over `crop_pct`, floored; for a square `size` the shorter side of the image goes there, keeping its aspect
-    ratio."""
+def crop_pct_size(image: np.ndarray, size, crop_pct: float) -> tuple[int, int]:
+    """The size to resize a channels-first `image` to before center-cropping `size` (timm's evaluation
+    transform): both sides of `size` over `crop_pct`, floored; for a square `size` the shorter side of the image
+    goes there, keeping its aspect ratio."""
+    height, width = image.shape[-2:]
     target_h = math.floor(size.height / crop_pct)
     target_w = math.floor(size.width / crop_pct)
     if size.height == size.width:
@@ -526,9 +514,7 @@ class VitrailImageProcessor(PilBackend):
 
     def resize(self, image: np.ndarray, size, resample=None, reducing_gap: int | None = None, **kwargs):
         """Resize a channels-first image (any channel count, float bands kept in float): `resize_image`."""
-        height, width = output_size(image, size)
-        resample = PILImageResampling(PILImageResampling.BILINEAR if resample is None else resample)
-        return resize_image(image, height, width, resample, reducing_gap)
+        return resize_image(image, *output_size(image, size), resample, reducing_gap)
 
     def center_crop(self, image: np.ndarray, size, **kwargs) -> np.ndarray:
         height, width = image.shape[-2:]
@@ -562,32 +548,28 @@ class VitrailImageProcessor(PilBackend):
         the images come from `process_image` (channels-first, in 8-bit levels when rescaling)."""
         if not images:
             raise ValueError("No images given: pass an image or a non-empty list or batch of images.")
-        num_channels = num_channels or self.num_channels
-        if do_resize:
-            resample = PILImageResampling(PILImageResampling.BILINEAR if resample is None else resample)
-            if crop_pct is not None:
-                do_center_crop, crop_size = True, size
+        if do_resize and crop_pct is not None:
+            do_center_crop, crop_size = True, size
         prepared = []
         for image in images:
             if do_resize:
-                height, width = image.shape[-2:]
-                if crop_pct is None:
-                    target = output_size(image, size)
-                else:
-                    target = crop_pct_size(height, width, size, crop_pct)
+                target = (
+                    output_size(image, size) if crop_pct is None else crop_pct_size(image, size, crop_pct)
+                )
                 image = resize_image(image, *target, resample)
             if do_center_crop:
                 image = self.center_crop(image, crop_size)
             prepared.append(image)
         # In the units of the images (8-bit levels when rescaling): (x - offset) / divisor.
         levels = 1.0 / rescale_factor if do_rescale else 1.0
-        offset, divisor = np.zeros(num_channels), np.full(num_channels, levels)
+        mean, std = 0.0, 1.0
         if do_normalize:
-            offset = levels * np.asarray(channel_statistic(image_mean, "image_mean", num_channels))
-            divisor = levels * np.asarray(channel_statistic(image_std, "image_std", num_channels))
+            mean = channel_statistic(image_mean, "image_mean", num_channels)
+            std = channel_statistic(image_std, "image_std", num_channels)
         # (C,) -> (C, 1, 1), float32: what the pixels become
         offset, divisor = (
-            np.broadcast_to(v, num_channels).astype(np.float32)[:, None, None] for v in (offset, divisor)
+            np.broadcast_to(levels * np.asarray(v), num_channels).astype(np.float32)[:, None, None]
+            for v in (mean, std)
         )
         pixels = rescale_and_normalize(prepared, offset, divisor)
         if do_pad:

@@ -169,83 +169,50 @@ def _hub_model_id(base_model: str | None) -> str | None:
     return base_model
 
 
-def _top_k(name: str) -> int | None:
-    """`"top5_accuracy"` -> 5; anything else -> None."""
-    if name.startswith("top") and name.endswith("_accuracy") and name[3:-9].isdigit():
-        return int(name[3:-9])
-    return None
+def _accuracies(measured: dict[str, float]) -> list[tuple[str, int, float]]:
+    """(name, k, value) of `accuracy` (k = 1) and of each `top{k}_accuracy`, by k."""
+    found = [("accuracy", 1, measured["accuracy"])] if "accuracy" in measured else []
+    for name, value in measured.items():
+        if name.startswith("top") and name.endswith("_accuracy") and name[3:-9].isdigit():
+            found.append((name, int(name[3:-9]), value))
+    return sorted(found, key=lambda item: item[1])
 
 
 def _eval_results(
     measured: dict[str, float], *, dataset_type: str, dataset_name: str, split: str
 ) -> list[EvalResult]:
-    common = dict(
-        task_type="image-classification",
-        task_name="Image Classification",
-        dataset_type=dataset_type,
-        dataset_name=dataset_name,
-        dataset_split=split,
-    )
-    results = []
-    if "accuracy" in measured:
-        results.append(
-            EvalResult(
-                **common,
-                metric_type="accuracy",
-                metric_name="Top-1 Accuracy",
-                metric_value=_round(measured["accuracy"]),
-            )
-        )
-    for name, value in measured.items():
-        k = _top_k(name)
-        if k is not None:
-            # The Hub has no top-k metric id: accuracy with its k as an argument.
-            results.append(
-                EvalResult(
-                    **common,
-                    metric_type="accuracy",
-                    metric_name=f"Top-{k} Accuracy",
-                    metric_args={"k": k},
-                    metric_value=_round(value),
-                )
-            )
+    # The Hub has no top-k metric id: accuracy with its k as an argument.
+    metrics = [
+        ("accuracy", f"Top-{k} Accuracy", None if name == "accuracy" else {"k": k}, value)
+        for name, k, value in _accuracies(measured)
+    ]
     if "macro_f1" in measured:
-        results.append(
-            EvalResult(
-                **common,
-                metric_type="f1",
-                metric_name="Macro F1",
-                metric_args={"average": "macro"},
-                metric_value=_round(measured["macro_f1"]),
-            )
+        metrics.append(("f1", "Macro F1", {"average": "macro"}, measured["macro_f1"]))
+    return [
+        EvalResult(
+            task_type="image-classification",
+            task_name="Image Classification",
+            dataset_type=dataset_type,
+            dataset_name=dataset_name,
+            dataset_split=split,
+            metric_type=metric_type,
+            metric_name=metric_name,
+            metric_args=metric_args,
+            metric_value=round(value, 4),
         )
-    return results
-
-
-def _round(value: float) -> float:
-    return round(value, 4)
+        for metric_type, metric_name, metric_args, value in metrics
+    ]
 
 
 def _results_table(measured: dict[str, float]) -> list[tuple[str, str]]:
     """Rows (name, value): accuracies first (as percentages), then macro F1, then anything else as given."""
-    rows = []
-    for name, value in sorted(measured.items(), key=lambda item: _table_rank(item[0])):
-        k = _top_k(name)
-        if name == "accuracy" or k is not None:
-            rows.append((f"Top-{k or 1} accuracy", f"{value:.2%}"))
-        elif name == "macro_f1":
-            rows.append(("Macro F1", f"{value:.4f}"))
-        else:
-            rows.append((_label(name), _cell(value)))
+    accuracies = _accuracies(measured)
+    rows = [(f"Top-{k} accuracy", f"{value:.2%}") for _, k, value in accuracies]
+    if "macro_f1" in measured:
+        rows.append(("Macro F1", f"{measured['macro_f1']:.4f}"))
+    shown = {name for name, _, _ in accuracies} | {"macro_f1"}
+    rows += [(_label(name), _cell(value)) for name, value in measured.items() if name not in shown]
     return rows
-
-
-def _table_rank(name: str) -> tuple[int, int]:
-    if name == "accuracy":
-        return (0, 1)
-    if _top_k(name) is not None:
-        return (0, _top_k(name))
-    return (1 if name == "macro_f1" else 2, 0)  # sorted() is stable: the rest keep their order
 
 
 def _slug(text: str) -> str:
