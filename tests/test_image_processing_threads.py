@@ -100,3 +100,29 @@ def test_a_bad_image_among_many_raises_its_own_error(threads):
     threads(2)
     with pytest.raises(ValueError, match=r"The image of shape \(0, 5, 3\) has no pixels"):
         VitrailImageProcessor()(images)
+
+
+class NamesOfThreads(torch.utils.data.Dataset):
+    """One item: the names of the threads that converted each of six images."""
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        names = []
+        real = VitrailImageProcessor.process_image
+
+        class Recording(VitrailImageProcessor):
+            def process_image(self, *args, **kwargs):
+                names.append(threading.current_thread().name)
+                return real(self, *args, **kwargs)
+
+        Recording(size={"height": 16, "width": 16})(mixed_images()[:6])
+        return names
+
+
+def test_dataloader_workers_prepare_images_in_their_own_thread(threads):
+    """A DataLoader worker runs with one torch thread, so the processor adds no threads of its own there."""
+    threads(2)
+    loader = torch.utils.data.DataLoader(NamesOfThreads(), num_workers=1, collate_fn=lambda items: items[0])
+    assert next(iter(loader)) == ["MainThread"] * 6
