@@ -379,6 +379,10 @@ BROKEN = {
         r"preprocessor_config.json's auto_map\['AutoImageProcessor'\]\); save the image processor",
     ),
     "no processor": (lambda f: (f / "preprocessor_config.json").unlink(), "no preprocessor_config.json"),
+    "config not an object": (
+        lambda f: (f / "config.json").write_text("[]"),
+        r"config.json is not a JSON object \(it holds a list\)",
+    ),
     "weights of another shape": (_edit_json("config.json", hidden_size=36), "does not load|do not match"),
     "forward fails": (
         _edit_json("preprocessor_config.json", size={"height": 20, "width": 20}),

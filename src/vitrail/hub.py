@@ -315,10 +315,14 @@ def _read_json(path: Path, problems: list[str]) -> dict | None:
         problems.append(f"no {path.name}")
         return None
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except ValueError as error:
         problems.append(f"{path.name} is not valid JSON ({error})")
         return None
+    if not isinstance(data, dict):
+        problems.append(f"{path.name} is not a JSON object (it holds a {type(data).__name__})")
+        return None
+    return data
 
 
 def _check_forward(folder: Path, config: dict, processor_config: dict) -> None:
