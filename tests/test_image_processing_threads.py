@@ -1,5 +1,5 @@
-"""The processor prepares a list of images on several threads (torch's thread count): the same numbers as one
-thread, in order, each object once, errors raised as they are."""
+"""The processor resizes a list of images on several threads (torch's thread count): the same numbers as one
+thread, in order, errors raised as they are, and no threads of its own inside DataLoader workers."""
 
 import io
 import threading
@@ -9,6 +9,7 @@ import PIL.Image
 import pytest
 import torch
 
+import vitrail.image_processing_vitrail as image_processing
 from vitrail import VitrailImageProcessor
 
 
@@ -37,6 +38,18 @@ def mixed_images() -> list:
     return images
 
 
+def recording_resizes(monkeypatch) -> list[str]:
+    """Patch the processor's resize to note the name of the thread each call runs on."""
+    names, real = [], image_processing.resize_image
+
+    def recording(*args, **kwargs):
+        names.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(image_processing, "resize_image", recording)
+    return names
+
+
 @pytest.mark.parametrize("kwargs", [{}, {"crop_pct": 0.875}])
 def test_threads_give_the_numbers_one_thread_gives(threads, kwargs):
     processor = VitrailImageProcessor(size={"height": 24, "width": 24}, **kwargs)
@@ -51,17 +64,9 @@ def test_threads_give_the_numbers_one_thread_gives(threads, kwargs):
         assert torch.equal(processor(image, return_tensors="pt").pixel_values[0], spread[index])
 
 
-def test_work_runs_on_the_pool_only_with_several_threads(threads, monkeypatch):
-    """With 2 torch threads the images are converted and resized on the processor's pool; with 1 (what a
-    DataLoader worker has) in the calling thread."""
-    names = []
-    real = VitrailImageProcessor.process_image
-
-    def recording(self, *args, **kwargs):
-        names.append(threading.current_thread().name)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(VitrailImageProcessor, "process_image", recording)
+def test_resizes_run_on_the_pool_only_with_several_threads(threads, monkeypatch):
+    """With 2 torch threads the images are resized on the processor's pool; with 1 in the calling thread."""
+    names = recording_resizes(monkeypatch)
     processor = VitrailImageProcessor(size={"height": 16, "width": 16})
     threads(2)
     processor(mixed_images()[:6])
@@ -72,57 +77,40 @@ def test_work_runs_on_the_pool_only_with_several_threads(threads, monkeypatch):
     assert names == [threading.current_thread().name] * 6
 
 
-def test_an_image_given_twice_is_processed_once(threads, monkeypatch):
-    """Two threads must never load one lazily opened PIL image at once: a repeated object is processed once and
-    its result used at every place it was given."""
-    calls = []
-    real = VitrailImageProcessor.process_image
+def test_an_error_on_the_pool_is_raised_as_it_is(threads, monkeypatch):
+    real = image_processing.resize_image
 
-    def counting(self, image, *args, **kwargs):
-        calls.append(id(image))
-        return real(self, image, *args, **kwargs)
+    def failing(image, *args, **kwargs):
+        if image.shape[-2:] == (33, 45):
+            raise ValueError("the (33, 45) image")
+        return real(image, *args, **kwargs)
 
-    monkeypatch.setattr(VitrailImageProcessor, "process_image", counting)
-    images = mixed_images()
-    lazy = images[5]
+    monkeypatch.setattr(image_processing, "resize_image", failing)
     threads(2)
-    pixels = VitrailImageProcessor(size={"height": 16, "width": 16})(
-        [lazy, images[0], lazy, lazy], return_tensors="pt"
-    ).pixel_values
-    assert sorted(calls) == sorted([id(lazy), id(images[0])])
-    assert torch.equal(pixels[0], pixels[2]) and torch.equal(pixels[0], pixels[3])
-    assert not torch.equal(pixels[0], pixels[1])
+    with pytest.raises(ValueError, match=r"^the \(33, 45\) image$"):
+        VitrailImageProcessor()(mixed_images())
 
 
-def test_a_bad_image_among_many_raises_its_own_error(threads):
-    images = mixed_images()
-    images[4] = np.zeros((0, 5, 3), np.uint8)
-    threads(2)
-    with pytest.raises(ValueError, match=r"The image of shape \(0, 5, 3\) has no pixels"):
-        VitrailImageProcessor()(images)
-
-
-class NamesOfThreads(torch.utils.data.Dataset):
-    """One item: the names of the threads that converted each of six images."""
+class ResizeThreads(torch.utils.data.Dataset):
+    """One item: the names of the threads that resized each of six images."""
 
     def __len__(self):
         return 1
 
     def __getitem__(self, index):
-        names = []
-        real = VitrailImageProcessor.process_image
+        names, real = [], image_processing.resize_image
 
-        class Recording(VitrailImageProcessor):
-            def process_image(self, *args, **kwargs):
-                names.append(threading.current_thread().name)
-                return real(self, *args, **kwargs)
+        def recording(*args, **kwargs):
+            names.append(threading.current_thread().name)
+            return real(*args, **kwargs)
 
-        Recording(size={"height": 16, "width": 16})(mixed_images()[:6])
+        image_processing.resize_image = recording  # inside the worker process only
+        VitrailImageProcessor(size={"height": 16, "width": 16})(mixed_images()[:6])
         return names
 
 
-def test_dataloader_workers_prepare_images_in_their_own_thread(threads):
+def test_dataloader_workers_resize_in_their_own_thread(threads):
     """A DataLoader worker runs with one torch thread, so the processor adds no threads of its own there."""
     threads(2)
-    loader = torch.utils.data.DataLoader(NamesOfThreads(), num_workers=1, collate_fn=lambda items: items[0])
+    loader = torch.utils.data.DataLoader(ResizeThreads(), num_workers=1, collate_fn=lambda items: items[0])
     assert next(iter(loader)) == ["MainThread"] * 6

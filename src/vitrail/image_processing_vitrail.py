@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import binascii
 import concurrent.futures
-import functools
 import io
 import math
 import os
@@ -357,22 +356,18 @@ def resize_image(
     return F.interpolate(tensor, size=(height, width), mode="bilinear", antialias=True)[0].numpy()
 
 
-def map_images(function, images: list) -> list:
+def map_images(function, images: list[np.ndarray]) -> list[np.ndarray]:
     """`[function(image) for image in images]`, spread over `torch.get_num_threads()` threads when there are
-    several images. Each image's work is single-threaded and releases the GIL where it is heavy (PIL's decode
-    and conversion, torch's antialiased resize), so a batch goes about as many times faster as there are free
-    cores. DataLoader workers run with one torch thread, so inside them this stays a plain loop; so does
-    `torch.set_num_threads(1)`. The results keep the images' order; an image's error is raised as it is. An
-    object given twice is processed once: two threads must not load one lazily opened PIL image together."""
-    unique = list({id(image): image for image in images}.values())
-    workers = min(torch.get_num_threads(), len(unique))
+    several images. It runs the resize, whose torch kernel works on one thread per image and releases the GIL,
+    so a batch of resizes goes about as many times faster as there are free cores (the PIL conversion before it
+    holds the GIL, and stays a plain loop). DataLoader workers run with one torch thread, so inside them this is a
+    plain loop too, as with `torch.set_num_threads(1)`. The results keep the images' order; an image's error is
+    raised as it is."""
+    workers = min(torch.get_num_threads(), len(images))
     if workers < 2:
-        results = [function(image) for image in unique]
-    else:
-        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="vitrail-images") as pool:
-            results = list(pool.map(function, unique))
-    by_id = dict(zip(map(id, unique), results, strict=True))
-    return [by_id[id(image)] for image in images]
+        return [function(image) for image in images]
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="vitrail-images") as pool:
+        return list(pool.map(function, images))
 
 
 def crop_pct_size(image: np.ndarray, size, crop_pct: float) -> tuple[int, int]:
@@ -507,13 +502,6 @@ class VitrailImageProcessor(PilBackend):
             else:
                 flat.append(item)
         return flat
-
-    def _prepare_image_like_inputs(
-        self, images, *args, expected_ndims: int = 3, **kwargs
-    ) -> list[np.ndarray]:
-        """`process_image` over the flat list of images, spread over threads (`map_images`)."""
-        images = self._prepare_images_structure(images, expected_ndims=expected_ndims)
-        return map_images(functools.partial(self.process_image, *args, **kwargs), images)
 
     def process_image(
         self,
