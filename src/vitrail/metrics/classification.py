@@ -145,25 +145,22 @@ def classification_metrics(
     predictions = np.asarray(predictions)
     references = np.asarray(references)
     if predictions.ndim == 2:
-        scores, references = _as_scores_and_references(predictions, references)
-        if num_labels is not None and num_labels != scores.shape[1]:
-            raise ValueError(f"num_labels={num_labels} but the scores have {scores.shape[1]} columns.")
-        num_labels = scores.shape[1]
-        predicted = scores.argmax(axis=1)
+        if num_labels is not None and num_labels != predictions.shape[1]:
+            raise ValueError(f"num_labels={num_labels} but the scores have {predictions.shape[1]} columns.")
+        num_labels = predictions.shape[1]
     elif predictions.ndim == 1:
-        scores, predicted = None, predictions
         if num_labels is None:
             num_labels = int(max(predictions.max(initial=0), references.max(initial=0))) + 1
     else:
         raise ValueError(f"Expected predictions of shape (N, K) or (N,), got {predictions.shape}.")
 
-    matrix = confusion_matrix(references, predicted, num_labels)
+    matrix = confusion_matrix(references, predictions, num_labels)  # checks the shapes and the class ids
     results = {
         "accuracy": float(np.trace(matrix) / matrix.sum()),
         "macro_f1": macro_f1_from_confusion(matrix),
     }
-    if scores is not None and top_k and num_labels > top_k:
-        results[f"top{top_k}_accuracy"] = top_k_accuracy(scores, references, top_k)
+    if predictions.ndim == 2 and top_k and num_labels > top_k:
+        results[f"top{top_k}_accuracy"] = top_k_accuracy(predictions, references, top_k)
     if with_confusion_matrix:
         results["confusion_matrix"] = matrix.tolist()
     return results
