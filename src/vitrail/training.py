@@ -155,10 +155,11 @@ def batch_augment(data_args: DataArguments, processor) -> BatchAugment | None:
 
 
 def parse_overrides(text: str | None) -> dict[str, Any]:
-    """'a=1,b=mean,c=true' -> typed values, using VitrailConfig's field types so that mistakes fail early."""
+    """'a=1,b=mean,c=true' -> typed values for VitrailConfig's fields; an unknown name fails here, a wrong type
+    when the config is built."""
     if not text:
         return {}
-    known = {f.name: f.type for f in fields(VitrailConfig)}
+    known = {f.name for f in fields(VitrailConfig)}
     values: dict[str, Any] = {}
     for item in text.split(","):
         name, sep, raw = item.partition("=")
@@ -495,14 +496,13 @@ def parameter_groups(model, weight_decay: float, learning_rate: float, layer_dec
             continue
         layer = layer_id(name, depth) if layer_decay else depth + 1
         decay = not no_decay(name, param)
-        scale = layer_decay ** (depth + 1 - layer) if layer_decay else 1.0
         group = groups.setdefault(
             (layer, decay),
             {
                 "params": [],
                 "names": [],
                 "weight_decay": weight_decay if decay else 0.0,
-                "lr": learning_rate * scale,
+                "lr": learning_rate * (layer_decay or 1.0) ** (depth + 1 - layer),
             },
         )
         group["params"].append(param)
@@ -548,12 +548,11 @@ class VitrailTrainer(Trainer):
         return self.optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if self.augment is not None or self.mix is not None:
-            inputs = dict(inputs)
-            if self.augment is not None:
-                inputs["pixel_values"] = self.augment(inputs["pixel_values"])
-            if self.mix is not None:
-                inputs["pixel_values"], inputs["labels"] = self.mix(inputs["pixel_values"], inputs["labels"])
+        inputs = dict(inputs)  # the batch stays as the data loader gave it
+        if self.augment is not None:
+            inputs["pixel_values"] = self.augment(inputs["pixel_values"])
+        if self.mix is not None:
+            inputs["pixel_values"], inputs["labels"] = self.mix(inputs["pixel_values"], inputs["labels"])
         return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

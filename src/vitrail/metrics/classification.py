@@ -52,19 +52,6 @@ Examples:
 _CITATION = ""
 
 
-def _as_scores_and_references(scores, references) -> tuple[np.ndarray, np.ndarray]:
-    scores = np.asarray(scores)
-    references = np.asarray(references)
-    if scores.ndim != 2:
-        raise ValueError(f"Expected class scores of shape (N, K), got shape {scores.shape}.")
-    if references.shape != (scores.shape[0],):
-        raise ValueError(
-            f"Expected one reference per row of scores: scores have shape {scores.shape}, references {references.shape}."
-        )
-    _check_label_range(references, scores.shape[1], "references")
-    return scores, references
-
-
 def _check_label_range(labels: np.ndarray, num_labels: int, name: str) -> None:
     if labels.size == 0:
         raise ValueError(f"No {name}: metrics of an empty set are undefined.")
@@ -118,7 +105,15 @@ def top_k_accuracy(scores, references, k: int) -> float:
 
     Equal scores are ranked by class index (lower first), the order `np.argmax` uses, so `k=1` gives accuracy.
     """
-    scores, references = _as_scores_and_references(scores, references)
+    scores = np.asarray(scores)
+    references = np.asarray(references)
+    if scores.ndim != 2:
+        raise ValueError(f"Expected class scores of shape (N, K), got shape {scores.shape}.")
+    if references.shape != (scores.shape[0],):
+        raise ValueError(
+            f"Expected one reference per row of scores: scores have shape {scores.shape}, references {references.shape}."
+        )
+    _check_label_range(references, scores.shape[1], "references")
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}.")
     rows = np.arange(len(references))
