@@ -241,7 +241,8 @@ def _delete_run(folder: Path) -> None:
 
 
 def start_run(training_args, settings: dict, split: dict) -> RunStart:
-    """Decide how a run starts in `training_args.output_dir`, and record its settings there.
+    """Decide how a run starts in `training_args.output_dir` (made by `check_output_dir`), and record its settings
+    there.
 
     `settings` (model config, data, schedule) and `split` (the data split record) are compared with those of the
     run already in the folder. The same: resume from the newest complete checkpoint, or return the results of a
@@ -331,7 +332,6 @@ def _decide(
     else:
         start = RunStart(checkpoint=find_resume_checkpoint(folder))
     if should_save:
-        folder.mkdir(parents=True, exist_ok=True)
         (folder / RESULTS).unlink(missing_ok=True)  # the results of an earlier run are stale from here on
         write_json_atomic(folder / RUN_SETTINGS, settings)
         write_json_atomic(folder / DATA_SPLIT, split)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from datasets import Image
+from datasets import Image, load_dataset
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 
@@ -288,8 +288,6 @@ def load_splits(data_args: DataArguments) -> LoadedData:
         # By name, not path: the record travels with the checkpoint, and the sample hashes below identify the data.
         name = source = Path(data_args.train_dir).resolve().name
     elif data_args.dataset_name:
-        from datasets import load_dataset
-
         splits = load_dataset(data_args.dataset_name, data_args.dataset_config_name)
         name = source = data_args.dataset_name
         if data_args.dataset_config_name:
@@ -396,8 +394,10 @@ def prepare_splits(splits, processor, data_args: DataArguments) -> None:
         images = decode_images(batch, image_col, feature)
         if augment:
             images = [rand_augment(im if im.mode in ("L", "RGB") else im.convert("RGB")) for im in images]
-        pixels = processor(images, return_tensors="pt")["pixel_values"]
-        return {"pixel_values": list(pixels), "labels": batch[label_col]}
+        return {
+            "pixel_values": processor(images, return_tensors="pt")["pixel_values"],
+            "labels": batch[label_col],
+        }
 
     height, width = processor.size["height"], processor.size["width"]
     for key in ("train", "validation", "test"):
@@ -414,10 +414,7 @@ def prepare_splits(splits, processor, data_args: DataArguments) -> None:
         if cache is None:
             cache = len(split) * processor.num_channels * height * width * 4 <= 2**30
         if cache and not on_the_fly:
-            chunks = [
-                processor(decode_images(split[start : start + 256], image_col, feature), return_tensors="pt")
-                for start in range(0, len(split), 256)
-            ]
+            chunks = [process(split[start : start + 256], feature) for start in range(0, len(split), 256)]
             pixels = torch.cat([chunk["pixel_values"] for chunk in chunks])
             splits[key] = ProcessedSplit(pixels, torch.tensor(split[label_col]))
         else:
