@@ -11,7 +11,7 @@ from transformers import TrainingArguments, default_data_collator
 from transformers.utils import cached_file
 
 from .image_processing_vitrail import VitrailImageProcessor
-from .metrics import confusion_matrix, logits_of, make_compute_metrics
+from .metrics import confusion_matrix, first_array, make_compute_metrics
 from .modeling_vitrail import VitrailForImageClassification
 from .plots import plot_confusion_matrix
 from .run_folder import DATA_SPLIT, differences, read_json, write_json_atomic
@@ -106,7 +106,7 @@ def evaluate_checkpoint(args: EvaluateArguments, data_args: DataArguments) -> di
     )
     prediction = trainer.predict(prepared[args.split], metric_key_prefix=args.split)
     metrics = dict(prediction.metrics)
-    matrix = confusion_matrix(prediction.label_ids, logits_of(prediction.predictions), len(labels))
+    matrix = confusion_matrix(prediction.label_ids, first_array(prediction.predictions), len(labels))
     plot_confusion_matrix(matrix, labels, output / "confusion_matrix.png", title=f"{args.split} split")
     write_json_atomic(output / "metrics.json", {**metrics, "confusion_matrix": matrix.tolist()})
     return metrics

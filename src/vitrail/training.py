@@ -704,7 +704,7 @@ def write_report(
 ) -> None:
     """Write what a finished run adds to its checkpoint: the training curves, the confusion matrix of the reported
     `split` from `prediction` (plot and JSON) and the model card."""
-    from .metrics import confusion_matrix, logits_of
+    from .metrics import confusion_matrix, first_array
     from .model_card import render_model_card
     from .plots import plot_confusion_matrix, plot_training_curves
 
@@ -712,7 +712,7 @@ def write_report(
     config = trainer.model.config
     if prediction is not None:
         labels = [config.id2label[i] for i in range(config.num_labels)]
-        matrix = confusion_matrix(prediction.label_ids, logits_of(prediction.predictions), len(labels))
+        matrix = confusion_matrix(prediction.label_ids, first_array(prediction.predictions), len(labels))
         title = f"{split.capitalize()} split"
         plots.append(plot_confusion_matrix(matrix, labels, output / "confusion_matrix.png", title=title).name)
         write_json_atomic(output / "confusion_matrix.json", {"labels": labels, "matrix": matrix.tolist()})
