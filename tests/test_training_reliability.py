@@ -486,6 +486,18 @@ def test_flags_are_refused_before_anything_runs(tmp_path, monkeypatch, flags, me
     assert not (tmp_path / "run").exists()
 
 
+def test_evaluation_refuses_split_fractions_before_loading_anything(monkeypatch):
+    """The split flags are checked as train.py checks them, before the checkpoint (here a Hub id) is loaded."""
+    import vitrail.evaluate_checkpoint
+
+    monkeypatch.setattr(vitrail.evaluate_checkpoint, "load_splits", not_reached)
+    with pytest.raises(ValueError, match=r"--test_size 0\.6 and --validation_size 0\.4 leave no data"):
+        evaluate_checkpoint(
+            EvaluateArguments(model="google/vit-base-patch16-224"),
+            DataArguments(test_size=0.6, validation_size=0.4),
+        )
+
+
 def test_model_source_must_exist_or_be_a_repo_id(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
@@ -504,7 +516,7 @@ def test_config_overrides_with_a_checkpoint(finished):
         model_name_or_path=str(finished.out), image_size=8, config_overrides="image_size=12"
     )
     with pytest.raises(ValueError, match=r"--image_size 8 and --config_overrides image_size=12 disagree"):
-        check_arguments(conflicting, DataArguments(), parse_args(["--output_dir", "x"])[2])
+        check_arguments(conflicting)
     with pytest.raises(ValueError, match=r"--config_overrides hidden_size=48 changes the shapes of"):
         build_model(
             ModelArguments(model_name_or_path=str(finished.out), config_overrides="hidden_size=48"), ["a"]

@@ -41,12 +41,8 @@ def split_dataset(
     dataset: Dataset, label_column: str, test_size: float, validation_size: float, seed: int
 ) -> DatasetDict:
     """Stratified train / validation / test split; the fractions are of the whole, and 0 skips a split. The test
-    split is held out for the final report and never used for model selection."""
-    if not (0.0 <= test_size < 1.0 and 0.0 <= validation_size < 1.0 and test_size + validation_size < 1.0):
-        raise ValueError(
-            f"Split fractions must be in [0, 1) and leave data to train on: test={test_size}, "
-            f"validation={validation_size}."
-        )
+    split is held out for the final report and never used for model selection. (`training.check_split_fractions`
+    checks the fractions.)"""
     stratify = label_column if isinstance(dataset.features[label_column], ClassLabel) else None
     if stratify and (test_size > 0 or validation_size > 0):
         _check_stratifiable(dataset, label_column)
@@ -98,8 +94,6 @@ def _check_stratifiable(dataset: Dataset, label_column: str) -> None:
 
 # A column that names each sample (an image folder's relative file path, else a row index): split records hash it.
 SAMPLE_ID = "sample_id"
-# PIL modes with 32-bit values and no fixed range; the image processor refuses them as well.
-UNSUPPORTED_MODES = ("I", "F")
 
 
 def _listing(items: list[str], limit: int = 10) -> str:
@@ -173,17 +167,21 @@ def scan_image_folder(path: str | Path, role: str) -> dict[str, list[Path]]:
     return classes
 
 
+def mode_problem(mode: str) -> str | None:
+    """Why the image processor refuses images of PIL `mode` (as it does), or None."""
+    if mode in ("I", "F"):
+        return f"PIL mode {mode!r} holds 32-bit values with no fixed range; save it with 8 or 16 bits per channel"
+    return None
+
+
 def image_problem(path: str | Path) -> str | None:
     """Why PIL cannot fully decode the image at `path` into something the image processor takes, or None."""
     try:
         with PIL.Image.open(path) as image:
             image.load()  # decodes every pixel: `verify()` passes a truncated JPEG
-            mode = image.mode
+            return mode_problem(image.mode)
     except Exception as error:  # PIL raises many types for bad files; all mean the same here
         return f"{type(error).__name__}: {error}"
-    if mode in UNSUPPORTED_MODES:
-        return f"PIL mode {mode!r} holds 32-bit values with no fixed range; save it with 8 or 16 bits per channel"
-    return None
 
 
 def check_images(folder: Path, classes: dict[str, list[Path]], role: str, skip_bad: bool) -> dict[str, str]:
@@ -277,7 +275,7 @@ def check_columns(dataset: Dataset, image_column: str, label_column: str) -> Non
 @dataclass
 class AugmentationConfig:
     """Random geometric training augmentation, run on whole batches of processed tensors by `BatchAugment`.
-    (RandAugment, which needs PIL-level ops, runs per image before the processor: `rand_augment_transform`.)"""
+    (RandAugment, which needs PIL-level ops, runs per image before the processor, in `training.prepare_splits`.)"""
 
     crop_scale: float = 1.0  # RandomResizedCrop's smallest kept area fraction; 1.0 disables the crop
     hflip: float = 0.0  # horizontal-flip probability (off by default: it changes the meaning of digits)
@@ -352,10 +350,3 @@ def black_level(processor) -> torch.Tensor:
         for value, name in ((processor.image_mean, "image_mean"), (processor.image_std, "image_std"))
     )
     return -mean / std
-
-
-def rand_augment_transform():
-    """RandAugment (Cubuk et al. 2020) from torchvision, per PIL image, before the processor."""
-    from torchvision.transforms import v2
-
-    return v2.RandAugment()

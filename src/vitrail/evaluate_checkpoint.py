@@ -11,11 +11,18 @@ from transformers import TrainingArguments, default_data_collator
 from transformers.utils import cached_file
 
 from .image_processing_vitrail import VitrailImageProcessor
-from .metrics import confusion_matrix, make_compute_metrics
+from .metrics import confusion_matrix, first_array, make_compute_metrics
 from .modeling_vitrail import VitrailForImageClassification
 from .plots import plot_confusion_matrix
 from .run_folder import DATA_SPLIT, differences, read_json, write_json_atomic
-from .training import DataArguments, VitrailTrainer, check_model_source, load_splits, prepare_splits
+from .training import (
+    DataArguments,
+    VitrailTrainer,
+    check_model_source,
+    check_split_fractions,
+    load_splits,
+    prepare_splits,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +71,7 @@ def check_split(args: EvaluateArguments, record: dict) -> None:
 def evaluate_checkpoint(args: EvaluateArguments, data_args: DataArguments) -> dict:
     """Score `args.model` on one split of the data (by default the held-out test split of its training run)."""
     check_model_source(args.model, "--model")
+    check_split_fractions(data_args)
     model = VitrailForImageClassification.from_pretrained(args.model).eval()
     processor = VitrailImageProcessor.from_pretrained(args.model)
     data = load_splits(data_args)
@@ -98,7 +106,7 @@ def evaluate_checkpoint(args: EvaluateArguments, data_args: DataArguments) -> di
     )
     prediction = trainer.predict(prepared[args.split], metric_key_prefix=args.split)
     metrics = dict(prediction.metrics)
-    matrix = confusion_matrix(prediction.label_ids, prediction.predictions.argmax(-1), len(labels))
+    matrix = confusion_matrix(prediction.label_ids, first_array(prediction.predictions), len(labels))
     plot_confusion_matrix(matrix, labels, output / "confusion_matrix.png", title=f"{args.split} split")
     write_json_atomic(output / "metrics.json", {**metrics, "confusion_matrix": matrix.tolist()})
     return metrics

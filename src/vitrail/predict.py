@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import PIL.Image
@@ -101,12 +102,6 @@ def load_classifier(model_path: str, device: str | torch.device = "cpu"):
     return model.to(device).eval(), processor
 
 
-def _processed(file: str, processor) -> torch.Tensor:
-    """`(C, H, W)` pixel values of one file; errors name the file."""
-    image = open_image_source(file)
-    return processor(images=image, return_tensors="pt")["pixel_values"][0]
-
-
 def predict_files(
     files: Iterable[str],
     model,
@@ -127,7 +122,8 @@ def predict_files(
         by_shape: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
         for file in files[start : start + batch_size]:
             try:
-                pixels = _processed(file, processor)
+                # (C, H, W); open_image_source's errors name the file
+                pixels = processor(images=open_image_source(file), return_tensors="pt")["pixel_values"][0]
             except (OSError, ValueError, TypeError, PIL.Image.DecompressionBombError) as error:
                 results[file] = Failure(file, str(error))
                 continue
@@ -201,12 +197,12 @@ def run(
         print(
             f"{'file':<{width}}  " + "".join(columns).rstrip() + ("  attention map" if attention_map else "")
         )
-    for failure in failures:
-        print(f"cannot classify {failure.file}: {failure.reason}", file=sys.stderr)
-    classified = 0
-    for result in predict_files(files, classifier, processor, top_k, batch_size, attention_map):
+    failed = classified = 0
+    for result in chain(
+        failures, predict_files(files, classifier, processor, top_k, batch_size, attention_map)
+    ):
         if isinstance(result, Failure):
-            failures.append(result)
+            failed += 1
             print(f"cannot classify {result.file}: {result.reason}", file=sys.stderr)
             continue
         classified += 1
@@ -221,6 +217,6 @@ def run(
                 for label, score in zip(result.labels, result.scores, strict=True)
             )
             print(f"{result.file:<{width}}  {cells}{result.attention_map or ''}".rstrip(), flush=True)
-    if failures:
-        print(f"{len(failures)} input(s) failed, {classified} file(s) classified.", file=sys.stderr)
-    return 1 if failures else 0
+    if failed:
+        print(f"{failed} input(s) failed, {classified} file(s) classified.", file=sys.stderr)
+    return 1 if failed else 0

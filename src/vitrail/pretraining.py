@@ -7,26 +7,22 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-from transformers import TrainingArguments, set_seed
+from transformers import TrainingArguments
 
 from .configuration_vitrail import VitrailConfig
 from .modeling_vitrail import VitrailForMaskedImageModeling
-from .run_folder import RESULTS, check_output_dir, model_settings, write_json_atomic
+from .run_folder import model_settings
 from .training import (
     DataArguments,
     VitrailTrainer,
     batch_augment,
     begin_run,
-    check_process_group,
-    check_schedule,
-    check_split_fractions,
     fit,
-    load_splits,
     new_processor,
+    open_run,
     parse_overrides,
     prepare_splits,
-    push,
-    save_arguments,
+    save_run,
     trainer_arguments,
 )
 
@@ -74,11 +70,7 @@ class MaskingCollator:
 def pretrain(args: PretrainArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
     """Pretrain an encoder with SimMIM and save it as a checkpoint; reruns resume, refuse or report a finished
     run as `vitrail.training.train` does."""
-    check_process_group(training_args)
-    check_schedule(training_args)
-    check_split_fractions(data_args)
-    output = check_output_dir(training_args.output_dir)
-    data = load_splits(data_args)
+    output, data = open_run(data_args, training_args)
     overrides = parse_overrides(args.config_overrides)
     if args.image_size:
         overrides["image_size"] = args.image_size
@@ -101,12 +93,10 @@ def pretrain(args: PretrainArguments, data_args: DataArguments, training_args: T
         return start.finished
     processor = new_processor(config)
     prepare_splits(data.splits, processor, data_args)
-    set_seed(training_args.seed)  # the Trainer seeds too, but only after the model is initialised here
     trainer = VitrailTrainer(
         model=VitrailForMaskedImageModeling(config),
         # The masks play the part of labels: with them named so, evaluation computes the masked loss.
-        # vitrail.hub pushes the finished folder (below); the Trainer's own push would upload its pickles.
-        args=trainer_arguments(training_args, label_names=["bool_masked_pos"], push_to_hub=False),
+        args=trainer_arguments(training_args, label_names=["bool_masked_pos"]),
         train_dataset=data.splits["train"],
         eval_dataset=data.splits["validation"],
         data_collator=MaskingCollator(config.grid_size, args.mask_ratio, block),
@@ -114,11 +104,5 @@ def pretrain(args: PretrainArguments, data_args: DataArguments, training_args: T
         augment=batch_augment(data_args, processor),
     )
     metrics = fit(trainer, start)
-    trainer.save_model()
-    trainer.save_state()
-    if trainer.is_world_process_zero():
-        save_arguments(output, training_args)
-        write_json_atomic(output / RESULTS, metrics)  # last: its presence marks the run finished
-        if training_args.push_to_hub:
-            push(output, training_args, metrics, split=None)
+    save_run(trainer, output, training_args, metrics)
     return metrics

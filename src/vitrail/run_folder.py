@@ -157,8 +157,6 @@ def checkpoint_problem(checkpoint: str | os.PathLike) -> str | None:
 
 def find_resume_checkpoint(output_dir: str | os.PathLike) -> str | None:
     """The newest complete `checkpoint-N` in `output_dir`, or None; logs each newer one it skips, and why."""
-    if not Path(output_dir).is_dir():
-        return None
     for checkpoint in reversed(sort_checkpoints(str(output_dir), PREFIX_CHECKPOINT_DIR)):
         problem = checkpoint_problem(checkpoint)
         if problem is None:
@@ -231,22 +229,20 @@ class RunStart:
 
 
 def _delete_run(folder: Path) -> None:
-    deleted = [Path(path) for path in sort_checkpoints(str(folder), PREFIX_CHECKPOINT_DIR)]
-    for path in deleted:
+    checkpoints = [Path(path) for path in sort_checkpoints(str(folder), PREFIX_CHECKPOINT_DIR)]
+    files = [folder / name for name in RUN_FILES if (folder / name).is_file()]
+    files += folder.glob("model-*-of-*.safetensors")
+    for path in checkpoints:
         shutil.rmtree(path)
-    for name in RUN_FILES:
-        if (folder / name).is_file():
-            (folder / name).unlink()
-            deleted.append(folder / name)
-    for shard in folder.glob("model-*-of-*.safetensors"):
-        shard.unlink()
-        deleted.append(shard)
-    if deleted:
-        logger.warning("--overwrite_output_dir: deleted %s", ", ".join(path.name for path in deleted))
+    for path in files:
+        path.unlink()
+    if checkpoints or files:
+        logger.warning("--overwrite_output_dir: deleted %s", ", ".join(p.name for p in checkpoints + files))
 
 
 def start_run(training_args, settings: dict, split: dict) -> RunStart:
-    """Decide how a run starts in `training_args.output_dir`, and record its settings there.
+    """Decide how a run starts in `training_args.output_dir` (made by `check_output_dir`), and record its settings
+    there.
 
     `settings` (model config, data, schedule) and `split` (the data split record) are compared with those of the
     run already in the folder. The same: resume from the newest complete checkpoint, or return the results of a
@@ -290,7 +286,7 @@ def _decide(
     if overwrite and should_save:
         _delete_run(folder)
         old_settings = old_split = None
-    checkpoints = sort_checkpoints(str(folder), PREFIX_CHECKPOINT_DIR) if folder.is_dir() else []
+    checkpoints = sort_checkpoints(str(folder), PREFIX_CHECKPOINT_DIR)
     holds_run = old_settings is not None or checkpoints or (folder / RESULTS).is_file()
     changed = (
         differences({**old_settings, "split": old_split}, {**settings, "split": split})
@@ -336,7 +332,6 @@ def _decide(
     else:
         start = RunStart(checkpoint=find_resume_checkpoint(folder))
     if should_save:
-        folder.mkdir(parents=True, exist_ok=True)
         (folder / RESULTS).unlink(missing_ok=True)  # the results of an earlier run are stale from here on
         write_json_atomic(folder / RUN_SETTINGS, settings)
         write_json_atomic(folder / DATA_SPLIT, split)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from datasets import Image
+from datasets import Image, load_dataset
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 
@@ -27,14 +27,13 @@ from .configuration_vitrail import VitrailConfig
 from .convert import fit_processor_to, load_image_processor
 from .data import (
     SAMPLE_ID,
-    UNSUPPORTED_MODES,
     AugmentationConfig,
     BatchAugment,
     black_level,
     check_columns,
     digits_dataset,
     image_folder_dataset,
-    rand_augment_transform,
+    mode_problem,
     split_dataset,
 )
 from .image_processing_vitrail import VitrailImageProcessor
@@ -156,10 +155,11 @@ def batch_augment(data_args: DataArguments, processor) -> BatchAugment | None:
 
 
 def parse_overrides(text: str | None) -> dict[str, Any]:
-    """'a=1,b=mean,c=true' -> typed values, using VitrailConfig's field types so that mistakes fail early."""
+    """'a=1,b=mean,c=true' -> typed values for VitrailConfig's fields; an unknown name fails here, a wrong type
+    when the config is built."""
     if not text:
         return {}
-    known = {f.name: f.type for f in fields(VitrailConfig)}
+    known = {f.name for f in fields(VitrailConfig)}
     values: dict[str, Any] = {}
     for item in text.split(","):
         name, sep, raw = item.partition("=")
@@ -251,10 +251,8 @@ def check_process_group(training_args: TrainingArguments) -> None:
         )
 
 
-def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args) -> None:
-    """Refuse flag values that would train nothing or fail late, before any data is read."""
-    check_schedule(training_args)
-    check_split_fractions(data_args)
+def check_arguments(model_args: ModelArguments) -> None:
+    """Refuse model flags that would fail late, before any data is read (`open_run` checks the others)."""
     overrides = parse_overrides(model_args.config_overrides)
     if model_args.model_name_or_path:
         check_model_source(model_args.model_name_or_path)
@@ -290,8 +288,6 @@ def load_splits(data_args: DataArguments) -> LoadedData:
         # By name, not path: the record travels with the checkpoint, and the sample hashes below identify the data.
         name = source = Path(data_args.train_dir).resolve().name
     elif data_args.dataset_name:
-        from datasets import load_dataset
-
         splits = load_dataset(data_args.dataset_name, data_args.dataset_config_name)
         name = source = data_args.dataset_name
         if data_args.dataset_config_name:
@@ -371,11 +367,7 @@ def decode_images(batch: dict, image_col: str, feature: Image | None) -> list:
     for value, sample in zip(values, batch.get(SAMPLE_ID) or [None] * len(values), strict=True):
         try:
             image = feature.decode_example(value)
-            problem = (
-                f"PIL mode {image.mode!r} has no fixed value range"
-                if image.mode in UNSUPPORTED_MODES
-                else None
-            )
+            problem = mode_problem(image.mode)
         except Exception as error:  # PIL and datasets raise many types; all mean the same here
             problem = f"{type(error).__name__}: {error}"
         if problem:
@@ -391,14 +383,21 @@ def prepare_splits(splits, processor, data_args: DataArguments) -> None:
     data is small (`--cache_pixels`, default: up to 1 GiB) it is computed once, not every epoch; RandAugment needs
     the images themselves and keeps training on the fly. Geometric augmentation comes later, per batch."""
     image_col, label_col = data_args.image_column_name, data_args.label_column_name
-    rand_augment = rand_augment_transform() if data_args.rand_augment else None
+    rand_augment = None
+    # RandAugment (Cubuk et al. 2020) works on PIL images, so it runs before the processor.
+    if data_args.rand_augment:
+        from torchvision.transforms import v2
+
+        rand_augment = v2.RandAugment()
 
     def process(batch, feature: Image | None, augment: bool = False):
         images = decode_images(batch, image_col, feature)
         if augment:
             images = [rand_augment(im if im.mode in ("L", "RGB") else im.convert("RGB")) for im in images]
-        pixels = processor(images, return_tensors="pt")["pixel_values"]
-        return {"pixel_values": list(pixels), "labels": batch[label_col]}
+        return {
+            "pixel_values": processor(images, return_tensors="pt")["pixel_values"],
+            "labels": batch[label_col],
+        }
 
     height, width = processor.size["height"], processor.size["width"]
     for key in ("train", "validation", "test"):
@@ -415,10 +414,7 @@ def prepare_splits(splits, processor, data_args: DataArguments) -> None:
         if cache is None:
             cache = len(split) * processor.num_channels * height * width * 4 <= 2**30
         if cache and not on_the_fly:
-            chunks = [
-                processor(decode_images(split[start : start + 256], image_col, feature), return_tensors="pt")
-                for start in range(0, len(split), 256)
-            ]
+            chunks = [process(split[start : start + 256], feature) for start in range(0, len(split), 256)]
             pixels = torch.cat([chunk["pixel_values"] for chunk in chunks])
             splits[key] = ProcessedSplit(pixels, torch.tensor(split[label_col]))
         else:
@@ -497,14 +493,13 @@ def parameter_groups(model, weight_decay: float, learning_rate: float, layer_dec
             continue
         layer = layer_id(name, depth) if layer_decay else depth + 1
         decay = not no_decay(name, param)
-        scale = layer_decay ** (depth + 1 - layer) if layer_decay else 1.0
         group = groups.setdefault(
             (layer, decay),
             {
                 "params": [],
                 "names": [],
                 "weight_decay": weight_decay if decay else 0.0,
-                "lr": learning_rate * scale,
+                "lr": learning_rate * (layer_decay or 1.0) ** (depth + 1 - layer),
             },
         )
         group["params"].append(param)
@@ -550,21 +545,20 @@ class VitrailTrainer(Trainer):
         return self.optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if self.augment is not None or self.mix is not None:
-            inputs = dict(inputs)
-            if self.augment is not None:
-                inputs["pixel_values"] = self.augment(inputs["pixel_values"])
-            if self.mix is not None:
-                inputs["pixel_values"], inputs["labels"] = self.mix(inputs["pixel_values"], inputs["labels"])
+        inputs = dict(inputs)  # the batch stays as the data loader gave it
+        if self.augment is not None:
+            inputs["pixel_values"] = self.augment(inputs["pixel_values"])
+        if self.mix is not None:
+            inputs["pixel_values"], inputs["labels"] = self.mix(inputs["pixel_values"], inputs["labels"])
         return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.get("labels")
         if labels is not None and labels.is_floating_point() and labels.ndim == 2 and model.training:
             outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+            # Class probabilities as targets; smoothing mixes them with the uniform distribution.
             smoothing = self.args.label_smoothing_factor
-            targets = labels * (1 - smoothing) + smoothing / labels.shape[-1]
-            loss = torch.sum(-targets * F.log_softmax(outputs.logits.float(), dim=-1), dim=-1).mean()
+            loss = F.cross_entropy(outputs.logits.float(), labels, label_smoothing=smoothing)
             return (loss, outputs) if return_outputs else loss
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
@@ -583,12 +577,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     """
     from .metrics import make_compute_metrics  # here, not at the top: it imports `evaluate`, which is slow
 
-    check_process_group(training_args)
-    check_arguments(model_args, data_args, training_args)
-    output = check_output_dir(training_args.output_dir)
-    data = load_splits(data_args)
+    check_arguments(model_args)
+    output, data = open_run(data_args, training_args)
     labels = data.splits["train"].features[data_args.label_column_name].names
-    set_seed(training_args.seed)  # the Trainer seeds too, but only after the model is initialised here
     model, processor = build_model(model_args, labels)
     source = {
         "model_name_or_path": _source_id(model_args.model_name_or_path),
@@ -600,9 +591,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     prepare_splits(data.splits, processor, data_args)
     trainer = VitrailTrainer(
         model=model,
-        # The Trainer's own push would upload training_args.bin (a pickle) and its own card before ours exists;
-        # `push` uploads the finished folder instead.
-        args=trainer_arguments(training_args, push_to_hub=False),
+        args=trainer_arguments(training_args),
         train_dataset=data.splits["train"],
         eval_dataset=data.splits["validation"],
         data_collator=default_data_collator,
@@ -619,16 +608,25 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     prediction = trainer.predict(data.splits[split], metric_key_prefix=PREFIX[split]) if split else None
     if split == "test":  # the validation metrics are in already
         metrics.update(prediction.metrics)
-    trainer.save_model()  # weights (safetensors), config, code files, processor
     trainer.log_metrics("all", metrics)
-    trainer.save_state()
     results = {**metrics, "skipped_images": data.skipped_images} if data.skipped_images else metrics
-    if trainer.is_world_process_zero():
-        write_report(output, trainer, metrics, split, prediction, data, model_args, data_args, training_args)
-        write_json_atomic(output / RESULTS, results)  # last: its presence marks the run finished
-        if training_args.push_to_hub:
-            push(output, training_args, metrics, split)
+    report = partial(
+        write_report, output, trainer, metrics, split, prediction, data, model_args, data_args, training_args
+    )
+    save_run(trainer, output, training_args, results, split, report)
     return results
+
+
+def open_run(data_args: DataArguments, training_args: TrainingArguments) -> tuple[Path, LoadedData]:
+    """Refuse a launch or flags that would train nothing, make sure the output folder is usable, load the data,
+    and seed (the Trainer seeds too, but only after the caller has initialised the model)."""
+    check_process_group(training_args)
+    check_schedule(training_args)
+    check_split_fractions(data_args)
+    output = check_output_dir(training_args.output_dir)
+    data = load_splits(data_args)
+    set_seed(training_args.seed)
+    return output, data
 
 
 def begin_run(script: str, model: dict, data: LoadedData, data_args, training_args, **schedule) -> RunStart:
@@ -661,9 +659,12 @@ def _source_id(source: str | None) -> str | None:
 
 def trainer_arguments(training_args: TrainingArguments, **changes) -> TrainingArguments:
     """The Trainer's copy of `training_args`, with `changes`; the caller's arguments stay as given (they are what
-    `training_args.json` records). The copy keeps the raw image column, which `set_transform` reads."""
+    `training_args.json` records). The copy keeps the raw image column, which `set_transform` reads, and does not
+    push: the Trainer's push would upload training_args.bin (a pickle) and its own card before ours exists, so
+    `save_run` pushes the finished folder instead."""
     args = copy.copy(training_args)  # not dataclasses.replace: that would run __post_init__ a second time
     args.remove_unused_columns = False
+    args.push_to_hub = False
     for name, value in changes.items():
         setattr(args, name, value)
     return args
@@ -679,32 +680,39 @@ def fit(trainer: Trainer, start: RunStart) -> dict:
     return metrics
 
 
-def save_arguments(output: Path, training_args: TrainingArguments) -> None:
-    """Record the run's arguments as `training_args.json`, in place of the pickled `training_args.bin` that
-    `Trainer.save_model` writes: a shareable folder holds no pickle. (The checkpoint-N folders keep the Trainer's
-    own copy, which resuming reads.)"""
-    (output / "training_args.bin").unlink(missing_ok=True)
-    write_json_atomic(output / "training_args.json", json.loads(training_args.to_json_string()))
+def save_run(
+    trainer, output: Path, training_args, results: dict, split: str | None = None, report=None
+) -> None:
+    """Save the model and the Trainer's state, then, on the main process: the run's arguments as
+    `training_args.json` (in place of the pickled `training_args.bin` that `Trainer.save_model` writes: a shareable
+    folder holds no pickle; the checkpoint-N folders keep the Trainer's copy, which resuming reads), the files
+    of `report()`, the `results` (last: their presence marks the run finished), and the push when asked."""
+    trainer.save_model()  # weights (safetensors), config, code files, processor
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        (output / "training_args.bin").unlink(missing_ok=True)
+        write_json_atomic(output / "training_args.json", json.loads(training_args.to_json_string()))
+        if report is not None:
+            report()
+        write_json_atomic(output / RESULTS, results)
+        if training_args.push_to_hub:
+            push(output, training_args, results, split)
 
 
 def write_report(
     output, trainer, metrics, split, prediction, data, model_args, data_args, training_args
 ) -> None:
-    """Write what a finished run adds to its checkpoint: its arguments as JSON (in place of the Trainer's pickle),
-    the training curves, the confusion matrix of the reported `split` from `prediction` (plot and JSON) and the
-    model card."""
-    from .metrics import confusion_matrix
+    """Write what a finished run adds to its checkpoint: the training curves, the confusion matrix of the reported
+    `split` from `prediction` (plot and JSON) and the model card."""
+    from .metrics import confusion_matrix, first_array
     from .model_card import render_model_card
     from .plots import plot_confusion_matrix, plot_training_curves
 
-    save_arguments(output, training_args)
     plots = [plot_training_curves(trainer.state.log_history, output / "training_curves.png").name]
     config = trainer.model.config
     if prediction is not None:
         labels = [config.id2label[i] for i in range(config.num_labels)]
-        scores = prediction.predictions  # logits, or a tuple that starts with them
-        scores = scores[0] if isinstance(scores, tuple) else scores
-        matrix = confusion_matrix(prediction.label_ids, scores, len(labels))
+        matrix = confusion_matrix(prediction.label_ids, first_array(prediction.predictions), len(labels))
         title = f"{split.capitalize()} split"
         plots.append(plot_confusion_matrix(matrix, labels, output / "confusion_matrix.png", title=title).name)
         write_json_atomic(output / "confusion_matrix.json", {"labels": labels, "matrix": matrix.tolist()})

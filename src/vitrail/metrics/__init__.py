@@ -64,16 +64,17 @@ def make_compute_metrics(num_labels: int, top_k: int = 5) -> Callable[..., dict[
         raise ValueError(f"num_labels must be at least 1, got {num_labels}.")
 
     def compute_metrics(eval_prediction) -> dict[str, float]:
-        logits = np.asarray(_first(eval_prediction.predictions))
+        logits = np.asarray(first_array(eval_prediction.predictions))
         if logits.ndim != 2 or logits.shape[1] != num_labels:
             raise ValueError(f"Expected logits of shape (N, {num_labels}), got {logits.shape}.")
-        return classification_metrics(logits, _first(eval_prediction.label_ids), top_k=top_k)
+        return classification_metrics(logits, first_array(eval_prediction.label_ids), top_k=top_k)
 
     return compute_metrics
 
 
-def _first(value):
-    """Models with extra outputs hand the Trainer tuples, e.g. (logits, hidden_states): the logits come first."""
+def first_array(value):
+    """The first array of a Trainer output: models with extra outputs hand the Trainer tuples, e.g. (logits,
+    hidden_states), with the logits first."""
     while isinstance(value, tuple):
         value = value[0]
     return value

@@ -52,19 +52,6 @@ Examples:
 _CITATION = ""
 
 
-def _as_scores_and_references(scores, references) -> tuple[np.ndarray, np.ndarray]:
-    scores = np.asarray(scores)
-    references = np.asarray(references)
-    if scores.ndim != 2:
-        raise ValueError(f"Expected class scores of shape (N, K), got shape {scores.shape}.")
-    if references.shape != (scores.shape[0],):
-        raise ValueError(
-            f"Expected one reference per row of scores: scores have shape {scores.shape}, references {references.shape}."
-        )
-    _check_label_range(references, scores.shape[1], "references")
-    return scores, references
-
-
 def _check_label_range(labels: np.ndarray, num_labels: int, name: str) -> None:
     if labels.size == 0:
         raise ValueError(f"No {name}: metrics of an empty set are undefined.")
@@ -118,7 +105,15 @@ def top_k_accuracy(scores, references, k: int) -> float:
 
     Equal scores are ranked by class index (lower first), the order `np.argmax` uses, so `k=1` gives accuracy.
     """
-    scores, references = _as_scores_and_references(scores, references)
+    scores = np.asarray(scores)
+    references = np.asarray(references)
+    if scores.ndim != 2:
+        raise ValueError(f"Expected class scores of shape (N, K), got shape {scores.shape}.")
+    if references.shape != (scores.shape[0],):
+        raise ValueError(
+            f"Expected one reference per row of scores: scores have shape {scores.shape}, references {references.shape}."
+        )
+    _check_label_range(references, scores.shape[1], "references")
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}.")
     rows = np.arange(len(references))
@@ -145,25 +140,22 @@ def classification_metrics(
     predictions = np.asarray(predictions)
     references = np.asarray(references)
     if predictions.ndim == 2:
-        scores, references = _as_scores_and_references(predictions, references)
-        if num_labels is not None and num_labels != scores.shape[1]:
-            raise ValueError(f"num_labels={num_labels} but the scores have {scores.shape[1]} columns.")
-        num_labels = scores.shape[1]
-        predicted = scores.argmax(axis=1)
+        if num_labels is not None and num_labels != predictions.shape[1]:
+            raise ValueError(f"num_labels={num_labels} but the scores have {predictions.shape[1]} columns.")
+        num_labels = predictions.shape[1]
     elif predictions.ndim == 1:
-        scores, predicted = None, predictions
         if num_labels is None:
             num_labels = int(max(predictions.max(initial=0), references.max(initial=0))) + 1
     else:
         raise ValueError(f"Expected predictions of shape (N, K) or (N,), got {predictions.shape}.")
 
-    matrix = confusion_matrix(references, predicted, num_labels)
+    matrix = confusion_matrix(references, predictions, num_labels)  # checks the shapes and the class ids
     results = {
         "accuracy": float(np.trace(matrix) / matrix.sum()),
         "macro_f1": macro_f1_from_confusion(matrix),
     }
-    if scores is not None and top_k and num_labels > top_k:
-        results[f"top{top_k}_accuracy"] = top_k_accuracy(scores, references, top_k)
+    if predictions.ndim == 2 and top_k and num_labels > top_k:
+        results[f"top{top_k}_accuracy"] = top_k_accuracy(predictions, references, top_k)
     if with_confusion_matrix:
         results["confusion_matrix"] = matrix.tolist()
     return results
