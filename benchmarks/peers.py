@@ -14,8 +14,8 @@ torchvision backend where torchvision is installed); `pipeline("image-classifica
 PIL images; `from_pretrained` time and peak memory of a checkpoint of the variant (ViT-B/16 by default) saved to a
 temporary folder. Model rows give each model's achieved FLOP/s as a share of this machine's measured GEMM rate
 (a 2048 x 2048 matmul of the row's dtype); FLOPs are counted analytically (`forward_flops`). Their notes give the
-matmul floor: the time the model's own matrix products take when timed alone (`matmul_floor`), which no eager
-model can beat with these kernels, and so the largest ratio any model could reach against each peer here.
+time of the kernels all three must run (every linear map's GEMMs and each layer's SDPA, `shared_kernels`), timed
+in the same rounds, and so the largest ratio any implementation could reach against each peer here.
 
 Each round runs the three models one after another, the order rotated from round to round, so that a slow spell
 of a shared machine hits all of them; a cell is the median over rounds with the min-max spread; a ratio is the
@@ -73,6 +73,7 @@ GEMM_SIZE = 2048
 # TFLOPS "with sparsity", twice the dense rate). Model FLOP utilisation on an H200 is against this.
 H200_BF16_DENSE_PEAK = 989e12
 NUM_LABELS = 1000
+FLOOR = "shared kernels"  # timed in the model rows' rounds beside the peers (`shared_kernels`)
 
 
 # ---- the machine ----------------------------------------------------------------------------------------------
@@ -134,59 +135,76 @@ def forward_flops(config: VitrailConfig) -> float:
     return embedding + config.num_hidden_layers * per_layer + 2 * width * config.num_labels
 
 
-def matmul_shapes(config: VitrailConfig, batch: int) -> list[tuple[int, int, int, int, int]]:
-    """(count, batch, m, k, n) of every matrix product in one forward of `batch` images, the products
-    `forward_flops` counts: the patch projection (the GEMM a Conv2d with kernel = stride amounts to), per layer
-    the qkv, output and MLP projections and, per head, QK^T and attention x V; then the head."""
+def linear_shapes(config: VitrailConfig, batch: int) -> list[tuple[int, int, int, int]]:
+    """(count, m, k, n) of every linear map in one forward of `batch` images: the patch projection (the GEMM a
+    Conv2d with kernel = stride amounts to), per layer the qkv, output and two MLP projections, then the head."""
     (patch_h, patch_w), (size_h, size_w) = pair(config.patch_size), pair(config.image_size)
     patches = (size_h // patch_h) * (size_w // patch_w)
-    tokens = patches + config.num_prefix_tokens
-    width, mlp, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    heads, rows = config.num_attention_heads, batch * tokens
+    rows, width, layers = (
+        batch * (patches + config.num_prefix_tokens),
+        config.hidden_size,
+        config.num_hidden_layers,
+    )
     return [
-        (1, 1, batch * patches, config.num_channels * patch_h * patch_w, width),
-        (layers, 1, rows, width, 3 * width),
-        (layers, 1, rows, width, width),
-        (layers, 1, rows, width, mlp),
-        (layers, 1, rows, mlp, width),
-        (layers, batch * heads, tokens, width // heads, tokens),  # Q K^T
-        (layers, batch * heads, tokens, tokens, width // heads),  # softmax(Q K^T / sqrt(d)) V
-        (1, 1, batch, width, config.num_labels),
+        (1, batch * patches, config.num_channels * patch_h * patch_w, width),
+        (layers, rows, width, 3 * width),
+        (layers, rows, width, width),
+        (layers, rows, width, config.intermediate_size),
+        (layers, rows, config.intermediate_size, width),
+        (1, batch, width, config.num_labels),
     ]
 
 
-def matmul_floor(
-    config: VitrailConfig, batch: int, dtype: torch.dtype, device: str, training: bool, iters: int
-):
-    """Seconds that the model's matrix products alone take on this machine: each shape of `matmul_shapes` timed
-    on its own (median of `iters` after a warm-up) times its count; for a training step, each product's two
-    backward products as well (input gradient dY·W, weight gradient dYᵀ·X, in the layouts autograd hands the
-    kernels). All three models run these products through the same kernels, so no eager implementation can take
-    less time than this: a peer's time divided by it is the largest ratio any model could reach against that
-    peer here."""
-    sync, total = synchronizer(device), 0.0
-    for count, group, m, k, n in matmul_shapes(config, batch):
-        x, w, dy = (
-            torch.randn(group, *shape, device=device).to(dtype).squeeze(0)
-            for shape in [(m, k), (n, k), (m, n)]
-        )
-        products = [lambda x=x, w=w: x @ w.mT]
+def shared_kernels(config: VitrailConfig, batch: int, dtype: torch.dtype, device: str, training: bool):
+    """A call that runs the kernels each of the three models must run for one forward of `batch` images (with
+    `training`, forward and backward), on tensors made once: every linear map's GEMM (for training also its
+    input- and weight-gradient GEMMs, in the layouts autograd hands the kernels) and each layer's
+    `scaled_dot_product_attention`. The models add LayerNorm, GELU, residual adds, casts and the optimizer step
+    around these. Timed in the same rounds as the models, a peer's time over this call's is the largest ratio
+    any implementation could reach against that peer on this machine."""
+    gemms = []
+    for count, m, k, n in linear_shapes(config, batch):
+        x, w, dy = (torch.randn(*shape, device=device).to(dtype) for shape in [(m, k), (n, k), (m, n)])
+        gemms.append((count, lambda x=x, w=w: x @ w.mT))
         if training:
-            products += [lambda dy=dy, w=w: dy @ w, lambda dy=dy, x=x: dy.mT @ x]
-        for product in products:
-            product()
-            total += count * median_time(product, iters, sync)
-    return total
+            gemms += [(count, lambda dy=dy, w=w: dy @ w), (count, lambda dy=dy, x=x: dy.mT @ x)]
+    (patch_h, patch_w), (size_h, size_w) = pair(config.patch_size), pair(config.image_size)
+    tokens = (size_h // patch_h) * (size_w // patch_w) + config.num_prefix_tokens
+    heads = config.num_attention_heads
+    shape = (batch, heads, tokens, config.hidden_size // heads)
+    q, k, v, grad = (torch.randn(shape, device=device).to(dtype).requires_grad_(training) for _ in range(4))
+
+    def attention():
+        out = F.scaled_dot_product_attention(q, k, v)
+        if training:
+            torch.autograd.grad(out, (q, k, v), grad)
+
+    def call():
+        with torch.inference_mode(not training):
+            for count, gemm in gemms:
+                for _ in range(count):
+                    gemm()
+            for _ in range(config.num_hidden_layers):
+                attention()
+
+    return call
 
 
-def floor_note(row: Row, floor: float) -> str:
-    """The matmul floor of `row`'s model and the ratio it caps against each peer (their median over it)."""
+def floor_note(row: Row) -> str:
+    """The shared kernels' time in `row`'s rounds, and the ratio cap it sets against each peer: the median over
+    rounds of the peer's time over the kernels'."""
+    floor = row.values.pop(FLOOR, None)
+    if floor is None:  # its kernels failed here; measure_row's note says why
+        return ""
     caps = [
-        f"{statistics.median(row.values[peer]) / floor:.2f}× {peer}"
+        f"{statistics.median(p / f for p, f in zip(row.values[peer], floor, strict=True)):.2f}× {peer}"
         for peer in PEERS[1:]
         if peer in row.values
     ]
-    return f"matmuls alone {floor * 1000:.{digits_for([floor * 1000])}f} ms: ratio cap " + ", ".join(caps)
+    return (
+        f"shared kernels alone {spread(floor, 1000.0, digits_for([f * 1000 for f in floor]))} ms: ratio cap "
+        + ", ".join(caps)
+    )
 
 
 def pair(value: int | list[int]) -> tuple[int, int]:
@@ -411,9 +429,10 @@ def model_rows(args, config, peers: dict[str, Peer], dtype_name: str, gemm: floa
         peer.model.to(dtype)
     inputs = x.to(dtype)
     inference = Row(labels[0], "ms/batch", flops=flops, gemm=gemm)
-    rows.append(measure_row(inference, inference_calls(peers, inputs), args, sync))
-    floor = matmul_floor(config, args.batch, dtype, args.device, training=False, iters=args.floor_iters)
-    inference.note = "; ".join(filter(None, [inference.note, floor_note(inference, floor)]))
+    calls = inference_calls(peers, inputs)
+    calls[FLOOR] = shared_kernels(config, args.batch, dtype, args.device, training=False)
+    rows.append(measure_row(inference, calls, args, sync))
+    inference.note = "; ".join(filter(None, [inference.note, floor_note(inference)]))
     for backend in args.sdpa_backends:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -428,9 +447,10 @@ def model_rows(args, config, peers: dict[str, Peer], dtype_name: str, gemm: floa
         peer.model.float().train()
     autocast = tag == "bf16"
     training = Row(labels[1], "ms/step", flops=3 * flops, gemm=gemm)  # backward ~ twice the forward
-    rows.append(measure_row(training, training_calls(peers, x, targets, autocast, args.device), args, sync))
-    floor = matmul_floor(config, args.batch, dtype, args.device, training=True, iters=args.floor_iters)
-    training.note = "; ".join(filter(None, [training.note, floor_note(training, floor)]))
+    calls = training_calls(peers, x, targets, autocast, args.device)
+    calls[FLOOR] = shared_kernels(config, args.batch, dtype, args.device, training=True)
+    rows.append(measure_row(training, calls, args, sync))
+    training.note = "; ".join(filter(None, [training.note, floor_note(training)]))
     if "training" in args.compile:
         rows += compiled_rows(
             args,
@@ -672,7 +692,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--baseline-processor {args.baseline_processor!r} is not a file")
     args.rounds = args.rounds or (2 if args.quick else 5)
     args.iters = 1 if args.quick else 3
-    args.floor_iters = 1 if args.quick else 5
     args.load_rounds = 1 if args.quick else 3
     args.processor_images = 8 if args.quick else 96
     args.pipeline_images = args.batch if args.quick else min(4 * args.batch, 64)

@@ -1,6 +1,7 @@
 """benchmarks/peers.py: its quick mode prints the table it promises, and bad arguments are refused by name.
 Nothing here asserts a timing: the numbers depend on the machine."""
 
+import collections
 import os
 import re
 import shlex
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .conftest import load_script
 
@@ -97,7 +99,7 @@ def test_quick_table_on_a_tiny_variant(process_settings, capsys):
         for cell in cells[3:5]:
             assert re.fullmatch(VALUE, cell), (label, cell)
         if "SDPA" not in label:
-            cap = rf"matmuls alone {NUMBER} ms: ratio cap {NUMBER}× transformers, {NUMBER}× timm"
+            cap = rf"shared kernels alone {VALUE} ms: ratio cap {NUMBER}× transformers, {NUMBER}× timm"
             assert re.fullmatch(cap, cells[5]), (label, cells[5])
     for label in other_rows:
         cells = rows[label]
@@ -111,33 +113,49 @@ def test_quick_table_on_a_tiny_variant(process_settings, capsys):
     assert "ViTImageProcessor" in rows[other_rows[0]][5]
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops run under it, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("variant", ["Ti/16", "B/16"])
-def test_matmul_floor_times_the_products_forward_flops_counts(variant):
-    """The floor's shapes are the model's products: their FLOPs add up to `forward_flops` for the batch, so the
-    ratio cap rests on the same count as the GEMM shares. A training floor times three products per forward one."""
+def test_shared_kernels_are_the_products_forward_flops_counts(variant):
+    """The linear maps' FLOPs plus the attention products' add up to `forward_flops`, so the ratio cap rests on
+    the same count as the GEMM shares."""
     module = load_script("benchmarks/peers.py")
     config = module.VitrailConfig.from_variant(variant, num_labels=module.NUM_LABELS)
-    shapes = module.matmul_shapes(config, batch=3)
-    flops = sum(2 * count * group * m * k * n for count, group, m, k, n in shapes)
-    assert flops == 3 * module.forward_flops(config)
+    linear = sum(2 * count * m * k * n for count, m, k, n in module.linear_shapes(config, batch=3))
+    tokens = (224 // 16) ** 2 + 1
+    attention = 3 * config.num_hidden_layers * 4 * tokens * tokens * config.hidden_size
+    assert linear + attention == 3 * module.forward_flops(config)
 
-    tiny = module.VitrailConfig.from_variant("Ti/16", image_size=32, num_hidden_layers=1, num_labels=10)
-    timed = []
-    real_median_time = module.median_time
-    module.median_time = lambda call, iters, sync: timed.append(call()) or 0.001
-    try:
-        forward = module.matmul_floor(tiny, 2, torch.float32, "cpu", training=False, iters=1)
-        step = module.matmul_floor(tiny, 2, torch.float32, "cpu", training=True, iters=1)
-    finally:
-        module.median_time = real_median_time
-    products = len(module.matmul_shapes(tiny, 2))
-    assert len(timed) == 4 * products  # 1 product per shape for the forward, 3 for the step
-    assert forward == pytest.approx(0.001 * sum(count for count, *_ in module.matmul_shapes(tiny, 2)))
-    assert step == pytest.approx(3 * forward)
-    # each product has the shape its role gives it: the output (m, n), the input gradient (m, k), the weight
-    # gradient (n, k)
-    count, group, m, k, n = module.matmul_shapes(tiny, 2)[1]
-    assert [t.shape for t in timed[products + 3 : products + 6]] == [(m, n), (m, k), (n, k)]
+
+@pytest.mark.parametrize("training", [False, True])
+def test_shared_kernels_run_each_gemm_and_attention_once_per_use(training):
+    """One call runs every linear map's GEMM as many times as a forward does (three GEMMs each for a training
+    step: output, input gradient, weight gradient) and one SDPA per layer (with its backward for training)."""
+    module = load_script("benchmarks/peers.py")
+    config = module.VitrailConfig.from_variant("Ti/16", image_size=32, num_hidden_layers=2, num_labels=10)
+    call = module.shared_kernels(config, 2, torch.float32, "cpu", training=training)
+    with OpCounter() as counter:
+        call()
+    gemms = sum(counter.counts[name] for name in ("mm", "bmm", "matmul"))
+    per_forward = sum(count for count, *_ in module.linear_shapes(config, 2))
+    assert gemms == (3 if training else 1) * per_forward
+    forward = sum(
+        n for name, n in counter.counts.items() if "scaled_dot_product" in name and "backward" not in name
+    )
+    backward = sum(
+        n for name, n in counter.counts.items() if "scaled_dot_product" in name and "backward" in name
+    )
+    assert forward == 2 and backward == (2 if training else 0)
 
 
 def test_baseline_processor_is_timed_beside(process_settings, tmp_path):
