@@ -23,8 +23,8 @@ median (and min-max) of the per-round ratios, > 1 meaning vitrail is better (fas
 without native bf16 (no `amx_bf16` or `avx512_bf16` flag) bf16 is emulated and its rows read "not measurable"
 unless `--force-bf16`. `--quick` (2 rounds, fewer images) is a smoke run for tests.
 
-On the 2-core Xeon (AMX) here, shared with other jobs, the default run took about 13 minutes and `--compile`
-added about 21 more; README.md ("Performance") shows the table that run printed.
+On the 2-core Xeon (AMX) here the default run takes about 15 minutes, and `--compile` added about 21 more in a
+run on a shared machine; README.md ("Performance") shows the table of a quiet run.
 """
 
 from __future__ import annotations
