@@ -8,6 +8,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from transformers.image_utils import PILImageResampling
 
 import vitrail.image_processing_vitrail as image_processing
 from vitrail import VitrailImageProcessor
@@ -50,7 +51,7 @@ def recording_resizes(monkeypatch) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"crop_pct": 0.875}])
+@pytest.mark.parametrize("kwargs", [{}, {"crop_pct": 0.875}, {"resample": PILImageResampling.BICUBIC}])
 def test_threads_give_the_numbers_one_thread_gives(threads, kwargs):
     processor = VitrailImageProcessor(size={"height": 24, "width": 24}, **kwargs)
     threads(1)
