@@ -15,7 +15,7 @@ PIL images; `from_pretrained` time and peak memory of a checkpoint of the varian
 temporary folder. Model rows give each model's achieved FLOP/s as a share of this machine's measured GEMM rate
 (a 2048 x 2048 matmul of the row's dtype); FLOPs are counted analytically (`forward_flops`). Their notes give the
 time of the kernels all three must run (every linear map's GEMMs and each layer's SDPA, `shared_kernels`), timed
-in the same rounds, and so the largest ratio any implementation could reach against each peer here.
+in the same rounds, and so the largest ratio an implementation running them could reach against each peer here.
 
 Each round runs the three models one after another, the order rotated from round to round, so that a slow spell
 of a shared machine hits all of them; a cell is the median over rounds with the min-max spread; a ratio is the
@@ -126,8 +126,7 @@ def forward_flops(config: VitrailConfig) -> float:
     """FLOPs (2 per multiply-add) of one image's forward pass: the patch projection, per layer the qkv and output
     projections, QK^T and attention x V, the MLP; then the head. LayerNorm, softmax, GELU and the residual adds
     are left out (under 1% at ViT-B/16)."""
-    (patch_h, patch_w), (size_h, size_w) = pair(config.patch_size), pair(config.image_size)
-    patches = (size_h // patch_h) * (size_w // patch_w)
+    patches, (patch_h, patch_w) = config.num_patches, config.patch_hw
     tokens = patches + config.num_prefix_tokens
     width, mlp = config.hidden_size, config.intermediate_size
     per_layer = 2 * tokens * (4 * width * width + 2 * width * mlp) + 4 * tokens * tokens * width
@@ -138,13 +137,9 @@ def forward_flops(config: VitrailConfig) -> float:
 def linear_shapes(config: VitrailConfig, batch: int) -> list[tuple[int, int, int, int]]:
     """(count, m, k, n) of every linear map in one forward of `batch` images: the patch projection (the GEMM a
     Conv2d with kernel = stride amounts to), per layer the qkv, output and two MLP projections, then the head."""
-    (patch_h, patch_w), (size_h, size_w) = pair(config.patch_size), pair(config.image_size)
-    patches = (size_h // patch_h) * (size_w // patch_w)
-    rows, width, layers = (
-        batch * (patches + config.num_prefix_tokens),
-        config.hidden_size,
-        config.num_hidden_layers,
-    )
+    patches, (patch_h, patch_w) = config.num_patches, config.patch_hw
+    rows = batch * (patches + config.num_prefix_tokens)
+    width, layers = config.hidden_size, config.num_hidden_layers
     return [
         (1, batch * patches, config.num_channels * patch_h * patch_w, width),
         (layers, rows, width, 3 * width),
@@ -160,19 +155,22 @@ def shared_kernels(config: VitrailConfig, batch: int, dtype: torch.dtype, device
     `training`, forward and backward), on tensors made once: every linear map's GEMM (for training also its
     input- and weight-gradient GEMMs, in the layouts autograd hands the kernels) and each layer's
     `scaled_dot_product_attention`. The models add LayerNorm, GELU, residual adds, casts and the optimizer step
-    around these. Timed in the same rounds as the models, a peer's time over this call's is the largest ratio
-    any implementation could reach against that peer on this machine."""
+    around these. Timed in the same rounds as the models, a peer's time over this call's is the largest ratio an
+    implementation running these kernels could reach against that peer on this machine."""
     gemms = []
     for count, m, k, n in linear_shapes(config, batch):
         x, w, dy = (torch.randn(*shape, device=device).to(dtype) for shape in [(m, k), (n, k), (m, n)])
         gemms.append((count, lambda x=x, w=w: x @ w.mT))
         if training:
             gemms += [(count, lambda dy=dy, w=w: dy @ w), (count, lambda dy=dy, x=x: dy.mT @ x)]
-    (patch_h, patch_w), (size_h, size_w) = pair(config.patch_size), pair(config.image_size)
-    tokens = (size_h // patch_h) * (size_w // patch_w) + config.num_prefix_tokens
-    heads = config.num_attention_heads
-    shape = (batch, heads, tokens, config.hidden_size // heads)
-    q, k, v, grad = (torch.randn(shape, device=device).to(dtype).requires_grad_(training) for _ in range(4))
+    shape = (
+        batch,
+        config.num_attention_heads,
+        config.num_patches + config.num_prefix_tokens,
+        config.head_dim,
+    )
+    q, k, v = (torch.randn(shape, device=device).to(dtype).requires_grad_(training) for _ in range(3))
+    grad = torch.randn(shape, device=device).to(dtype)
 
     def attention():
         out = F.scaled_dot_product_attention(q, k, v)
@@ -205,10 +203,6 @@ def floor_note(row: Row) -> str:
         f"shared kernels alone {spread(floor, 1000.0, digits_for([f * 1000 for f in floor]))} ms: ratio cap "
         + ", ".join(caps)
     )
-
-
-def pair(value: int | list[int]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (value[0], value[1])
 
 
 # ---- results ----------------------------------------------------------------------------------------------------
