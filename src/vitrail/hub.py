@@ -315,14 +315,10 @@ def _read_json(path: Path, problems: list[str]) -> dict | None:
         problems.append(f"no {path.name}")
         return None
     try:
-        data = json.loads(path.read_text())
-    except ValueError as error:
-        problems.append(f"{path.name} is not valid JSON ({error})")
+        return _json_object(path, CheckpointError)
+    except CheckpointError as error:
+        problems.append(str(error).removesuffix("."))
         return None
-    if not isinstance(data, dict):
-        problems.append(f"{path.name} is not a JSON object (it holds a {type(data).__name__})")
-        return None
-    return data
 
 
 def _check_forward(folder: Path, config: dict, processor_config: dict) -> None:
@@ -744,13 +740,13 @@ def _files_to_pull(
     return [*CONFIGS, *code, *weights, *([CARD] if CARD in available else [])]
 
 
-def _json_object(path: Path, fail: Callable[[str], HubError]) -> dict:
+def _json_object(path: Path, fail: Callable[[str], Exception]) -> dict:
     try:
         data = json.loads(path.read_text())
     except ValueError as error:
         raise fail(f"{path.name} is not valid JSON ({error}).") from error
     if not isinstance(data, dict):
-        raise fail(f"{path.name} is not a JSON object.")
+        raise fail(f"{path.name} is not a JSON object (it holds a {type(data).__name__}).")
     return data
 
 
