@@ -1,0 +1,324 @@
+"""The README, run as written.
+
+Every Python example in README.md is executed, unchanged, in the order a reader meets it: in a scratch folder, with
+the few names the README leaves to the reader (`pil_image`, `image`, `pixel_values`) supplied, the "without
+vitrail installed" examples in a process that cannot import vitrail, and the Hub repos they name served by
+`tests/hub_server.py`, holding tiny stand-ins of the checkpoints (same formats, a few kilobytes). What the examples'
+comments promise (shapes, files written, two heads, a new image size) is asserted after them. Every command the
+README shows names a script, flag or make target that exists.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import re
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher, Dinov2WithRegistersModel
+
+from vitrail import VitrailForImageClassification, VitrailImageProcessor, VitrailModel
+
+from .conftest import run_without_vitrail, tiny_config
+from .hub_server import client_env, patch_client, serve
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+FENCED = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
+
+# Each README Python example, by a line only it has.
+EXAMPLES = {
+    "use": 'VitrailConfig.from_variant("S/16"',
+    "use elsewhere": 'AutoModelForImageClassification.from_pretrained("my-vit", trust_remote_code=True)',
+    "chosen layers": "output_attentions=[-1], output_hidden_states=[0, -1]",
+    "backbone": 'VitrailBackbone.from_pretrained("my-vit"',
+    "attention maps": "attention_maps(model, pixels",
+    "hub": 'push_checkpoint("runs/digits", "your-name/vitrail-digits"',
+    "hub elsewhere": 'from_pretrained("your-name/vitrail-digits", trust_remote_code=True)',
+    "conversion": 'from_pretrained("google/vit-base-patch16-224")',
+}
+
+
+def python_examples() -> list[str]:
+    return [body for language, body in FENCED.findall(README.read_text()) if language == "python"]
+
+
+def example(name: str) -> str:
+    found = [body for body in python_examples() if EXAMPLES[name] in body]
+    assert len(found) == 1, f"README has {len(found)} Python examples with {EXAMPLES[name]!r}, not one"
+    return found[0]
+
+
+def test_every_python_example_is_run_by_a_test():
+    """A new README example fails this until a test below runs it."""
+    for body in python_examples():
+        claimed = [name for name, marker in EXAMPLES.items() if marker in body]
+        assert len(claimed) == 1, f"this README example is run by {claimed or 'no test'}:\n{body}"
+
+
+def photo() -> PIL.Image.Image:
+    """An odd-sized RGB image, as a reader's `pil_image` would be."""
+    levels = np.random.default_rng(0).integers(0, 256, (190, 260, 3), dtype=np.uint8)
+    return PIL.Image.fromarray(levels)
+
+
+# Runs a README example where vitrail cannot be imported (`run_without_vitrail`), in the folder given as first
+# argument, then uses what it made on an image.
+ELSEWHERE = """
+import json, os, sys
+import numpy as np, PIL.Image
+os.chdir(sys.argv[1])
+namespace = {}
+exec(sys.argv[2], namespace)
+image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+report = {"model": type(namespace["model"]).__module__, "top": namespace["classify"](image)}
+if "features" in namespace:
+    report["features"] = list(np.shape(namespace["features"](image)))
+json.dump(report, open(sys.argv[-1], "w"))
+"""
+
+
+def test_use_examples_run_as_written(tmp_path, monkeypatch):
+    """The examples of "Use", "Chosen layers", "Features for dense tasks" and "Attention maps", in order."""
+    monkeypatch.chdir(tmp_path)
+    namespace = {"pil_image": photo(), "image": photo()}
+    exec(example("use"), namespace)
+    assert namespace["logits"].shape == (1, 10)
+    code = {"configuration_vitrail.py", "modeling_vitrail.py", "image_processing_vitrail.py"}
+    saved = {"model.safetensors", "config.json", "preprocessor_config.json", *code}
+    assert saved <= {path.name for path in Path("my-vit").iterdir()}
+
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "elsewhere_home"),
+        "TRANSFORMERS_VERBOSITY": "error",
+    }
+    report = run_without_vitrail(ELSEWHERE, tmp_path, example("use elsewhere"), root=tmp_path, env=env)
+    assert report["model"].startswith("transformers_modules.")  # the folder's own code, not vitrail's
+    labels = {f"LABEL_{i}" for i in range(10)}  # the example's 10 classes, unnamed
+    assert len(report["top"]) == 5 and {row["label"] for row in report["top"]} <= labels
+    assert report["features"] == [1, 196, 384]  # S/16 at 224 px, no class token: 14 x 14 patch tokens
+
+    model, layers, heads = namespace["model"], 12, 6  # S/16
+    exec(example("chosen layers"), namespace)
+    out = namespace["out"]
+    assert [a is None for a in out.attentions] == [True] * (layers - 1) + [False]
+    assert out.attentions[-1].shape == (1, heads, 196, 196)
+    assert [h is None for h in out.hidden_states] == [False] + [True] * (layers - 1) + [False]
+    assert out.hidden_states[-1].shape == (1, 196, 384)
+
+    namespace["pixel_values"] = namespace["inputs"]["pixel_values"]
+    exec(example("backbone"), namespace)
+    assert [tuple(m.shape) for m in namespace["maps"]] == [(1, 384, 14, 14)] * 3
+
+    exec(example("attention maps"), namespace)
+    maps = namespace["maps"]
+    assert maps.rollout.shape == (1, 14, 14) and maps.heads.shape == (1, heads, 14, 14)
+    assert PIL.Image.open("map.png").size[0] > 0
+    assert namespace["model"] is model
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    with serve() as server:
+        patch_client(monkeypatch, server, tmp_path / "hf_home")
+        yield server
+        assert server.unhandled == [], "the client used routes the test server does not implement"
+
+
+def test_hub_examples_run_as_written(hub, tmp_path, monkeypatch):
+    """The Python example of "Sharing on the Hub", then the pushed repo opened where vitrail is not installed."""
+    monkeypatch.chdir(tmp_path)
+    VitrailForImageClassification(tiny_config()).save_pretrained("runs/digits")
+    VitrailImageProcessor(size={"height": 30, "width": 30}).save_pretrained("runs/digits")
+    namespace = {}
+    exec(example("hub"), namespace)
+    assert namespace["commit"] is not None and hub.repos["your-name/vitrail-digits"].private
+    pulled = Path(namespace["folder"])
+    assert pulled.resolve() == (tmp_path / "models" / "digits").resolve()
+    want, got = load_file("runs/digits/model.safetensors"), load_file(pulled / "model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+    env = client_env(hub, tmp_path / "elsewhere_home")
+    report = run_without_vitrail(ELSEWHERE, tmp_path, example("hub elsewhere"), root=tmp_path, env=env)
+    assert report["model"].startswith("transformers_modules.")
+    assert len(report["top"]) == min(5, tiny_config().num_labels)
+
+
+def _publish(hub, repo_id: str, folder: Path) -> None:
+    hub.create_repo(repo_id, private=False)
+    hub.put(repo_id, {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()})
+
+
+def test_conversion_examples_run_as_written(hub, tmp_path, monkeypatch):
+    """The example of "Converting checkpoints": each line opens a stand-in of the checkpoint it names, in that
+    checkpoint's own format (a transformers ViT, a distilled DeiT, DINOv2 with registers, a timm folder, a JAX
+    file)."""
+    pytest.importorskip("timm", reason="timm writes the timm stand-in (a dev dependency)")
+    from .test_convert import DINO, SHAPE, hf_vit
+    from .test_convert_npz import jax_arrays
+    from .test_convert_timm import TINY as TIMM_TINY
+    from .test_convert_timm import make_timm, save_folder, timm_config
+
+    monkeypatch.chdir(tmp_path)
+    stand_ins = {
+        "google/vit-base-patch16-224": hf_vit(),
+        "facebook/deit-base-distilled-patch16-224": hf_vit(DeiTForImageClassificationWithTeacher, DeiTConfig),
+        "facebook/dinov2-with-registers-small": Dinov2WithRegistersModel(
+            Dinov2WithRegistersModel.config_class(**DINO, num_register_tokens=4)
+        ),
+    }
+    for repo_id, model in stand_ins.items():
+        model.save_pretrained(tmp_path / repo_id)
+        _publish(hub, repo_id, tmp_path / repo_id)
+    timm_model = make_timm()
+    timm_folder = tmp_path / "timm_stand_in"
+    save_folder(timm_folder, timm_model, timm_config(timm_model, num_heads=TIMM_TINY["num_heads"]))
+    _publish(hub, "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k", timm_folder)
+    np.savez("ViT-B_16.npz", **jax_arrays())
+
+    namespace, opened = {}, []
+    for statement in ast.parse(example("conversion")).body:  # what each line opened
+        exec(compile(ast.Module([statement], []), "README.md", "exec"), namespace)
+        if isinstance(statement, ast.Assign):
+            opened.append(namespace[statement.targets[0].id])
+    vit, deit, dinov2, timm_model, npz_model, resized = opened
+    for model in (vit, deit, timm_model, npz_model, resized):
+        assert type(model) is VitrailForImageClassification
+    assert vit.config.id2label == hf_vit().config.id2label and vit.config.image_size == SHAPE["image_size"]
+    assert deit.config.use_distillation_token and deit.distillation_classifier is not None  # two heads
+    assert type(dinov2) is VitrailModel and dinov2.config.num_register_tokens == 4
+    assert dinov2.config.layer_scale_init_value is not None
+    assert timm_model.config.num_labels == TIMM_TINY["num_classes"]
+    assert resized.config.image_size == 384 and resized.config.id2label == {0: "cat", 1: "dog"}
+    assert resized.vitrail.embeddings.position_embeddings.shape[1] == 1 + (384 // SHAPE["patch_size"]) ** 2
+
+
+# ---- commands ------------------------------------------------------------------------------------------------
+
+COMMAND_START = ("python ", "make ", "accelerate ", "torchrun ")
+SCRIPT = re.compile(r"\b((?:scripts|benchmarks)/\w+\.py)")
+FLAG = re.compile(r"(?<![\w-])(--[A-Za-z][\w-]*)")
+
+
+def readme_commands(text: str) -> list[str]:
+    """Every command line a README shows: shell blocks (continuations joined, comments cut), and inline code that
+    starts with python, make, accelerate or torchrun, or names a script with flags (`scripts/train.py --seed`)."""
+    commands = []
+    for language, body in FENCED.findall(text):
+        if language not in ("bash", "sh", "console"):
+            continue
+        for line in body.replace("\\\n", " ").splitlines():
+            line = " ".join(re.sub(r"(^|\s)#.*", "", line).split())
+            if not line:
+                continue
+            if line.startswith(COMMAND_START) or not commands:
+                commands.append(line)
+            else:  # a usage line wrapped without a backslash: `[--batch-size 32] [--device cpu]`
+                commands[-1] += " " + line
+    for span in re.findall(r"`([^`\n]+)`", FENCED.sub("", text)):
+        if span.startswith(COMMAND_START) or (SCRIPT.match(span) and FLAG.search(span)):
+            commands.append(span)
+    return commands
+
+
+def script_help(script: str) -> str:
+    """What `python <script> --help` prints, run in this process (the imports are already paid for)."""
+    out = io.StringIO()
+    argv = sys.argv
+    sys.argv = [script, "--help"]
+    try:
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+    finally:
+        sys.argv = argv
+    assert exit_info.value.code in (0, None), f"{script} --help exited with {exit_info.value.code}"
+    return out.getvalue()
+
+
+def takes(help_text: str, flag: str) -> bool:
+    return re.search(rf"(?<![\w-]){flag}(?![\w-])", help_text) is not None
+
+
+def command_problems(commands: list[str], helps: dict[str, str]) -> list[str]:
+    """What is wrong with `commands`: a make target or variable the Makefile lacks, a script that does not exist,
+    a flag its `--help` (or `accelerate launch --help`) does not list. `helps` caches each script's help."""
+    from accelerate.commands.launch import launch_command_parser
+
+    makefile = (ROOT / "Makefile").read_text()
+    targets = set(re.findall(r"^([\w-]+):", makefile, re.MULTILINE))
+    problems = []
+    for command in commands:
+        if command.startswith("make "):
+            for word in command.split()[1:]:
+                if word.startswith("-"):  # make's own options (`make -n train`)
+                    continue
+                variable = word.split("=")[0]
+                if "=" in word and f"$({variable})" not in makefile:
+                    problems.append(f"{command}: the Makefile reads no {variable}")
+                elif re.fullmatch(r"[\w-]+", word) and word not in targets:
+                    problems.append(f"{command}: no make target {word!r}")
+            continue
+        script = SCRIPT.search(command)
+        if command.startswith("accelerate "):
+            if not command.startswith("accelerate launch "):
+                continue  # `accelerate config`
+            # Its --help lists only the flags relevant to the ones on the command line: ask the parser itself.
+            launcher = {
+                option for action in launch_command_parser()._actions for option in action.option_strings
+            }
+            problems += [
+                f"{command}: accelerate launch takes no {flag}"
+                for flag in FLAG.findall(command[: script.start() if script else None])
+                if flag not in launcher
+            ]
+            if script is None:  # the launcher's flags alone: `accelerate launch --cpu --num_processes 2`
+                continue
+        if script is None or not (ROOT / script.group(1)).is_file():
+            problems.append(f"{command}: runs no script of this repository")
+            continue
+        path = script.group(1)
+        if path not in helps:
+            helps[path] = script_help(path)
+        problems += [
+            f"{command}: {path} takes no {flag}"
+            for flag in FLAG.findall(command[script.end() :])
+            if not takes(helps[path], flag)
+        ]
+    return problems
+
+
+def test_readme_commands_name_scripts_flags_and_targets_that_exist():
+    commands = readme_commands(README.read_text())
+    assert len(commands) >= 30 and any(c.startswith("accelerate launch") for c in commands)  # still found
+    helps: dict[str, str] = {}
+    assert command_problems(commands, helps) == []
+    assert {"scripts/train.py", "scripts/predict.py", "scripts/push_to_hub.py"} <= set(helps)
+
+
+def test_the_command_check_catches_what_does_not_exist():
+    text = (
+        "Run `python scripts/predict.py x.png --model DIR --topk 3` or `make tests`.\n"
+        "```bash\nmake train OUTPUT=runs/x\npython scripts/train.py \\\n  --output_dir o --epochs 3\n```\n"
+        "`accelerate launch --gpus 2 scripts/train.py`, `accelerate launch --cpus 2` and `python scripts/nothing.py`"
+        " (not `scripts/old.py`, which is named, not run)\n"
+    )
+    commands = readme_commands(text)
+    assert commands[:2] == ["make train OUTPUT=runs/x", "python scripts/train.py --output_dir o --epochs 3"]
+    assert command_problems(commands, {}) == [
+        "make train OUTPUT=runs/x: the Makefile reads no OUTPUT",
+        "python scripts/train.py --output_dir o --epochs 3: scripts/train.py takes no --epochs",
+        "python scripts/predict.py x.png --model DIR --topk 3: scripts/predict.py takes no --topk",
+        "make tests: no make target 'tests'",
+        "accelerate launch --gpus 2 scripts/train.py: accelerate launch takes no --gpus",
+        "accelerate launch --cpus 2: accelerate launch takes no --cpus",
+        "python scripts/nothing.py: runs no script of this repository",
+    ]
