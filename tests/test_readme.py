@@ -233,13 +233,13 @@ def readme_commands(text: str) -> list[str]:
 def script_help(script: str) -> str:
     """What `python <script> --help` prints, run in this process (the imports are already paid for)."""
     out = io.StringIO()
-    argv = sys.argv
+    argv, path = sys.argv, list(sys.path)  # a benchmark puts scripts/ on sys.path
     sys.argv = [script, "--help"]
     try:
         with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
             runpy.run_path(str(ROOT / script), run_name="__main__")
     finally:
-        sys.argv = argv
+        sys.argv, sys.path[:] = argv, path
     assert exit_info.value.code in (0, None), f"{script} --help exited with {exit_info.value.code}"
     return out.getvalue()
 
