@@ -5,12 +5,13 @@
 #
 #   bash benchmarks/gpu.sh [more peers.py flags, which override these, e.g. --batch 256]
 #
-# Runs from anywhere on a fresh machine with Python >= 3.10 and an NVIDIA driver: it makes .venv in the repository
-# (as `make` does), installs vitrail with its dev extras from PyPI (torch, whose Linux wheels there are CUDA
-# builds, transformers, timm, torchvision, scikit-learn), then runs the benchmark on the GPU. Budget: under 5
-# minutes on an H200, the install included (about 2 of them on a fast link); to stay within it inference is
-# compiled and training is not (add `--compile` for both). Written without a GPU at hand: only the refusal on a
-# machine without one has run (tests/test_benchmarks.py), not the GPU run itself.
+# Runs from anywhere on a machine with Python >= 3.10 and an NVIDIA driver. If $PYTHON (python3) already imports
+# vitrail from src/ and the peers (torch with CUDA, transformers, timm, scikit-learn, psutil), as on the GPU
+# machines lent here, which have those and no network, it runs with it. Otherwise it makes .venv in the repository
+# (as `make` does) and installs vitrail with its dev extras from PyPI (torch, whose Linux wheels there are CUDA
+# builds). Budget: under 5 minutes on an H200, an install included (about 2 of them on a fast link); to stay
+# within it inference is compiled and training is not (add `--compile` for both). README.md ("Performance", GPU)
+# shows the table of the run on an H200 and how that machine got transformers 5.24.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -25,6 +26,11 @@ if ! nvidia-smi -L >/dev/null 2>&1; then
 fi
 nvidia-smi -L
 
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+if "$PYTHON" -c "import torch, timm, sklearn, psutil, vitrail; assert torch.cuda.is_available()" 2>/dev/null; then
+    echo "gpu.sh: running with $("$PYTHON" -c "import sys; print(sys.executable)"), vitrail from src/"
+    exec "$PYTHON" benchmarks/peers.py "${PEERS_FLAGS[@]}" "$@"
+fi
 test -x "$VENV/bin/python" || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -e ".[dev]"

@@ -236,6 +236,42 @@ def test_gpu_script_refuses_without_a_gpu(tmp_path):
     assert not (tmp_path / "venv").exists()
 
 
+def test_gpu_script_runs_a_python_that_has_the_peers_without_installing(tmp_path):
+    """On a machine whose Python already has torch with CUDA and the peers (the lent GPU machines, which have no
+    network), gpu.sh makes no venv and installs nothing: it runs peers.py with its flags and any given after them,
+    vitrail from src/. Here a stand-in `nvidia-smi` and a stand-in Python that records how it was called."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: stand-in'\n")
+    calls = tmp_path / "calls"
+    (bin_dir / "python-with-peers").write_text(
+        f'#!/bin/sh\necho "$PYTHONPATH | $*" >> {calls}\nif [ "$1" = -c ]; then echo {tmp_path}/python; fi\n'
+    )
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "PYTHON": str(bin_dir / "python-with-peers"),
+        "VENV": str(tmp_path / "venv"),
+    }
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--batch", "64"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "GPU 0: stand-in" in result.stdout and "vitrail from src/" in result.stdout
+    check, version, run = calls.read_text().splitlines()
+    assert check.startswith(f"{ROOT / 'src'} | -c import torch") and "torch.cuda.is_available()" in check
+    assert run == f"{ROOT / 'src'} | benchmarks/peers.py {' '.join(gpu_flags())} --batch 64"
+    assert "sys.executable" in version
+    assert not (tmp_path / "venv").exists()
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
