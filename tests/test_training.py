@@ -318,6 +318,18 @@ def test_batch_augment_is_exact_where_it_should_be():
     assert crops.shape == images.shape and not torch.allclose(crops, images)
 
 
+def test_batch_augment_runs_on_the_batch_device():
+    """The Trainer's data loader puts batches on the training device (a GPU) before the augmentation sees them:
+    its grid and fill must follow. The meta device stands in for a GPU here (tests/test_cuda.py runs a GPU)."""
+    from vitrail.data import AugmentationConfig, BatchAugment
+
+    everything = AugmentationConfig(crop_scale=0.5, hflip=0.5, rotation=10, translate=0.1, scale=0.1)
+    out = BatchAugment(everything, fill=torch.tensor([-1.0, 0.0, 1.0]))(
+        torch.zeros(4, 3, 8, 8, device="meta")
+    )
+    assert out.device.type == "meta" and out.shape == (4, 3, 8, 8)
+
+
 def test_cached_and_on_the_fly_splits_give_the_same_batches():
     """transformers' `default_data_collator` batches both forms of a prepared split alike (a tensor cache, and a
     `datasets` split processed on the fly): the same pixels, and int64 class ids as labels."""

@@ -331,8 +331,11 @@ class BatchAugment:
         row_x = torch.stack([sx * cos, -sy * sin, shift_x], 1)
         row_y = torch.stack([sx * sin, sy * cos, shift_y], 1)
         theta = torch.stack([row_x, row_y], 1)
-        grid = F.affine_grid(theta.to(pixels.dtype), list(pixels.shape), align_corners=False)
-        fill = self.fill.to(pixels.dtype)
+        # Drawn on the CPU generator (the same draws whatever the device), then moved to the batch's device, where
+        # the Trainer's data loader has already put it (a GPU in training).
+        where = dict(device=pixels.device, dtype=pixels.dtype)
+        grid = F.affine_grid(theta.to(**where), list(pixels.shape), align_corners=False)
+        fill = self.fill.to(**where)
         return (
             F.grid_sample(pixels - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
             + fill
