@@ -4,8 +4,8 @@ Every Python example in README.md is executed, unchanged, in the order a reader 
 the few names the README leaves to the reader (`pil_image`, `image`, `pixel_values`) supplied, the "without
 vitrail installed" examples in a process that cannot import vitrail, and the Hub repos they name served by
 `tests/hub_server.py`, holding tiny stand-ins of the checkpoints (same formats, a few kilobytes). What the examples'
-comments promise (shapes, files written, two heads, a new image size) is asserted after them. Every command the
-README shows names a script, flag or make target that exists.
+comments promise (shapes, files written, two heads, a new image size) is asserted after them. The model card's
+examples run the same way. Every command the README shows names a script, flag or make target that exists.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import io
+import json
 import re
 import runpy
 import sys
@@ -200,6 +201,49 @@ def test_conversion_examples_run_as_written(hub, tmp_path, monkeypatch):
     assert timm_model.config.num_labels == TIMM_TINY["num_classes"]
     assert resized.config.image_size == 384 and resized.config.id2label == {0: "cat", 1: "dog"}
     assert resized.vitrail.embeddings.position_embeddings.shape[1] == 1 + (384 // SHAPE["patch_size"]) ** 2
+
+
+# Runs the Python examples of a model card (a JSON list, second argument) in the folder given first, where vitrail
+# cannot be imported, and reports what each printed.
+CARD_ELSEWHERE = """
+import contextlib, io, json, os, sys
+os.chdir(sys.argv[1])
+printed = []
+for snippet in json.loads(sys.argv[2]):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(snippet, {})
+    printed.append(out.getvalue().strip())
+json.dump({"printed": printed}, open(sys.argv[-1], "w"))
+"""
+
+
+def test_model_card_examples_run_as_written_without_vitrail(hub, tmp_path):
+    """A card's "How to use" (model_cards/vitrail_image_classification.md, as `render_model_card` fills it): both
+    examples run unchanged where vitrail is not installed, on the repo the card names, with an `example.jpg`."""
+    from vitrail.model_card import render_model_card
+
+    from .test_reporting import CARD_ARGS
+
+    repo_id, labels = "your-name/vitrail-card", {0: "cat", 1: "dog", 2: "emu", 3: "fox"}
+    folder = tmp_path / "checkpoint"
+    VitrailForImageClassification(tiny_config(id2label=labels)).save_pretrained(folder)
+    VitrailImageProcessor(size={"height": 30, "width": 30}).save_pretrained(folder)
+    card = render_model_card(
+        **CARD_ARGS, output_dir=folder, metrics={"accuracy": 0.5}, dataset_id=None, repo_id=repo_id
+    )
+    _publish(hub, repo_id, folder)
+    examples = [body for language, body in FENCED.findall(card.text) if language == "python"]
+    assert len(examples) == 2 and all(repo_id in body for body in examples)
+    photo().save(tmp_path / "example.jpg")
+
+    env = client_env(hub, tmp_path / "elsewhere_home")
+    report = run_without_vitrail(CARD_ELSEWHERE, tmp_path, json.dumps(examples), root=tmp_path, env=env)
+    best, top3 = report["printed"]
+    assert best in labels.values()
+    top3 = ast.literal_eval(top3)
+    assert [row["label"] for row in top3][0] == best and len(top3) == 3
+    assert {row["label"] for row in top3} <= set(labels.values())
 
 
 # ---- commands ------------------------------------------------------------------------------------------------
