@@ -13,6 +13,8 @@ import torch
 
 from vitrail import VitrailConfig
 
+from .hub_server import patch_client, serve
+
 TINY = dict(
     image_size=30,
     patch_size=2,
@@ -64,6 +66,23 @@ def pixels() -> torch.Tensor:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def server():
+    """The loopback Hub server (`tests/hub_server.py`), one per test module."""
+    with serve() as hub_server:
+        yield hub_server
+
+
+@pytest.fixture
+def hub(server, monkeypatch, tmp_path):
+    """The server, with this process's huggingface_hub pointed at it and a fresh HF_HOME."""
+    patch_client(monkeypatch, server, tmp_path / "hf_home")
+    server.unhandled.clear()
+    yield server
+    server.clear_faults()
+    assert server.unhandled == [], "the client used routes the test server does not implement"
 
 
 # Prepended to every script `run_without_vitrail` runs: vitrail is installed (editable) here, so removing it from

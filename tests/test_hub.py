@@ -39,7 +39,7 @@ from vitrail.hub import (
 )
 
 from .conftest import load_script, run_without_vitrail, tiny_config
-from .hub_server import USER, client_env, patch_client, serve
+from .hub_server import USER, client_env
 
 ID2LABEL = {0: "cat", 1: "dog", 2: "bird"}
 CODE_FILES = ("configuration_vitrail.py", "modeling_vitrail.py", "image_processing_vitrail.py")
@@ -90,22 +90,6 @@ def checkpoints(tmp_path_factory) -> dict:
     assert torch.equal(made["v2_logits"], made["v2_sharded_logits"])
     assert len(list(made["v2_sharded"].glob("model-*-of-*.safetensors"))) > 1
     return made
-
-
-@pytest.fixture(scope="module")
-def server():
-    with serve() as hub_server:
-        yield hub_server
-
-
-@pytest.fixture
-def hub(server, monkeypatch, tmp_path):
-    """The server, with this process's huggingface_hub pointed at it and a fresh HF_HOME."""
-    patch_client(monkeypatch, server, tmp_path / "hf_home")
-    server.unhandled.clear()
-    yield server
-    server.clear_faults()
-    assert server.unhandled == [], "the client used routes the test server does not implement"
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher, Dino
 from vitrail import VitrailForImageClassification, VitrailImageProcessor, VitrailModel
 
 from .conftest import run_without_vitrail, tiny_config
-from .hub_server import client_env, patch_client, serve
+from .hub_server import client_env
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -125,14 +125,6 @@ def test_use_examples_run_as_written(tmp_path, monkeypatch):
     assert maps.rollout.shape == (1, 14, 14) and maps.heads.shape == (1, heads, 14, 14)
     assert PIL.Image.open("map.png").size[0] > 0
     assert namespace["model"] is model
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    with serve() as server:
-        patch_client(monkeypatch, server, tmp_path / "hf_home")
-        yield server
-        assert server.unhandled == [], "the client used routes the test server does not implement"
 
 
 def test_hub_examples_run_as_written(hub, tmp_path, monkeypatch):
