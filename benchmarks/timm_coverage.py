@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import re
 import sys
@@ -62,6 +63,16 @@ def pretrained_tags() -> dict[str, list[str]]:
         for name in timm.list_models(module=family, pretrained=True):
             tags[name.split(".")[0]].append(name)
     return dict(tags)
+
+
+@functools.cache
+def _families() -> dict[str, str]:
+    return {arch: family for family in FAMILIES for arch in timm.list_models(module=family)}
+
+
+def family_of(architecture: str) -> str:
+    """The timm module (of `FAMILIES`) defining `architecture`."""
+    return _families()[architecture]
 
 
 def shrunk_args(architecture: str) -> dict:
@@ -117,21 +128,27 @@ def refusal_keys(message: str) -> list[str]:
     return [key for key, sentence in TIMM_REFUSALS.items() if sentence in message]
 
 
-def _outputs(model, pixels, timm_side: bool, **kwargs) -> list[torch.Tensor]:
+def _outputs(model, pixels, timm_side: bool, **kwargs) -> dict[str, torch.Tensor]:
+    """What is compared: the logits of a model with a head; else the tokens and the pooled vector (when timm's
+    pooling gives one vector per image)."""
     with torch.no_grad():
         if timm_side:
             if model.num_classes:
-                return [model(pixels)]
-            return [model.forward_features(pixels), model.forward_head(model.forward_features(pixels))]
+                return {"logits": model(pixels)}
+            tokens = model.forward_features(pixels)
+            pooled = model.forward_head(tokens)
+            return {"tokens": tokens, **({"pooled": pooled} if pooled.ndim == 2 else {})}
         out = model(pixel_values=pixels, **kwargs)
-        logits = getattr(out, "logits", None)
-        return [logits] if logits is not None else [out.last_hidden_state, out.pooler_output]
+        if getattr(out, "logits", None) is not None:
+            return {"logits": out.logits}
+        return {"tokens": out.last_hidden_state, "pooled": out.pooler_output}
 
 
-def _max_diff(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> float:
-    if [t.shape for t in ours] != [t.shape for t in theirs]:
+def _max_diff(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> float:
+    pairs = [(ours[k], theirs[k]) for k in theirs]
+    if any(a.shape != b.shape for a, b in pairs):
         return float("inf")
-    return max((a - b).abs().max().item() for a, b in zip(ours, theirs, strict=True))
+    return max((a - b).abs().max().item() for a, b in pairs)
 
 
 def check(architecture: str, num_classes: int, folder: Path, seed: int = 0) -> Outcome:
@@ -146,9 +163,10 @@ def check(architecture: str, num_classes: int, folder: Path, seed: int = 0) -> O
         keys = refusal_keys(message) if isinstance(error, NotImplementedError) else []
         return Outcome("refused", " + ".join(keys)) if keys else Outcome("misleading", message[:300])
     channels, side = reference.pretrained_cfg.get("input_size", (3,))[0], args["img_size"]
-    pixels = torch.randn(2, channels, side, side, generator=torch.Generator().manual_seed(seed + 1))
+    generator = torch.Generator().manual_seed(seed + 1)
+    pixels = torch.randn(2, channels, side, side, generator=generator)
     diff = _max_diff(_outputs(converted, pixels, False), _outputs(reference, pixels, True))
-    details = [f"native {diff:.1e}"]
+    sizes = "native size"
     try:  # timm's own position resampling at run time, where the architecture has it
         dynamic = timm.create_model(architecture, pretrained=False, **args, dynamic_img_size=True).eval()
         dynamic.load_state_dict(reference.state_dict())
@@ -156,13 +174,11 @@ def check(architecture: str, num_classes: int, folder: Path, seed: int = 0) -> O
         dynamic = None
     if dynamic is not None:
         patch = side // GRID
-        pixels = torch.randn(2, channels, SECOND_GRID[0] * patch, SECOND_GRID[1] * patch)
-        second = _max_diff(
-            _outputs(converted, pixels, False, interpolate_pos_encoding=True), _outputs(dynamic, pixels, True)
-        )
-        details.append(f"{SECOND_GRID[0]}x{SECOND_GRID[1]} patches {second:.1e}")
-        diff = max(diff, second)
-    return Outcome("parity" if diff <= TOLERANCE else "differ", ", ".join(details), diff)
+        pixels = torch.randn(2, channels, SECOND_GRID[0] * patch, SECOND_GRID[1] * patch, generator=generator)
+        resampled = _outputs(converted, pixels, False, interpolate_pos_encoding=True)
+        diff = max(diff, _max_diff(resampled, _outputs(dynamic, pixels, True)))
+        sizes = f"native and {SECOND_GRID[0]} x {SECOND_GRID[1]} patches"
+    return Outcome("parity" if diff <= TOLERANCE else "differ", sizes, diff)
 
 
 def sweep(architectures: dict[str, list[str]], progress=None) -> dict[tuple[str, int], Outcome]:
@@ -194,54 +210,62 @@ def tag_outcomes(architectures: dict[str, list[str]], results) -> dict[str, Outc
 
 
 def table(architectures: dict[str, list[str]], results) -> str:
-    """docs/coverage.md: the totals, the refusals by feature, and every architecture's outcome."""
+    """docs/coverage.md: the totals, the refusals by feature, each family's counts and every architecture's
+    outcome."""
     by_tag = tag_outcomes(architectures, results)
     kinds = collections.Counter(o.kind for o in by_tag.values())
     refused = [o.detail.split(" + ") for o in by_tag.values() if o.kind == "refused"]
     naming = collections.Counter(key for keys in refused for key in keys)
     alone = collections.Counter(keys[0] for keys in refused if len(keys) == 1)
+    families = {arch: family_of(arch) for arch in architectures}
     lines = [
         "# timm coverage",
         "",
-        "Generated by `python benchmarks/timm_coverage.py` (do not edit by hand) with timm "
-        f"{timm.__version__} and torch {torch.__version__}. Every architecture with a pretrained tag in timm's "
-        f"ViT families ({', '.join(f'`{f}`' for f in FAMILIES)}) was built shrunk ({DEPTH} blocks, width {WIDTH}, "
-        f"{HEADS} heads, a {GRID} x {GRID} patch grid, every other option kept), given random weights with every "
-        "parameter perturbed, saved in timm's Hub layout by timm's `save_for_hf`, converted by vitrail and "
-        f"compared with timm (max abs difference <= {TOLERANCE:g}, at the native size and at a "
-        f"{SECOND_GRID[0]} x {SECOND_GRID[1]} patch grid where timm resamples at run time). Parity is checked on "
-        "these shrunk random copies, not on the published weights. Counts are pretrained tags.",
+        f"Generated by `python benchmarks/timm_coverage.py` with timm {timm.__version__}; do not edit by hand. Every "
+        f"architecture with a pretrained tag in timm's ViT families was built shrunk ({DEPTH} blocks, width "
+        f"{WIDTH}, {HEADS} heads, a {GRID} x {GRID} patch grid, a {CLASSES}-class head where its tags have one, "
+        "every other option kept), given random weights with every parameter perturbed, saved in timm's Hub layout "
+        "by timm's `save_for_hf`, converted by vitrail and compared with timm: the logits (a backbone's tokens and "
+        f"pooled vector) within {TOLERANCE:g}, at the native size and, where timm resamples positions at run "
+        f"time, at a {SECOND_GRID[0]} x {SECOND_GRID[1]} patch grid. Parity is checked on these shrunk random "
+        "copies of each architecture, not on the published weights. Counts are pretrained tags "
+        "(`timm.list_pretrained()`), each counted with its architecture.",
         "",
         f"**{kinds['parity']} of {len(by_tag)} tags load with parity**; {kinds['refused']} are refused naming the "
-        f"feature vitrail lacks; {kinds['differ']} load with different outputs; {kinds['misleading']} fail with "
+        f"features vitrail lacks; {kinds['differ']} load with different outputs; {kinds['misleading']} fail with "
         f"another error; {kinds['unbuilt']} could not be built shrunk.",
         "",
-        "Refusals by feature (a tag refused for several features counts in each of their rows; the last column "
-        "counts the tags that feature alone keeps out):",
+        "| timm module | tags | parity | refused |",
+        "|---|--:|--:|--:|",
+    ]
+    for family in FAMILIES:
+        outcomes = [by_tag[t] for a, tags in architectures.items() if families[a] == family for t in tags]
+        counts = collections.Counter(o.kind for o in outcomes)
+        lines.append(f"| `{family}` | {len(outcomes)} | {counts['parity']} | {counts['refused']} |")
+    lines += [
         "",
-        "| feature vitrail lacks (`TIMM_REFUSALS` key) | tags refused naming it | tags refused for it alone |",
+        "Refusals by feature: a tag refused for several features counts in the row of each; the last column counts "
+        "the tags that feature alone keeps out.",
+        "",
+        "| feature vitrail lacks (`TIMM_REFUSALS` key) | tags refused naming it | tags it alone keeps out |",
         "|---|--:|--:|",
-        *(
-            f"| {TIMM_REFUSALS.get(key, key)} (`{key}`) | {count} | {alone[key]} |"
-            for key, count in naming.most_common()
-        ),
+        *(f"| {TIMM_REFUSALS[key]} (`{key}`) | {n} | {alone[key]} |" for key, n in naming.most_common()),
         "",
-        "| architecture | tags | outcome |",
-        "|---|--:|---|",
+        "| architecture | timm module | tags | outcome |",
+        "|---|---|--:|---|",
     ]
     for arch, tags in sorted(architectures.items()):
-        outcomes = {tag: by_tag[tag] for tag in tags}
-        said = sorted({_said(o) for o in outcomes.values()})
-        lines.append(f"| `{arch}` | {len(tags)} | {'; '.join(said)} |")
+        said = sorted({_said(by_tag[tag]) for tag in tags})
+        lines.append(f"| `{arch}` | `{families[arch]}` | {len(tags)} | {'; '.join(said)} |")
     return "\n".join(lines) + "\n"
 
 
 def _said(outcome: Outcome) -> str:
     if outcome.kind == "refused":
-        return f"refused: {outcome.detail}"
+        return f"refused: {outcome.detail.replace(' + ', ', ')}"
     if outcome.kind == "parity":
         return f"parity ({outcome.detail})"
-    return f"{outcome.kind}: {outcome.detail}".replace("|", "/")
+    return f"{outcome.kind}: {outcome.detail}".replace("|", "/").replace("\n", " ")
 
 
 def recorded_loads(text: str) -> int:
@@ -251,7 +275,9 @@ def recorded_loads(text: str) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--print", action="store_true", help="print the table instead of writing docs/coverage.md")
+    parser.add_argument(
+        "--print", action="store_true", help="print the table instead of writing docs/coverage.md"
+    )
     parser.add_argument("--only", help="a regular expression: check only the architectures it finds")
     parser.add_argument("--json", type=Path, help="also write every outcome to this JSON file")
     args = parser.parse_args(argv)
@@ -260,14 +286,17 @@ def main(argv=None) -> int:
         architectures = {a: t for a, t in architectures.items() if re.search(args.only, a)}
 
     def progress(arch, num_classes, outcome, seconds):
-        print(f"{seconds:5.2f}s {arch} ({num_classes} classes): {outcome.kind} {outcome.detail}", file=sys.stderr)
+        print(
+            f"{seconds:5.2f}s {arch} ({num_classes} classes): {outcome.kind} {outcome.detail}",
+            file=sys.stderr,
+        )
 
     torch.set_num_threads(1)  # tiny models: threads only add overhead, and on a busy machine much of it
     results = sweep(architectures, progress)
     text = table(architectures, results)
     if args.json:
         by_tag = tag_outcomes(architectures, results)
-        args.json.write_text(json.dumps({t: [o.kind, o.detail] for t, o in by_tag.items()}, indent=1))
+        args.json.write_text(json.dumps({t: [o.kind, o.detail, o.diff] for t, o in by_tag.items()}, indent=1))
     if args.print or args.only:
         print(text)
     else:

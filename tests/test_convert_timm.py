@@ -125,7 +125,9 @@ def test_parity_with_timm(tmp_path, architecture, options):
 
 
 def test_config_is_read_from_timms_modules(tmp_path):
-    reference = make_timm(reg_tokens=3, init_values=1e-6, qk_norm=True, img_size=(16, 40), act_layer="gelu_tanh")
+    reference = make_timm(
+        reg_tokens=3, init_values=1e-6, qk_norm=True, img_size=(16, 40), act_layer="gelu_tanh"
+    )
     config = vitrail_config_from_timm(reference.state_dict(), timm_config=timm_config(reference))
     assert config.hidden_size == 32 and config.num_hidden_layers == 2 and config.num_attention_heads == 4
     assert config.intermediate_size == 37 and config.patch_size == 8 and list(config.image_hw) == [16, 40]
@@ -153,7 +155,9 @@ def test_labels_from_label_names(tmp_path):
 
 def test_bare_weight_file_with_the_architecture_named(tmp_path):
     """No config.json: `architecture=` names timm's model (here the full-size DeiT-Ti, timm's defaults)."""
-    reference = make_timm(architecture="deit_tiny_patch16_224", **{k: None for k in TINY if k != "num_classes"})
+    reference = make_timm(
+        architecture="deit_tiny_patch16_224", **{k: None for k in TINY if k != "num_classes"}
+    )
     file = save_folder(tmp_path, reference) / "model.safetensors"
     with pytest.raises(ValueError, match="which needs its architecture.*architecture="):
         load_timm_checkpoint(file)
@@ -173,11 +177,25 @@ def test_bare_weight_file_with_the_architecture_named(tmp_path):
         ("vit_base_patch16_rpn_224", {}, "post_norm"),
         ("vit_medium_patch16_rope_reg1_gap_256", {}, "rope"),
         ("vit_relpos_small_patch16_224", {}, "relative_position_bias"),
-        ("samvit_base_patch16", dict(img_size=64, global_attn_indexes=(1,), window_size=2, neck_chans=8), "sam"),
+        (
+            "samvit_base_patch16",
+            dict(img_size=64, global_attn_indexes=(1,), window_size=2, neck_chans=8),
+            "sam",
+        ),
         ("qwen3_vit_88m", dict(img_size=64), "vlm"),
     ],
-    ids=["avgmax", "pool_include_prefix", "diff", "map_patches_only", "hybrid", "post_norm", "rope", "relpos",
-         "sam", "vlm"],  # fmt: skip
+    ids=[
+        "avgmax",
+        "pool_include_prefix",
+        "diff",
+        "map_patches_only",
+        "hybrid",
+        "post_norm",
+        "rope",
+        "relpos",
+        "sam",
+        "vlm",
+    ],  # fmt: skip
 )
 def test_what_vitrail_lacks_is_refused_by_name(tmp_path, architecture, options, key):
     """One sentence of TIMM_REFUSALS names the feature, before any weight is read (they are not blamed)."""
@@ -229,7 +247,9 @@ def test_without_timm_the_converter_asks_for_it(tmp_path, monkeypatch):
     reference = make_timm()
     folder = save_folder(tmp_path, reference, timm_config(reference))
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "timm" else find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "timm" else find_spec(name, *a)
+    )
     with pytest.raises(ImportError, match="pip install timm"):
         load_timm_checkpoint(folder)
 
@@ -244,9 +264,15 @@ def test_an_architecture_timm_does_not_know_is_named(tmp_path):
 @pytest.mark.parametrize(
     "edit, match",
     [
-        (lambda s: s.update({"blocks.1.attn.mystery_scale": torch.ones(4)}), r"unexpected \['blocks.1.attn.myst"),
+        (
+            lambda s: s.update({"blocks.1.attn.mystery_scale": torch.ones(4)}),
+            r"unexpected \['blocks.1.attn.myst",
+        ),
         (lambda s: s.pop("blocks.1.attn.proj.bias"), r"missing \['blocks.1.attn.proj.bias'\]"),
-        (lambda s: s.update(pos_embed=s["pos_embed"][:, 1:]), r"pos_embed': \(\(1, 16, 32\), \(1, 17, 32\)\)"),
+        (
+            lambda s: s.update(pos_embed=s["pos_embed"][:, 1:]),
+            r"pos_embed': \(\(1, 16, 32\), \(1, 17, 32\)\)",
+        ),
     ],
     ids=["unknown_tensor", "missing_tensor", "wrong_shape"],
 )

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..configuration_vitrail import VitrailConfig
 from ..modeling_vitrail import VitrailForImageClassification, VitrailModel
-from .common import Converted, Plan, Rename, describe, height_width, in_layers, read_weights
+from .common import Converted, Plan, Rename, describe, in_layers, read_weights
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +215,13 @@ def _read(model: nn.Module) -> tuple[dict, list[str]]:
     kind = type(model).__name__
     if kind in _OTHER_CLASSES or kind.startswith(("Qwen3", "Deepseek", "Gemma4")):
         return {}, [_OTHER_CLASSES.get(kind, "vlm")]
-    if kind not in ("VisionTransformer", "VisionTransformerDistilled", "Eva", "Beit", "VisionTransformerRelPos"):
+    if kind not in (
+        "VisionTransformer",
+        "VisionTransformerDistilled",
+        "Eva",
+        "Beit",
+        "VisionTransformerRelPos",
+    ):
         return {}, ["model_class"]
     from timm.layers import AttentionPoolLatent, GluMlp, Mlp, PatchEmbed, SwiGLU
 
@@ -314,7 +320,9 @@ def _read(model: nn.Module) -> tuple[dict, list[str]]:
         prefix_positions = "none"
     else:
         rows = positions.shape[1] - patch.num_patches
-        prefix_positions = "none" if rows == 0 else {prefix: "cls" if prefix == 1 and cls_token else "all"}.get(rows)
+        prefix_positions = (
+            "none" if rows == 0 else {prefix: "cls" if prefix == 1 and cls_token else "all"}.get(rows)
+        )
         lacks += ["positions"] if prefix_positions is None else []
 
     # Final norm, pooling and heads.
@@ -337,7 +345,11 @@ def _read(model: nn.Module) -> tuple[dict, list[str]]:
     elif pool == "" and num_classes:
         lacks.append("pool_none")
     fields.setdefault("pooling", {"token": "cls", "avg": "mean"}.get(pool, "cls" if cls_token else "mean"))
-    heads_ok = all(isinstance(h, (nn.Linear, nn.Identity)) for h in (model.head, getattr(model, "head_dist", None)) if h is not None)
+    heads_ok = all(
+        isinstance(h, (nn.Linear, nn.Identity))
+        for h in (model.head, getattr(model, "head_dist", None))
+        if h is not None
+    )
     lacks += ["head"] if not heads_ok else []
     lacks += ["distilled_unused"] if distilled and (registers or fc_norm) else []
 
@@ -398,7 +410,9 @@ def _labels(timm_config: Mapping, num_classes: int) -> dict[int, str]:
     if names and len(names) == num_classes:
         return dict(enumerate(names)) if isinstance(names, list) else {int(k): v for k, v in names.items()}
     if names:
-        logger.warning("config.json has %d label_names for %d classes; using LABEL_i.", len(names), num_classes)
+        logger.warning(
+            "config.json has %d label_names for %d classes; using LABEL_i.", len(names), num_classes
+        )
     return {i: f"LABEL_{i}" for i in range(num_classes)}
 
 
@@ -419,7 +433,11 @@ def _config(
     if id2label is not None and len(id2label) != num_classes:
         raise ValueError(f"id2label has {len(id2label)} labels, the head {num_classes} classes.")
     id2label = {int(k): str(v) for k, v in (id2label or _labels(timm_config, num_classes)).items()}
-    labels = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}} if id2label else {"num_labels": 0}
+    labels = (
+        {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+        if id2label
+        else {"num_labels": 0}
+    )
     logger.info("timm's %s (%s) read from its modules.", architecture, type(model).__name__)
     return VitrailConfig(**fields, **labels), state
 
@@ -454,7 +472,9 @@ def vitrail_config_from_timm(
     `ImportError` without timm.
     """
     state = _unified(state_dict)
-    return _config(timm_config or {}, lambda: state, id2label, num_heads=num_heads, global_pool=global_pool)[0]
+    return _config(timm_config or {}, lambda: state, id2label, num_heads=num_heads, global_pool=global_pool)[
+        0
+    ]
 
 
 def check_timm_config(timm_config: Mapping) -> None:
@@ -594,7 +614,12 @@ def timm_image_processor(pretrained_cfg: Mapping):
 # ---- the timm reference -----------------------------------------------------------------------------------------
 
 # vitrail's `hidden_act` -> timm's `act_layer`, for `timm_model_like`.
-_TIMM_ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu", "silu": "silu"}
+_TIMM_ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "quick_gelu": "quick_gelu",
+    "silu": "silu",
+}
 
 
 def timm_model_like(config: VitrailConfig, num_classes: int, image_hw: tuple[int, int] | None = None):
