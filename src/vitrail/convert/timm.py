@@ -143,6 +143,8 @@ TIMM_REFUSALS: dict[str, str] = {
 # timm's activation modules -> vitrail's `hidden_act` (transformers' ACT2FN names).
 _ACTIVATIONS = {"GELUTanh": "gelu_pytorch_tanh", "QuickGELU": "quick_gelu", "SiLU": "silu", "ReLU": "relu",
                 "Sigmoid": "sigmoid"}  # fmt: skip
+# timm's model classes `_read` reads, and others it names.
+_READ_CLASSES = ("VisionTransformer", "VisionTransformerDistilled", "Eva", "Beit", "VisionTransformerRelPos")
 _OTHER_CLASSES = {"VisionTransformerSAM": "sam", "NaFlexVit": "naflex"}
 _INTERPOLATIONS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 
@@ -200,13 +202,15 @@ def _size(pair) -> int | list[int]:
     return int(pair[0]) if pair[0] == pair[1] else [int(n) for n in pair]
 
 
-def _init_value(block) -> float | None:
-    """LayerScale's initial value (timm's `ls1.init_values`, Eva's and BEiT's `init_values`)."""
-    return getattr(block, "init_values", None) or getattr(getattr(block, "ls1", None), "init_values", None)
-
-
 def _present(module) -> bool:
     return module is not None and not isinstance(module, nn.Identity)
+
+
+# The VitrailConfig fields of `TIMM_REFUSALS` at their defaults (today's vitrail); `_read` names them only when a
+# model needs another value.
+_FIELD_DEFAULTS = {"pre_norm": False, "patch_embedding_bias": True, "patch_embedding_norm": False,
+                   "final_norm": True, "attention_norm": False, "mlp_norm": False, "proj_bias": True,
+                   "mlp_bias": True, "key_bias": True, "norm_type": "layernorm"}  # fmt: skip
 
 
 def _read(model: nn.Module) -> tuple[dict, list[str]]:
@@ -215,156 +219,137 @@ def _read(model: nn.Module) -> tuple[dict, list[str]]:
     kind = type(model).__name__
     if kind in _OTHER_CLASSES or kind.startswith(("Qwen3", "Deepseek", "Gemma4")):
         return {}, [_OTHER_CLASSES.get(kind, "vlm")]
-    if kind not in (
-        "VisionTransformer",
-        "VisionTransformerDistilled",
-        "Eva",
-        "Beit",
-        "VisionTransformerRelPos",
-    ):
+    if kind not in _READ_CLASSES:
         return {}, ["model_class"]
     from timm.layers import AttentionPoolLatent, GluMlp, Mlp, PatchEmbed, SwiGLU
 
-    patch, blocks, lacks, fields = model.patch_embed, list(model.blocks), [], {}
+    patch, blocks = model.patch_embed, list(model.blocks)
     if type(patch) is not PatchEmbed:
         return {}, ["hybrid" if hasattr(patch, "backbone") else "model_class"]
-    block = blocks[0]
-    if "Parallel" in type(block).__name__:
-        return {}, ["parallel"]
-    if "Post" in type(block).__name__:
-        return {}, ["post_norm"]
-    attn, mlp, width = block.attn, block.mlp, model.embed_dim
-    heads = attn.num_heads
+    for word, key in (("Parallel", "parallel"), ("Post", "post_norm")):
+        if word in type(blocks[0]).__name__:
+            return {}, [key]
+    block, attn_pool = blocks[0], getattr(model, "attn_pool", None)
+    attn, mlp, heads = block.attn, block.mlp, block.attn.num_heads
 
-    # Attention.
-    lacks += ["diff_attention"] if type(attn).__name__ == "DiffAttention" else []
-    lacks += ["head_dim"] if attn.proj.in_features != width else []
-    lacks += ["gated_attention"] if getattr(attn, "gate", None) is not None else []
-    lacks += ["grouped_query"] if any(getattr(b.attn, "num_kv_heads", heads) != heads for b in blocks) else []
-    rel_pos = getattr(attn, "rel_pos", None), getattr(attn, "relative_position_bias_table", None)
-    rel_pos += getattr(model, "rel_pos_bias", None), getattr(model, "shared_rel_pos", None)
-    lacks += ["relative_position_bias"] if any(_present(m) for m in rel_pos) else []
-    lacks += ["rope"] if getattr(model, "rope", None) is not None else []
-    if getattr(attn, "qkv", None) is not None:
-        biases = (attn.qkv.bias is not None,) * 3
-        if getattr(attn, "q_bias", None) is not None:  # EVA and BEiT: no key bias
-            biases = (True, False, getattr(attn, "v_bias", None) is not None)
-    else:
+    # Query, key and value biases: timm's fused qkv, separate projections, or EVA's and BEiT's q_bias and v_bias.
+    if getattr(attn, "qkv", None) is None:
         biases = tuple(getattr(attn, f"{x}_proj").bias is not None for x in "qkv")
-    if biases == (True, False, True):
-        fields.update(qkv_bias=True, key_bias=False)
-    elif len(set(biases)) == 1:
-        fields["qkv_bias"] = biases[0]
+    elif getattr(attn, "q_bias", None) is not None:
+        biases = (True, False, getattr(attn, "v_bias", None) is not None)
     else:
-        lacks.append("qkv_bias")
-    fields["qk_norm"] = _present(getattr(attn, "q_norm", None))
-    if _present(getattr(attn, "norm", None)):
-        fields["attention_norm"] = True
-    if attn.proj.bias is None:
-        fields["proj_bias"] = False
-
-    # MLP.
-    if isinstance(mlp, SwiGLU):
-        fc1, hidden, gated = mlp.fc1_g, mlp.fc1_g.out_features, True
-    elif isinstance(mlp, GluMlp):
-        fc1, hidden, gated = mlp.fc1, mlp.fc1.out_features // 2, True
-        lacks += ["gate_last"] if mlp.gate_last else []
-    elif isinstance(mlp, Mlp):
-        fc1, hidden, gated = mlp.fc1, mlp.fc1.out_features, False
-    else:
-        return {}, lacks + ["mlp"]
-    act = mlp.act
-    hidden_act = "gelu" if type(act).__name__ == "GELU" else _ACTIVATIONS.get(type(act).__name__)
-    if getattr(act, "approximate", "none") == "tanh":
-        hidden_act = "gelu_pytorch_tanh"
-    lacks += ["activation"] if hidden_act is None else []
-    if _present(getattr(mlp, "norm", None)):
-        fields["mlp_norm"] = True
-    if fc1.bias is None or mlp.fc2.bias is None:
-        fields["mlp_bias"] = False
-        lacks += ["mlp_bias"] if (fc1.bias is None) != (mlp.fc2.bias is None) else []
-
-    # Norms: one kind, one epsilon.
-    attn_pool = getattr(model, "attn_pool", None)
+        biases = (attn.qkv.bias is not None,) * 3
+    # The MLP: timm's Mlp, SwiGLU with separate gate and value (fc1_g, fc1_x), or GluMlp packing both in fc1.
+    fc1 = mlp.fc1_g if isinstance(mlp, SwiGLU) else getattr(mlp, "fc1", None)
+    gated = isinstance(mlp, (SwiGLU, GluMlp))
+    act = type(getattr(mlp, "act", None)).__name__
+    tanh = getattr(getattr(mlp, "act", None), "approximate", "none") == "tanh"
+    hidden_act = "gelu_pytorch_tanh" if tanh else "gelu" if act == "GELU" else _ACTIVATIONS.get(act)
+    # Every norm: one kind, one epsilon.
     places = [block.norm1, block.norm2, getattr(attn, "q_norm", None), getattr(attn, "norm", None),
               getattr(mlp, "norm", None), patch.norm, getattr(model, "norm_pre", None), model.norm,
               getattr(model, "fc_norm", None), getattr(attn_pool, "norm", None)]  # fmt: skip
     norms = [m for m in places if _present(m)]
-    if all(isinstance(m, nn.LayerNorm) for m in norms):
-        lacks += ["norm_bias"] if any(m.bias is None for m in norms) else []
-    elif all(type(m).__name__ in ("RmsNorm", "RMSNorm") for m in norms):
-        fields["norm_type"] = "rmsnorm"
-    else:
-        lacks.append("norm_kind")
+    layer_norms = all(isinstance(m, nn.LayerNorm) for m in norms)
+    rms_norms = all(type(m).__name__ in ("RmsNorm", "RMSNorm") for m in norms)
     eps = {float(m.eps) for m in norms}
-    lacks += ["norm_eps"] if len(eps) > 1 else []
-
-    # Layer scale (timm's `ls1.gamma` or Eva's and BEiT's `gamma_1`).
-    scales = [_present(getattr(block, a, None)) for a in ("ls1", "ls2")]
-    scales = [scales[i] or getattr(block, f"gamma_{i + 1}", None) is not None for i in range(2)]
-    lacks += ["layer_scale"] if scales[0] != scales[1] else []
-
-    # Embeddings and prefix tokens.
-    if _present(getattr(model, "norm_pre", None)):
-        fields["pre_norm"] = True
-    if patch.proj.bias is None:
-        fields["patch_embedding_bias"] = False
-    if _present(patch.norm):
-        fields["patch_embedding_norm"] = True
+    # LayerScale: timm's `ls1.gamma`, Eva's and BEiT's `gamma_1`.
+    scales = [
+        _present(getattr(block, f"ls{i}", None)) or getattr(block, f"gamma_{i}", None) is not None
+        for i in (1, 2)
+    ]
+    init_values = getattr(getattr(block, "ls1", block), "init_values", None)
+    # Prefix tokens and the rows of the position table they own.
+    cls_token = getattr(model, "cls_token", None) is not None
     distilled = getattr(model, "dist_token", None) is not None
     registers = 0 if getattr(model, "reg_token", None) is None else model.reg_token.shape[1]
-    cls_token = getattr(model, "cls_token", None) is not None
     prefix = int(cls_token) + int(distilled) + registers
     positions = getattr(model, "pos_embed", None)
-    if positions is None:
-        prefix_positions = "none"
-    else:
-        rows = positions.shape[1] - patch.num_patches
-        prefix_positions = (
-            "none" if rows == 0 else {prefix: "cls" if prefix == 1 and cls_token else "all"}.get(rows)
-        )
-        lacks += ["positions"] if prefix_positions is None else []
-
-    # Final norm, pooling and heads.
+    rows = 0 if positions is None else positions.shape[1] - patch.num_patches
+    prefix_positions = (
+        "none" if rows == 0 else {prefix: "cls" if prefix == 1 and cls_token else "all"}.get(rows)
+    )
+    # The final norm, the pooling and the heads.
     norm, fc_norm = _present(model.norm), _present(getattr(model, "fc_norm", None))
-    lacks += ["both_norms"] if norm and fc_norm else []
-    if not norm and not fc_norm:
-        fields["final_norm"] = False
     pool, num_classes = model.global_pool, getattr(model, "num_classes", 0)
-    if isinstance(attn_pool, AttentionPoolLatent):
-        fields.update(pooling="map", map_intermediate_size=attn_pool.mlp.fc1.out_features)
-        own_query = attn_pool.latent_len == 1 and attn_pool.pos_embed is None and attn_pool.num_heads == heads
-        patches_only = kind != "Eva" and prefix and not getattr(model, "pool_include_prefix", False)
-        lacks += ["pool_map"] if patches_only or not own_query or _present(attn_pool.q_norm) else []
-    elif attn_pool is not None or pool == "prr":
-        lacks.append("pool_prr")
-    elif pool in ("max", "avgmax"):
-        lacks.append("pool_max")
-    elif pool == "avg" and prefix and getattr(model, "pool_include_prefix", False):
-        lacks.append("pool_prefix")
-    elif pool == "" and num_classes:
-        lacks.append("pool_none")
-    fields.setdefault("pooling", {"token": "cls", "avg": "mean"}.get(pool, "cls" if cls_token else "mean"))
-    heads_ok = all(
+    include_prefix = prefix and getattr(model, "pool_include_prefix", False)
+    latent = isinstance(attn_pool, AttentionPoolLatent)
+    heads_linear = all(
         isinstance(h, (nn.Linear, nn.Identity))
         for h in (model.head, getattr(model, "head_dist", None))
         if h is not None
     )
-    lacks += ["head"] if not heads_ok else []
-    lacks += ["distilled_unused"] if distilled and (registers or fc_norm) else []
 
+    rel_pos = (getattr(attn, "rel_pos", None), getattr(attn, "relative_position_bias_table", None),
+               getattr(model, "rel_pos_bias", None), getattr(model, "shared_rel_pos", None))  # fmt: skip
+    lacks = {
+        "diff_attention": type(attn).__name__ == "DiffAttention",
+        "head_dim": attn.proj.in_features != model.embed_dim,
+        "gated_attention": getattr(attn, "gate", None) is not None,
+        "grouped_query": any(getattr(b.attn, "num_kv_heads", heads) != heads for b in blocks),
+        "qkv_bias": len(set(biases)) > 1 and biases != (True, False, True),
+        "relative_position_bias": any(_present(m) for m in rel_pos),
+        "rope": getattr(model, "rope", None) is not None,
+        "mlp": not isinstance(mlp, (Mlp, SwiGLU, GluMlp)),
+        "gate_last": isinstance(mlp, GluMlp) and mlp.gate_last,
+        "activation": hidden_act is None,
+        "mlp_bias": fc1 is not None and (fc1.bias is None) != (mlp.fc2.bias is None),
+        "norm_kind": not layer_norms and not rms_norms,
+        "norm_bias": layer_norms and any(m.bias is None for m in norms),
+        "norm_eps": len(eps) > 1,
+        "layer_scale": scales[0] != scales[1],
+        "positions": prefix_positions is None,
+        "both_norms": norm and fc_norm,
+        "pool_map": latent
+        and (
+            (
+                kind != "Eva" and prefix and not include_prefix
+            )  # timm's VisionTransformer pools the patches only
+            or attn_pool.latent_len != 1
+            or attn_pool.pos_embed is not None
+            or attn_pool.num_heads != heads
+            or _present(attn_pool.q_norm)
+        ),  # fmt: skip
+        "pool_prr": (attn_pool is not None and not latent) or pool == "prr",
+        "pool_max": pool in ("max", "avgmax"),
+        "pool_prefix": pool == "avg" and include_prefix,
+        "pool_none": pool == "" and num_classes > 0 and attn_pool is None,
+        "head": not heads_linear,
+        "distilled_unused": distilled and (registers or fc_norm),
+    }
+    if lacks["mlp"]:
+        return {}, ["mlp"]
+    options = {
+        "pre_norm": _present(getattr(model, "norm_pre", None)),
+        "patch_embedding_bias": patch.proj.bias is not None,
+        "patch_embedding_norm": _present(patch.norm),
+        "final_norm": norm or fc_norm,
+        "attention_norm": _present(getattr(attn, "norm", None)),
+        "mlp_norm": _present(getattr(mlp, "norm", None)),
+        "proj_bias": attn.proj.bias is not None,
+        "mlp_bias": fc1.bias is not None,
+        "key_bias": biases != (True, False, True),
+        "norm_type": "rmsnorm" if rms_norms and norms else "layernorm",
+    }
+    fields = {key: value for key, value in options.items() if value != _FIELD_DEFAULTS[key]}
+    if latent:
+        fields.update(pooling="map", map_intermediate_size=attn_pool.mlp.fc1.out_features)
     fields.update(
-        hidden_size=width,
+        hidden_size=model.embed_dim,
         num_hidden_layers=len(blocks),
         num_attention_heads=heads,
-        intermediate_size=hidden,
+        intermediate_size=fc1.out_features // 2 if isinstance(mlp, GluMlp) else fc1.out_features,
         hidden_act=hidden_act or "gelu",
         mlp_type="swiglu" if gated else "mlp",
-        layer_norm_eps=eps.pop() if len(eps) == 1 else 1e-6,
+        layer_norm_eps=min(eps, default=1e-6),
         image_size=_size(patch.img_size),
         patch_size=_size(patch.patch_size),
         num_channels=patch.proj.in_channels,
         encoder_stride=patch.patch_size[0],
+        qkv_bias=biases[0],
+        qk_norm=_present(getattr(attn, "q_norm", None)),
+        pooling=fields.get("pooling")
+        or {"token": "cls", "avg": "mean"}.get(pool, "cls" if cls_token else "mean"),
         use_cls_token=cls_token,
         use_distillation_token=distilled,
         num_register_tokens=registers,
@@ -372,12 +357,12 @@ def _read(model: nn.Module) -> tuple[dict, list[str]]:
         prefix_position_embeddings=prefix_positions or "none",
         use_fc_norm=fc_norm,
         # Only the initial value of new LayerScale vectors; the converted ones are loaded.
-        layer_scale_init_value=(_init_value(block) or 1e-5) if scales[0] else None,
+        layer_scale_init_value=(init_values or 1e-5) if scales[0] else None,
         dynamic_image_size=bool(getattr(model, "dynamic_img_size", False)),
         position_interpolation="bicubic_antialias",  # timm's resample_abs_pos_embed
         num_labels=num_classes,
     )
-    return fields, lacks
+    return fields, [key for key, lacking in lacks.items() if lacking]
 
 
 def _refuse(model: nn.Module, architecture: str, fields: dict, lacks: list[str]) -> None:
