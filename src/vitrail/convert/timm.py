@@ -427,17 +427,22 @@ def _config(
     return VitrailConfig(**fields, **labels), state
 
 
-def _unified(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state` without a `module.` (DataParallel) prefix on every key, and with EVA's separate query and value
-    biases (`q_proj.bias`, `v_proj.bias`, no key bias) under the names of its fused layout (`q_bias`, `v_bias`)."""
+def _unwrapped(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` without a `module.` (DataParallel) prefix on every key."""
     if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
+        return {k[len("module.") :]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _plan(state: Mapping[str, torch.Tensor], config: VitrailConfig) -> Plan:
+    """The conversion of `state`, with EVA's separate query and value biases (`q_proj.bias`, `v_proj.bias`, no key
+    bias) under the names of its fused layout (`q_bias`, `v_bias`), which `TIMM_RENAMES` maps."""
     state = dict(state)
     for name in [k for k in state if k.endswith(".attn.q_proj.bias")]:
         stem = name[: -len("q_proj.bias")]
         if f"{stem}k_proj.bias" not in state:
             state[f"{stem}q_bias"], state[f"{stem}v_bias"] = state.pop(name), state.pop(f"{stem}v_proj.bias")
-    return state
+    return Plan(state, config, head=config.num_labels > 0, rows=TIMM_RENAMES, source_name="timm checkpoint")
 
 
 def vitrail_config_from_timm(
@@ -456,7 +461,7 @@ def vitrail_config_from_timm(
     the features vitrail does not reproduce (`TIMM_REFUSALS`), `ValueError` when the weights are not that model's,
     `ImportError` without timm.
     """
-    state = _unified(state_dict)
+    state = _unwrapped(state_dict)
     return _config(timm_config or {}, lambda: state, id2label, num_heads=num_heads, global_pool=global_pool)[
         0
     ]
@@ -470,16 +475,12 @@ def check_timm_config(timm_config: Mapping) -> None:
     _refuse(model, architecture, *_read(model))
 
 
-def _plan(state: Mapping[str, torch.Tensor], config: VitrailConfig) -> Plan:
-    return Plan(state, config, head=config.num_labels > 0, rows=TIMM_RENAMES, source_name="timm checkpoint")
-
-
 def convert_timm_state_dict(
     state_dict: Mapping[str, torch.Tensor], config: VitrailConfig, target_cls=None
 ) -> dict[str, torch.Tensor]:
     """Rename a timm state dict to vitrail's names for `target_cls` (default: the classifier when `config` has
     labels, else `VitrailModel`), checking every tensor (see `rename_state_dict`)."""
-    plan = _plan(_unified(state_dict), config)
+    plan = _plan(_unwrapped(state_dict), config)
     if target_cls not in (None, plan.model_class):
         raise ValueError(
             f"The timm checkpoint has {'a' if plan.head else 'no'} head (a classifier, `head.*`): convert it into "
@@ -511,7 +512,7 @@ def _read_source(path: str | Path, allow_pickle: bool, architecture: str | None)
         timm_config = {**timm_config, "architecture": architecture}
     weight_file = path / "model.safetensors" if path.is_dir() else path
     safetensors = weight_file if weight_file.suffix == ".safetensors" and weight_file.is_file() else None
-    return timm_config, lambda: _unified(read_weights(path, allow_pickle=allow_pickle)), safetensors
+    return timm_config, lambda: _unwrapped(read_weights(path, allow_pickle=allow_pickle)), safetensors
 
 
 def _open(path, allow_pickle, architecture, num_heads, global_pool):
