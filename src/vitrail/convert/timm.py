@@ -133,6 +133,7 @@ TIMM_REFUSALS: dict[str, str] = {
     "pool_max": "max pooling over tokens (timm `global_pool='max'` / `'avgmax'`)",
     "pool_prefix": "average pooling that includes the class and register tokens (timm `pool_include_prefix`)",
     "pool_map": "attention pooling other than one latent query over every token",
+    "pool_map_heads": "attention pooling with a head count other than the blocks' (timm `attn_pool_num_heads`)",
     "pool_prr": "PRR attention pooling (timm `global_pool='prr'`)",
     "pool_none": "a head on every token (timm `global_pool=''` with classes)",
     "head": "a classification head other than one linear layer",
@@ -274,6 +275,12 @@ def _read(model: nn.Module) -> tuple[dict, list[str]]:
     pool, num_classes = model.global_pool, getattr(model, "num_classes", 0)
     include_prefix = prefix and getattr(model, "pool_include_prefix", False)
     latent = isinstance(attn_pool, AttentionPoolLatent)
+    # One latent query without positions or norms, over every token (timm's VisionTransformer pools the patches
+    # only when there are prefix tokens, Eva all of them).
+    map_other = latent and (
+        attn_pool.latent_len != 1 or attn_pool.pos_embed is not None or _present(attn_pool.q_norm)
+    )
+    map_other = map_other or (latent and kind != "Eva" and prefix and not include_prefix)
     heads_linear = all(
         isinstance(h, (nn.Linear, nn.Identity))
         for h in (model.head, getattr(model, "head_dist", None))
@@ -300,16 +307,8 @@ def _read(model: nn.Module) -> tuple[dict, list[str]]:
         "layer_scale": scales[0] != scales[1],
         "positions": prefix_positions is None,
         "both_norms": norm and fc_norm,
-        "pool_map": latent
-        and (
-            (
-                kind != "Eva" and prefix and not include_prefix
-            )  # timm's VisionTransformer pools the patches only
-            or attn_pool.latent_len != 1
-            or attn_pool.pos_embed is not None
-            or attn_pool.num_heads != heads
-            or _present(attn_pool.q_norm)
-        ),  # fmt: skip
+        "pool_map": map_other,
+        "pool_map_heads": latent and attn_pool.num_heads != heads,
         "pool_prr": (attn_pool is not None and not latent) or pool == "prr",
         "pool_max": pool in ("max", "avgmax"),
         "pool_prefix": pool == "avg" and include_prefix,
