@@ -4,6 +4,14 @@ This file travels to the Hub with every checkpoint: it imports only transformers
 No `from __future__ import annotations` here: `@strict` checks field types, and needs them as real types.
 """
 
+import transformers
+
+if int(transformers.__version__.split(".")[0]) < 5:  # the imports below exist in transformers 5 only
+    raise ImportError(
+        f"vitrail's checkpoint code needs transformers >= 5.0, not {transformers.__version__}: run "
+        'pip install -U "transformers>=5".'
+    )
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.backbone_utils import BackboneConfigMixin

@@ -19,10 +19,19 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
+
+import transformers
+
+if int(transformers.__version__.split(".")[0]) < 5:  # the imports below exist in transformers 5 only
+    raise ImportError(
+        f"vitrail's checkpoint code needs transformers >= 5.0, not {transformers.__version__}: run "
+        'pip install -U "transformers>=5".'
+    )
 
 import torch
 import torch.nn.functional as F
@@ -449,6 +458,32 @@ _AUTO_MAP = {
 _PROCESSOR_FILE = "image_processing_vitrail.py"
 
 
+def _loaded_processor_code() -> Path | None:
+    """The image processor's code file of the checkpoint this module came from, if it is at hand.
+
+    It is beside this file with vitrail installed, and for Hub code kept in one folder per repo and commit.
+    transformers 5.24 and later keep each of a local folder's files apart, in a folder named by a hash of its code
+    (`transformers_modules.<folder name>.<hash>.modeling_vitrail`): there the processor's module is looked for among
+    the loaded modules of the same checkpoint name, which hold it only if its processor was loaded. Copies that
+    differ count as none.
+    """
+    beside = Path(__file__).with_name(_PROCESSOR_FILE)
+    if beside.is_file():
+        return beside
+    checkpoint, stem = __name__.rsplit(".", 2)[0], Path(_PROCESSOR_FILE).stem
+    found = {
+        Path(module.__file__)
+        for name, module in list(sys.modules.items())
+        if name.rsplit(".", 2)[0] == checkpoint
+        and name.rsplit(".", 1)[-1] == stem
+        and isinstance(getattr(module, "__file__", None), str)
+        and Path(module.__file__).is_file()
+    }
+    if len({path.read_bytes() for path in found}) != 1:
+        return None
+    return min(found)
+
+
 class VitrailPreTrainedModel(PreTrainedModel):
     """Weight initialisation, attention-backend flags and Hub-ready saving shared by all vitrail models."""
 
@@ -585,8 +620,8 @@ class VitrailPreTrainedModel(PreTrainedModel):
         """
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
-        processor_code = Path(__file__).with_name(_PROCESSOR_FILE)
-        if processor_code.exists():
+        processor_code = _loaded_processor_code()
+        if processor_code is not None:
             shutil.copyfile(processor_code, folder / _PROCESSOR_FILE)
         carried = {"configuration_vitrail", "modeling_vitrail"}
         auto_map = {**(getattr(self.config, "auto_map", None) or {}), **_AUTO_MAP}
