@@ -236,6 +236,38 @@ def test_attention_pool_reads_every_token_after_the_final_norm():
     assert pool.mlp.fc1.out_features == 37  # map_intermediate_size defaults to intermediate_size
 
 
+def test_attention_pool_equals_siglip_head():
+    """transformers' SigLIP head (`nn.MultiheadAttention`, packed rows `[q; k; v]`) with its weights split into
+    `q` and `kv` gives the same pooled vectors."""
+    from transformers import SiglipVisionConfig
+    from transformers.models.siglip.modeling_siglip import SiglipMultiheadAttentionPoolingHead
+
+    fields = dict(hidden_size=32, num_attention_heads=4, intermediate_size=37, hidden_act="gelu_pytorch_tanh")
+    head = SiglipMultiheadAttentionPoolingHead(SiglipVisionConfig(layer_norm_eps=1e-6, **fields)).eval()
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    pool = VitrailModel(tiny_config(pooling="map", use_cls_token=False, **fields)).attention_pool.eval()
+    packed_weight, packed_bias = head.attention.in_proj_weight, head.attention.in_proj_bias
+    pool.load_state_dict(
+        {
+            "latent": head.probe,
+            "q.weight": packed_weight[:32],
+            "q.bias": packed_bias[:32],
+            "kv.weight": packed_weight[32:],
+            "kv.bias": packed_bias[32:],
+            **{f"proj.{k}": v for k, v in head.attention.out_proj.state_dict().items()},
+            **{f"norm.{k}": v for k, v in head.layernorm.state_dict().items()},
+            **{f"mlp.{k}": v for k, v in head.mlp.state_dict().items()},
+        },
+        strict=True,
+    )
+    tokens = torch.randn(2, 50, 32, generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(pool(tokens), head(tokens), atol=TOLERANCE, rtol=0)
+
+
 # ---- the promises, option by option -----------------------------------------------------------------------------
 
 
@@ -333,7 +365,7 @@ def test_gradient_checkpointing_gives_same_gradients(built, name):
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     plain = gradients()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     assert all(layer.gradient_checkpointing for layer in model.vitrail.encoder.layers)
     checkpointed = gradients()
     assert plain.keys() == checkpointed.keys()
