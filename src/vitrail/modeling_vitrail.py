@@ -452,10 +452,11 @@ class VitrailEncoder(nn.Module):
 
 
 class VitrailAttentionPool(nn.Module):
-    """Multi-head attention pooling, "MAP" (Lee et al. 2019, Set Transformer's PMA; Zhai et al. 2022, SigLIP): a
-    learned latent query attends over the tokens, `x = proj(attention(q(latent), kv(tokens)))`, then a residual
-    MLP, `x + mlp(norm(x))`; returns `(B, D)`. timm's `AttentionPoolLatent` with one latent, SigLIP's
-    `SiglipMultiheadAttentionPoolingHead`. The kernel comes from the same registry as the layers' attention."""
+    """Multi-head attention pooling, "MAP" (Lee et al. 2019, Set Transformer's PMA; Zhai et al. 2022, "Scaling
+    Vision Transformers"; SigLIP's head): a learned latent query attends over the tokens,
+    `x = proj(attention(q(latent), kv(tokens)))`, then a residual MLP, `x + mlp(norm(x))`; returns `(B, D)`. timm's
+    `AttentionPoolLatent` with one latent, transformers' `SiglipMultiheadAttentionPoolingHead`. The kernel comes
+    from the same registry as the layers' attention."""
 
     is_causal = False
 
