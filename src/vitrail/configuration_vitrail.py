@@ -19,10 +19,11 @@ from transformers.backbone_utils import BackboneConfigMixin
 # The fields that name one of a few choices, and their choices.
 _CHOICES = {
     "mlp_type": ("mlp", "swiglu"),
-    "pooling": ("cls", "mean", "cls_mean"),
+    "pooling": ("cls", "mean", "cls_mean", "map"),
     "position_embedding_type": ("learned", "sincos2d", "none"),
     "prefix_position_embeddings": ("cls", "all", "none"),
     "position_interpolation": ("bicubic_antialias", "bicubic"),
+    "norm_type": ("layernorm", "rmsnorm"),
 }
 
 # Width, depth, heads and MLP size of the published ViT sizes. Ti/S/B/L/H come from Dosovitskiy et al. 2020 and
@@ -73,8 +74,10 @@ class VitrailConfig(BackboneConfigMixin, PreTrainedConfig):
         encoder_stride (`int`, defaults to 16): upsampling factor of the masked-image-modeling decoder; must equal
             `patch_size` to reconstruct at input resolution.
         pooling (`str`, defaults to `"cls"`): the representation the head sees: `"cls"` (the class token),
-            `"mean"` (mean of the patch tokens, big_vision's "gap"), or `"cls_mean"` (both concatenated, as in
-            DINOv2's linear classifier, giving `2 * hidden_size` features).
+            `"mean"` (mean of the patch tokens, big_vision's "gap"), `"cls_mean"` (both concatenated, as in
+            DINOv2's linear classifier, giving `2 * hidden_size` features), or `"map"`, multi-head attention pooling
+            (SigLIP, timm's `global_pool="map"`): a learned query attends over every output token, prefix tokens
+            included, then `x + mlp(norm(x))`; the head's linears always have biases and its MLP is never gated.
         use_cls_token (`bool`, defaults to `True`): prepend a learned class token.
         use_distillation_token (`bool`, defaults to `False`): a learned distillation token right after the class
             token (Touvron et al. 2021, distilled DeiT). `VitrailForImageClassification` then has a second head,
@@ -110,6 +113,26 @@ class VitrailConfig(BackboneConfigMixin, PreTrainedConfig):
             from the end); give either, the other follows.
         apply_layernorm (`bool`, defaults to `True`): `VitrailBackbone` applies the final LayerNorm to its feature
             maps (as `Dinov2Backbone` does; with `use_fc_norm=True` that norm was trained on pooled vectors).
+        norm_type (`str`, defaults to `"layernorm"`): the kind of every norm in the model (the layers', the final
+            one, and those the options below add): `"layernorm"` or `"rmsnorm"` (`torch.nn.RMSNorm`, a weight and
+            no bias, as in AIMv2). `layer_norm_eps` is the epsilon of each.
+        patch_embedding_bias (`bool`, defaults to `True`): bias of the patch convolution (CLIP's has none).
+        patch_embedding_norm (`bool`, defaults to `False`): a norm on the patch tokens right after the convolution,
+            before positions are added (AIMv2, timm's `PatchEmbed(norm_layer=...)`).
+        pre_norm (`bool`, defaults to `False`): a norm on the whole token sequence (prefix tokens and patches, with
+            their positions) before the first layer (CLIP's `pre_layrnorm`, timm's `norm_pre`).
+        final_norm (`bool`, defaults to `True`): the final norm after the last layer; `False` leaves it out (timm's
+            `final_norm=False`), and needs `use_fc_norm=False`. `VitrailBackbone` then has no norm to apply.
+        attention_norm (`bool`, defaults to `False`): a norm on the heads' concatenated output, before the attention's
+            output projection (timm's `scale_attn_norm`, EVA-02's sub-LN).
+        mlp_norm (`bool`, defaults to `False`): a norm on the MLP's hidden activations (after the activation, or the
+            gating for SwiGLU), before `fc2` (timm's `scale_mlp_norm`, EVA-02's SwiGLU).
+        proj_bias (`bool`, defaults to `True`): bias of the attention's output projection.
+        mlp_bias (`bool`, defaults to `True`): biases of the MLP's `fc1` and `fc2`.
+        map_intermediate_size (`int`, *optional*): with `pooling="map"`, the hidden width of the pooling head's
+            MLP; defaults to `intermediate_size`.
+        map_num_heads (`int`, *optional*): with `pooling="map"`, the pooling head's attention heads (Perception
+            Encoder uses 8 whatever the model's); defaults to `num_attention_heads`; must divide `hidden_size`.
 
     Example:
 
@@ -152,6 +175,18 @@ class VitrailConfig(BackboneConfigMixin, PreTrainedConfig):
     _out_features: list[str] | None = None
     _out_indices: list[int] | None = None
     apply_layernorm: bool = True
+    # Options of other ViT families (CLIP, SigLIP, EVA-02, AIMv2, ...); the defaults are the layout described above.
+    norm_type: str = "layernorm"
+    patch_embedding_bias: bool = True
+    patch_embedding_norm: bool = False
+    pre_norm: bool = False
+    final_norm: bool = True
+    attention_norm: bool = False
+    mlp_norm: bool = False
+    proj_bias: bool = True
+    mlp_bias: bool = True
+    map_intermediate_size: int | None = None  # None: intermediate_size
+    map_num_heads: int | None = None  # None: num_attention_heads
 
     def __post_init__(self, **kwargs):
         if self.prefix_position_embeddings is None:
@@ -342,6 +377,32 @@ class VitrailConfig(BackboneConfigMixin, PreTrainedConfig):
             raise ValueError(
                 f"`layer_scale_init_value` must be positive (or None to disable LayerScale), "
                 f"got {self.layer_scale_init_value}."
+            )
+
+    def validate_layout_options(self):
+        if not self.final_norm and self.use_fc_norm:
+            raise ValueError(
+                "`use_fc_norm=True` applies the final norm to the pooled vector, but `final_norm=False` removes that "
+                "norm; set `final_norm=True`, or `use_fc_norm=False` for a model without a final norm."
+            )
+        for name in ("map_intermediate_size", "map_num_heads"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if self.pooling != "map":
+                raise ValueError(
+                    f"`{name}={value}` sizes the attention-pooling head, which only `pooling='map'` builds (got "
+                    f"`pooling={self.pooling!r}`); set `{name}=None` or `pooling='map'`."
+                )
+            if value <= 0:
+                raise ValueError(
+                    f"`{name}` must be a positive integer (or None for the default), got {value}."
+                )
+        if self.map_num_heads is not None and self.hidden_size % self.map_num_heads:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be divisible by `map_num_heads` ({self.map_num_heads}) so "
+                "that every head of the attention-pooling head gets the same width; pick a head count that divides "
+                f"{self.hidden_size}."
             )
 
 

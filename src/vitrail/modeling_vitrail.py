@@ -85,6 +85,14 @@ def sincos_2d_position_embeddings(rows: int, cols: int, width: int, device=None)
     return table.float().unsqueeze(0)
 
 
+def make_norm(config: VitrailConfig, width: int) -> nn.Module:
+    """A norm over the last `width` features, of the kind `config.norm_type` names, with `config.layer_norm_eps`:
+    every norm of the model is built here."""
+    if config.norm_type == "rmsnorm":
+        return nn.RMSNorm(width, eps=config.layer_norm_eps)
+    return nn.LayerNorm(width, eps=config.layer_norm_eps)
+
+
 class VitrailPatchEmbeddings(nn.Module):
     """Turns `(B, C, H, W)` images into `(B, rows * cols, hidden)` patch tokens with one strided convolution."""
 
@@ -94,8 +102,13 @@ class VitrailPatchEmbeddings(nn.Module):
         self.patch_hw = config.patch_hw
         self.num_channels = config.num_channels
         self.projection = nn.Conv2d(
-            config.num_channels, config.hidden_size, kernel_size=self.patch_hw, stride=self.patch_hw
+            config.num_channels,
+            config.hidden_size,
+            kernel_size=self.patch_hw,
+            stride=self.patch_hw,
+            bias=config.patch_embedding_bias,
         )
+        self.norm = make_norm(config, config.hidden_size) if config.patch_embedding_norm else None
 
     def forward(self, pixel_values: torch.Tensor, dynamic_size: bool) -> tuple[torch.Tensor, tuple[int, int]]:
         if pixel_values is None:
@@ -124,7 +137,10 @@ class VitrailPatchEmbeddings(nn.Module):
         # (B, C, H, W) -> (B, D, r, c)
         patches = self.projection(pixel_values.to(self.projection.weight.dtype))
         grid = (patches.shape[-2], patches.shape[-1])
-        return patches.flatten(2).transpose(1, 2), grid  # (B, D, r, c) -> (B, r * c, D)
+        patches = patches.flatten(2).transpose(1, 2)  # (B, D, r, c) -> (B, r * c, D)
+        if self.norm is not None:
+            patches = self.norm(patches)
+        return patches, grid
 
 
 class VitrailEmbeddings(nn.Module):
@@ -156,6 +172,7 @@ class VitrailEmbeddings(nn.Module):
             table = sincos_2d_position_embeddings(*self.grid_size, hidden)
             self.register_buffer("sincos_position_embeddings", table, persistent=False)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.pre_norm = make_norm(config, hidden) if config.pre_norm else None
 
     def patch_positions(self, grid: tuple[int, int], dtype: torch.dtype) -> torch.Tensor | None:
         """Positions for a `grid` of patches, `(1, rows * cols, hidden)`: the one rule, at run time and in
@@ -233,7 +250,10 @@ class VitrailEmbeddings(nn.Module):
                 positioned = prefix[:, :owned] + self.position_embeddings[:, :owned]
                 prefix = torch.cat([positioned, prefix[:, owned:]], dim=1)
             tokens = torch.cat([prefix.expand(batch, -1, -1), patches], dim=1)  # (B, P + r * c, D)
-        return self.dropout(tokens), grid
+        tokens = self.dropout(tokens)
+        if self.pre_norm is not None:
+            tokens = self.pre_norm(tokens)
+        return tokens, grid
 
 
 def eager_attention_forward(
@@ -270,9 +290,10 @@ class VitrailAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.dropout_p = config.attention_probs_dropout_prob
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
-        self.q_norm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps) if config.qk_norm else None
-        self.k_norm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps) if config.qk_norm else None
-        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.q_norm = make_norm(config, self.head_dim) if config.qk_norm else None
+        self.k_norm = make_norm(config, self.head_dim) if config.qk_norm else None
+        self.norm = make_norm(config, config.hidden_size) if config.attention_norm else None
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.proj_bias)
 
     def forward(
         self, hidden_states: torch.Tensor, output_attentions: bool = False
@@ -296,26 +317,39 @@ class VitrailAttention(nn.Module):
             self, query, key, value, None, dropout=dropout, scaling=self.scaling, is_causal=False
         )
         output = output.reshape(batch, tokens, width)  # (B, N, h, d) -> (B, N, D)
+        if self.norm is not None:
+            output = self.norm(output)
         return self.proj(output), (weights if output_attentions else None)
 
 
 class VitrailMLP(nn.Module):
     """Two linear layers with the configured activation between them; with `mlp_type="swiglu"`, fc1 makes a gate
-    and a value half and the activated gate multiplies the value (a gated linear unit)."""
+    and a value half and the activated gate multiplies the value (a gated linear unit); with `mlp_norm`, a norm on
+    the hidden activations before fc2.
 
-    def __init__(self, config: VitrailConfig):
+    `in_layer=False` makes the attention-pooling head's MLP, `intermediate_size` wide: plain (never gated), with
+    biases and no inner norm whatever the layers have, as in timm's `AttentionPoolLatent` and SigLIP's head."""
+
+    def __init__(self, config: VitrailConfig, intermediate_size: int | None = None, in_layer: bool = True):
         super().__init__()
-        self.gated = config.mlp_type == "swiglu"
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size * (2 if self.gated else 1))
+        width = intermediate_size or config.intermediate_size
+        self.gated = in_layer and config.mlp_type == "swiglu"
+        bias = config.mlp_bias or not in_layer
+        self.fc1 = nn.Linear(config.hidden_size, width * (2 if self.gated else 1), bias=bias)
         self.act = ACT2FN[config.hidden_act]
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.norm = make_norm(config, width) if in_layer and config.mlp_norm else None
+        self.fc2 = nn.Linear(width, config.hidden_size, bias=bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = self.fc1(hidden_states)
         if self.gated:
             gate, value = hidden_states.chunk(2, dim=-1)  # (B, N, 2H) -> 2 x (B, N, H)
-            return self.fc2(self.act(gate) * value)
-        return self.fc2(self.act(hidden_states))
+            hidden_states = self.act(gate) * value
+        else:
+            hidden_states = self.act(hidden_states)
+        if self.norm is not None:
+            hidden_states = self.norm(hidden_states)
+        return self.fc2(hidden_states)
 
 
 class VitrailLayerScale(nn.Module):
@@ -353,9 +387,9 @@ class VitrailLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: VitrailConfig, drop_path: float = 0.0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.norm1 = make_norm(config, config.hidden_size)
         self.attention = VitrailAttention(config)
-        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.norm2 = make_norm(config, config.hidden_size)
         self.mlp = VitrailMLP(config)
         layer_scale = config.layer_scale_init_value is not None
         self.layer_scale1 = VitrailLayerScale(config) if layer_scale else nn.Identity()
@@ -426,6 +460,46 @@ class VitrailEncoder(nn.Module):
         return hidden_states, states, weights
 
 
+class VitrailAttentionPool(nn.Module):
+    """Multi-head attention pooling, "MAP" (Lee et al. 2019, Set Transformer's PMA; Zhai et al. 2022, "Scaling
+    Vision Transformers"; SigLIP's head): a learned latent query attends over the tokens,
+    `x = proj(attention(q(latent), kv(tokens)))`, then a residual MLP, `x + mlp(norm(x))`; returns `(B, D)`. timm's
+    `AttentionPoolLatent` with one latent, transformers' `SiglipMultiheadAttentionPoolingHead`. The kernel comes
+    from the same registry as the layers' attention."""
+
+    is_causal = False
+
+    def __init__(self, config: VitrailConfig):
+        super().__init__()
+        hidden = config.hidden_size
+        self.config = config
+        self.num_heads = config.map_num_heads or config.num_attention_heads
+        self.head_dim = hidden // self.num_heads
+        self.scaling = self.head_dim**-0.5
+        self.latent = nn.Parameter(torch.zeros(1, 1, hidden))
+        self.q = nn.Linear(hidden, hidden)
+        self.kv = nn.Linear(hidden, 2 * hidden)  # rows [k; v]
+        self.proj = nn.Linear(hidden, hidden)
+        self.norm = make_norm(config, hidden)
+        self.mlp = VitrailMLP(config, config.map_intermediate_size, in_layer=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch, count, width = tokens.shape
+        # (1, 1, D) -> (B, h, 1, d): one query, the same for every image
+        query = self.q(self.latent).reshape(1, 1, self.num_heads, self.head_dim).transpose(1, 2)
+        query = query.expand(batch, -1, -1, -1)
+        kv = self.kv(tokens).reshape(batch, count, 2, self.num_heads, self.head_dim)
+        key, value = (t.transpose(1, 2) for t in kv.unbind(2))  # (B, N, 2, h, d) -> 2 x (B, h, N, d)
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        pooled, _ = attention(
+            self, query, key, value, None, dropout=0.0, scaling=self.scaling, is_causal=False
+        )
+        pooled = self.proj(pooled.reshape(batch, width))  # (B, 1, h, d) -> (B, D)
+        return pooled + self.mlp(self.norm(pooled))
+
+
 def _check_runs_folder_code(path, subfolder: str | None) -> None:
     """Refuse a local folder whose own `modeling_vitrail.py` is not the code running: transformers' Auto classes keep
     one model class per config class, which same-named folders with the same configuration code share."""
@@ -439,7 +513,9 @@ def _check_runs_folder_code(path, subfolder: str | None) -> None:
 
 # The parts of the heads (masked image modeling's mask token is one): a checkpoint without a part opens in a class
 # that has it, which gets it new; a class without a part leaves the checkpoint's out.
-_HEAD_PART = re.compile(r"((?:distillation_)?classifier|decoder)\..+|(?:vitrail\.)?embeddings\.(mask_token)")
+_HEAD_PART = re.compile(
+    r"((?:distillation_)?classifier|decoder)\..+|(?:vitrail\.)?(?:embeddings\.(mask_token)|(attention_pool)\..+)"
+)
 
 
 def _listed(names: set[str]) -> str:
@@ -493,7 +569,7 @@ class VitrailPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
-    _no_split_modules = ["VitrailEmbeddings", "VitrailLayer"]
+    _no_split_modules = ["VitrailEmbeddings", "VitrailLayer", "VitrailAttentionPool"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -509,9 +585,10 @@ class VitrailPreTrainedModel(PreTrainedModel):
             init.trunc_normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):  # RMSNorm has a weight only
             init.ones_(module.weight)
-            init.zeros_(module.bias)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
         elif isinstance(module, VitrailEmbeddings):
             learned = (module.cls_token, module.distillation_token, module.register_tokens)
             for token in (*learned, module.position_embeddings):
@@ -524,6 +601,8 @@ class VitrailPreTrainedModel(PreTrainedModel):
                     module.sincos_position_embeddings,
                     sincos_2d_position_embeddings(*module.grid_size, module.config.hidden_size),
                 )
+        elif isinstance(module, VitrailAttentionPool):
+            init.trunc_normal_(module.latent, mean=0.0, std=std)
         elif isinstance(module, VitrailLayerScale):
             init.constant_(module.scale, self.config.layer_scale_init_value)
 
@@ -586,7 +665,7 @@ class VitrailPreTrainedModel(PreTrainedModel):
         missing, parts = set(info["missing_keys"]), {}
         for name in self.state_dict():
             if part := _HEAD_PART.fullmatch(name):
-                parts.setdefault(part.group(1) or part.group(2), set()).add(name)
+                parts.setdefault(next(group for group in part.groups() if group), set()).add(name)
         # A head part absent as a whole is new by design (transformers warns); one partly there is damage.
         missing -= {name for part in parts.values() if part <= missing for name in part}
         unknown = {name for name in info["unexpected_keys"] if not _HEAD_PART.fullmatch(name)}
@@ -695,16 +774,20 @@ class VitrailModel(VitrailPreTrainedModel):
         super().__init__(config)
         self.embeddings = VitrailEmbeddings(config, use_mask_token=use_mask_token)
         self.encoder = VitrailEncoder(config)
-        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layernorm = make_norm(config, config.hidden_size) if config.final_norm else None
+        self.attention_pool = VitrailAttentionPool(config) if config.pooling == "map" else None
         self.post_init()
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """`(B, N, D)` tokens -> the `(B, pooled_size)` vector the head reads; registers are never pooled."""
+        """`(B, N, D)` tokens -> the `(B, pooled_size)` vector the head reads; registers are never pooled, except by
+        the attention-pooling head (`"map"`), which attends over every token."""
         patches = tokens[:, self.config.num_prefix_tokens :]
         if self.config.pooling == "cls":
             return tokens[:, 0]
         if self.config.pooling == "mean":
             return patches.mean(dim=1)
+        if self.config.pooling == "map":
+            return self.attention_pool(tokens)
         return torch.cat([tokens[:, 0], patches.mean(dim=1)], dim=-1)  # "cls_mean"
 
     def forward(
@@ -745,7 +828,8 @@ class VitrailModel(VitrailPreTrainedModel):
         if self.config.use_fc_norm:
             pooled = self.layernorm(self.pool(tokens))
         else:
-            tokens = self.layernorm(tokens)
+            if self.layernorm is not None:  # none with `final_norm=False`
+                tokens = self.layernorm(tokens)
             pooled = self.pool(tokens)
 
         output = BaseModelOutputWithPooling(
@@ -782,7 +866,7 @@ class VitrailBackbone(BackboneMixin, VitrailPreTrainedModel):
         self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
         self.embeddings = VitrailEmbeddings(config)
         self.encoder = VitrailEncoder(config)
-        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layernorm = make_norm(config, config.hidden_size) if config.final_norm else None
         self.post_init()
 
     def forward(
@@ -817,7 +901,7 @@ class VitrailBackbone(BackboneMixin, VitrailPreTrainedModel):
         return self._as_requested(output, return_dict)
 
     def _feature_map(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        if self.config.apply_layernorm:
+        if self.config.apply_layernorm and self.layernorm is not None:
             tokens = self.layernorm(tokens)
         patches = tokens[:, self.config.num_prefix_tokens :]
         return patches.transpose(1, 2).reshape(patches.shape[0], -1, *grid)  # (B, r * c, D) -> (B, D, r, c)

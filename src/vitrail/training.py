@@ -469,7 +469,7 @@ def build_model(model_args: ModelArguments, labels: list[str]):
 def no_decay(name: str, param: torch.nn.Parameter) -> bool:
     """Biases, norms, positions and learned tokens are not weights to shrink (timm's `no_weight_decay`)."""
     return param.ndim <= 1 or name.endswith(
-        ("cls_token", "distillation_token", "register_tokens", "mask_token", "position_embeddings")
+        ("cls_token", "distillation_token", "register_tokens", "mask_token", "position_embeddings", "latent")
     )
 
 
