@@ -141,9 +141,9 @@ EVA_LAYOUTS = {
     ),
     # Perception Encoder: full qkv bias, columns first, indices offset by one.
     "pe": (
-        dict(attn_type="rope", use_rot_pos_emb=True, ref_feat_shape=(6, 6), rope_grid_offset=1.0,
+        dict(attn_type="rope", use_rot_pos_emb=True, ref_feat_shape=(7, 5), rope_grid_offset=1.0,
              rope_grid_indexing="xy"),
-        dict(layer_scale_init_value=0.1, rope_type="axial", rope_reference_grid=(6, 6), rope_offset=1.0,
+        dict(layer_scale_init_value=0.1, rope_type="axial", rope_reference_grid=(7, 5), rope_offset=1.0,
              rope_axis_order="xy"),
     ),
     # RoPE-ViT axial (naver): no absolute positions, base 100.

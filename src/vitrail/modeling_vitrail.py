@@ -349,16 +349,11 @@ class VitrailRelativePositionBias(nn.Module):
             self.table = nn.Parameter(torch.zeros((2 * rows - 1) * (2 * cols - 1) + extra, heads))
         else:
             hidden = config.relative_position_bias_hidden_size
-            self.mlp = nn.Sequential(
-                OrderedDict(
-                    fc1=nn.Linear(2, hidden),
-                    act=nn.ReLU(),
-                    drop=nn.Dropout(
-                        0.125
-                    ),  # timm's RelPosMlp drops an eighth of the hidden units in training
-                    fc2=nn.Linear(hidden, heads),
-                )
+            # timm's RelPosMlp drops an eighth of the hidden units in training; kept, so fine-tuning matches it.
+            layers = dict(
+                fc1=nn.Linear(2, hidden), act=nn.ReLU(), drop=nn.Dropout(0.125), fc2=nn.Linear(hidden, heads)
             )
+            self.mlp = nn.Sequential(OrderedDict(layers))
 
     def offset_table(self, grid: tuple[int, int]) -> torch.Tensor:
         """The bias of every offset of `grid`, `((2 * rows - 1) * (2 * cols - 1), heads)`."""
