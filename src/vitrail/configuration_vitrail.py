@@ -24,6 +24,11 @@ _CHOICES = {
     "prefix_position_embeddings": ("cls", "all", "none"),
     "position_interpolation": ("bicubic_antialias", "bicubic"),
     "norm_type": ("layernorm", "rmsnorm"),
+    "rope_type": ("none", "axial", "mixed"),
+    "rope_coordinates": ("index", "centered"),
+    "rope_axis_order": ("yx", "xy"),
+    "rope_layout": ("interleaved", "half"),
+    "relative_position_bias": ("none", "table", "mlp"),
 }
 
 # Width, depth, heads and MLP size of the published ViT sizes. Ti/S/B/L/H come from Dosovitskiy et al. 2020 and
@@ -133,6 +138,40 @@ class VitrailConfig(BackboneConfigMixin, PreTrainedConfig):
             MLP; defaults to `intermediate_size`.
         map_num_heads (`int`, *optional*): with `pooling="map"`, the pooling head's attention heads (Perception
             Encoder uses 8 whatever the model's); defaults to `num_attention_heads`; must divide `hidden_size`.
+        key_bias (`bool`, defaults to `True`): with `qkv_bias=True`, False gives queries and values a bias but keys
+            none (BEiT, EVA, DINOv3): `qkv` then has no bias of its own, and the biases are `q_bias` and `v_bias`.
+        rope_type (`str`, defaults to `"none"`): 2D rotary position embeddings (Su et al. 2021; Heo et al. 2024,
+            "Rotary Position Embedding for Vision Transformer"), applied to the queries and keys of the patch tokens
+            in every layer (after `qk_norm`; prefix tokens are not rotated): `"none"`, `"axial"` (fixed frequencies;
+            half of each head's `head_dim // 2` rotation slots turn with one coordinate, half with the other: EVA-02,
+            DINOv3, Perception Encoder, timm's rope ViTs) or `"mixed"` (every head of every layer learns its own 2D
+            frequencies, `attention.rope_freqs`: RoPE-Mixed). Both are computed for the input's patch grid.
+        rope_theta (`float`, defaults to 10000.0): the frequency base: slot `i` of the `head_dim // 4` per axis
+            turns at `rope_theta ** (-i / (head_dim // 4))` (EVA-02 10000, DINOv3 and RoPE-Axial 100); with
+            `"mixed"`, the base the learned frequencies start from (RoPE-Mixed 10).
+        rope_coordinates (`str`, defaults to `"index"`): the position of a patch: `"index"` (its row and column,
+            plus `rope_offset`, EVA-02) or `"centered"` (its centre scaled to [-1, 1] along each axis, then times
+            2 pi, DINOv3): the same range at every grid.
+        rope_offset (`float`, defaults to 0.0): added to the patch index before any scaling (Perception Encoder 1).
+        rope_reference_grid (`int` or `(rows, cols)`, *optional*): with `"index"` coordinates, scale them so that
+            any grid spans this one's range (EVA-02 `ref_feat_shape`, the pretraining grid): a patch at row `r` of
+            `R` rows is at `(r + rope_offset) / R * reference_rows`.
+        rope_axis_order (`str`, defaults to `"yx"`): which coordinate comes first: `"yx"` (rows, timm's
+            `grid_indexing="ij"`) or `"xy"` (columns, timm's `"xy"`: Perception Encoder, RoPE-ViT). With `"axial"`
+            the first axis turns the first half of the frequency slots; with `"mixed"`, `rope_freqs[0]` multiplies it.
+        rope_layout (`str`, defaults to `"interleaved"`): which channels rotate together: `"interleaved"` (pairs
+            `(2i, 2i + 1)`, EVA-02, timm's default) or `"half"` (pairs `(i, i + head_dim / 2)`, DINOv3).
+        rope_train_shift (`float`, *optional*), rope_train_jitter (`float`, *optional*), rope_train_rescale
+            (`float`, *optional*): in training only, move the coordinates of every forward pass by one random
+            transform, as DINOv3 trains: a shift drawn from [-shift, shift] per axis, a scale per axis drawn
+            log-uniformly from [1/jitter, jitter], then one scale for both from [1/rescale, rescale].
+        relative_position_bias (`str`, defaults to `"none"`): a learned bias added to the attention scores that
+            depends on the offset between two patches: `"none"`, `"table"` (one entry per offset and head, plus
+            three for the class token, BEiT; resampled bilinearly to other grids as transformers' BEiT does) or
+            `"mlp"` (a two-layer ReLU MLP of the log-scaled offset, timm's relpos ViTs; prefix tokens get no bias).
+        relative_position_bias_shared (`bool`, defaults to `False`): one bias for all layers
+            (`encoder.relative_position_bias`) instead of one per layer (`attention.relative_position_bias`).
+        relative_position_bias_hidden_size (`int`, defaults to 128): hidden width of the `"mlp"` bias.
 
     Example:
 
@@ -187,6 +226,21 @@ class VitrailConfig(BackboneConfigMixin, PreTrainedConfig):
     mlp_bias: bool = True
     map_intermediate_size: int | None = None  # None: intermediate_size
     map_num_heads: int | None = None  # None: num_attention_heads
+    # Positions inside attention: q/v-only biases, rotary embeddings, relative position biases.
+    key_bias: bool = True
+    rope_type: str = "none"
+    rope_theta: float | int = 10000.0
+    rope_coordinates: str = "index"
+    rope_offset: float | int = 0.0
+    rope_reference_grid: int | list[int] | tuple[int, int] | None = None
+    rope_axis_order: str = "yx"
+    rope_layout: str = "interleaved"
+    rope_train_shift: float | int | None = None
+    rope_train_jitter: float | int | None = None
+    rope_train_rescale: float | int | None = None
+    relative_position_bias: str = "none"
+    relative_position_bias_shared: bool = False
+    relative_position_bias_hidden_size: int = 128
 
     def __post_init__(self, **kwargs):
         if self.prefix_position_embeddings is None:
@@ -220,6 +274,11 @@ class VitrailConfig(BackboneConfigMixin, PreTrainedConfig):
         """Patch grid `(rows, columns)` at `image_size` (padded up when sizes are dynamic)."""
         (h, w), (ph, pw) = self.image_hw, self.patch_hw
         return -(-h // ph), -(-w // pw)
+
+    @property
+    def rope_reference_hw(self) -> tuple[int, int] | None:
+        """`rope_reference_grid` as `(rows, cols)`, or None."""
+        return None if self.rope_reference_grid is None else _pair(self.rope_reference_grid)
 
     @property
     def num_patches(self) -> int:
@@ -367,6 +426,83 @@ class VitrailConfig(BackboneConfigMixin, PreTrainedConfig):
                     f"`prefix_position_embeddings={self.prefix_position_embeddings!r}` but the model has no such "
                     "prefix token; set it to 'none' or enable `use_cls_token`."
                 )
+
+    def validate_positions(self):
+        rope_fields = {
+            "rope_theta": 10000.0,
+            "rope_coordinates": "index",
+            "rope_offset": 0.0,
+            "rope_reference_grid": None,
+            "rope_axis_order": "yx",
+            "rope_layout": "interleaved",
+            "rope_train_shift": None,
+            "rope_train_jitter": None,
+            "rope_train_rescale": None,
+        }
+        if self.rope_type == "none":
+            for name, default in rope_fields.items():
+                if getattr(self, name) != default:
+                    raise ValueError(
+                        f"`{name}={getattr(self, name)!r}` sets up rotary position embeddings, but `rope_type='none'` "
+                        f"turns them off; set `rope_type` to 'axial' or 'mixed', or leave `{name}` at {default!r}."
+                    )
+        else:
+            if self.head_dim % 4:
+                raise ValueError(
+                    f"`rope_type={self.rope_type!r}` rotates channel pairs for two axes, so the head width "
+                    f"(`hidden_size / num_attention_heads` = {self.head_dim}) must be divisible by 4."
+                )
+            if not self.rope_theta > 0:
+                raise ValueError(
+                    f"`rope_theta` is the frequency base and must be positive, got {self.rope_theta}."
+                )
+            if self.rope_reference_grid is not None:
+                grid = self.rope_reference_grid
+                if not isinstance(grid, int) and len(grid) != 2:
+                    raise ValueError(
+                        f"`rope_reference_grid` must be an int or a (rows, cols) pair, got {grid!r}."
+                    )
+                if min(_pair(grid)) <= 0:
+                    raise ValueError(f"`rope_reference_grid` must be positive, got {grid!r}.")
+                if self.rope_coordinates != "index":
+                    raise ValueError(
+                        "`rope_reference_grid` rescales patch indices, but `rope_coordinates='centered'` already "
+                        "spans [-1, 1] at every grid; leave `rope_reference_grid` unset."
+                    )
+            if self.rope_train_shift is not None and not 0 <= self.rope_train_shift < float("inf"):
+                raise ValueError(
+                    f"`rope_train_shift` must be a finite number >= 0, got {self.rope_train_shift}."
+                )
+            for name in ("rope_train_jitter", "rope_train_rescale"):
+                value = getattr(self, name)
+                if value is not None and not 1 <= value < float("inf"):
+                    raise ValueError(
+                        f"`{name}` is a scale factor: coordinates are scaled by a draw from [1/{name[11:]}, "
+                        f"{name[11:]}], so it must be a finite number >= 1, got {value}."
+                    )
+
+        kind = self.relative_position_bias
+        if kind == "none" and self.relative_position_bias_shared:
+            raise ValueError(
+                "`relative_position_bias_shared=True` shares a relative position bias that "
+                "`relative_position_bias='none'` turns off; choose 'table' or 'mlp', or set it False."
+            )
+        if kind != "mlp" and self.relative_position_bias_hidden_size != 128:
+            raise ValueError(
+                f"`relative_position_bias_hidden_size` is the width of the 'mlp' relative position bias, but "
+                f"`relative_position_bias={kind!r}`; leave it at 128."
+            )
+        if kind == "mlp" and self.relative_position_bias_hidden_size <= 0:
+            raise ValueError(
+                "`relative_position_bias_hidden_size` must be a positive integer, got "
+                f"{self.relative_position_bias_hidden_size}."
+            )
+        if kind == "table" and self.num_prefix_tokens != int(self.use_cls_token):
+            raise ValueError(
+                "`relative_position_bias='table'` has entries for the class token only (BEiT), but the model also "
+                "has a distillation token or register tokens; remove them or use `relative_position_bias='mlp'`, "
+                "which gives every prefix token no bias."
+            )
 
     def validate_regularisation(self):
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):

@@ -17,9 +17,11 @@ as in timm and big_vision; the conversion tables split or join it for other layo
 from __future__ import annotations
 
 import logging
+import math
 import re
 import shutil
 import sys
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,6 +258,176 @@ class VitrailEmbeddings(nn.Module):
         return tokens, grid
 
 
+# ---- positions inside attention: rotary embeddings and relative position biases ------------------------------
+#
+# Both depend on the patch grid of the input, which `dynamic_image_size` lets change from call to call: they are
+# computed for the grid at run time (nothing grid-sized is stored but BEiT's learned table), and the encoder hands
+# the grid, the rotary coordinates and any shared bias to every layer.
+
+
+def _is_native(grid, native: tuple[int, int]) -> bool:
+    """Whether `grid` is the `native` one, without fixing a symbolic (`torch.export`) grid to the example's."""
+    return not any(isinstance(n, torch.SymInt) for n in grid) and tuple(grid) == tuple(native)
+
+
+def rope_coordinates(config: VitrailConfig, grid: tuple[int, int], device=None, training: bool = False):
+    """The 2D position of every patch, float32 `(rows * cols, 2)` in token (row-major) order, its two columns in
+    `config.rope_axis_order`. `"index"`: the patch index plus `rope_offset`, rescaled onto `rope_reference_grid`
+    when set (EVA-02's `ref_feat_shape`); `"centered"`: the patch centre scaled to [-1, 1] per axis (DINOv3), then
+    times 2 pi so that angles are coordinate times frequency for both. In training, `rope_train_*` move the
+    coordinates of the whole grid by one random transform (DINOv3's shift, jitter and rescale, drawn in that order)."""
+    rows, cols = grid
+    sizes, reference = [rows, cols], list(config.rope_reference_hw or (None, None))
+    if config.rope_axis_order == "xy":
+        sizes, reference = sizes[::-1], reference[::-1]
+    axes = []
+    for size, ref in zip(sizes, reference, strict=True):
+        t = torch.arange(size, device=device, dtype=torch.float32) + config.rope_offset
+        if config.rope_coordinates == "centered":
+            t = 2.0 * ((t + 0.5) / size) - 1.0
+        elif ref is not None:
+            t = t / size * ref
+        axes.append(t)
+    first, second = torch.meshgrid(
+        axes[0], axes[1], indexing="ij" if config.rope_axis_order == "yx" else "xy"
+    )
+    coordinates = torch.stack([first.reshape(-1), second.reshape(-1)], dim=-1)  # (r, c) x 2 -> (r * c, 2)
+    if training:
+        if config.rope_train_shift is not None:
+            shift = config.rope_train_shift
+            coordinates = coordinates + torch.empty(2, device=device).uniform_(-shift, shift)
+        if config.rope_train_jitter is not None:
+            spread = math.log(config.rope_train_jitter)
+            coordinates = coordinates * torch.empty(2, device=device).uniform_(-spread, spread).exp()
+        if config.rope_train_rescale is not None:
+            spread = math.log(config.rope_train_rescale)
+            coordinates = coordinates * torch.empty(1, device=device).uniform_(-spread, spread).exp()
+    if config.rope_coordinates == "centered":
+        coordinates = coordinates * (2 * math.pi)
+    return coordinates
+
+
+def axial_rope_frequencies(config: VitrailConfig, device=None) -> torch.Tensor:
+    """`(2, 1, head_dim // 2)`: row `a` holds the frequency of each rotation slot for coordinate `a`. The first half
+    of the slots follows the first coordinate at `rope_theta ** (-i / (head_dim // 4))`, the second half the other
+    one (zeros elsewhere), the same frequencies on each axis, as timm's `RotaryEmbeddingCat` and DINOv3 use them."""
+    quarter = config.head_dim // 4
+    bands = 1.0 / config.rope_theta ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
+    zeros = torch.zeros_like(bands)
+    return torch.stack([torch.cat([bands, zeros]), torch.cat([zeros, bands])]).unsqueeze(1)
+
+
+def mixed_rope_frequencies(config: VitrailConfig) -> torch.Tensor:
+    """A RoPE-Mixed starting point `(2, heads, head_dim // 2)` (Heo et al. 2024): for each head, the axial bands
+    turned by a random angle, so that every head starts out looking along its own direction of the plane."""
+    magnitudes = 1.0 / config.rope_theta ** (torch.arange(0, config.head_dim, 4) / config.head_dim)
+    angles = torch.rand(config.num_attention_heads, 1) * 2 * math.pi
+    along_x = torch.cat([magnitudes * angles.cos(), magnitudes * (angles + math.pi / 2).cos()], dim=-1)
+    along_y = torch.cat([magnitudes * angles.sin(), magnitudes * (angles + math.pi / 2).sin()], dim=-1)
+    return torch.stack([along_x, along_y])
+
+
+def rotate_pairs(x: torch.Tensor, angles: torch.Tensor, layout: str) -> torch.Tensor:
+    """Turn each channel pair of `x` `(..., N, head_dim)` by its angle `(..., N, head_dim // 2)`: pairs `(2i, 2i+1)`
+    for `"interleaved"`, `(i, i + head_dim / 2)` for `"half"`. Computed in the angles' float32 (x * cos promotes) and
+    returned in x's dtype."""
+    cos, sin = angles.cos(), angles.sin()
+    if layout == "half":
+        first, second = x.chunk(2, dim=-1)
+    else:
+        first, second = x.unflatten(-1, (-1, 2)).unbind(-1)  # (..., d) -> 2 x (..., d / 2)
+    turned_first = first * cos - second * sin
+    turned_second = second * cos + first * sin
+    if layout == "half":
+        turned = torch.cat([turned_first, turned_second], dim=-1)
+    else:
+        turned = torch.stack([turned_first, turned_second], dim=-1).flatten(-2)
+    return turned.to(x.dtype)
+
+
+def relative_position_index(grid: tuple[int, int], device=None) -> torch.Tensor:
+    """`(N, N)` index into a row-major `(2 * rows - 1, 2 * cols - 1)` table of offsets: entry `[i, j]` is the
+    offset of patch `i` (the query) from patch `j` (the key), as BEiT and Swin number them."""
+    rows, cols = grid
+    ys = torch.arange(rows, device=device)[:, None].expand(rows, cols).reshape(-1)
+    xs = torch.arange(cols, device=device)[None, :].expand(rows, cols).reshape(-1)
+    dy = ys[:, None] - ys[None, :] + (rows - 1)
+    dx = xs[:, None] - xs[None, :] + (cols - 1)
+    return dy * (2 * cols - 1) + dx
+
+
+class VitrailRelativePositionBias(nn.Module):
+    """A learned attention bias `(1, heads, N, N)` that depends on the offset between query and key patch.
+
+    `"table"` (Bao et al. 2021, BEiT): one row per offset of the native grid, `table` `((2R-1) * (2C-1) + 3, heads)`,
+    the three last rows for class token to patch, patch to class token and class token to itself (none without a
+    class token). Another grid resamples the offset table bilinearly, as transformers' BEiT does.
+    `"mlp"` (timm's relpos ViTs, after Swin-V2): a ReLU MLP maps the log-scaled offset `sign(d) log(1 + |d|)` per
+    axis to a bias per head, so it is defined at any grid; prefix tokens get no bias.
+    """
+
+    def __init__(self, config: VitrailConfig):
+        super().__init__()
+        self.kind = config.relative_position_bias
+        self.grid_size = config.grid_size
+        self.num_prefix_tokens = config.num_prefix_tokens
+        heads = config.num_attention_heads
+        if self.kind == "table":
+            rows, cols = self.grid_size
+            extra = 3 if config.use_cls_token else 0
+            self.table = nn.Parameter(torch.zeros((2 * rows - 1) * (2 * cols - 1) + extra, heads))
+        else:
+            hidden = config.relative_position_bias_hidden_size
+            # timm's RelPosMlp drops an eighth of the hidden units in training; kept, so fine-tuning matches it.
+            layers = dict(
+                fc1=nn.Linear(2, hidden), act=nn.ReLU(), drop=nn.Dropout(0.125), fc2=nn.Linear(hidden, heads)
+            )
+            self.mlp = nn.Sequential(OrderedDict(layers))
+
+    def offset_table(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The bias of every offset of `grid`, `((2 * rows - 1) * (2 * cols - 1), heads)`."""
+        rows, cols = grid
+        if self.kind == "mlp":
+            device = self.mlp.fc1.weight.device
+            dy = torch.arange(-(rows - 1), rows, device=device, dtype=torch.float32)
+            dx = torch.arange(-(cols - 1), cols, device=device, dtype=torch.float32)
+            offsets = torch.stack(torch.meshgrid(dy, dx, indexing="ij"), dim=-1)  # (2r-1, 2c-1, 2)
+            offsets = offsets.sign() * torch.log(1.0 + offsets.abs())
+            return self.mlp(offsets.to(self.mlp.fc1.weight.dtype)).reshape(-1, self.mlp.fc2.out_features)
+        native = self.table[: self.table.shape[0] - (3 if self.num_prefix_tokens else 0)]
+        if _is_native(grid, self.grid_size):
+            return native
+        heads = native.shape[-1]
+        # (K, h) -> (1, h, 2R-1, 2C-1) -> resampled -> ((2r-1) * (2c-1), h)
+        image = native.reshape(2 * self.grid_size[0] - 1, 2 * self.grid_size[1] - 1, heads).permute(2, 0, 1)
+        image = F.interpolate(
+            image[None].float(), size=(2 * rows - 1, 2 * cols - 1), mode="bilinear", align_corners=False
+        )
+        return image[0].permute(1, 2, 0).reshape(-1, heads).to(native.dtype)
+
+    def forward(self, grid: tuple[int, int]) -> torch.Tensor:
+        table = self.offset_table(grid)
+        bias = table[relative_position_index(grid, table.device)].permute(2, 0, 1)  # (N, N, h) -> (h, N, N)
+        prefix = self.num_prefix_tokens
+        if self.kind == "mlp":
+            bias = F.pad(bias, (prefix, 0, prefix, 0))
+        elif prefix:  # BEiT's class-token rows: to the patches, from the patches, to itself
+            heads, patches = bias.shape[0], bias.shape[-1]
+            to_patches, from_patches, itself = (row.reshape(heads, 1, 1) for row in self.table[-3:])
+            top = torch.cat([itself, to_patches.expand(heads, 1, patches)], dim=-1)
+            body = torch.cat([from_patches.expand(heads, patches, 1), bias], dim=-1)
+            bias = torch.cat([top, body], dim=1)
+        return bias.unsqueeze(0)  # (1, h, N, N)
+
+    @torch.no_grad()
+    def set_grid(self, grid: tuple[int, int]) -> None:
+        """Make `grid` the native one; a table is resampled once by the rule `offset_table` applies at run time."""
+        if self.kind == "table":
+            extras = self.table[self.table.shape[0] - (3 if self.num_prefix_tokens else 0) :]
+            self.table = nn.Parameter(torch.cat([self.offset_table(grid), extras]))
+        self.grid_size = tuple(grid)
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -278,7 +450,9 @@ def eager_attention_forward(
 
 
 class VitrailAttention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection; the kernel comes from transformers' registry."""
+    """Multi-head self-attention with one fused qkv projection; the kernel comes from transformers' registry.
+    Positions may enter here too: rotary embeddings turn the queries and keys of the patches, and a relative
+    position bias is added to the scores as the additive attention mask both eager and sdpa kernels take."""
 
     is_causal = False
 
@@ -289,37 +463,96 @@ class VitrailAttention(nn.Module):
         self.head_dim = config.head_dim
         self.scaling = self.head_dim**-0.5
         self.dropout_p = config.attention_probs_dropout_prob
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
+        # BEiT and EVA learn biases for queries and values only; the key's would cancel in the softmax anyway.
+        separate_biases = config.qkv_bias and not config.key_bias
+        self.qkv = nn.Linear(
+            config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias and not separate_biases
+        )
+        self.q_bias = nn.Parameter(torch.zeros(config.hidden_size)) if separate_biases else None
+        self.v_bias = nn.Parameter(torch.zeros(config.hidden_size)) if separate_biases else None
         self.q_norm = make_norm(config, self.head_dim) if config.qk_norm else None
         self.k_norm = make_norm(config, self.head_dim) if config.qk_norm else None
+        self.rope_freqs = (
+            nn.Parameter(torch.zeros(2, self.num_heads, self.head_dim // 2))
+            if config.rope_type == "mixed"
+            else None
+        )
+        per_layer_bias = config.relative_position_bias != "none" and not config.relative_position_bias_shared
+        self.relative_position_bias = VitrailRelativePositionBias(config) if per_layer_bias else None
         self.norm = make_norm(config, config.hidden_size) if config.attention_norm else None
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.proj_bias)
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False
+        self,
+        hidden_states: torch.Tensor,
+        output_attentions: bool = False,
+        grid: tuple[int, int] | None = None,
+        rope_coordinates: torch.Tensor | None = None,
+        attention_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`grid`: the patch grid of the input (for a relative position bias of this layer); `rope_coordinates`:
+        `(patches, 2)` from `rope_coordinates`, when the model uses RoPE; `attention_bias`: a `(1, heads, N, N)`
+        bias shared by all layers."""
         batch, tokens, width = hidden_states.shape
-        qkv = self.qkv(hidden_states).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
+        qkv = self.qkv(hidden_states)
+        if self.q_bias is not None:
+            # Added to the output, not passed to F.linear, so that a wrapped or quantised `qkv` (LoRA, int8) works.
+            qkv = qkv + torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias]).to(qkv.dtype)
+        qkv = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim)
         # Unbinding the `3` axis in place, then moving heads forward, makes the same views as a permute of the
         # whole tensor, but backward stacks the three gradients straight into the (B, N, 3, h, d) layout of the
         # projection's output: one copy of it per layer instead of two (stack, then reshape a permuted tensor).
         query, key, value = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, N, 3, h, d) -> 3 x (B, h, N, d)
         if self.q_norm is not None:
             query, key = self.q_norm(query), self.k_norm(key)
+        if rope_coordinates is not None:
+            query, key = self.rotate(query, key, rope_coordinates)
 
         # Fused kernels (sdpa, flash) never materialise the weights; asking for them switches this call to eager.
         # Looked up on every call, so `model.set_attn_implementation(...)` takes effect at once (transformers also
         # reads this very call in the source to decide that vitrail supports switching).
         implementation = "eager" if output_attentions else self.config._attn_implementation
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        if self.relative_position_bias is not None:
+            attention_bias = self.relative_position_bias(grid)
+        if attention_bias is not None:
+            if implementation not in ("eager", "sdpa"):
+                raise ValueError(
+                    f"A relative position bias is added to the attention scores, which the {implementation!r} "
+                    "attention kernel cannot take (per head); load the model with `attn_implementation='sdpa'` "
+                    "or 'eager', or call `model.set_attn_implementation('sdpa')`."
+                )
+            attention_bias = attention_bias.to(query.dtype)
         dropout = self.dropout_p if self.training else 0.0
         output, weights = attention(
-            self, query, key, value, None, dropout=dropout, scaling=self.scaling, is_causal=False
+            self, query, key, value, attention_bias, dropout=dropout, scaling=self.scaling, is_causal=False
         )
         output = output.reshape(batch, tokens, width)  # (B, N, h, d) -> (B, N, D)
         if self.norm is not None:
             output = self.norm(output)
         return self.proj(output), (weights if output_attentions else None)
+
+    def rotate(
+        self, query: torch.Tensor, key: torch.Tensor, coordinates: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on the patch tokens of `query` and `key` `(B, h, N, d)`; the prefix tokens before them keep their
+        values, as in every source (a class token has no place on the grid)."""
+        frequencies = self.rope_freqs
+        if frequencies is None:
+            frequencies = axial_rope_frequencies(self.config, coordinates.device)
+        frequencies = frequencies.float()
+        # (P, 2) coordinates x (2, h or 1, d/2) frequencies -> (h or 1, P, d/2) angles, one per rotation slot.
+        # Elementwise rather than a matmul, so autocast cannot round the angles to half precision.
+        angles = (
+            coordinates[:, 0, None] * frequencies[0, :, None]
+            + coordinates[:, 1, None] * frequencies[1, :, None]
+        )
+        prefix, layout = self.config.num_prefix_tokens, self.config.rope_layout
+        rotated = []
+        for states in (query, key):
+            turned = rotate_pairs(states[:, :, prefix:], angles, layout)
+            rotated.append(torch.cat([states[:, :, :prefix], turned], dim=2) if prefix else turned)
+        return rotated[0], rotated[1]
 
 
 class VitrailMLP(nn.Module):
@@ -398,9 +631,17 @@ class VitrailLayer(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False
+        self,
+        hidden_states: torch.Tensor,
+        output_attentions: bool = False,
+        grid: tuple[int, int] | None = None,
+        rope_coordinates: torch.Tensor | None = None,
+        attention_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attended, weights = self.attention(self.norm1(hidden_states), output_attentions)
+        # Positional arguments all: reentrant gradient checkpointing only sees tensors passed that way.
+        attended, weights = self.attention(
+            self.norm1(hidden_states), output_attentions, grid, rope_coordinates, attention_bias
+        )
         hidden_states = hidden_states + self.drop_path(self.layer_scale1(self.dropout(attended)))
         mixed = self.mlp(self.norm2(hidden_states))
         hidden_states = hidden_states + self.drop_path(self.layer_scale2(self.dropout(mixed)))
@@ -431,9 +672,12 @@ class VitrailEncoder(nn.Module):
 
     def __init__(self, config: VitrailConfig):
         super().__init__()
+        self.config = config
         depth = config.num_hidden_layers
         rates = [config.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.layers = nn.ModuleList([VitrailLayer(config, rate) for rate in rates])
+        shared_bias = config.relative_position_bias != "none" and config.relative_position_bias_shared
+        self.relative_position_bias = VitrailRelativePositionBias(config) if shared_bias else None
 
     def forward(
         self,
@@ -441,17 +685,36 @@ class VitrailEncoder(nn.Module):
         attention_layers: frozenset[int] | None = None,
         hidden_layers: frozenset[int] | None = None,
         depth: int | None = None,
+        *,
+        grid: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...] | None, tuple[torch.Tensor | None, ...] | None]:
         """Run the first `depth` layers (all by default), the ones in `attention_layers` with eager attention so
         that they return their weights. Returns the last output, then the hidden states (index 0 the input, `i`
         the output of layer `i - 1`) chosen by `hidden_layers` and the weights of `attention_layers`: one entry per
         index, `None` where not chosen (transformers' convention), or `None` instead of a tuple when none is. Only
-        chosen tensors are kept, so memory does not grow with depth."""
+        chosen tensors are kept, so memory does not grow with depth. `grid`, the `(rows, cols)` of the patches
+        among the tokens, is needed by positions inside attention only.
+
+        Rotary coordinates and a shared relative position bias are made once here for all layers (so a training
+        run's random coordinate transform is the same in every layer, and a checkpointed layer's recomputation
+        sees the same one)."""
+        needs_grid = self.config.rope_type != "none" or self.config.relative_position_bias != "none"
+        if grid is None and needs_grid:
+            raise ValueError(
+                "This model places positions inside attention (rotary embeddings or a relative position bias), "
+                "which need the patch grid of the tokens: pass `grid=(rows, cols)`."
+            )
+        rope = None
+        if self.config.rope_type != "none":
+            rope = rope_coordinates(self.config, grid, hidden_states.device, self.training)
+        shared_bias = self.relative_position_bias(grid) if self.relative_position_bias is not None else None
         chosen_attentions, chosen_hidden = attention_layers or frozenset(), hidden_layers or frozenset()
         states = [hidden_states if 0 in chosen_hidden else None]
         weights = []
         for index, layer in enumerate(self.layers[:depth]):
-            hidden_states, layer_weights = layer(hidden_states, index in chosen_attentions)
+            hidden_states, layer_weights = layer(
+                hidden_states, index in chosen_attentions, grid, rope, shared_bias
+            )
             states.append(hidden_states if index + 1 in chosen_hidden else None)
             weights.append(layer_weights)
         unrun = len(self.layers) - len(weights)
@@ -605,6 +868,14 @@ class VitrailPreTrainedModel(PreTrainedModel):
             init.trunc_normal_(module.latent, mean=0.0, std=std)
         elif isinstance(module, VitrailLayerScale):
             init.constant_(module.scale, self.config.layer_scale_init_value)
+        elif isinstance(module, VitrailAttention):
+            for bias in (module.q_bias, module.v_bias):
+                if bias is not None:
+                    init.zeros_(bias)
+            if module.rope_freqs is not None:
+                init.copy_(module.rope_freqs, mixed_rope_frequencies(self.config))
+        elif isinstance(module, VitrailRelativePositionBias) and module.kind == "table":
+            init.trunc_normal_(module.table, mean=0.0, std=std)
 
     # `import vitrail` sets this to `vitrail.loading.load_pretrained` (conversion, `image_size=`, new label sets).
     # The copy of this file that travels with a checkpoint has none: it opens vitrail checkpoints only.
@@ -730,6 +1001,9 @@ class VitrailPreTrainedModel(PreTrainedModel):
         new = VitrailConfig(**{**self.config.to_dict(), "image_size": image_size})  # validates the new size
         embeddings = self.base_model.embeddings
         embeddings.set_grid(new.grid_size)
+        for module in self.base_model.modules():
+            if isinstance(module, VitrailRelativePositionBias):
+                module.set_grid(new.grid_size)
         embeddings.patch_embeddings.image_hw = new.image_hw
         self.config.image_size = image_size
 
@@ -819,12 +1093,12 @@ class VitrailModel(VitrailPreTrainedModel):
         """
         attention_layers, hidden_layers = self._chosen_outputs(output_attentions, output_hidden_states)
 
-        tokens, _ = self.embeddings(
+        tokens, grid = self.embeddings(
             pixel_values,
             bool_masked_pos,
             dynamic_size=self._or_config(interpolate_pos_encoding, "dynamic_image_size"),
         )
-        tokens, hidden_states, attentions = self.encoder(tokens, attention_layers, hidden_layers)
+        tokens, hidden_states, attentions = self.encoder(tokens, attention_layers, hidden_layers, grid=grid)
         if self.config.use_fc_norm:
             pooled = self.layernorm(self.pool(tokens))
         else:
@@ -892,7 +1166,7 @@ class VitrailBackbone(BackboneMixin, VitrailPreTrainedModel):
             pixel_values, dynamic_size=self._or_config(interpolate_pos_encoding, "dynamic_image_size")
         )
         _, states, attentions = self.encoder(
-            tokens, attention_layers, (hidden_layers or frozenset()) | set(stages), depth
+            tokens, attention_layers, (hidden_layers or frozenset()) | set(stages), depth, grid=grid
         )
         feature_maps = tuple(self._feature_map(states[stage], grid) for stage in stages)
         if hidden_layers is not None:
