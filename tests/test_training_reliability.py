@@ -111,6 +111,18 @@ def arm(point, step):
                 die()
 
         TrainerState.save_to_json = save_state
+    elif point == "after_training":  # the last checkpoint saved, nothing written to the output folder yet
+        real_train = Trainer.train
+
+        def train_then_die(self, *args, **kwargs):
+            real_train(self, *args, **kwargs)
+            die()
+
+        Trainer.train = train_then_die
+    elif point == "before_card":  # weights, trainer state and plots in the output folder; no card, no results
+        import vitrail.model_card
+
+        vitrail.model_card.render_model_card = lambda **kwargs: die()
 
 
 args, phases = json.loads(sys.argv[1]), json.loads(sys.argv[2])
@@ -138,19 +150,51 @@ print(json.dumps(codes))
 """
 
 
-def test_kill_inside_checkpoint_saves_then_rerun_matches_an_uninterrupted_run(tmp_path):
-    """One run is killed three times, each at another point inside a checkpoint save (the first kill leaves no
-    complete checkpoint at all); each rerun of the same command skips the incomplete checkpoint and resumes from
-    the newest complete one. The final weights and step count equal those of an uninterrupted run, bit for bit:
-    resume restores the RNG and the data order, and two uninterrupted runs agree bit for bit on this CPU."""
+# Both kinds of training budget, each ending inside an epoch (where the Trainer's resume arithmetic went wrong).
+BUDGETS = {
+    # 18 training images, batch 4: 5 steps an epoch; 16 steps end with the 1st step of the 4th epoch.
+    "max_steps": (["--max_steps", "16", "--test_size", "0.25", "--validation_size", "0"], 16),
+    # 15 training images, batch 4: 4 steps an epoch; 2.5 epochs end after 10 steps, half-way through the 3rd. Each
+    # epoch ends with an evaluation, and the kill at checkpoint-4 falls on an epoch's end.
+    "num_train_epochs": (
+        [
+            "--num_train_epochs",
+            "2.5",
+            "--test_size",
+            "0.25",
+            "--validation_size",
+            "0.125",
+            "--eval_strategy",
+            "epoch",
+        ],
+        10,
+    ),
+}
+
+
+def untimed(record: dict) -> dict:
+    """A log entry or results without the values that measure time."""
+    return {k: v for k, v in record.items() if not k.endswith(("_runtime", "_per_second", "_wall_time"))}
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_killed_runs_rerun_to_the_weights_and_losses_of_an_uninterrupted_run(tmp_path, budget):
+    """One run is killed five times: three times at another point inside a checkpoint save (the first kill leaves
+    no complete checkpoint at all), then after its last checkpoint, once before anything reached the output folder
+    and once with everything but the card and the results there. Each rerun of the same command resumes from the
+    newest complete checkpoint; from the last one it takes no step (the Trainer alone took one more, with a cosine
+    schedule's non-zero rate past the end). The weights, the step count, every logged value (losses, gradient
+    norms, learning rates, evaluations) and the results equal those of an uninterrupted run, bit for bit: resume
+    restores the RNG and the data order, and two uninterrupted runs agree bit for bit on this CPU."""
+    flags, last = BUDGETS[budget]
     data = gray_folder(tmp_path / "data")
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     args = [
-        "--train_dir", str(data), "--config_overrides", GRAY + ",hidden_dropout_prob=0.1", *QUIET,
-        "--test_size", "0.25", "--validation_size", "0", "--per_device_train_batch_size", "4", "--max_steps", "8",
-        "--save_strategy", "steps", "--save_steps", "2", "--rotation", "10", "--learning_rate", "3e-3",
-    ]  # fmt: skip  # 18 training images, 5 steps an epoch: the resumes land mid-epoch
+        "--train_dir", str(data), "--config_overrides", GRAY + ",hidden_dropout_prob=0.1", *QUIET, *flags,
+        "--per_device_train_batch_size", "4", "--save_strategy", "steps", "--save_steps", "2", "--rotation", "10",
+        "--learning_rate", "3e-3", "--lr_scheduler_type", "cosine",
+    ]  # fmt: skip
     run = str(tmp_path / "run")
     phases = [
         [str(tmp_path / "reference"), None, 0],
@@ -158,6 +202,8 @@ def test_kill_inside_checkpoint_saves_then_rerun_matches_an_uninterrupted_run(tm
         [run, "half_weights", 2],
         [run, "before_optimizer", 4],
         [run, "half_state", 6],
+        [run, "after_training", 0],
+        [run, "before_card", 0],
         [run, None, 0],
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
@@ -168,7 +214,8 @@ def test_kill_inside_checkpoint_saves_then_rerun_matches_an_uninterrupted_run(tm
     logs = [Path(f"{out}.{i}.log").read_text() for i, (out, _, _) in enumerate(phases)]
     assert result.returncode == 0, result.stderr[-3000:]
     codes = json.loads(result.stdout.strip().splitlines()[-1])
-    assert codes == [0, 0, -signal.SIGKILL, -signal.SIGKILL, -signal.SIGKILL, 0], "\n".join(logs)[-5000:]
+    killed = -signal.SIGKILL
+    assert codes == [0, 0, killed, killed, killed, killed, killed, 0], "\n".join(logs)[-5000:]
 
     # What each kill left, and what each rerun made of it.
     assert "checkpoint-2, it is incomplete" in logs[3] and "model.safetensors is unreadable" in logs[3]
@@ -179,20 +226,31 @@ def test_kill_inside_checkpoint_saves_then_rerun_matches_an_uninterrupted_run(tm
         "checkpoint-6, it is incomplete" in logs[5] and "trainer_state.json is missing or cut off" in logs[5]
     )
     assert f"Resuming from {run}/checkpoint-4" in logs[5]
+    for log in logs[6:]:
+        assert f"Resuming from {run}/checkpoint-{last}" in log
 
-    reference, again, final = (
-        load_file(Path(out) / "model.safetensors") for out, _, _ in phases[:2] + phases[-1:]
-    )
+    outputs = [Path(out) for out, _, _ in phases[:2] + phases[-1:]]
+    reference, again, final = (load_file(out / "model.safetensors") for out in outputs)
     assert reference.keys() == again.keys() == final.keys()
     for name in reference:
         assert torch.equal(reference[name], again[name]), f"two uninterrupted runs differ at {name}"
     for name in reference:
         assert torch.equal(reference[name], final[name]), f"the resumed run differs at {name}"
-    steps = [
-        json.loads((Path(out) / "trainer_state.json").read_text())["global_step"] for out, _, _ in phases
-    ]
-    assert steps[0] == steps[-1] == 8
-    assert checkpoint_problem(Path(run) / "checkpoint-6") is None  # rewritten whole by the last rerun
+    states = [json.loads((out / "trainer_state.json").read_text()) for out in outputs]
+    assert [state["global_step"] for state in states] == [last] * 3
+    histories = [[untimed(entry) for entry in state["log_history"]] for state in states]
+    assert histories[0] == histories[1] == histories[2]
+    logged_steps = [entry["step"] for entry in histories[0] if "loss" in entry]
+    assert logged_steps == sorted(set(range(2, last + 1, 2)) | set(range(5, last + 1, 5)) | {last})
+    results = [untimed(json.loads((out / "all_results.json").read_text())) for out in outputs]
+    assert results[0] == results[1] == results[2]
+    # The whole run's mean loss, not the Trainer's mean over the steps since the last resume.
+    losses = [entry["loss"] for entry in histories[0] if "loss" in entry]
+    assert min(losses) < results[2]["train_loss"] < max(losses)
+    configs = [json.loads((out / "config.json").read_text()) for out in outputs]
+    assert configs[0] == configs[2]
+    assert (Path(run) / "README.md").is_file()
+    assert checkpoint_problem(Path(run) / "checkpoint-6") is None  # rewritten whole by a rerun
 
 
 def test_checkpoint_checks_name_what_is_missing(finished, tmp_path, caplog):
