@@ -17,11 +17,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.hub_server import USER
 from tests.test_training import QUIET, ROOT, TINY, run_train
-from vitrail import training
+from vitrail import run_folder, training
 from vitrail.data import image_folder_dataset
 from vitrail.evaluate_checkpoint import EvaluateArguments, evaluate_checkpoint
-from vitrail.run_folder import checkpoint_problem, find_resume_checkpoint, write_atomic
+from vitrail.hub import HubError, checkpoint_files
+from vitrail.run_folder import check_foreign_files, checkpoint_problem, find_resume_checkpoint, write_atomic
 from vitrail.training import (
     DataArguments,
     ModelArguments,
@@ -325,6 +327,9 @@ def test_rerun_with_other_settings_is_refused_before_training(finished, tmp_path
     assert f"--output_dir {out} holds a run with other settings" in message
     assert "learning_rate: 0.003 -> 0.005" in message and "seed: 42 -> 1" in message
     assert "--overwrite_output_dir" in message and "another --output_dir" in message
+    # Dropping the last, short batch changes the steps of an epoch.
+    with pytest.raises(ValueError, match=r"schedule\.dataloader_drop_last: null -> true"):
+        finished.rerun(out, "--dataloader_drop_last", "true")
     # A wider model: the same message, not a size-mismatch traceback from loading checkpoint-4.
     with pytest.raises(ValueError, match=r"holds a run with other settings:\n.*hidden_size: 32 -> 48"):
         finished.rerun(out, "--config_overrides", GRAY.replace("hidden_size=32", "hidden_size=48"))
@@ -367,6 +372,110 @@ def test_overwrite_output_dir_starts_again(finished, tmp_path):
     assert (out / "notes.txt").read_text() == "mine"  # ... files vitrail did not write are kept
     assert json.loads((out / "run_settings.json").read_text())["schedule"]["learning_rate"] == 5e-3
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+
+
+def test_a_folder_of_the_users_files_is_refused_before_data_is_read(tmp_path, monkeypatch):
+    """A new run in a folder without a run record that holds a card and a config (a model of the user's) would
+    replace them: refused, naming them, before any data is read; `--overwrite_output_dir` replaces them."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "README.md").write_text("# my model")
+    (out / "config.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    with monkeypatch.context() as patched:
+        patched.setattr(training, "load_splits", not_reached)
+        with pytest.raises(ValueError) as refused:
+            run_train(tmp_path, "--max_steps", "1", "--save_strategy", "no")
+    message = str(refused.value)
+    assert f"--output_dir {out} holds config.json, README.md, but no run_settings.json" in message
+    assert "another --output_dir" in message and "--overwrite_output_dir deletes them" in message
+    assert sorted(path.name for path in out.iterdir()) == ["README.md", "config.json", "notes.txt"]
+    assert (out / "README.md").read_text() == "# my model"
+
+    run_train(tmp_path, "--max_steps", "1", "--save_strategy", "no", "--overwrite_output_dir", "true")
+    assert "vitrail" in (out / "README.md").read_text() and (out / "notes.txt").read_text() == "mine"
+    check_foreign_files(out)  # a run's folder now: its record makes the files the run's own
+
+    # Today's behaviour stays for an empty folder, one with other files only, and one that a run killed between
+    # writing the split record and the run record left (data_split.json alone).
+    for name, files in (("empty", []), ("other", ["notes.txt", "data.csv"]), ("split", ["data_split.json"])):
+        (tmp_path / name).mkdir()
+        for file in files:
+            (tmp_path / name / file).write_text("")
+        check_foreign_files(tmp_path / name)
+
+
+def test_a_kill_while_recording_the_run_leaves_a_folder_that_reruns(tmp_path, monkeypatch):
+    """The split record is written before the run record: a kill between the two leaves a folder that the same
+    command runs in (the other order left a record without its split, which a rerun refused)."""
+    real_write = run_folder.write_json_atomic
+    written = []
+
+    def killed_at_the_second(path, value):
+        written.append(Path(path).name)
+        if len(written) == 2:
+            raise KeyboardInterrupt("killed")
+        real_write(path, value)
+
+    monkeypatch.setattr(run_folder, "write_json_atomic", killed_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tmp_path, "--max_steps", "1", "--save_strategy", "no")
+    assert written == ["data_split.json", "run_settings.json"]
+    monkeypatch.undo()
+    metrics, out = run_train(tmp_path, "--max_steps", "1", "--save_strategy", "no")
+    assert json.loads((out / "all_results.json").read_text()) == metrics
+
+
+def push_flags(repo_id: str) -> list[str]:
+    return ["--push_to_hub", "true", "--hub_model_id", repo_id]
+
+
+def test_a_failed_push_is_pushed_by_the_rerun(hub, tmp_path, caplog):
+    """The final push fails (HTTP 500): the run is finished, its record says the push did not land, a rerun without
+    --push_to_hub says so, and the same command once the Hub is back pushes the folder as it is. Another rerun
+    makes no commit: the files are unchanged."""
+    repo_id = f"{USER}/failed-push"
+    out = tmp_path / "run"
+    args = [
+        "--output_dir", str(out), "--train_dir", str(gray_folder(tmp_path / "data")), "--config_overrides", GRAY,
+        *QUIET, "--test_size", "0.25", "--validation_size", "0", "--max_steps", "2", "--save_strategy", "no",
+    ]  # fmt: skip
+    hub.fail_next(r"^POST /api/models/.*/commit/", status=500)
+    with pytest.raises(HubError, match=r"server failed \(HTTP 500\)"):
+        train(*parse_args([*args, *push_flags(repo_id)]))
+    record = json.loads((out / "hub_push.json").read_text())
+    assert (record["repo_id"], record["landed"], record["commit"]) == (repo_id, False, None)
+    assert "HTTP 500" in record["error"]
+    results = json.loads((out / "all_results.json").read_text())
+
+    with caplog.at_level(logging.WARNING, logger="vitrail.run_folder"):
+        assert train(*parse_args(args)) == results
+    assert f"Its push to {repo_id} did not land (HubError: " in caplog.text and "--push_to_hub" in caplog.text
+
+    assert train(*parse_args([*args, *push_flags(repo_id)])) == results  # finished: pushed, not trained
+    record = json.loads((out / "hub_push.json").read_text())
+    assert record["landed"] is True and record["error"] is None and record["commit"] == hub.head(repo_id).sha
+    pushed = {name: data for name, data in hub.files(repo_id).items() if name != ".gitattributes"}
+    assert pushed == {name: (out / name).read_bytes() for name in checkpoint_files(out)}
+    assert "hub_push.json" not in pushed and repo_id.encode() in pushed["README.md"]
+
+    commits = hub.commit_count(repo_id)
+    train(*parse_args([*args, *push_flags(repo_id)]))
+    assert hub.commit_count(repo_id) == commits
+    assert json.loads((out / "hub_push.json").read_text())["landed"] is True
+
+
+def test_a_finished_run_rerun_with_push_to_hub_is_pushed(finished, hub, tmp_path):
+    """A run finished without --push_to_hub is pushed by a rerun with it (the same run: push flags are not run
+    settings); the card it pushes names the repo, where the folder's card named the folder."""
+    repo_id = f"{USER}/pushed-later"
+    out = tmp_path / "run"
+    shutil.copytree(finished.out, out)
+    assert repo_id.encode() not in (out / "README.md").read_bytes()
+    assert finished.rerun(out, *push_flags(repo_id)) == finished.metrics
+    card = hub.files(repo_id)["README.md"]
+    assert f'repo = "{repo_id}"'.encode() in card and card == (out / "README.md").read_bytes()
+    assert json.loads((out / "hub_push.json").read_text())["landed"] is True
 
 
 def test_unusable_output_dir_is_found_before_training(tmp_path, monkeypatch):
@@ -534,6 +643,16 @@ def test_evaluation_processes_uncached_data_too(finished, tmp_path):
         (["--per_device_train_batch_size", "0"], r"--per_device_train_batch_size 0: give at least 1"),
         (["--test_size", "1.5"], r"--test_size 1\.5: give a fraction"),
         (["--model_name_or_path", "MISSING"], r"--model_name_or_path .*missing: no such file or folder"),
+        # From scratch too: the flag silently won.
+        (
+            ["--image_size", "16", "--config_overrides", "image_size=8"],
+            r"--image_size 16 and --config_overrides image_size=8 disagree; give the value once: drop image_size= "
+            r"from --config_overrides, or drop --image_size\.",
+        ),
+        (
+            ["--config_overrides", "label2id=cat"],
+            r"--config_overrides sets label2id, but the labels come from the data",
+        ),
     ],
 )
 def test_flags_are_refused_before_anything_runs(tmp_path, monkeypatch, flags, message):
@@ -631,6 +750,10 @@ def test_pretraining_reruns_share_the_checks(tmp_path, caplog):
     assert "already holds this run, finished" in caplog.text
     with pytest.raises(ValueError, match=r"schedule\.learning_rate: 5e-05 -> 0\.001"):
         run("--learning_rate", "1e-3")
+    _, data_args, training_args = parse_args(["--output_dir", str(tmp_path / "conflict"), *QUIET])
+    with pytest.raises(ValueError, match=r"--image_size 16 and --config_overrides image_size=8 disagree"):
+        pretrain(PretrainArguments(config_overrides=TINY, image_size=16), data_args, training_args)
+    assert not (tmp_path / "conflict").exists()  # refused before the folder was made
     assert metrics.keys() == again.keys()
 
 

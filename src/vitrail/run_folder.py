@@ -103,12 +103,15 @@ def check_output_dir(output_dir: str | os.PathLike) -> Path:
 
 
 def check_foreign_files(output_dir: str | os.PathLike, overwrite: bool = False) -> None:
-    """Refuse a folder without a run record (`run_settings.json`) that holds files a run writes: they are the
-    user's (a card, a config, a model pulled there), and a run would replace them. A run's own folder, an empty one,
-    or one with other files only passes; so does any with `--overwrite_output_dir`, which deletes them."""
+    """Refuse a folder without a run record (`run_settings.json`), checkpoints or results that holds files a run
+    writes: they are the user's (a card, a config, a model pulled there), and a run would replace them. A run's own
+    folder, an empty one, or one with other files only passes; so does any with `--overwrite_output_dir`, which
+    deletes them."""
     folder = Path(output_dir)
     if overwrite or (folder / RUN_SETTINGS).is_file():
         return
+    if (folder / RESULTS).is_file() or sort_checkpoints(str(folder), PREFIX_CHECKPOINT_DIR):
+        return  # a run without a record (an older vitrail's?): `start_run` refuses it, naming the ways to resume
     # The split record is written just before the run record, so a run killed between the two leaves it alone.
     names = [
         name for name in RUN_FILES if name not in (DATA_SPLIT, PUSH_RECORD) and (folder / name).is_file()
