@@ -27,6 +27,7 @@ from vitrail.run_folder import check_foreign_files, checkpoint_problem, find_res
 from vitrail.training import (
     DataArguments,
     ModelArguments,
+    VitrailTrainer,
     build_model,
     check_arguments,
     check_model_source,
@@ -253,6 +254,41 @@ def test_killed_runs_rerun_to_the_weights_and_losses_of_an_uninterrupted_run(tmp
     assert configs[0] == configs[2]
     assert (Path(run) / "README.md").is_file()
     assert checkpoint_problem(Path(run) / "checkpoint-6") is None  # rewritten whole by a rerun
+
+
+def test_a_rerun_from_the_last_checkpoint_ends_with_the_best_model(tmp_path, monkeypatch):
+    """With `--load_best_model_at_end`, a run killed after its last checkpoint ends, rerun, with the best
+    checkpoint's weights, as the uninterrupted run did (the rerun takes no step, so the Trainer does not load it)."""
+    args = [
+        "--train_dir", str(gray_folder(tmp_path / "data")), "--config_overrides", GRAY, *QUIET, "--test_size",
+        "0.25", "--validation_size", "0.125", "--per_device_train_batch_size", "4", "--max_steps", "6",
+        "--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
+        "--learning_rate", "3e-3", "--load_best_model_at_end", "true",
+        # The best by this metric is the highest validation loss: an early checkpoint, not the last.
+        "--metric_for_best_model", "loss", "--greater_is_better", "true",
+    ]  # fmt: skip
+    reference = tmp_path / "reference"
+    train(*parse_args(["--output_dir", str(reference), *args]))
+    best = json.loads((reference / "trainer_state.json").read_text())["best_model_checkpoint"]
+    assert Path(best).name != "checkpoint-6"
+
+    real_train = VitrailTrainer.train
+
+    def killed_after_training(self, *args, **kwargs):
+        real_train(self, *args, **kwargs)
+        raise KeyboardInterrupt("killed")
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as patched:
+        patched.setattr(VitrailTrainer, "train", killed_after_training)
+        with pytest.raises(KeyboardInterrupt):
+            train(*parse_args(["--output_dir", str(run), *args]))
+    assert not (run / "model.safetensors").exists() and (run / "checkpoint-6").is_dir()
+    train(*parse_args(["--output_dir", str(run), *args]))
+    expected, final = load_file(reference / "model.safetensors"), load_file(run / "model.safetensors")
+    last = load_file(run / "checkpoint-6" / "model.safetensors")
+    assert all(torch.equal(expected[name], final[name]) for name in expected)
+    assert not all(torch.equal(last[name], final[name]) for name in last)
 
 
 def test_checkpoint_checks_name_what_is_missing(finished, tmp_path, caplog):
