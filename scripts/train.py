@@ -13,11 +13,13 @@ scratch. Every `TrainingArguments` flag works (`--bf16`, `--resume_from_checkpoi
 same command runs under `accelerate launch [--cpu] [--num_processes N] scripts/train.py ...`.
 
 Rerun in the same `--output_dir`, it resumes from the newest complete checkpoint, or prints the results of the
-finished run; with other settings it stops and names them (`--overwrite_output_dir` starts again).
+finished run (and, with `--push_to_hub`, pushes it: after a failed push, rerun the same command); with other
+settings it stops and names them (`--overwrite_output_dir` starts again).
 
 Output folder: model.safetensors, config.json, preprocessor_config.json, the code files (opens with
 `trust_remote_code=True` without vitrail), all_results.json (with test_accuracy and train_runtime),
-README.md (model card), training_curves.png, confusion_matrix.png, run_settings.json, data_split.json.
+README.md (model card), training_curves.png, confusion_matrix.png, run_settings.json, data_split.json, and with
+--push_to_hub hub_push.json (whether the push landed).
 """
 
 import logging

@@ -461,6 +461,137 @@ def test_pull_into_an_existing_folder_replaces_checkpoint_files_only(hub, checkp
     assert leftovers(tmp_path) == ["target"]
 
 
+def user_project(folder: Path) -> Path:
+    """A project folder of the user's with no checkpoint in it: a card showing a figure, results and a plot of
+    their own (names a checkpoint also uses), and notes."""
+    folder.mkdir()
+    (folder / "README.md").write_text("# My project\n\n![accuracy](figure.png)\n")
+    PIL.Image.new("RGB", (4, 4), (1, 2, 3)).save(folder / "figure.png")
+    PIL.Image.new("RGB", (4, 4), (4, 5, 6)).save(folder / "training_curves.png")
+    (folder / "all_results.json").write_text(json.dumps({"my_accuracy": 0.9}))
+    (folder / "notes.txt").write_text("mine")
+    return folder
+
+
+def contents(folder: Path) -> dict[str, bytes | None]:
+    """Each top-level file's bytes; None for a subfolder."""
+    return {path.name: path.read_bytes() if path.is_file() else None for path in folder.iterdir()}
+
+
+def test_pull_refuses_a_folder_of_the_users_files_before_any_request(
+    hub, checkpoints, tmp_path, repo_id, capsys
+):
+    """A folder that holds no checkpoint and no pull record, but files a checkpoint would hold: the pull names
+    them and the ways out, before any request; the script exits 1. With `--overwrite` the checkpoint replaces
+    them, and the file no checkpoint holds stays."""
+    push_checkpoint(checkpoints["v1"], repo_id)
+    project = user_project(tmp_path / "project")
+    before, requests = contents(project), len(hub.requests)
+    with pytest.raises(HubError) as error:
+        pull_checkpoint(repo_id, local_dir=project)
+    message = str(error.value)
+    assert (
+        "README.md, all_results.json, figure.png, training_curves.png, which the pull would overwrite"
+        in message
+    )
+    assert "notes.txt" not in message
+    assert "Pull into an empty or new folder, or pass overwrite=True (--overwrite)" in message
+    pull = load_script("scripts/pull_from_hub.py")
+    with pytest.raises(SystemExit) as exit_info:
+        pull.main([repo_id, "--local-dir", str(project)])
+    assert exit_info.value.code == 1
+    assert "README.md, all_results.json, figure.png, training_curves.png" in capsys.readouterr().err
+    assert len(hub.requests) == requests  # refused before asking the Hub anything
+    assert contents(project) == before
+    assert leftovers(tmp_path) == ["project"]
+
+    pull.main([repo_id, "--local-dir", str(project), "--overwrite"])
+    assert same_weights(project, checkpoints["v1"])
+    assert {p.name for p in project.iterdir()} == PULLED | {PULL_RECORD, "notes.txt"}
+    assert (project / "notes.txt").read_text() == "mine"
+    assert (project / "README.md").read_text() == CARD
+
+
+def prepare(case: str, target: Path, pulled: Path) -> None:
+    """Fill `target` as `case` says; `pulled` is a folder a pull made."""
+    if case.startswith("pulled"):  # a pulled folder without its weights: no checkpoint, only a record
+        shutil.copytree(pulled, target)
+        (target / "model.safetensors").unlink()
+        if case == "pulled-plus-results":
+            (target / "all_results.json").write_text("{}")
+        return
+    target.mkdir()
+    if case == "other-files":
+        (target / "data.csv").write_text("a,b\n")
+        (target / "runs").mkdir()
+    elif case == "another-model":
+        from transformers import ViTConfig, ViTModel
+
+        vit = ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+        ViTModel(vit).save_pretrained(target)
+    elif case == "config-alone":
+        (target / "config.json").write_text(json.dumps({"model_type": "vitrail"}))
+    elif case == "code-alone":
+        (target / "modeling_vitrail.py").write_text("# my edits\n")
+
+
+@pytest.mark.parametrize(
+    "case, refused",
+    [
+        ("empty", []),
+        ("other-files", []),
+        ("pulled", []),
+        ("pulled-plus-results", ["all_results.json"]),
+        ("another-model", ["config.json", "model.safetensors"]),
+        ("config-alone", ["config.json"]),
+        ("code-alone", ["modeling_vitrail.py"]),
+    ],
+    ids=lambda value: value if isinstance(value, str) else "refused" if value else "replaced",
+)
+def test_pull_replaces_only_a_checkpoint_or_what_a_pull_recorded(
+    hub, checkpoints, tmp_path, repo_id, case, refused
+):
+    """What a pull may replace in an existing folder: the files its record lists, and a vitrail checkpoint's
+    (a config.json of model_type vitrail, with weights). A transformers ViT, a config without weights, a code
+    file or results of the user's are refused by name, the folder left as it was; other files stay."""
+    push_checkpoint(checkpoints["v2"], repo_id)
+    pulled = pull_checkpoint(repo_id, local_dir=tmp_path / "pulled")
+    push_checkpoint(checkpoints["v1"], repo_id)
+    target = tmp_path / "target"
+    prepare(case, target, pulled)
+    before = contents(target)
+    if refused:
+        with pytest.raises(HubError, match=f"holds {', '.join(refused)}, which the pull would overwrite"):
+            pull_checkpoint(repo_id, local_dir=target)
+        assert contents(target) == before
+    else:
+        pull_checkpoint(repo_id, local_dir=target)
+        assert same_weights(target, checkpoints["v1"])
+        after = contents(target)
+        assert {name: before[name] for name in set(before) - PULLED - {PULL_RECORD}} == {
+            name: after[name] for name in set(after) - PULLED - {PULL_RECORD}
+        }
+    assert leftovers(tmp_path) == ["pulled", "target"]
+
+
+def test_pull_refuses_a_users_file_the_repo_names_as_code_after_downloading(
+    hub, checkpoints, tmp_path, repo_id
+):
+    """A code file's name is known only once config.json arrived: a user's `helpers.py` that the repo's auto_map
+    names is refused before anything moves into the folder, and the downloads are cleaned up."""
+    push_checkpoint(checkpoints["v1"], repo_id)
+    config = json.loads((checkpoints["v1"] / "config.json").read_text())
+    config["auto_map"]["AutoModelForMaskedImageModeling"] = "helpers.Model"
+    hub.put(repo_id, {"config.json": json.dumps(config).encode(), "helpers.py": b"class Model: ...\n"})
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "helpers.py").write_text("# mine\n")
+    with pytest.raises(HubError, match="holds helpers.py, which the pull would overwrite"):
+        pull_checkpoint(repo_id, local_dir=target)
+    assert contents(target) == {"helpers.py": b"# mine\n"}
+    assert leftovers(tmp_path) == ["target"]
+
+
 def downloads(hub, repo_id: str) -> set[str]:
     """The names of the files the client asked the server for in `repo_id`."""
     return {path.rsplit("/", 1)[1] for _, path, _ in hub.requests if path.startswith(f"/{repo_id}/resolve/")}

@@ -7,6 +7,8 @@ pipelines and reports what it got; the tests compare that report with references
 import builtins
 import json
 import shutil
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -344,3 +346,184 @@ def test_remote_save_names_only_code_it_carries(remote):
         assert {f"{ref.split('.')[0]}.py" for ref in auto_map.values()} <= set(code), key
         assert ("AutoImageProcessor" in auto_map) is processor, key
     assert remote["resaved_alone"]["code"] == ["configuration_vitrail.py", "modeling_vitrail.py"]
+
+
+# ---- saving from Hub-carried code: the processor's code file is found where transformers keeps it ----------
+
+RESAVE = textwrap.dedent(
+    """
+    import json
+    import logging
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    root, report_path = Path(sys.argv[1]), sys.argv[2]
+    warnings = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            warnings.append(record.getMessage())
+
+    logging.getLogger().addHandler(Keep(logging.WARNING))
+
+    def saved(folder):
+        return {
+            "auto_map": json.loads((folder / "config.json").read_text())["auto_map"],
+            "code": sorted(p.name for p in folder.glob("*.py")),
+            "warnings": [w for w in warnings if "image_processing_vitrail.py" in w],
+        }
+
+    report = {}
+    # The processor loaded with its model: saved in either order, the folder is complete.
+    model = AutoModelForImageClassification.from_pretrained(root / "mine", trust_remote_code=True)
+    processor = AutoImageProcessor.from_pretrained(root / "mine", trust_remote_code=True)
+    report["code_folders"] = sorted(
+        {str(Path(sys.modules[type(obj).__module__].__file__).parent) for obj in (model, processor)}
+    )
+    for order in ("model_first", "processor_first"):
+        warnings.clear()
+        objects = (model, processor) if order == "model_first" else (processor, model)
+        for obj in objects:
+            obj.save_pretrained(root / order)
+        report[order] = saved(root / order)
+    # Another folder's model, whose processor was never loaded (one of another folder is): no processor code.
+    warnings.clear()
+    other = AutoModelForImageClassification.from_pretrained(root / "other", trust_remote_code=True)
+    other.save_pretrained(root / "other_saved")
+    report["never_loaded"] = saved(root / "other_saved")
+    Path(report_path).write_text(json.dumps(report))
+    """
+)
+
+
+def test_remote_save_finds_the_loaded_processors_code(folders, tmp_path):
+    """A model and its processor loaded from a local folder through its own code, then saved to a new folder
+    (model first, or processor first): config.json maps AutoImageProcessor, the three code files are there, and
+    nothing warns that the processor's code is missing, although transformers keeps each file's code in its own
+    content-hashed module folder. A model of another folder whose processor was never loaded still maps none
+    and says so."""
+    for name in ("mine", "other"):
+        shutil.copytree(folders / "classifier", tmp_path / name)
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "TRANSFORMERS_VERBOSITY": "error"}
+    report = run_without_vitrail(RESAVE, tmp_path, root=tmp_path, env=env)
+    for order in ("model_first", "processor_first"):
+        saved = report[order]
+        assert saved["auto_map"]["AutoImageProcessor"] == "image_processing_vitrail.VitrailImageProcessor", (
+            order
+        )
+        assert saved["code"] == sorted(CODE_FILES), order
+        assert saved["warnings"] == [], order
+        saved_code = (tmp_path / order / "image_processing_vitrail.py").read_bytes()
+        assert saved_code == (folders / "classifier" / "image_processing_vitrail.py").read_bytes(), order
+    assert "AutoImageProcessor" not in report["never_loaded"]["auto_map"]
+    assert report["never_loaded"]["code"] == ["configuration_vitrail.py", "modeling_vitrail.py"]
+    assert len(report["never_loaded"]["warnings"]) == 1
+    assert "save the image processor into the same folder" in report["never_loaded"]["warnings"][0]
+
+
+# ---- transformers older than 5: one sentence, not a missing name ------------------------------------------
+
+OLD_TRANSFORMERS = "4.57.1"
+IMPORT_CODE_FILES = textwrap.dedent(
+    """
+    import importlib.util
+    import json
+    import sys
+    import traceback
+    from pathlib import Path
+
+    folder, old_transformers, report_path = sys.argv[1:]
+    sys.path.insert(0, old_transformers)
+    import transformers
+
+    report = {"transformers": transformers.__version__, "errors": {}}
+    for name in ("configuration_vitrail.py", "modeling_vitrail.py", "image_processing_vitrail.py"):
+        spec = importlib.util.spec_from_file_location(Path(name).stem, Path(folder) / name)
+        try:
+            spec.loader.exec_module(importlib.util.module_from_spec(spec))
+            report["errors"][name] = None
+        except ImportError as error:
+            raised_in = Path(traceback.extract_tb(error.__traceback__)[-1].filename).name
+            report["errors"][name] = [str(error), raised_in]
+    Path(report_path).write_text(json.dumps(report))
+    """
+)
+NEEDS_5 = 'needs transformers >= 5.0, not {version}: run pip install -U "transformers>=5".'
+
+
+def test_code_files_refuse_transformers_4_in_one_sentence(folders, tmp_path):
+    """Each travelling file, imported from a saved folder where transformers reports a 4.x version, raises its own
+    ImportError naming the version it needs and the pip command, before any transformers-5-only import fails."""
+    fake = tmp_path / "old" / "transformers"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(f'__version__ = "{OLD_TRANSFORMERS}"\n')
+    report = run_without_vitrail(
+        IMPORT_CODE_FILES, folders / "classifier", fake.parent, root=tmp_path, env={}
+    )
+    assert report["transformers"] == OLD_TRANSFORMERS
+    for name in CODE_FILES:
+        message, raised_in = report["errors"][name]
+        assert message.endswith(NEEDS_5.format(version=OLD_TRANSFORMERS)), (name, message)
+        assert raised_in == name
+
+
+LOAD_WITH_OLD_TRANSFORMERS = textwrap.dedent(
+    """
+    import json
+    import sys
+    from pathlib import Path
+
+    folder, site, report_path = sys.argv[1:]
+    sys.path.insert(0, site)
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+
+    report = {"transformers": transformers.__version__, "file": transformers.__file__, "errors": {}}
+    for auto in (AutoConfig, AutoModelForImageClassification, AutoImageProcessor):
+        try:
+            auto.from_pretrained(folder, trust_remote_code=True)
+            report["errors"][auto.__name__] = None
+        except Exception as error:
+            report["errors"][auto.__name__] = [type(error).__name__, str(error)]
+    Path(report_path).write_text(json.dumps(report))
+    """
+)
+
+
+@pytest.mark.slow
+def test_transformers_4_57_loading_a_folder_gets_the_sentence(folders, tmp_path):
+    """Slow (reason: pip downloads transformers 4.57 with the huggingface_hub and tokenizers it accepts, ~15 s
+    and ~20 MB): in a process that finds them first on its path and cannot import vitrail, AutoConfig, the model
+    and the image processor each fail with the one-sentence ImportError, not with a missing transformers name."""
+    site = tmp_path / "site"
+    install = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--target",
+            str(site),
+            "transformers==4.57.*",
+            "huggingface_hub>=0.34,<1.0",
+            "tokenizers>=0.22,<=0.23.0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if install.returncode != 0:
+        pytest.skip(f"pip could not install transformers 4.57: {install.stderr.strip().splitlines()[-1:]}")
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "TRANSFORMERS_VERBOSITY": "error"}
+    report = run_without_vitrail(
+        LOAD_WITH_OLD_TRANSFORMERS, folders / "classifier", site, root=tmp_path, env=env
+    )
+    assert report["transformers"].startswith("4.57.") and report["file"].startswith(str(site))
+    for auto, (kind, message) in report["errors"].items():
+        assert kind == "ImportError", (auto, kind, message)
+        assert message.endswith(NEEDS_5.format(version=report["transformers"])), (auto, message)

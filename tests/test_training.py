@@ -15,6 +15,7 @@ from vitrail.data import digits_dataset, split_dataset
 from vitrail.training import (
     DataArguments,
     ModelArguments,
+    VitrailTrainer,
     build_model,
     load_splits,
     parameter_groups,
@@ -99,19 +100,27 @@ def test_weight_decay_and_layer_decay_groups():
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
-def test_resume_continues_from_the_saved_step(tmp_path):
+def test_resume_continues_from_the_saved_step(tmp_path, monkeypatch):
     common = ["--per_device_train_batch_size", "128", "--save_strategy", "steps", "--save_steps", "4",
               "--max_train_samples", "512"]  # fmt: skip
     run_train(tmp_path, *common, "--max_steps", "4", name="resume")
     out = tmp_path / "resume"
     assert (out / "checkpoint-4").is_dir()
+    steps = []
+    real_step = VitrailTrainer.training_step
+    monkeypatch.setattr(
+        VitrailTrainer,
+        "training_step",
+        lambda self, *args: steps.append(self.state.global_step) or real_step(self, *args),
+    )
     # Same output_dir, longer budget (another schedule, so resumed explicitly): runs steps 5..8 only.
     metrics, _ = run_train(tmp_path, *common, "--max_steps", "8", "--resume_from_checkpoint",
                            str(out / "checkpoint-4"), name="resume")  # fmt: skip
+    assert steps == [4, 5, 6, 7]  # the global step before each: nothing re-run before step 4
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 8
-    train_logs = [e for e in state["log_history"] if "loss" in e]
-    assert train_logs and all(e["step"] > 4 for e in train_logs)  # nothing re-run before step 4
+    # The loss is logged at each checkpoint (4, 8) and every 5 steps; the first log came from checkpoint-4.
+    assert [e["step"] for e in state["log_history"] if "loss" in e] == [4, 5, 8]
     # ... and an explicit --resume_from_checkpoint works too.
     metrics, _ = run_train(tmp_path, *common, "--max_steps", "8", "--resume_from_checkpoint",
                            str(out / "checkpoint-4"), name="explicit")  # fmt: skip

@@ -17,14 +17,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.hub_server import USER
 from tests.test_training import QUIET, ROOT, TINY, run_train
-from vitrail import training
+from vitrail import run_folder, training
 from vitrail.data import image_folder_dataset
 from vitrail.evaluate_checkpoint import EvaluateArguments, evaluate_checkpoint
-from vitrail.run_folder import checkpoint_problem, find_resume_checkpoint, write_atomic
+from vitrail.hub import HubError, checkpoint_files
+from vitrail.run_folder import check_foreign_files, checkpoint_problem, find_resume_checkpoint, write_atomic
 from vitrail.training import (
     DataArguments,
     ModelArguments,
+    VitrailTrainer,
     build_model,
     check_arguments,
     check_model_source,
@@ -111,6 +114,18 @@ def arm(point, step):
                 die()
 
         TrainerState.save_to_json = save_state
+    elif point == "after_training":  # the last checkpoint saved, nothing written to the output folder yet
+        real_train = Trainer.train
+
+        def train_then_die(self, *args, **kwargs):
+            real_train(self, *args, **kwargs)
+            die()
+
+        Trainer.train = train_then_die
+    elif point == "before_card":  # weights, trainer state and plots in the output folder; no card, no results
+        import vitrail.model_card
+
+        vitrail.model_card.render_model_card = lambda **kwargs: die()
 
 
 args, phases = json.loads(sys.argv[1]), json.loads(sys.argv[2])
@@ -138,19 +153,51 @@ print(json.dumps(codes))
 """
 
 
-def test_kill_inside_checkpoint_saves_then_rerun_matches_an_uninterrupted_run(tmp_path):
-    """One run is killed three times, each at another point inside a checkpoint save (the first kill leaves no
-    complete checkpoint at all); each rerun of the same command skips the incomplete checkpoint and resumes from
-    the newest complete one. The final weights and step count equal those of an uninterrupted run, bit for bit:
-    resume restores the RNG and the data order, and two uninterrupted runs agree bit for bit on this CPU."""
+# Both kinds of training budget, each ending inside an epoch (where the Trainer's resume arithmetic went wrong).
+BUDGETS = {
+    # 18 training images, batch 4: 5 steps an epoch; 16 steps end with the 1st step of the 4th epoch.
+    "max_steps": (["--max_steps", "16", "--test_size", "0.25", "--validation_size", "0"], 16),
+    # 15 training images, batch 4: 4 steps an epoch; 2.5 epochs end after 10 steps, half-way through the 3rd. Each
+    # epoch ends with an evaluation, and the kill at checkpoint-4 falls on an epoch's end.
+    "num_train_epochs": (
+        [
+            "--num_train_epochs",
+            "2.5",
+            "--test_size",
+            "0.25",
+            "--validation_size",
+            "0.125",
+            "--eval_strategy",
+            "epoch",
+        ],
+        10,
+    ),
+}
+
+
+def untimed(record: dict) -> dict:
+    """A log entry or results without the values that measure time."""
+    return {k: v for k, v in record.items() if not k.endswith(("_runtime", "_per_second", "_wall_time"))}
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_killed_runs_rerun_to_the_weights_and_losses_of_an_uninterrupted_run(tmp_path, budget):
+    """One run is killed five times: three times at another point inside a checkpoint save (the first kill leaves
+    no complete checkpoint at all), then after its last checkpoint, once before anything reached the output folder
+    and once with everything but the card and the results there. Each rerun of the same command resumes from the
+    newest complete checkpoint; from the last one it takes no step (the Trainer alone took one more, with a cosine
+    schedule's non-zero rate past the end). The weights, the step count, every logged value (losses, gradient
+    norms, learning rates, evaluations) and the results equal those of an uninterrupted run, bit for bit: resume
+    restores the RNG and the data order, and two uninterrupted runs agree bit for bit on this CPU."""
+    flags, last = BUDGETS[budget]
     data = gray_folder(tmp_path / "data")
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     args = [
-        "--train_dir", str(data), "--config_overrides", GRAY + ",hidden_dropout_prob=0.1", *QUIET,
-        "--test_size", "0.25", "--validation_size", "0", "--per_device_train_batch_size", "4", "--max_steps", "8",
-        "--save_strategy", "steps", "--save_steps", "2", "--rotation", "10", "--learning_rate", "3e-3",
-    ]  # fmt: skip  # 18 training images, 5 steps an epoch: the resumes land mid-epoch
+        "--train_dir", str(data), "--config_overrides", GRAY + ",hidden_dropout_prob=0.1", *QUIET, *flags,
+        "--per_device_train_batch_size", "4", "--save_strategy", "steps", "--save_steps", "2", "--rotation", "10",
+        "--learning_rate", "3e-3", "--lr_scheduler_type", "cosine",
+    ]  # fmt: skip
     run = str(tmp_path / "run")
     phases = [
         [str(tmp_path / "reference"), None, 0],
@@ -158,6 +205,8 @@ def test_kill_inside_checkpoint_saves_then_rerun_matches_an_uninterrupted_run(tm
         [run, "half_weights", 2],
         [run, "before_optimizer", 4],
         [run, "half_state", 6],
+        [run, "after_training", 0],
+        [run, "before_card", 0],
         [run, None, 0],
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
@@ -168,7 +217,8 @@ def test_kill_inside_checkpoint_saves_then_rerun_matches_an_uninterrupted_run(tm
     logs = [Path(f"{out}.{i}.log").read_text() for i, (out, _, _) in enumerate(phases)]
     assert result.returncode == 0, result.stderr[-3000:]
     codes = json.loads(result.stdout.strip().splitlines()[-1])
-    assert codes == [0, 0, -signal.SIGKILL, -signal.SIGKILL, -signal.SIGKILL, 0], "\n".join(logs)[-5000:]
+    killed = -signal.SIGKILL
+    assert codes == [0, 0, killed, killed, killed, killed, killed, 0], "\n".join(logs)[-5000:]
 
     # What each kill left, and what each rerun made of it.
     assert "checkpoint-2, it is incomplete" in logs[3] and "model.safetensors is unreadable" in logs[3]
@@ -179,20 +229,66 @@ def test_kill_inside_checkpoint_saves_then_rerun_matches_an_uninterrupted_run(tm
         "checkpoint-6, it is incomplete" in logs[5] and "trainer_state.json is missing or cut off" in logs[5]
     )
     assert f"Resuming from {run}/checkpoint-4" in logs[5]
+    for log in logs[6:]:
+        assert f"Resuming from {run}/checkpoint-{last}" in log
 
-    reference, again, final = (
-        load_file(Path(out) / "model.safetensors") for out, _, _ in phases[:2] + phases[-1:]
-    )
+    outputs = [Path(out) for out, _, _ in phases[:2] + phases[-1:]]
+    reference, again, final = (load_file(out / "model.safetensors") for out in outputs)
     assert reference.keys() == again.keys() == final.keys()
     for name in reference:
         assert torch.equal(reference[name], again[name]), f"two uninterrupted runs differ at {name}"
     for name in reference:
         assert torch.equal(reference[name], final[name]), f"the resumed run differs at {name}"
-    steps = [
-        json.loads((Path(out) / "trainer_state.json").read_text())["global_step"] for out, _, _ in phases
-    ]
-    assert steps[0] == steps[-1] == 8
-    assert checkpoint_problem(Path(run) / "checkpoint-6") is None  # rewritten whole by the last rerun
+    states = [json.loads((out / "trainer_state.json").read_text()) for out in outputs]
+    assert [state["global_step"] for state in states] == [last] * 3
+    histories = [[untimed(entry) for entry in state["log_history"]] for state in states]
+    assert histories[0] == histories[1] == histories[2]
+    logged_steps = [entry["step"] for entry in histories[0] if "loss" in entry]
+    assert logged_steps == sorted(set(range(2, last + 1, 2)) | set(range(5, last + 1, 5)) | {last})
+    results = [untimed(json.loads((out / "all_results.json").read_text())) for out in outputs]
+    assert results[0] == results[1] == results[2]
+    # The whole run's mean loss, not the Trainer's mean over the steps since the last resume.
+    losses = [entry["loss"] for entry in histories[0] if "loss" in entry]
+    assert min(losses) < results[2]["train_loss"] < max(losses)
+    configs = [json.loads((out / "config.json").read_text()) for out in outputs]
+    assert configs[0] == configs[2]
+    assert (Path(run) / "README.md").is_file()
+    assert checkpoint_problem(Path(run) / "checkpoint-6") is None  # rewritten whole by a rerun
+
+
+def test_a_rerun_from_the_last_checkpoint_ends_with_the_best_model(tmp_path, monkeypatch):
+    """With `--load_best_model_at_end`, a run killed after its last checkpoint ends, rerun, with the best
+    checkpoint's weights, as the uninterrupted run did (the rerun takes no step, so the Trainer does not load it)."""
+    args = [
+        "--train_dir", str(gray_folder(tmp_path / "data")), "--config_overrides", GRAY, *QUIET, "--test_size",
+        "0.25", "--validation_size", "0.125", "--per_device_train_batch_size", "4", "--max_steps", "6",
+        "--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
+        "--learning_rate", "3e-3", "--load_best_model_at_end", "true",
+        # The best by this metric is the highest validation loss: an early checkpoint, not the last.
+        "--metric_for_best_model", "loss", "--greater_is_better", "true",
+    ]  # fmt: skip
+    reference = tmp_path / "reference"
+    train(*parse_args(["--output_dir", str(reference), *args]))
+    best = json.loads((reference / "trainer_state.json").read_text())["best_model_checkpoint"]
+    assert Path(best).name != "checkpoint-6"
+
+    real_train = VitrailTrainer.train
+
+    def killed_after_training(self, *args, **kwargs):
+        real_train(self, *args, **kwargs)
+        raise KeyboardInterrupt("killed")
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as patched:
+        patched.setattr(VitrailTrainer, "train", killed_after_training)
+        with pytest.raises(KeyboardInterrupt):
+            train(*parse_args(["--output_dir", str(run), *args]))
+    assert not (run / "model.safetensors").exists() and (run / "checkpoint-6").is_dir()
+    train(*parse_args(["--output_dir", str(run), *args]))
+    expected, final = load_file(reference / "model.safetensors"), load_file(run / "model.safetensors")
+    last = load_file(run / "checkpoint-6" / "model.safetensors")
+    assert all(torch.equal(expected[name], final[name]) for name in expected)
+    assert not all(torch.equal(last[name], final[name]) for name in last)
 
 
 def test_checkpoint_checks_name_what_is_missing(finished, tmp_path, caplog):
@@ -267,6 +363,9 @@ def test_rerun_with_other_settings_is_refused_before_training(finished, tmp_path
     assert f"--output_dir {out} holds a run with other settings" in message
     assert "learning_rate: 0.003 -> 0.005" in message and "seed: 42 -> 1" in message
     assert "--overwrite_output_dir" in message and "another --output_dir" in message
+    # Dropping the last, short batch changes the steps of an epoch.
+    with pytest.raises(ValueError, match=r"schedule\.dataloader_drop_last: null -> true"):
+        finished.rerun(out, "--dataloader_drop_last", "true")
     # A wider model: the same message, not a size-mismatch traceback from loading checkpoint-4.
     with pytest.raises(ValueError, match=r"holds a run with other settings:\n.*hidden_size: 32 -> 48"):
         finished.rerun(out, "--config_overrides", GRAY.replace("hidden_size=32", "hidden_size=48"))
@@ -309,6 +408,110 @@ def test_overwrite_output_dir_starts_again(finished, tmp_path):
     assert (out / "notes.txt").read_text() == "mine"  # ... files vitrail did not write are kept
     assert json.loads((out / "run_settings.json").read_text())["schedule"]["learning_rate"] == 5e-3
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+
+
+def test_a_folder_of_the_users_files_is_refused_before_data_is_read(tmp_path, monkeypatch):
+    """A new run in a folder without a run record that holds a card and a config (a model of the user's) would
+    replace them: refused, naming them, before any data is read; `--overwrite_output_dir` replaces them."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "README.md").write_text("# my model")
+    (out / "config.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    with monkeypatch.context() as patched:
+        patched.setattr(training, "load_splits", not_reached)
+        with pytest.raises(ValueError) as refused:
+            run_train(tmp_path, "--max_steps", "1", "--save_strategy", "no")
+    message = str(refused.value)
+    assert f"--output_dir {out} holds config.json, README.md, but no run_settings.json" in message
+    assert "another --output_dir" in message and "--overwrite_output_dir deletes them" in message
+    assert sorted(path.name for path in out.iterdir()) == ["README.md", "config.json", "notes.txt"]
+    assert (out / "README.md").read_text() == "# my model"
+
+    run_train(tmp_path, "--max_steps", "1", "--save_strategy", "no", "--overwrite_output_dir", "true")
+    assert "vitrail" in (out / "README.md").read_text() and (out / "notes.txt").read_text() == "mine"
+    check_foreign_files(out)  # a run's folder now: its record makes the files the run's own
+
+    # Today's behaviour stays for an empty folder, one with other files only, and one that a run killed between
+    # writing the split record and the run record left (data_split.json alone).
+    for name, files in (("empty", []), ("other", ["notes.txt", "data.csv"]), ("split", ["data_split.json"])):
+        (tmp_path / name).mkdir()
+        for file in files:
+            (tmp_path / name / file).write_text("")
+        check_foreign_files(tmp_path / name)
+
+
+def test_a_kill_while_recording_the_run_leaves_a_folder_that_reruns(tmp_path, monkeypatch):
+    """The split record is written before the run record: a kill between the two leaves a folder that the same
+    command runs in (the other order left a record without its split, which a rerun refused)."""
+    real_write = run_folder.write_json_atomic
+    written = []
+
+    def killed_at_the_second(path, value):
+        written.append(Path(path).name)
+        if len(written) == 2:
+            raise KeyboardInterrupt("killed")
+        real_write(path, value)
+
+    monkeypatch.setattr(run_folder, "write_json_atomic", killed_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tmp_path, "--max_steps", "1", "--save_strategy", "no")
+    assert written == ["data_split.json", "run_settings.json"]
+    monkeypatch.undo()
+    metrics, out = run_train(tmp_path, "--max_steps", "1", "--save_strategy", "no")
+    assert json.loads((out / "all_results.json").read_text()) == metrics
+
+
+def push_flags(repo_id: str) -> list[str]:
+    return ["--push_to_hub", "true", "--hub_model_id", repo_id]
+
+
+def test_a_failed_push_is_pushed_by_the_rerun(hub, tmp_path, caplog):
+    """The final push fails (HTTP 500): the run is finished, its record says the push did not land, a rerun without
+    --push_to_hub says so, and the same command once the Hub is back pushes the folder as it is. Another rerun
+    makes no commit: the files are unchanged."""
+    repo_id = f"{USER}/failed-push"
+    out = tmp_path / "run"
+    args = [
+        "--output_dir", str(out), "--train_dir", str(gray_folder(tmp_path / "data")), "--config_overrides", GRAY,
+        *QUIET, "--test_size", "0.25", "--validation_size", "0", "--max_steps", "2", "--save_strategy", "no",
+    ]  # fmt: skip
+    hub.fail_next(r"^POST /api/models/.*/commit/", status=500)
+    with pytest.raises(HubError, match=r"server failed \(HTTP 500\)"):
+        train(*parse_args([*args, *push_flags(repo_id)]))
+    record = json.loads((out / "hub_push.json").read_text())
+    assert (record["repo_id"], record["landed"], record["commit"]) == (repo_id, False, None)
+    assert "HTTP 500" in record["error"]
+    results = json.loads((out / "all_results.json").read_text())
+
+    with caplog.at_level(logging.WARNING, logger="vitrail.run_folder"):
+        assert train(*parse_args(args)) == results
+    assert f"Its push to {repo_id} did not land (HubError: " in caplog.text and "--push_to_hub" in caplog.text
+
+    assert train(*parse_args([*args, *push_flags(repo_id)])) == results  # finished: pushed, not trained
+    record = json.loads((out / "hub_push.json").read_text())
+    assert record["landed"] is True and record["error"] is None and record["commit"] == hub.head(repo_id).sha
+    pushed = {name: data for name, data in hub.files(repo_id).items() if name != ".gitattributes"}
+    assert pushed == {name: (out / name).read_bytes() for name in checkpoint_files(out)}
+    assert "hub_push.json" not in pushed and repo_id.encode() in pushed["README.md"]
+
+    commits = hub.commit_count(repo_id)
+    train(*parse_args([*args, *push_flags(repo_id)]))
+    assert hub.commit_count(repo_id) == commits
+    assert json.loads((out / "hub_push.json").read_text())["landed"] is True
+
+
+def test_a_finished_run_rerun_with_push_to_hub_is_pushed(finished, hub, tmp_path):
+    """A run finished without --push_to_hub is pushed by a rerun with it (the same run: push flags are not run
+    settings); the card it pushes names the repo, where the folder's card named the folder."""
+    repo_id = f"{USER}/pushed-later"
+    out = tmp_path / "run"
+    shutil.copytree(finished.out, out)
+    assert repo_id.encode() not in (out / "README.md").read_bytes()
+    assert finished.rerun(out, *push_flags(repo_id)) == finished.metrics
+    card = hub.files(repo_id)["README.md"]
+    assert f'repo = "{repo_id}"'.encode() in card and card == (out / "README.md").read_bytes()
+    assert json.loads((out / "hub_push.json").read_text())["landed"] is True
 
 
 def test_unusable_output_dir_is_found_before_training(tmp_path, monkeypatch):
@@ -476,6 +679,16 @@ def test_evaluation_processes_uncached_data_too(finished, tmp_path):
         (["--per_device_train_batch_size", "0"], r"--per_device_train_batch_size 0: give at least 1"),
         (["--test_size", "1.5"], r"--test_size 1\.5: give a fraction"),
         (["--model_name_or_path", "MISSING"], r"--model_name_or_path .*missing: no such file or folder"),
+        # From scratch too: the flag silently won.
+        (
+            ["--image_size", "16", "--config_overrides", "image_size=8"],
+            r"--image_size 16 and --config_overrides image_size=8 disagree; give the value once: drop image_size= "
+            r"from --config_overrides, or drop --image_size\.",
+        ),
+        (
+            ["--config_overrides", "label2id=cat"],
+            r"--config_overrides sets label2id, but the labels come from the data",
+        ),
     ],
 )
 def test_flags_are_refused_before_anything_runs(tmp_path, monkeypatch, flags, message):
@@ -573,6 +786,10 @@ def test_pretraining_reruns_share_the_checks(tmp_path, caplog):
     assert "already holds this run, finished" in caplog.text
     with pytest.raises(ValueError, match=r"schedule\.learning_rate: 5e-05 -> 0\.001"):
         run("--learning_rate", "1e-3")
+    _, data_args, training_args = parse_args(["--output_dir", str(tmp_path / "conflict"), *QUIET])
+    with pytest.raises(ValueError, match=r"--image_size 16 and --config_overrides image_size=8 disagree"):
+        pretrain(PretrainArguments(config_overrides=TINY, image_size=16), data_args, training_args)
+    assert not (tmp_path / "conflict").exists()  # refused before the folder was made
     assert metrics.keys() == again.keys()
 
 

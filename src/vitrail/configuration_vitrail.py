@@ -4,6 +4,14 @@ This file travels to the Hub with every checkpoint: it imports only transformers
 No `from __future__ import annotations` here: `@strict` checks field types, and needs them as real types.
 """
 
+import transformers
+
+if int(transformers.__version__.split(".")[0]) < 5:  # the imports below exist in transformers 5 only
+    raise ImportError(
+        f"vitrail's checkpoint code needs transformers >= 5.0, not {transformers.__version__}: run "
+        'pip install -U "transformers>=5".'
+    )
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.backbone_utils import BackboneConfigMixin
@@ -11,10 +19,16 @@ from transformers.backbone_utils import BackboneConfigMixin
 # The fields that name one of a few choices, and their choices.
 _CHOICES = {
     "mlp_type": ("mlp", "swiglu"),
-    "pooling": ("cls", "mean", "cls_mean"),
+    "pooling": ("cls", "mean", "cls_mean", "map"),
     "position_embedding_type": ("learned", "sincos2d", "none"),
     "prefix_position_embeddings": ("cls", "all", "none"),
     "position_interpolation": ("bicubic_antialias", "bicubic"),
+    "norm_type": ("layernorm", "rmsnorm"),
+    "rope_type": ("none", "axial", "mixed"),
+    "rope_coordinates": ("index", "centered"),
+    "rope_axis_order": ("yx", "xy"),
+    "rope_layout": ("interleaved", "half"),
+    "relative_position_bias": ("none", "table", "mlp"),
 }
 
 # Width, depth, heads and MLP size of the published ViT sizes. Ti/S/B/L/H come from Dosovitskiy et al. 2020 and
@@ -65,8 +79,10 @@ class VitrailConfig(BackboneConfigMixin, PreTrainedConfig):
         encoder_stride (`int`, defaults to 16): upsampling factor of the masked-image-modeling decoder; must equal
             `patch_size` to reconstruct at input resolution.
         pooling (`str`, defaults to `"cls"`): the representation the head sees: `"cls"` (the class token),
-            `"mean"` (mean of the patch tokens, big_vision's "gap"), or `"cls_mean"` (both concatenated, as in
-            DINOv2's linear classifier, giving `2 * hidden_size` features).
+            `"mean"` (mean of the patch tokens, big_vision's "gap"), `"cls_mean"` (both concatenated, as in
+            DINOv2's linear classifier, giving `2 * hidden_size` features), or `"map"`, multi-head attention pooling
+            (SigLIP, timm's `global_pool="map"`): a learned query attends over every output token, prefix tokens
+            included, then `x + mlp(norm(x))`; the head's linears always have biases and its MLP is never gated.
         use_cls_token (`bool`, defaults to `True`): prepend a learned class token.
         use_distillation_token (`bool`, defaults to `False`): a learned distillation token right after the class
             token (Touvron et al. 2021, distilled DeiT). `VitrailForImageClassification` then has a second head,
@@ -102,6 +118,60 @@ class VitrailConfig(BackboneConfigMixin, PreTrainedConfig):
             from the end); give either, the other follows.
         apply_layernorm (`bool`, defaults to `True`): `VitrailBackbone` applies the final LayerNorm to its feature
             maps (as `Dinov2Backbone` does; with `use_fc_norm=True` that norm was trained on pooled vectors).
+        norm_type (`str`, defaults to `"layernorm"`): the kind of every norm in the model (the layers', the final
+            one, and those the options below add): `"layernorm"` or `"rmsnorm"` (`torch.nn.RMSNorm`, a weight and
+            no bias, as in AIMv2). `layer_norm_eps` is the epsilon of each.
+        patch_embedding_bias (`bool`, defaults to `True`): bias of the patch convolution (CLIP's has none).
+        patch_embedding_norm (`bool`, defaults to `False`): a norm on the patch tokens right after the convolution,
+            before positions are added (AIMv2, timm's `PatchEmbed(norm_layer=...)`).
+        pre_norm (`bool`, defaults to `False`): a norm on the whole token sequence (prefix tokens and patches, with
+            their positions) before the first layer (CLIP's `pre_layrnorm`, timm's `norm_pre`).
+        final_norm (`bool`, defaults to `True`): the final norm after the last layer; `False` leaves it out (timm's
+            `final_norm=False`), and needs `use_fc_norm=False`. `VitrailBackbone` then has no norm to apply.
+        attention_norm (`bool`, defaults to `False`): a norm on the heads' concatenated output, before the attention's
+            output projection (timm's `scale_attn_norm`, EVA-02's sub-LN).
+        mlp_norm (`bool`, defaults to `False`): a norm on the MLP's hidden activations (after the activation, or the
+            gating for SwiGLU), before `fc2` (timm's `scale_mlp_norm`, EVA-02's SwiGLU).
+        proj_bias (`bool`, defaults to `True`): bias of the attention's output projection.
+        mlp_bias (`bool`, defaults to `True`): biases of the MLP's `fc1` and `fc2`.
+        map_intermediate_size (`int`, *optional*): with `pooling="map"`, the hidden width of the pooling head's
+            MLP; defaults to `intermediate_size`.
+        map_num_heads (`int`, *optional*): with `pooling="map"`, the pooling head's attention heads (Perception
+            Encoder uses 8 whatever the model's); defaults to `num_attention_heads`; must divide `hidden_size`.
+        key_bias (`bool`, defaults to `True`): with `qkv_bias=True`, False gives queries and values a bias but keys
+            none (BEiT, EVA, DINOv3): `qkv` then has no bias of its own, and the biases are `q_bias` and `v_bias`.
+        rope_type (`str`, defaults to `"none"`): 2D rotary position embeddings (Su et al. 2021; Heo et al. 2024,
+            "Rotary Position Embedding for Vision Transformer"), applied to the queries and keys of the patch tokens
+            in every layer (after `qk_norm`; prefix tokens are not rotated): `"none"`, `"axial"` (fixed frequencies;
+            half of each head's `head_dim // 2` rotation slots turn with one coordinate, half with the other: EVA-02,
+            DINOv3, Perception Encoder, timm's rope ViTs) or `"mixed"` (every head of every layer learns its own 2D
+            frequencies, `attention.rope_freqs`: RoPE-Mixed). Both are computed for the input's patch grid.
+        rope_theta (`float`, defaults to 10000.0): the frequency base: slot `i` of the `head_dim // 4` per axis
+            turns at `rope_theta ** (-i / (head_dim // 4))` (EVA-02 10000, DINOv3 and RoPE-Axial 100); with
+            `"mixed"`, the base the learned frequencies start from (RoPE-Mixed 10).
+        rope_coordinates (`str`, defaults to `"index"`): the position of a patch: `"index"` (its row and column,
+            plus `rope_offset`, EVA-02) or `"centered"` (its centre scaled to [-1, 1] along each axis, then times
+            2 pi, DINOv3): the same range at every grid.
+        rope_offset (`float`, defaults to 0.0): added to the patch index before any scaling (Perception Encoder 1).
+        rope_reference_grid (`int` or `(rows, cols)`, *optional*): with `"index"` coordinates, scale them so that
+            any grid spans this one's range (EVA-02 `ref_feat_shape`, the pretraining grid): a patch at row `r` of
+            `R` rows is at `(r + rope_offset) / R * reference_rows`.
+        rope_axis_order (`str`, defaults to `"yx"`): which coordinate comes first: `"yx"` (rows, timm's
+            `grid_indexing="ij"`) or `"xy"` (columns, timm's `"xy"`: Perception Encoder, RoPE-ViT). With `"axial"`
+            the first axis turns the first half of the frequency slots; with `"mixed"`, `rope_freqs[0]` multiplies it.
+        rope_layout (`str`, defaults to `"interleaved"`): which channels rotate together: `"interleaved"` (pairs
+            `(2i, 2i + 1)`, EVA-02, timm's default) or `"half"` (pairs `(i, i + head_dim / 2)`, DINOv3).
+        rope_train_shift (`float`, *optional*), rope_train_jitter (`float`, *optional*), rope_train_rescale
+            (`float`, *optional*): in training only, move the coordinates of every forward pass by one random
+            transform, as DINOv3 trains: a shift drawn from [-shift, shift] per axis, a scale per axis drawn
+            log-uniformly from [1/jitter, jitter], then one scale for both from [1/rescale, rescale].
+        relative_position_bias (`str`, defaults to `"none"`): a learned bias added to the attention scores that
+            depends on the offset between two patches: `"none"`, `"table"` (one entry per offset and head, plus
+            three for the class token, BEiT; resampled bilinearly to other grids as transformers' BEiT does) or
+            `"mlp"` (a two-layer ReLU MLP of the log-scaled offset, timm's relpos ViTs; prefix tokens get no bias).
+        relative_position_bias_shared (`bool`, defaults to `False`): one bias for all layers
+            (`encoder.relative_position_bias`) instead of one per layer (`attention.relative_position_bias`).
+        relative_position_bias_hidden_size (`int`, defaults to 128): hidden width of the `"mlp"` bias.
 
     Example:
 
@@ -144,6 +214,33 @@ class VitrailConfig(BackboneConfigMixin, PreTrainedConfig):
     _out_features: list[str] | None = None
     _out_indices: list[int] | None = None
     apply_layernorm: bool = True
+    # Options of other ViT families (CLIP, SigLIP, EVA-02, AIMv2, ...); the defaults are the layout described above.
+    norm_type: str = "layernorm"
+    patch_embedding_bias: bool = True
+    patch_embedding_norm: bool = False
+    pre_norm: bool = False
+    final_norm: bool = True
+    attention_norm: bool = False
+    mlp_norm: bool = False
+    proj_bias: bool = True
+    mlp_bias: bool = True
+    map_intermediate_size: int | None = None  # None: intermediate_size
+    map_num_heads: int | None = None  # None: num_attention_heads
+    # Positions inside attention: q/v-only biases, rotary embeddings, relative position biases.
+    key_bias: bool = True
+    rope_type: str = "none"
+    rope_theta: float | int = 10000.0
+    rope_coordinates: str = "index"
+    rope_offset: float | int = 0.0
+    rope_reference_grid: int | list[int] | tuple[int, int] | None = None
+    rope_axis_order: str = "yx"
+    rope_layout: str = "interleaved"
+    rope_train_shift: float | int | None = None
+    rope_train_jitter: float | int | None = None
+    rope_train_rescale: float | int | None = None
+    relative_position_bias: str = "none"
+    relative_position_bias_shared: bool = False
+    relative_position_bias_hidden_size: int = 128
 
     def __post_init__(self, **kwargs):
         if self.prefix_position_embeddings is None:
@@ -177,6 +274,11 @@ class VitrailConfig(BackboneConfigMixin, PreTrainedConfig):
         """Patch grid `(rows, columns)` at `image_size` (padded up when sizes are dynamic)."""
         (h, w), (ph, pw) = self.image_hw, self.patch_hw
         return -(-h // ph), -(-w // pw)
+
+    @property
+    def rope_reference_hw(self) -> tuple[int, int] | None:
+        """`rope_reference_grid` as `(rows, cols)`, or None."""
+        return None if self.rope_reference_grid is None else _pair(self.rope_reference_grid)
 
     @property
     def num_patches(self) -> int:
@@ -325,6 +427,83 @@ class VitrailConfig(BackboneConfigMixin, PreTrainedConfig):
                     "prefix token; set it to 'none' or enable `use_cls_token`."
                 )
 
+    def validate_positions(self):
+        rope_fields = {
+            "rope_theta": 10000.0,
+            "rope_coordinates": "index",
+            "rope_offset": 0.0,
+            "rope_reference_grid": None,
+            "rope_axis_order": "yx",
+            "rope_layout": "interleaved",
+            "rope_train_shift": None,
+            "rope_train_jitter": None,
+            "rope_train_rescale": None,
+        }
+        if self.rope_type == "none":
+            for name, default in rope_fields.items():
+                if getattr(self, name) != default:
+                    raise ValueError(
+                        f"`{name}={getattr(self, name)!r}` sets up rotary position embeddings, but `rope_type='none'` "
+                        f"turns them off; set `rope_type` to 'axial' or 'mixed', or leave `{name}` at {default!r}."
+                    )
+        else:
+            if self.head_dim % 4:
+                raise ValueError(
+                    f"`rope_type={self.rope_type!r}` rotates channel pairs for two axes, so the head width "
+                    f"(`hidden_size / num_attention_heads` = {self.head_dim}) must be divisible by 4."
+                )
+            if not self.rope_theta > 0:
+                raise ValueError(
+                    f"`rope_theta` is the frequency base and must be positive, got {self.rope_theta}."
+                )
+            if self.rope_reference_grid is not None:
+                grid = self.rope_reference_grid
+                if not isinstance(grid, int) and len(grid) != 2:
+                    raise ValueError(
+                        f"`rope_reference_grid` must be an int or a (rows, cols) pair, got {grid!r}."
+                    )
+                if min(_pair(grid)) <= 0:
+                    raise ValueError(f"`rope_reference_grid` must be positive, got {grid!r}.")
+                if self.rope_coordinates != "index":
+                    raise ValueError(
+                        "`rope_reference_grid` rescales patch indices, but `rope_coordinates='centered'` already "
+                        "spans [-1, 1] at every grid; leave `rope_reference_grid` unset."
+                    )
+            if self.rope_train_shift is not None and not 0 <= self.rope_train_shift < float("inf"):
+                raise ValueError(
+                    f"`rope_train_shift` must be a finite number >= 0, got {self.rope_train_shift}."
+                )
+            for name in ("rope_train_jitter", "rope_train_rescale"):
+                value = getattr(self, name)
+                if value is not None and not 1 <= value < float("inf"):
+                    raise ValueError(
+                        f"`{name}` is a scale factor: coordinates are scaled by a draw from [1/{name[11:]}, "
+                        f"{name[11:]}], so it must be a finite number >= 1, got {value}."
+                    )
+
+        kind = self.relative_position_bias
+        if kind == "none" and self.relative_position_bias_shared:
+            raise ValueError(
+                "`relative_position_bias_shared=True` shares a relative position bias that "
+                "`relative_position_bias='none'` turns off; choose 'table' or 'mlp', or set it False."
+            )
+        if kind != "mlp" and self.relative_position_bias_hidden_size != 128:
+            raise ValueError(
+                f"`relative_position_bias_hidden_size` is the width of the 'mlp' relative position bias, but "
+                f"`relative_position_bias={kind!r}`; leave it at 128."
+            )
+        if kind == "mlp" and self.relative_position_bias_hidden_size <= 0:
+            raise ValueError(
+                "`relative_position_bias_hidden_size` must be a positive integer, got "
+                f"{self.relative_position_bias_hidden_size}."
+            )
+        if kind == "table" and self.num_prefix_tokens != int(self.use_cls_token):
+            raise ValueError(
+                "`relative_position_bias='table'` has entries for the class token only (BEiT), but the model also "
+                "has a distillation token or register tokens; remove them or use `relative_position_bias='mlp'`, "
+                "which gives every prefix token no bias."
+            )
+
     def validate_regularisation(self):
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
             value = getattr(self, name)
@@ -334,6 +513,32 @@ class VitrailConfig(BackboneConfigMixin, PreTrainedConfig):
             raise ValueError(
                 f"`layer_scale_init_value` must be positive (or None to disable LayerScale), "
                 f"got {self.layer_scale_init_value}."
+            )
+
+    def validate_layout_options(self):
+        if not self.final_norm and self.use_fc_norm:
+            raise ValueError(
+                "`use_fc_norm=True` applies the final norm to the pooled vector, but `final_norm=False` removes that "
+                "norm; set `final_norm=True`, or `use_fc_norm=False` for a model without a final norm."
+            )
+        for name in ("map_intermediate_size", "map_num_heads"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if self.pooling != "map":
+                raise ValueError(
+                    f"`{name}={value}` sizes the attention-pooling head, which only `pooling='map'` builds (got "
+                    f"`pooling={self.pooling!r}`); set `{name}=None` or `pooling='map'`."
+                )
+            if value <= 0:
+                raise ValueError(
+                    f"`{name}` must be a positive integer (or None for the default), got {value}."
+                )
+        if self.map_num_heads is not None and self.hidden_size % self.map_num_heads:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be divisible by `map_num_heads` ({self.map_num_heads}) so "
+                "that every head of the attention-pooling head gets the same width; pick a head count that divides "
+                f"{self.hidden_size}."
             )
 
 

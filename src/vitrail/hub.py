@@ -3,8 +3,8 @@
 A push uploads one declared allowlist (`checkpoint_files`), and only once `check_checkpoint` has found the folder
 free of symbolic links and pickles, complete and loadable; it lands as one commit on the branch head it read
 (`push_checkpoint`). A pull downloads one revision at one commit sha, each file checked against the Hub's tree
-listing, and replaces a local folder only once every file arrived intact (`pull_checkpoint`); an error or SIGTERM
-leaves no partial folder behind.
+listing, and replaces a local folder's checkpoint only once every file arrived intact (`pull_checkpoint`); an
+error or SIGTERM leaves no partial folder behind, and files that are not a checkpoint's stay untouched.
 
 Every request has a time-out (`timeout=`, seconds); idempotent ones are retried with backoff. Whatever goes wrong
 is a `HubError` whose message names the repo, the revision and the cause.
@@ -581,6 +581,7 @@ def pull_checkpoint(
     local_dir: str | os.PathLike | None = None,
     token: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    overwrite: bool = False,
 ) -> Path:
     """Download the checkpoint at one revision of `repo_id`, each file checked, and return its folder.
 
@@ -594,14 +595,21 @@ def pull_checkpoint(
         repo_id: The model repo, `"namespace/name"`.
         revision: A branch, tag or commit sha; defaults to `main`.
         local_dir: Put the checkpoint here (created if needed). The files arrive in a hidden folder beside it
-            and are moved in only when all arrived intact; they replace the checkpoint files already there (those
-            `checkpoint_files` names, e.g. the other weights layout), other files stay. `.vitrail-pull.json`
-            records the repo, the revision, its commit sha and each file's sha256. Without `local_dir`, the files
-            stay in the Hugging Face cache (`HF_HUB_CACHE`) and its snapshot folder is returned.
+            and are moved in only when all arrived intact. They replace what an earlier pull recorded there and
+            the checkpoint files (those `checkpoint_files` names, e.g. the other weights layout, plots, results)
+            of a vitrail checkpoint the folder holds (a `config.json` of model_type "vitrail" beside weights);
+            other files stay. A folder holding files a checkpoint would (`README.md`, `all_results.json`, a
+            `config.json`, ...) but no checkpoint and no record of them is refused before anything is
+            downloaded, naming those files (a code file that only the repo's `auto_map` names: once it is known,
+            before anything moves in). `.vitrail-pull.json` records the repo, the revision, its commit sha
+            and each file's sha256. Without `local_dir`, the files stay in the Hugging Face cache
+            (`HF_HUB_CACHE`) and its snapshot folder is returned.
             With `HF_HUB_OFFLINE=1`, the files come from the cache; failing that, `local_dir` is returned only if
             its record says it holds this repo at this revision.
         token: A Hub token, for private repos.
         timeout: Seconds each request may wait for the server; requests that only read are retried.
+        overwrite: Replace (or remove) the files of `local_dir` that a checkpoint would hold even where neither a
+            checkpoint nor a pull record says they are a checkpoint's. Files no checkpoint holds stay, even then.
 
     Returns:
         The folder: `local_dir`, or the cache's snapshot folder. It opens with `from_pretrained`.
@@ -610,14 +618,25 @@ def pull_checkpoint(
     target = None if local_dir is None else Path(local_dir).resolve()
     if target is not None and target.exists() and not target.is_dir():
         raise _error("pull", repo_id, revision, f"local_dir {target} is a file, not a folder.")
+    # Before any request: the files every pull writes, or may (code files, README.md), must be replaceable.
+    fail = functools.partial(_error, "pull", repo_id, revision)
+    if target is not None and not overwrite:
+        _refuse_to_clobber(target, {*CONFIGS, *CODE_FILES, WEIGHTS, WEIGHTS_INDEX, CARD}, fail)
     with _hub_errors("pull", repo_id, revision, timeout):
         if constants.is_offline_mode():
-            return _pull_offline(repo_id, revision, target)
+            return _pull_offline(repo_id, revision, target, overwrite)
         with _time_limits(timeout):
-            return _pull(repo_id, revision, target, token, timeout)
+            return _pull(repo_id, revision, target, token, timeout, overwrite)
 
 
-def _pull(repo_id: str, revision: str | None, target: Path | None, token: str | None, timeout: float) -> Path:
+def _pull(
+    repo_id: str,
+    revision: str | None,
+    target: Path | None,
+    token: str | None,
+    timeout: float,
+    overwrite: bool,
+) -> Path:
     fail = functools.partial(_error, "pull", repo_id, revision)
     api = HfApi(token=token)
     sha = _retrying(api.repo_info, repo_id, revision=revision).sha
@@ -653,11 +672,12 @@ def _pull(repo_id: str, revision: str | None, target: Path | None, token: str | 
             snapshot = fetch(CONFIGS[0]).parent
             _remember_revision(snapshot, revision, sha)
             return snapshot
-        _install(staging, target, _record(repo_id, revision, sha, {name: digests[name] for name in names}))
+        record = _record(repo_id, revision, sha, {name: digests[name] for name in names})
+        _install(staging, target, record, overwrite, fail)
     return target
 
 
-def _pull_offline(repo_id: str, revision: str | None, target: Path | None) -> Path:
+def _pull_offline(repo_id: str, revision: str | None, target: Path | None, overwrite: bool) -> Path:
     """The pull from the cache alone; or `target` as it is, if its record says it holds this revision."""
     fail = functools.partial(_error, "pull", repo_id, revision)
     cached = try_to_load_from_cache(repo_id, CONFIGS[0], revision=revision or constants.DEFAULT_REVISION)
@@ -689,7 +709,7 @@ def _pull_offline(repo_id: str, revision: str | None, target: Path | None) -> Pa
         for name in names:
             shutil.copyfile(snapshot / name, staging / name)
         digests = {name: _digests(staging / name)[1] for name in names}
-        _install(staging, target, _record(repo_id, revision, snapshot.name, digests))
+        _install(staging, target, _record(repo_id, revision, snapshot.name, digests), overwrite, fail)
     return target
 
 
@@ -799,28 +819,70 @@ def _record(repo_id: str, revision: str | None, sha: str, digests: dict[str, str
     }
 
 
-def _install(staging: Path, target: Path, record: dict) -> None:
+def _install(
+    staging: Path, target: Path, record: dict, overwrite: bool, fail: Callable[[str], HubError]
+) -> None:
     """Make `target` hold the checkpoint staged in `staging`, recorded by `record`.
 
-    A new target is the staging folder renamed. Otherwise the previous checkpoint goes first (its record, and every
-    file that was a checkpoint file there and is not one now: the other weights layout, old shards, old code, old
-    plots and results), then the new files move in, the record last; other files stay. Interrupted half-way, the
-    folder has no record, and loading it fails for want of weights rather than loading stale ones.
+    A new target is the staging folder renamed. Otherwise, once `_refuse_to_clobber` has found nothing there that
+    is not the pull's to replace (or `overwrite` says to replace it anyway), the previous checkpoint goes first (its
+    record, and every file that was a checkpoint file there or in its record and is not one now: the other weights
+    layout, old shards, old code, old plots and results), then the new files move in, the record last; other files
+    stay. Interrupted half-way, the folder has no record, and loading it fails for want of weights rather than
+    loading stale ones.
     """
     shutil.rmtree(staging / ".cache", ignore_errors=True)  # huggingface_hub's download bookkeeping
     (staging / PULL_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     if not target.exists():
         staging.rename(target)
         return
-    previous = _json_or_empty(target / PULL_RECORD).get("files")
+    if not overwrite:  # again with the files that came: code files other than vitrail's three, a card or none
+        _refuse_to_clobber(target, set(record["files"]), fail)
+    old = _checkpoint_there(target) | _recorded(target)
     (target / PULL_RECORD).unlink(missing_ok=True)
-    old = set(checkpoint_files(target)) | {path.name for path in target.iterdir() if _is_weights(path.name)}
-    old |= {name for name in previous if _is_plain_name(name)} if isinstance(previous, dict) else set()
     for name in sorted(old - set(record["files"])):
         if not (target / name).is_dir() or (target / name).is_symlink():
             (target / name).unlink(missing_ok=True)
     for name in [*record["files"], PULL_RECORD]:
         os.replace(staging / name, target / name)
+
+
+def _recorded(folder: Path) -> set[str]:
+    """The files the pull record of `folder` lists (plain names only)."""
+    files = _json_or_empty(folder / PULL_RECORD).get("files")
+    return {name for name in files if _is_plain_name(name)} if isinstance(files, dict) else set()
+
+
+def _checkpoint_there(folder: Path) -> set[str]:
+    """The files of `folder` a checkpoint would hold: what `checkpoint_files` names, and weights by their name."""
+    return set(checkpoint_files(folder)) | {path.name for path in folder.iterdir() if _is_weights(path.name)}
+
+
+def _holds_checkpoint(folder: Path) -> bool:
+    """Whether `folder` holds a vitrail checkpoint: a `config.json` of model_type "vitrail", and weights."""
+    return _json_or_empty(folder / "config.json").get("model_type") == "vitrail" and any(
+        (folder / name).is_file() for name in (WEIGHTS, WEIGHTS_INDEX)
+    )
+
+
+def _refuse_to_clobber(target: Path, incoming: set[str], fail: Callable[[str], HubError]) -> None:
+    """Refuse a pull into `target` that would overwrite or remove a file a pull may not replace there.
+
+    A pull may replace the files an earlier pull recorded, and the checkpoint files of a vitrail checkpoint the
+    folder holds. It would touch the files there named `incoming` and, as the old checkpoint's, every file a
+    checkpoint would hold (`_checkpoint_there`): a user's `README.md`, the figure it shows, `all_results.json`.
+    """
+    if not target.is_dir():
+        return
+    touched = _checkpoint_there(target) | {path.name for path in target.iterdir() if path.name in incoming}
+    mine = _recorded(target) | (_checkpoint_there(target) if _holds_checkpoint(target) else set())
+    if clobbered := sorted(touched - mine):
+        raise fail(
+            f"local_dir {target} holds {', '.join(clobbered)}, which the pull would overwrite or remove, and "
+            "neither a vitrail checkpoint there nor the record of an earlier pull says they belong to a checkpoint; "
+            "the folder is left as it was. Pull into an empty or new folder, or pass overwrite=True "
+            "(--overwrite) to replace them (files no checkpoint holds stay, even then)."
+        )
 
 
 @contextlib.contextmanager

@@ -19,6 +19,14 @@ import math
 import os
 import urllib.request
 
+import transformers
+
+if int(transformers.__version__.split(".")[0]) < 5:  # the imports below exist in transformers 5 only
+    raise ImportError(
+        f"vitrail's checkpoint code needs transformers >= 5.0, not {transformers.__version__}: run "
+        'pip install -U "transformers>=5".'
+    )
+
 import numpy as np
 import PIL.Image
 import PIL.ImageOps

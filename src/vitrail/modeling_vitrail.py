@@ -17,12 +17,23 @@ as in timm and big_vision; the conversion tables split or join it for other layo
 from __future__ import annotations
 
 import logging
+import math
 import re
 import shutil
+import sys
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
+
+import transformers
+
+if int(transformers.__version__.split(".")[0]) < 5:  # the imports below exist in transformers 5 only
+    raise ImportError(
+        f"vitrail's checkpoint code needs transformers >= 5.0, not {transformers.__version__}: run "
+        'pip install -U "transformers>=5".'
+    )
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +87,14 @@ def sincos_2d_position_embeddings(rows: int, cols: int, width: int, device=None)
     return table.float().unsqueeze(0)
 
 
+def make_norm(config: VitrailConfig, width: int) -> nn.Module:
+    """A norm over the last `width` features, of the kind `config.norm_type` names, with `config.layer_norm_eps`:
+    every norm of the model is built here."""
+    if config.norm_type == "rmsnorm":
+        return nn.RMSNorm(width, eps=config.layer_norm_eps)
+    return nn.LayerNorm(width, eps=config.layer_norm_eps)
+
+
 class VitrailPatchEmbeddings(nn.Module):
     """Turns `(B, C, H, W)` images into `(B, rows * cols, hidden)` patch tokens with one strided convolution."""
 
@@ -85,8 +104,13 @@ class VitrailPatchEmbeddings(nn.Module):
         self.patch_hw = config.patch_hw
         self.num_channels = config.num_channels
         self.projection = nn.Conv2d(
-            config.num_channels, config.hidden_size, kernel_size=self.patch_hw, stride=self.patch_hw
+            config.num_channels,
+            config.hidden_size,
+            kernel_size=self.patch_hw,
+            stride=self.patch_hw,
+            bias=config.patch_embedding_bias,
         )
+        self.norm = make_norm(config, config.hidden_size) if config.patch_embedding_norm else None
 
     def forward(self, pixel_values: torch.Tensor, dynamic_size: bool) -> tuple[torch.Tensor, tuple[int, int]]:
         if pixel_values is None:
@@ -115,7 +139,10 @@ class VitrailPatchEmbeddings(nn.Module):
         # (B, C, H, W) -> (B, D, r, c)
         patches = self.projection(pixel_values.to(self.projection.weight.dtype))
         grid = (patches.shape[-2], patches.shape[-1])
-        return patches.flatten(2).transpose(1, 2), grid  # (B, D, r, c) -> (B, r * c, D)
+        patches = patches.flatten(2).transpose(1, 2)  # (B, D, r, c) -> (B, r * c, D)
+        if self.norm is not None:
+            patches = self.norm(patches)
+        return patches, grid
 
 
 class VitrailEmbeddings(nn.Module):
@@ -147,6 +174,7 @@ class VitrailEmbeddings(nn.Module):
             table = sincos_2d_position_embeddings(*self.grid_size, hidden)
             self.register_buffer("sincos_position_embeddings", table, persistent=False)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.pre_norm = make_norm(config, hidden) if config.pre_norm else None
 
     def patch_positions(self, grid: tuple[int, int], dtype: torch.dtype) -> torch.Tensor | None:
         """Positions for a `grid` of patches, `(1, rows * cols, hidden)`: the one rule, at run time and in
@@ -224,7 +252,180 @@ class VitrailEmbeddings(nn.Module):
                 positioned = prefix[:, :owned] + self.position_embeddings[:, :owned]
                 prefix = torch.cat([positioned, prefix[:, owned:]], dim=1)
             tokens = torch.cat([prefix.expand(batch, -1, -1), patches], dim=1)  # (B, P + r * c, D)
-        return self.dropout(tokens), grid
+        tokens = self.dropout(tokens)
+        if self.pre_norm is not None:
+            tokens = self.pre_norm(tokens)
+        return tokens, grid
+
+
+# ---- positions inside attention: rotary embeddings and relative position biases ------------------------------
+#
+# Both depend on the patch grid of the input, which `dynamic_image_size` lets change from call to call: they are
+# computed for the grid at run time (nothing grid-sized is stored but BEiT's learned table), and the encoder hands
+# the grid, the rotary coordinates and any shared bias to every layer.
+
+
+def _is_native(grid, native: tuple[int, int]) -> bool:
+    """Whether `grid` is the `native` one, without fixing a symbolic (`torch.export`) grid to the example's."""
+    return not any(isinstance(n, torch.SymInt) for n in grid) and tuple(grid) == tuple(native)
+
+
+def rope_coordinates(config: VitrailConfig, grid: tuple[int, int], device=None, training: bool = False):
+    """The 2D position of every patch, float32 `(rows * cols, 2)` in token (row-major) order, its two columns in
+    `config.rope_axis_order`. `"index"`: the patch index plus `rope_offset`, rescaled onto `rope_reference_grid`
+    when set (EVA-02's `ref_feat_shape`); `"centered"`: the patch centre scaled to [-1, 1] per axis (DINOv3), then
+    times 2 pi so that angles are coordinate times frequency for both. In training, `rope_train_*` move the
+    coordinates of the whole grid by one random transform (DINOv3's shift, jitter and rescale, drawn in that order)."""
+    rows, cols = grid
+    sizes, reference = [rows, cols], list(config.rope_reference_hw or (None, None))
+    if config.rope_axis_order == "xy":
+        sizes, reference = sizes[::-1], reference[::-1]
+    axes = []
+    for size, ref in zip(sizes, reference, strict=True):
+        t = torch.arange(size, device=device, dtype=torch.float32) + config.rope_offset
+        if config.rope_coordinates == "centered":
+            t = 2.0 * ((t + 0.5) / size) - 1.0
+        elif ref is not None:
+            t = t / size * ref
+        axes.append(t)
+    first, second = torch.meshgrid(
+        axes[0], axes[1], indexing="ij" if config.rope_axis_order == "yx" else "xy"
+    )
+    coordinates = torch.stack([first.reshape(-1), second.reshape(-1)], dim=-1)  # (r, c) x 2 -> (r * c, 2)
+    if training:
+        if config.rope_train_shift is not None:
+            shift = config.rope_train_shift
+            coordinates = coordinates + torch.empty(2, device=device).uniform_(-shift, shift)
+        if config.rope_train_jitter is not None:
+            spread = math.log(config.rope_train_jitter)
+            coordinates = coordinates * torch.empty(2, device=device).uniform_(-spread, spread).exp()
+        if config.rope_train_rescale is not None:
+            spread = math.log(config.rope_train_rescale)
+            coordinates = coordinates * torch.empty(1, device=device).uniform_(-spread, spread).exp()
+    if config.rope_coordinates == "centered":
+        coordinates = coordinates * (2 * math.pi)
+    return coordinates
+
+
+def axial_rope_frequencies(config: VitrailConfig, device=None) -> torch.Tensor:
+    """`(2, 1, head_dim // 2)`: row `a` holds the frequency of each rotation slot for coordinate `a`. The first half
+    of the slots follows the first coordinate at `rope_theta ** (-i / (head_dim // 4))`, the second half the other
+    one (zeros elsewhere), the same frequencies on each axis, as timm's `RotaryEmbeddingCat` and DINOv3 use them."""
+    quarter = config.head_dim // 4
+    bands = 1.0 / config.rope_theta ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
+    zeros = torch.zeros_like(bands)
+    return torch.stack([torch.cat([bands, zeros]), torch.cat([zeros, bands])]).unsqueeze(1)
+
+
+def mixed_rope_frequencies(config: VitrailConfig) -> torch.Tensor:
+    """A RoPE-Mixed starting point `(2, heads, head_dim // 2)` (Heo et al. 2024): for each head, the axial bands
+    turned by a random angle, so that every head starts out looking along its own direction of the plane."""
+    magnitudes = 1.0 / config.rope_theta ** (torch.arange(0, config.head_dim, 4) / config.head_dim)
+    angles = torch.rand(config.num_attention_heads, 1) * 2 * math.pi
+    along_x = torch.cat([magnitudes * angles.cos(), magnitudes * (angles + math.pi / 2).cos()], dim=-1)
+    along_y = torch.cat([magnitudes * angles.sin(), magnitudes * (angles + math.pi / 2).sin()], dim=-1)
+    return torch.stack([along_x, along_y])
+
+
+def rotate_pairs(x: torch.Tensor, angles: torch.Tensor, layout: str) -> torch.Tensor:
+    """Turn each channel pair of `x` `(..., N, head_dim)` by its angle `(..., N, head_dim // 2)`: pairs `(2i, 2i+1)`
+    for `"interleaved"`, `(i, i + head_dim / 2)` for `"half"`. Computed in the angles' float32 (x * cos promotes) and
+    returned in x's dtype."""
+    cos, sin = angles.cos(), angles.sin()
+    if layout == "half":
+        first, second = x.chunk(2, dim=-1)
+    else:
+        first, second = x.unflatten(-1, (-1, 2)).unbind(-1)  # (..., d) -> 2 x (..., d / 2)
+    turned_first = first * cos - second * sin
+    turned_second = second * cos + first * sin
+    if layout == "half":
+        turned = torch.cat([turned_first, turned_second], dim=-1)
+    else:
+        turned = torch.stack([turned_first, turned_second], dim=-1).flatten(-2)
+    return turned.to(x.dtype)
+
+
+def relative_position_index(grid: tuple[int, int], device=None) -> torch.Tensor:
+    """`(N, N)` index into a row-major `(2 * rows - 1, 2 * cols - 1)` table of offsets: entry `[i, j]` is the
+    offset of patch `i` (the query) from patch `j` (the key), as BEiT and Swin number them."""
+    rows, cols = grid
+    ys = torch.arange(rows, device=device)[:, None].expand(rows, cols).reshape(-1)
+    xs = torch.arange(cols, device=device)[None, :].expand(rows, cols).reshape(-1)
+    dy = ys[:, None] - ys[None, :] + (rows - 1)
+    dx = xs[:, None] - xs[None, :] + (cols - 1)
+    return dy * (2 * cols - 1) + dx
+
+
+class VitrailRelativePositionBias(nn.Module):
+    """A learned attention bias `(1, heads, N, N)` that depends on the offset between query and key patch.
+
+    `"table"` (Bao et al. 2021, BEiT): one row per offset of the native grid, `table` `((2R-1) * (2C-1) + 3, heads)`,
+    the three last rows for class token to patch, patch to class token and class token to itself (none without a
+    class token). Another grid resamples the offset table bilinearly, as transformers' BEiT does.
+    `"mlp"` (timm's relpos ViTs, after Swin-V2): a ReLU MLP maps the log-scaled offset `sign(d) log(1 + |d|)` per
+    axis to a bias per head, so it is defined at any grid; prefix tokens get no bias.
+    """
+
+    def __init__(self, config: VitrailConfig):
+        super().__init__()
+        self.kind = config.relative_position_bias
+        self.grid_size = config.grid_size
+        self.num_prefix_tokens = config.num_prefix_tokens
+        heads = config.num_attention_heads
+        if self.kind == "table":
+            rows, cols = self.grid_size
+            extra = 3 if config.use_cls_token else 0
+            self.table = nn.Parameter(torch.zeros((2 * rows - 1) * (2 * cols - 1) + extra, heads))
+        else:
+            hidden = config.relative_position_bias_hidden_size
+            # timm's RelPosMlp drops an eighth of the hidden units in training; kept, so fine-tuning matches it.
+            layers = dict(
+                fc1=nn.Linear(2, hidden), act=nn.ReLU(), drop=nn.Dropout(0.125), fc2=nn.Linear(hidden, heads)
+            )
+            self.mlp = nn.Sequential(OrderedDict(layers))
+
+    def offset_table(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The bias of every offset of `grid`, `((2 * rows - 1) * (2 * cols - 1), heads)`."""
+        rows, cols = grid
+        if self.kind == "mlp":
+            device = self.mlp.fc1.weight.device
+            dy = torch.arange(-(rows - 1), rows, device=device, dtype=torch.float32)
+            dx = torch.arange(-(cols - 1), cols, device=device, dtype=torch.float32)
+            offsets = torch.stack(torch.meshgrid(dy, dx, indexing="ij"), dim=-1)  # (2r-1, 2c-1, 2)
+            offsets = offsets.sign() * torch.log(1.0 + offsets.abs())
+            return self.mlp(offsets.to(self.mlp.fc1.weight.dtype)).reshape(-1, self.mlp.fc2.out_features)
+        native = self.table[: self.table.shape[0] - (3 if self.num_prefix_tokens else 0)]
+        if _is_native(grid, self.grid_size):
+            return native
+        heads = native.shape[-1]
+        # (K, h) -> (1, h, 2R-1, 2C-1) -> resampled -> ((2r-1) * (2c-1), h)
+        image = native.reshape(2 * self.grid_size[0] - 1, 2 * self.grid_size[1] - 1, heads).permute(2, 0, 1)
+        image = F.interpolate(
+            image[None].float(), size=(2 * rows - 1, 2 * cols - 1), mode="bilinear", align_corners=False
+        )
+        return image[0].permute(1, 2, 0).reshape(-1, heads).to(native.dtype)
+
+    def forward(self, grid: tuple[int, int]) -> torch.Tensor:
+        table = self.offset_table(grid)
+        bias = table[relative_position_index(grid, table.device)].permute(2, 0, 1)  # (N, N, h) -> (h, N, N)
+        prefix = self.num_prefix_tokens
+        if self.kind == "mlp":
+            bias = F.pad(bias, (prefix, 0, prefix, 0))
+        elif prefix:  # BEiT's class-token rows: to the patches, from the patches, to itself
+            heads, patches = bias.shape[0], bias.shape[-1]
+            to_patches, from_patches, itself = (row.reshape(heads, 1, 1) for row in self.table[-3:])
+            top = torch.cat([itself, to_patches.expand(heads, 1, patches)], dim=-1)
+            body = torch.cat([from_patches.expand(heads, patches, 1), bias], dim=-1)
+            bias = torch.cat([top, body], dim=1)
+        return bias.unsqueeze(0)  # (1, h, N, N)
+
+    @torch.no_grad()
+    def set_grid(self, grid: tuple[int, int]) -> None:
+        """Make `grid` the native one; a table is resampled once by the rule `offset_table` applies at run time."""
+        if self.kind == "table":
+            extras = self.table[self.table.shape[0] - (3 if self.num_prefix_tokens else 0) :]
+            self.table = nn.Parameter(torch.cat([self.offset_table(grid), extras]))
+        self.grid_size = tuple(grid)
 
 
 def eager_attention_forward(
@@ -249,7 +450,9 @@ def eager_attention_forward(
 
 
 class VitrailAttention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection; the kernel comes from transformers' registry."""
+    """Multi-head self-attention with one fused qkv projection; the kernel comes from transformers' registry.
+    Positions may enter here too: rotary embeddings turn the queries and keys of the patches, and a relative
+    position bias is added to the scores as the additive attention mask both eager and sdpa kernels take."""
 
     is_causal = False
 
@@ -260,53 +463,126 @@ class VitrailAttention(nn.Module):
         self.head_dim = config.head_dim
         self.scaling = self.head_dim**-0.5
         self.dropout_p = config.attention_probs_dropout_prob
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
-        self.q_norm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps) if config.qk_norm else None
-        self.k_norm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps) if config.qk_norm else None
-        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        # BEiT and EVA learn biases for queries and values only; the key's would cancel in the softmax anyway.
+        separate_biases = config.qkv_bias and not config.key_bias
+        self.qkv = nn.Linear(
+            config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias and not separate_biases
+        )
+        self.q_bias = nn.Parameter(torch.zeros(config.hidden_size)) if separate_biases else None
+        self.v_bias = nn.Parameter(torch.zeros(config.hidden_size)) if separate_biases else None
+        self.q_norm = make_norm(config, self.head_dim) if config.qk_norm else None
+        self.k_norm = make_norm(config, self.head_dim) if config.qk_norm else None
+        self.rope_freqs = (
+            nn.Parameter(torch.zeros(2, self.num_heads, self.head_dim // 2))
+            if config.rope_type == "mixed"
+            else None
+        )
+        per_layer_bias = config.relative_position_bias != "none" and not config.relative_position_bias_shared
+        self.relative_position_bias = VitrailRelativePositionBias(config) if per_layer_bias else None
+        self.norm = make_norm(config, config.hidden_size) if config.attention_norm else None
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.proj_bias)
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False
+        self,
+        hidden_states: torch.Tensor,
+        output_attentions: bool = False,
+        grid: tuple[int, int] | None = None,
+        rope_coordinates: torch.Tensor | None = None,
+        attention_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`grid`: the patch grid of the input (for a relative position bias of this layer); `rope_coordinates`:
+        `(patches, 2)` from `rope_coordinates`, when the model uses RoPE; `attention_bias`: a `(1, heads, N, N)`
+        bias shared by all layers."""
         batch, tokens, width = hidden_states.shape
-        qkv = self.qkv(hidden_states).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
+        qkv = self.qkv(hidden_states)
+        if self.q_bias is not None:
+            # Added to the output, not passed to F.linear, so that a wrapped or quantised `qkv` (LoRA, int8) works.
+            qkv = qkv + torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias]).to(qkv.dtype)
+        qkv = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim)
         # Unbinding the `3` axis in place, then moving heads forward, makes the same views as a permute of the
         # whole tensor, but backward stacks the three gradients straight into the (B, N, 3, h, d) layout of the
         # projection's output: one copy of it per layer instead of two (stack, then reshape a permuted tensor).
         query, key, value = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, N, 3, h, d) -> 3 x (B, h, N, d)
         if self.q_norm is not None:
             query, key = self.q_norm(query), self.k_norm(key)
+        if rope_coordinates is not None:
+            query, key = self.rotate(query, key, rope_coordinates)
 
         # Fused kernels (sdpa, flash) never materialise the weights; asking for them switches this call to eager.
         # Looked up on every call, so `model.set_attn_implementation(...)` takes effect at once (transformers also
         # reads this very call in the source to decide that vitrail supports switching).
         implementation = "eager" if output_attentions else self.config._attn_implementation
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        if self.relative_position_bias is not None:
+            attention_bias = self.relative_position_bias(grid)
+        if attention_bias is not None:
+            if implementation not in ("eager", "sdpa"):
+                raise ValueError(
+                    f"A relative position bias is added to the attention scores, which the {implementation!r} "
+                    "attention kernel cannot take (per head); load the model with `attn_implementation='sdpa'` "
+                    "or 'eager', or call `model.set_attn_implementation('sdpa')`."
+                )
+            attention_bias = attention_bias.to(query.dtype)
         dropout = self.dropout_p if self.training else 0.0
         output, weights = attention(
-            self, query, key, value, None, dropout=dropout, scaling=self.scaling, is_causal=False
+            self, query, key, value, attention_bias, dropout=dropout, scaling=self.scaling, is_causal=False
         )
         output = output.reshape(batch, tokens, width)  # (B, N, h, d) -> (B, N, D)
+        if self.norm is not None:
+            output = self.norm(output)
         return self.proj(output), (weights if output_attentions else None)
+
+    def rotate(
+        self, query: torch.Tensor, key: torch.Tensor, coordinates: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on the patch tokens of `query` and `key` `(B, h, N, d)`; the prefix tokens before them keep their
+        values, as in every source (a class token has no place on the grid)."""
+        frequencies = self.rope_freqs
+        if frequencies is None:
+            frequencies = axial_rope_frequencies(self.config, coordinates.device)
+        frequencies = frequencies.float()
+        # (P, 2) coordinates x (2, h or 1, d/2) frequencies -> (h or 1, P, d/2) angles, one per rotation slot.
+        # Elementwise rather than a matmul, so autocast cannot round the angles to half precision.
+        angles = (
+            coordinates[:, 0, None] * frequencies[0, :, None]
+            + coordinates[:, 1, None] * frequencies[1, :, None]
+        )
+        prefix, layout = self.config.num_prefix_tokens, self.config.rope_layout
+        rotated = []
+        for states in (query, key):
+            turned = rotate_pairs(states[:, :, prefix:], angles, layout)
+            rotated.append(torch.cat([states[:, :, :prefix], turned], dim=2) if prefix else turned)
+        return rotated[0], rotated[1]
 
 
 class VitrailMLP(nn.Module):
     """Two linear layers with the configured activation between them; with `mlp_type="swiglu"`, fc1 makes a gate
-    and a value half and the activated gate multiplies the value (a gated linear unit)."""
+    and a value half and the activated gate multiplies the value (a gated linear unit); with `mlp_norm`, a norm on
+    the hidden activations before fc2.
 
-    def __init__(self, config: VitrailConfig):
+    `in_layer=False` makes the attention-pooling head's MLP, `intermediate_size` wide: plain (never gated), with
+    biases and no inner norm whatever the layers have, as in timm's `AttentionPoolLatent` and SigLIP's head."""
+
+    def __init__(self, config: VitrailConfig, intermediate_size: int | None = None, in_layer: bool = True):
         super().__init__()
-        self.gated = config.mlp_type == "swiglu"
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size * (2 if self.gated else 1))
+        width = intermediate_size or config.intermediate_size
+        self.gated = in_layer and config.mlp_type == "swiglu"
+        bias = config.mlp_bias or not in_layer
+        self.fc1 = nn.Linear(config.hidden_size, width * (2 if self.gated else 1), bias=bias)
         self.act = ACT2FN[config.hidden_act]
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.norm = make_norm(config, width) if in_layer and config.mlp_norm else None
+        self.fc2 = nn.Linear(width, config.hidden_size, bias=bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = self.fc1(hidden_states)
         if self.gated:
             gate, value = hidden_states.chunk(2, dim=-1)  # (B, N, 2H) -> 2 x (B, N, H)
-            return self.fc2(self.act(gate) * value)
-        return self.fc2(self.act(hidden_states))
+            hidden_states = self.act(gate) * value
+        else:
+            hidden_states = self.act(hidden_states)
+        if self.norm is not None:
+            hidden_states = self.norm(hidden_states)
+        return self.fc2(hidden_states)
 
 
 class VitrailLayerScale(nn.Module):
@@ -344,9 +620,9 @@ class VitrailLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: VitrailConfig, drop_path: float = 0.0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.norm1 = make_norm(config, config.hidden_size)
         self.attention = VitrailAttention(config)
-        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.norm2 = make_norm(config, config.hidden_size)
         self.mlp = VitrailMLP(config)
         layer_scale = config.layer_scale_init_value is not None
         self.layer_scale1 = VitrailLayerScale(config) if layer_scale else nn.Identity()
@@ -355,9 +631,17 @@ class VitrailLayer(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False
+        self,
+        hidden_states: torch.Tensor,
+        output_attentions: bool = False,
+        grid: tuple[int, int] | None = None,
+        rope_coordinates: torch.Tensor | None = None,
+        attention_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attended, weights = self.attention(self.norm1(hidden_states), output_attentions)
+        # Positional arguments all: reentrant gradient checkpointing only sees tensors passed that way.
+        attended, weights = self.attention(
+            self.norm1(hidden_states), output_attentions, grid, rope_coordinates, attention_bias
+        )
         hidden_states = hidden_states + self.drop_path(self.layer_scale1(self.dropout(attended)))
         mixed = self.mlp(self.norm2(hidden_states))
         hidden_states = hidden_states + self.drop_path(self.layer_scale2(self.dropout(mixed)))
@@ -388,9 +672,12 @@ class VitrailEncoder(nn.Module):
 
     def __init__(self, config: VitrailConfig):
         super().__init__()
+        self.config = config
         depth = config.num_hidden_layers
         rates = [config.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.layers = nn.ModuleList([VitrailLayer(config, rate) for rate in rates])
+        shared_bias = config.relative_position_bias != "none" and config.relative_position_bias_shared
+        self.relative_position_bias = VitrailRelativePositionBias(config) if shared_bias else None
 
     def forward(
         self,
@@ -398,23 +685,82 @@ class VitrailEncoder(nn.Module):
         attention_layers: frozenset[int] | None = None,
         hidden_layers: frozenset[int] | None = None,
         depth: int | None = None,
+        *,
+        grid: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...] | None, tuple[torch.Tensor | None, ...] | None]:
         """Run the first `depth` layers (all by default), the ones in `attention_layers` with eager attention so
         that they return their weights. Returns the last output, then the hidden states (index 0 the input, `i`
         the output of layer `i - 1`) chosen by `hidden_layers` and the weights of `attention_layers`: one entry per
         index, `None` where not chosen (transformers' convention), or `None` instead of a tuple when none is. Only
-        chosen tensors are kept, so memory does not grow with depth."""
+        chosen tensors are kept, so memory does not grow with depth. `grid`, the `(rows, cols)` of the patches
+        among the tokens, is needed by positions inside attention only.
+
+        Rotary coordinates and a shared relative position bias are made once here for all layers (so a training
+        run's random coordinate transform is the same in every layer, and a checkpointed layer's recomputation
+        sees the same one)."""
+        needs_grid = self.config.rope_type != "none" or self.config.relative_position_bias != "none"
+        if grid is None and needs_grid:
+            raise ValueError(
+                "This model places positions inside attention (rotary embeddings or a relative position bias), "
+                "which need the patch grid of the tokens: pass `grid=(rows, cols)`."
+            )
+        rope = None
+        if self.config.rope_type != "none":
+            rope = rope_coordinates(self.config, grid, hidden_states.device, self.training)
+        shared_bias = self.relative_position_bias(grid) if self.relative_position_bias is not None else None
         chosen_attentions, chosen_hidden = attention_layers or frozenset(), hidden_layers or frozenset()
         states = [hidden_states if 0 in chosen_hidden else None]
         weights = []
         for index, layer in enumerate(self.layers[:depth]):
-            hidden_states, layer_weights = layer(hidden_states, index in chosen_attentions)
+            hidden_states, layer_weights = layer(
+                hidden_states, index in chosen_attentions, grid, rope, shared_bias
+            )
             states.append(hidden_states if index + 1 in chosen_hidden else None)
             weights.append(layer_weights)
         unrun = len(self.layers) - len(weights)
         states = tuple(states) + (None,) * unrun if hidden_layers else None
         weights = tuple(weights) + (None,) * unrun if attention_layers else None
         return hidden_states, states, weights
+
+
+class VitrailAttentionPool(nn.Module):
+    """Multi-head attention pooling, "MAP" (Lee et al. 2019, Set Transformer's PMA; Zhai et al. 2022, "Scaling
+    Vision Transformers"; SigLIP's head): a learned latent query attends over the tokens,
+    `x = proj(attention(q(latent), kv(tokens)))`, then a residual MLP, `x + mlp(norm(x))`; returns `(B, D)`. timm's
+    `AttentionPoolLatent` with one latent, transformers' `SiglipMultiheadAttentionPoolingHead`. The kernel comes
+    from the same registry as the layers' attention."""
+
+    is_causal = False
+
+    def __init__(self, config: VitrailConfig):
+        super().__init__()
+        hidden = config.hidden_size
+        self.config = config
+        self.num_heads = config.map_num_heads or config.num_attention_heads
+        self.head_dim = hidden // self.num_heads
+        self.scaling = self.head_dim**-0.5
+        self.latent = nn.Parameter(torch.zeros(1, 1, hidden))
+        self.q = nn.Linear(hidden, hidden)
+        self.kv = nn.Linear(hidden, 2 * hidden)  # rows [k; v]
+        self.proj = nn.Linear(hidden, hidden)
+        self.norm = make_norm(config, hidden)
+        self.mlp = VitrailMLP(config, config.map_intermediate_size, in_layer=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch, count, width = tokens.shape
+        # (1, 1, D) -> (B, h, 1, d): one query, the same for every image
+        query = self.q(self.latent).reshape(1, 1, self.num_heads, self.head_dim).transpose(1, 2)
+        query = query.expand(batch, -1, -1, -1)
+        kv = self.kv(tokens).reshape(batch, count, 2, self.num_heads, self.head_dim)
+        key, value = (t.transpose(1, 2) for t in kv.unbind(2))  # (B, N, 2, h, d) -> 2 x (B, h, N, d)
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        pooled, _ = attention(
+            self, query, key, value, None, dropout=0.0, scaling=self.scaling, is_causal=False
+        )
+        pooled = self.proj(pooled.reshape(batch, width))  # (B, 1, h, d) -> (B, D)
+        return pooled + self.mlp(self.norm(pooled))
 
 
 def _check_runs_folder_code(path, subfolder: str | None) -> None:
@@ -430,7 +776,9 @@ def _check_runs_folder_code(path, subfolder: str | None) -> None:
 
 # The parts of the heads (masked image modeling's mask token is one): a checkpoint without a part opens in a class
 # that has it, which gets it new; a class without a part leaves the checkpoint's out.
-_HEAD_PART = re.compile(r"((?:distillation_)?classifier|decoder)\..+|(?:vitrail\.)?embeddings\.(mask_token)")
+_HEAD_PART = re.compile(
+    r"((?:distillation_)?classifier|decoder)\..+|(?:vitrail\.)?(?:embeddings\.(mask_token)|(attention_pool)\..+)"
+)
 
 
 def _listed(names: set[str]) -> str:
@@ -449,6 +797,32 @@ _AUTO_MAP = {
 _PROCESSOR_FILE = "image_processing_vitrail.py"
 
 
+def _loaded_processor_code() -> Path | None:
+    """The image processor's code file of the checkpoint this module came from, if it is at hand.
+
+    It is beside this file with vitrail installed, and for Hub code kept in one folder per repo and commit.
+    transformers 5.24 and later keep each of a local folder's files apart, in a folder named by a hash of its code
+    (`transformers_modules.<folder name>.<hash>.modeling_vitrail`): there the processor's module is looked for among
+    the loaded modules of the same checkpoint name, which hold it only if its processor was loaded. Copies that
+    differ count as none.
+    """
+    beside = Path(__file__).with_name(_PROCESSOR_FILE)
+    if beside.is_file():
+        return beside
+    checkpoint, stem = __name__.rsplit(".", 2)[0], Path(_PROCESSOR_FILE).stem
+    found = {
+        Path(module.__file__)
+        for name, module in list(sys.modules.items())
+        if name.rsplit(".", 2)[0] == checkpoint
+        and name.rsplit(".", 1)[-1] == stem
+        and isinstance(getattr(module, "__file__", None), str)
+        and Path(module.__file__).is_file()
+    }
+    if len({path.read_bytes() for path in found}) != 1:
+        return None
+    return min(found)
+
+
 class VitrailPreTrainedModel(PreTrainedModel):
     """Weight initialisation, attention-backend flags and Hub-ready saving shared by all vitrail models."""
 
@@ -458,7 +832,7 @@ class VitrailPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
-    _no_split_modules = ["VitrailEmbeddings", "VitrailLayer"]
+    _no_split_modules = ["VitrailEmbeddings", "VitrailLayer", "VitrailAttentionPool"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -474,9 +848,10 @@ class VitrailPreTrainedModel(PreTrainedModel):
             init.trunc_normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):  # RMSNorm has a weight only
             init.ones_(module.weight)
-            init.zeros_(module.bias)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
         elif isinstance(module, VitrailEmbeddings):
             learned = (module.cls_token, module.distillation_token, module.register_tokens)
             for token in (*learned, module.position_embeddings):
@@ -489,8 +864,18 @@ class VitrailPreTrainedModel(PreTrainedModel):
                     module.sincos_position_embeddings,
                     sincos_2d_position_embeddings(*module.grid_size, module.config.hidden_size),
                 )
+        elif isinstance(module, VitrailAttentionPool):
+            init.trunc_normal_(module.latent, mean=0.0, std=std)
         elif isinstance(module, VitrailLayerScale):
             init.constant_(module.scale, self.config.layer_scale_init_value)
+        elif isinstance(module, VitrailAttention):
+            for bias in (module.q_bias, module.v_bias):
+                if bias is not None:
+                    init.zeros_(bias)
+            if module.rope_freqs is not None:
+                init.copy_(module.rope_freqs, mixed_rope_frequencies(self.config))
+        elif isinstance(module, VitrailRelativePositionBias) and module.kind == "table":
+            init.trunc_normal_(module.table, mean=0.0, std=std)
 
     # `import vitrail` sets this to `vitrail.loading.load_pretrained` (conversion, `image_size=`, new label sets).
     # The copy of this file that travels with a checkpoint has none: it opens vitrail checkpoints only.
@@ -551,7 +936,7 @@ class VitrailPreTrainedModel(PreTrainedModel):
         missing, parts = set(info["missing_keys"]), {}
         for name in self.state_dict():
             if part := _HEAD_PART.fullmatch(name):
-                parts.setdefault(part.group(1) or part.group(2), set()).add(name)
+                parts.setdefault(next(group for group in part.groups() if group), set()).add(name)
         # A head part absent as a whole is new by design (transformers warns); one partly there is damage.
         missing -= {name for part in parts.values() if part <= missing for name in part}
         unknown = {name for name in info["unexpected_keys"] if not _HEAD_PART.fullmatch(name)}
@@ -585,8 +970,8 @@ class VitrailPreTrainedModel(PreTrainedModel):
         """
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
-        processor_code = Path(__file__).with_name(_PROCESSOR_FILE)
-        if processor_code.exists():
+        processor_code = _loaded_processor_code()
+        if processor_code is not None:
             shutil.copyfile(processor_code, folder / _PROCESSOR_FILE)
         carried = {"configuration_vitrail", "modeling_vitrail"}
         auto_map = {**(getattr(self.config, "auto_map", None) or {}), **_AUTO_MAP}
@@ -616,6 +1001,9 @@ class VitrailPreTrainedModel(PreTrainedModel):
         new = VitrailConfig(**{**self.config.to_dict(), "image_size": image_size})  # validates the new size
         embeddings = self.base_model.embeddings
         embeddings.set_grid(new.grid_size)
+        for module in self.base_model.modules():
+            if isinstance(module, VitrailRelativePositionBias):
+                module.set_grid(new.grid_size)
         embeddings.patch_embeddings.image_hw = new.image_hw
         self.config.image_size = image_size
 
@@ -660,16 +1048,20 @@ class VitrailModel(VitrailPreTrainedModel):
         super().__init__(config)
         self.embeddings = VitrailEmbeddings(config, use_mask_token=use_mask_token)
         self.encoder = VitrailEncoder(config)
-        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layernorm = make_norm(config, config.hidden_size) if config.final_norm else None
+        self.attention_pool = VitrailAttentionPool(config) if config.pooling == "map" else None
         self.post_init()
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """`(B, N, D)` tokens -> the `(B, pooled_size)` vector the head reads; registers are never pooled."""
+        """`(B, N, D)` tokens -> the `(B, pooled_size)` vector the head reads; registers are never pooled, except by
+        the attention-pooling head (`"map"`), which attends over every token."""
         patches = tokens[:, self.config.num_prefix_tokens :]
         if self.config.pooling == "cls":
             return tokens[:, 0]
         if self.config.pooling == "mean":
             return patches.mean(dim=1)
+        if self.config.pooling == "map":
+            return self.attention_pool(tokens)
         return torch.cat([tokens[:, 0], patches.mean(dim=1)], dim=-1)  # "cls_mean"
 
     def forward(
@@ -701,16 +1093,17 @@ class VitrailModel(VitrailPreTrainedModel):
         """
         attention_layers, hidden_layers = self._chosen_outputs(output_attentions, output_hidden_states)
 
-        tokens, _ = self.embeddings(
+        tokens, grid = self.embeddings(
             pixel_values,
             bool_masked_pos,
             dynamic_size=self._or_config(interpolate_pos_encoding, "dynamic_image_size"),
         )
-        tokens, hidden_states, attentions = self.encoder(tokens, attention_layers, hidden_layers)
+        tokens, hidden_states, attentions = self.encoder(tokens, attention_layers, hidden_layers, grid=grid)
         if self.config.use_fc_norm:
             pooled = self.layernorm(self.pool(tokens))
         else:
-            tokens = self.layernorm(tokens)
+            if self.layernorm is not None:  # none with `final_norm=False`
+                tokens = self.layernorm(tokens)
             pooled = self.pool(tokens)
 
         output = BaseModelOutputWithPooling(
@@ -747,7 +1140,7 @@ class VitrailBackbone(BackboneMixin, VitrailPreTrainedModel):
         self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
         self.embeddings = VitrailEmbeddings(config)
         self.encoder = VitrailEncoder(config)
-        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layernorm = make_norm(config, config.hidden_size) if config.final_norm else None
         self.post_init()
 
     def forward(
@@ -773,7 +1166,7 @@ class VitrailBackbone(BackboneMixin, VitrailPreTrainedModel):
             pixel_values, dynamic_size=self._or_config(interpolate_pos_encoding, "dynamic_image_size")
         )
         _, states, attentions = self.encoder(
-            tokens, attention_layers, (hidden_layers or frozenset()) | set(stages), depth
+            tokens, attention_layers, (hidden_layers or frozenset()) | set(stages), depth, grid=grid
         )
         feature_maps = tuple(self._feature_map(states[stage], grid) for stage in stages)
         if hidden_layers is not None:
@@ -782,7 +1175,7 @@ class VitrailBackbone(BackboneMixin, VitrailPreTrainedModel):
         return self._as_requested(output, return_dict)
 
     def _feature_map(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        if self.config.apply_layernorm:
+        if self.config.apply_layernorm and self.layernorm is not None:
             tokens = self.layernorm(tokens)
         patches = tokens[:, self.config.num_prefix_tokens :]
         return patches.transpose(1, 2).reshape(patches.shape[0], -1, *grid)  # (B, r * c, D) -> (B, D, r, c)

@@ -17,11 +17,13 @@ from .training import (
     VitrailTrainer,
     batch_augment,
     begin_run,
+    check_overrides,
     fit,
     new_processor,
     open_run,
     parse_overrides,
     prepare_splits,
+    push,
     save_run,
     trainer_arguments,
 )
@@ -70,8 +72,9 @@ class MaskingCollator:
 def pretrain(args: PretrainArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
     """Pretrain an encoder with SimMIM and save it as a checkpoint; reruns resume, refuse or report a finished
     run as `vitrail.training.train` does."""
-    output, data = open_run(data_args, training_args)
     overrides = parse_overrides(args.config_overrides)
+    check_overrides(overrides, image_size=args.image_size)
+    output, data = open_run(data_args, training_args)
     if args.image_size:
         overrides["image_size"] = args.image_size
     if "patch_size" in overrides:  # SimMIM reconstructs one patch per token
@@ -90,6 +93,8 @@ def pretrain(args: PretrainArguments, data_args: DataArguments, training_args: T
     source = {"config": model_settings(config), "mask_ratio": args.mask_ratio, "mask_block": block}
     start = begin_run("pretrain_mim", source, data, data_args, training_args)
     if start.finished is not None:
+        if training_args.push_to_hub and training_args.process_index == 0:  # e.g. after a failed push
+            push(output, training_args, start.finished, None)
         return start.finished
     processor = new_processor(config)
     prepare_splits(data.splits, processor, data_args)

@@ -1,7 +1,8 @@
 """The output folder of a training run: what makes reruns safe after a kill or a change of settings.
 
 - Files vitrail writes there are replaced atomically (`write_atomic`), so a kill leaves the old file or the new one.
-- `check_output_dir` finds an unusable `--output_dir` before any training.
+- `check_output_dir` finds an unusable `--output_dir`, and `check_foreign_files` one that holds files a run would
+  replace but that no run wrote, before any data is read.
 - `find_resume_checkpoint` picks the newest *complete* `checkpoint-N` (the Trainer writes its files one by one, so a
   kill during a save leaves a partial folder that `get_last_checkpoint` would pick).
 - `start_run` compares the settings of the run about to start with those recorded in the folder
@@ -30,12 +31,14 @@ RUN_SETTINGS = "run_settings.json"
 DATA_SPLIT = "data_split.json"
 # Written last by a run, so its presence means the run finished.
 RESULTS = "all_results.json"
+# Whether the push of a finished run landed (`--push_to_hub`); never pushed itself.
+PUSH_RECORD = "hub_push.json"
 # What a run writes at the top of its output folder; `--overwrite_output_dir` deletes these and checkpoint-*.
 RUN_FILES = (
-    RUN_SETTINGS, DATA_SPLIT, RESULTS, "model.safetensors", "model.safetensors.index.json", "config.json",
-    "preprocessor_config.json", "configuration_vitrail.py", "modeling_vitrail.py", "image_processing_vitrail.py",
-    "trainer_state.json", "training_args.json", "training_args.bin", "README.md", "training_curves.png",
-    "confusion_matrix.png", "confusion_matrix.json",
+    RUN_SETTINGS, DATA_SPLIT, RESULTS, PUSH_RECORD, "model.safetensors", "model.safetensors.index.json",
+    "config.json", "preprocessor_config.json", "configuration_vitrail.py", "modeling_vitrail.py",
+    "image_processing_vitrail.py", "trainer_state.json", "training_args.json", "training_args.bin", "README.md",
+    "training_curves.png", "confusion_matrix.png", "confusion_matrix.json",
 )  # fmt: skip
 # Config fields that describe how a model is run or saved, not the model that is trained (`problem_type` is
 # filled in by the first training step).
@@ -97,6 +100,29 @@ def check_output_dir(output_dir: str | os.PathLike) -> Path:
             "fix its permissions."
         ) from error
     return folder
+
+
+def check_foreign_files(output_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse a folder without a run record (`run_settings.json`), checkpoints or results that holds files a run
+    writes: they are the user's (a card, a config, a model pulled there), and a run would replace them. A run's own
+    folder, an empty one, or one with other files only passes; so does any with `--overwrite_output_dir`, which
+    deletes them."""
+    folder = Path(output_dir)
+    if overwrite or (folder / RUN_SETTINGS).is_file():
+        return
+    if (folder / RESULTS).is_file() or sort_checkpoints(str(folder), PREFIX_CHECKPOINT_DIR):
+        return  # a run without a record (an older vitrail's?): `start_run` refuses it, naming the ways to resume
+    # The split record is written just before the run record, so a run killed between the two leaves it alone.
+    names = [
+        name for name in RUN_FILES if name not in (DATA_SPLIT, PUSH_RECORD) and (folder / name).is_file()
+    ]
+    names += sorted(path.name for path in folder.glob("model-*-of-*.safetensors"))
+    if names:
+        raise ValueError(
+            f"--output_dir {folder} holds {', '.join(names)}, but no {RUN_SETTINGS}: no vitrail run wrote them, "
+            "and a run would replace them. Move them elsewhere or choose another --output_dir; "
+            "--overwrite_output_dir deletes them."
+        )
 
 
 def _complete_zip(path: Path) -> bool:
@@ -181,6 +207,8 @@ def schedule_settings(training_args) -> dict:
             "optim_args", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "label_smoothing_factor",
             "bf16", "fp16", "max_steps")  # fmt: skip
     values = {name: getattr(training_args, name) for name in keep}
+    if training_args.dataloader_drop_last:  # fewer steps an epoch; only when on, so older records match
+        values["dataloader_drop_last"] = True
     # With a step budget the epoch count plays no part.
     values["num_train_epochs"] = None if training_args.max_steps > 0 else training_args.num_train_epochs
     return _as_json(values)
@@ -267,6 +295,13 @@ def start_run(training_args, settings: dict, split: dict) -> RunStart:
             "training. Pass --overwrite_output_dir to train it again.",
             training_args.output_dir,
         )
+        pushed = read_json(Path(training_args.output_dir) / PUSH_RECORD)
+        if isinstance(pushed, dict) and not pushed.get("landed") and not training_args.push_to_hub:
+            logger.warning(
+                "Its push to %s did not land (%s): rerun with --push_to_hub to push it.",
+                pushed.get("repo_id"),
+                pushed.get("error") or "interrupted",
+            )
     elif start.checkpoint:
         logger.warning("Resuming from %s.", start.checkpoint)
     return start
@@ -332,7 +367,10 @@ def _decide(
     else:
         start = RunStart(checkpoint=find_resume_checkpoint(folder))
     if should_save:
-        (folder / RESULTS).unlink(missing_ok=True)  # the results of an earlier run are stale from here on
-        write_json_atomic(folder / RUN_SETTINGS, settings)
+        # The results (and push) of an earlier run are stale from here on. The run record goes last: a folder
+        # with one is a run's (`check_foreign_files`), and a kill before it leaves a folder that starts afresh.
+        (folder / RESULTS).unlink(missing_ok=True)
+        (folder / PUSH_RECORD).unlink(missing_ok=True)
         write_json_atomic(folder / DATA_SPLIT, split)
+        write_json_atomic(folder / RUN_SETTINGS, settings)
     return start

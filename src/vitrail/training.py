@@ -21,7 +21,10 @@ import torch
 import torch.nn.functional as F
 from datasets import Image, load_dataset
 from huggingface_hub.utils import HFValidationError, validate_repo_id
-from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
+from safetensors.torch import load_file
+from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
+from transformers.trainer_callback import DefaultFlowCallback
+from transformers.trainer_utils import speed_metrics
 
 from .configuration_vitrail import VitrailConfig
 from .convert import fit_processor_to, load_image_processor
@@ -39,8 +42,10 @@ from .data import (
 from .image_processing_vitrail import VitrailImageProcessor
 from .modeling_vitrail import VitrailForImageClassification
 from .run_folder import (
+    PUSH_RECORD,
     RESULTS,
     RunStart,
+    check_foreign_files,
     check_output_dir,
     model_settings,
     schedule_settings,
@@ -251,17 +256,29 @@ def check_process_group(training_args: TrainingArguments) -> None:
         )
 
 
+def check_overrides(overrides: dict[str, Any], **flags) -> None:
+    """Refuse `--config_overrides` keys that another source sets: a flag given too with another value
+    (`image_size=8` with `--image_size 16`: the flag would win silently), or the labels, which come from the data."""
+    for name, value in flags.items():
+        if value is not None and overrides.get(name) is not None and overrides[name] != value:
+            raise ValueError(
+                f"--{name} {value} and --config_overrides {name}={overrides[name]} disagree; give the value once: "
+                f"drop {name}= from --config_overrides, or drop --{name}."
+            )
+    labels = sorted(overrides.keys() & {"id2label", "label2id"})
+    if labels:
+        raise ValueError(
+            f"--config_overrides sets {', '.join(labels)}, but the labels come from the data (its class names or "
+            "label column): drop them from --config_overrides."
+        )
+
+
 def check_arguments(model_args: ModelArguments) -> None:
-    """Refuse model flags that would fail late, before any data is read (`open_run` checks the others)."""
-    overrides = parse_overrides(model_args.config_overrides)
+    """Refuse model flags that would fail late or contradict each other, before any data is read (`open_run`
+    checks the others)."""
+    check_overrides(parse_overrides(model_args.config_overrides), image_size=model_args.image_size)
     if model_args.model_name_or_path:
         check_model_source(model_args.model_name_or_path)
-        size = overrides.get("image_size")
-        if size is not None and model_args.image_size and size != model_args.image_size:
-            raise ValueError(
-                f"--image_size {model_args.image_size} and --config_overrides image_size={size} disagree; give "
-                "the input size once, with --image_size."
-            )
 
 
 # ---- data -------------------------------------------------------------------------------------------------------
@@ -469,7 +486,7 @@ def build_model(model_args: ModelArguments, labels: list[str]):
 def no_decay(name: str, param: torch.nn.Parameter) -> bool:
     """Biases, norms, positions and learned tokens are not weights to shrink (timm's `no_weight_decay`)."""
     return param.ndim <= 1 or name.endswith(
-        ("cls_token", "distillation_token", "register_tokens", "mask_token", "position_embeddings")
+        ("cls_token", "distillation_token", "register_tokens", "mask_token", "position_embeddings", "latent")
     )
 
 
@@ -507,9 +524,58 @@ def parameter_groups(model, weight_decay: float, learning_rate: float, layer_dec
     return list(groups.values())
 
 
+class NothingLeftToTrain(Exception):
+    """Raised by `RunBoundaries` when a resumed checkpoint already holds the run's last step."""
+
+
+class RunBoundaries(TrainerCallback):
+    """Makes a resumed run log, evaluate and stop as an uninterrupted one does.
+
+    - The training loss is logged at every checkpoint, evaluation and the last step, so that each logged loss
+      covers the same steps whether or not the run was resumed in between (the Trainer starts a new interval at
+      the resumed step), and the log covers every step (`run_train_loss`).
+    - A checkpoint due at the step that ends an epoch, or training, is saved after the end of that epoch (its
+      evaluation with `--eval_strategy epoch`), which a resume from it would otherwise never run.
+    - A resume from a checkpoint that holds the last step raises `NothingLeftToTrain` before any step: the Trainer
+      would take one more (it resumes into the unfinished epoch of a `--max_steps` or fractional-epoch run).
+    """
+
+    def __init__(self):
+        self.save_at_epoch_end = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps > 0:
+            raise NothingLeftToTrain(f"step {state.global_step} of {state.max_steps}")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save or control.should_evaluate or control.should_training_stop:
+            control.should_log = True
+        # `state.epoch` is `epoch + (step + 1) / steps_in_epoch`: whole after the epoch's last step.
+        if control.should_save and (control.should_training_stop or float(state.epoch).is_integer()):
+            control.should_save, self.save_at_epoch_end = False, True
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.save_at_epoch_end:
+            control.should_save, self.save_at_epoch_end = True, False
+        if control.should_save or control.should_evaluate:
+            control.should_log = True
+
+
+def run_train_loss(log_history: list[dict]) -> float:
+    """The mean training loss over every step logged in `log_history` (each logged loss weighted by the steps it
+    covers): the whole run's, where the Trainer reports only the steps since the last resume."""
+    total, last = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry:
+            total += entry["loss"] * (entry["step"] - last)
+            last = entry["step"]
+    return total / last if last else 0.0
+
+
 class VitrailTrainer(Trainer):
     """Trainer with vitrail's parameter groups, batch augmentation applied in training steps only (evaluation
-    batches are never augmented), MixUp/CutMix, and a soft-label loss for mixed batches."""
+    batches are never augmented), MixUp/CutMix, a soft-label loss for mixed batches, and `RunBoundaries`: resumed
+    runs log the losses of an uninterrupted run and never step past its end."""
 
     def __init__(
         self,
@@ -521,6 +587,11 @@ class VitrailTrainer(Trainer):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        # Right after the default flow: its on_step_end decides what to save, and the stop comes before the
+        # progress bar and reporting callbacks start.
+        callbacks = self.callback_handler.callbacks
+        flow = next(i for i, callback in enumerate(callbacks) if isinstance(callback, DefaultFlowCallback))
+        callbacks.insert(flow + 1, RunBoundaries())
         self.layer_decay = layer_decay
         self.augment = augment
         self.mix = None
@@ -551,6 +622,11 @@ class VitrailTrainer(Trainer):
         if self.mix is not None:
             inputs["pixel_values"], inputs["labels"] = self.mix(inputs["pixel_values"], inputs["labels"])
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "train_loss" in logs:  # the end of training: the whole run's loss, not the steps since a resume
+            logs["train_loss"] = run_train_loss(self.state.log_history)
+        super().log(logs, start_time)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.get("labels")
@@ -587,6 +663,14 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     }
     start = begin_run("train", source, data, data_args, training_args, layer_decay=model_args.layer_decay)
     if start.finished is not None:
+        if training_args.push_to_hub and training_args.process_index == 0:
+            # A finished run is pushed again, e.g. after a failed push; an unchanged folder makes no commit. The
+            # card names the repo it goes to, so it is rendered for this push.
+            split = reported_split(data.splits)
+            write_card(
+                output, model.config, start.finished, split, data, model_args, data_args, training_args
+            )
+            push(output, training_args, start.finished, split)
         return start.finished
     prepare_splits(data.splits, processor, data_args)
     trainer = VitrailTrainer(
@@ -604,7 +688,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     )
     metrics = fit(trainer, start)
     # Results are reported on the held-out test split; with --test_size 0, on the validation split.
-    split = next((key for key in PREFIX if data.splits[key] is not None), None)
+    split = reported_split(data.splits)
     prediction = trainer.predict(data.splits[split], metric_key_prefix=PREFIX[split]) if split else None
     if split == "test":  # the validation metrics are in already
         metrics.update(prediction.metrics)
@@ -617,6 +701,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     return results
 
 
+def reported_split(splits: dict) -> str | None:
+    """The split whose results a run reports: the held-out test split, else the validation split, else none."""
+    return next((key for key in PREFIX if splits[key] is not None), None)
+
+
 def open_run(data_args: DataArguments, training_args: TrainingArguments) -> tuple[Path, LoadedData]:
     """Refuse a launch or flags that would train nothing, make sure the output folder is usable, load the data,
     and seed (the Trainer seeds too, but only after the caller has initialised the model)."""
@@ -624,6 +713,8 @@ def open_run(data_args: DataArguments, training_args: TrainingArguments) -> tupl
     check_schedule(training_args)
     check_split_fractions(data_args)
     output = check_output_dir(training_args.output_dir)
+    # Trainer users may pass transformers' TrainingArguments, which lacks the flag.
+    check_foreign_files(output, overwrite=getattr(training_args, "overwrite_output_dir", False))
     data = load_splits(data_args)
     set_seed(training_args.seed)
     return output, data
@@ -673,11 +764,44 @@ def trainer_arguments(training_args: TrainingArguments, **changes) -> TrainingAr
 def fit(trainer: Trainer, start: RunStart) -> dict:
     """Train from where `start` says, then evaluate on the validation split when there is one."""
     started = time.perf_counter()
-    metrics = dict(trainer.train(resume_from_checkpoint=start.checkpoint).metrics)
+    try:
+        metrics = dict(trainer.train(resume_from_checkpoint=start.checkpoint).metrics)
+    except NothingLeftToTrain:
+        metrics = finish_training(trainer)
     metrics["train_wall_time"] = time.perf_counter() - started
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
     return metrics
+
+
+def finish_training(trainer: Trainer) -> dict:
+    """What the Trainer does after a run's last step, for a resume whose checkpoint holds that step (killed before
+    the results were written): the Trainer has loaded the checkpoint's weights and state, and stopped before
+    stepping (`RunBoundaries`). Returns the training metrics, as `Trainer.train` does (no step taken: zero rates)."""
+    started = time.time()
+    trainer.is_in_train = False
+    state = trainer.state
+    metrics = speed_metrics("train", started, num_samples=0, num_steps=0)
+    metrics.update(total_flos=state.total_flos, train_loss=run_train_loss(state.log_history))
+    trainer.log(metrics)
+    if trainer.args.load_best_model_at_end and state.best_model_checkpoint:
+        load_weights(trainer.model, state.best_model_checkpoint)
+    return metrics
+
+
+def load_weights(model: torch.nn.Module, folder: str | os.PathLike) -> None:
+    """Load a saved folder's safetensors weights (one file, or an index and its shards) into `model`."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    names = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.is_file()
+        else ["model.safetensors"]
+    )
+    weights = {}
+    for name in names:
+        weights.update(load_file(folder / name))
+    model.load_state_dict(weights)
 
 
 def save_run(
@@ -705,7 +829,6 @@ def write_report(
     """Write what a finished run adds to its checkpoint: the training curves, the confusion matrix of the reported
     `split` from `prediction` (plot and JSON) and the model card."""
     from .metrics import confusion_matrix, first_array
-    from .model_card import render_model_card
     from .plots import plot_confusion_matrix, plot_training_curves
 
     plots = [plot_training_curves(trainer.state.log_history, output / "training_curves.png").name]
@@ -716,6 +839,19 @@ def write_report(
         title = f"{split.capitalize()} split"
         plots.append(plot_confusion_matrix(matrix, labels, output / "confusion_matrix.png", title=title).name)
         write_json_atomic(output / "confusion_matrix.json", {"labels": labels, "matrix": matrix.tolist()})
+    write_card(output, config, metrics, split, data, model_args, data_args, training_args, plots)
+
+
+def write_card(
+    output, config, metrics, split, data, model_args, data_args, training_args, plots: list[str] | None = None
+) -> None:
+    """Render the model card `README.md` of a run's folder from its results; `plots` default to the plot files
+    the folder holds. Its usage snippet names the repo of `--push_to_hub`, else the folder."""
+    from .hub import PLOTS
+    from .model_card import render_model_card
+
+    if plots is None:
+        plots = [name for name in PLOTS if (output / name).is_file()]
     render_model_card(
         model_name=output.name,
         output_dir=output,
@@ -762,17 +898,34 @@ def _config_summary(config: VitrailConfig) -> dict:
 
 
 def push(output: Path, training_args: TrainingArguments, metrics: dict, split: str | None) -> None:
-    """Upload the finished folder with `vitrail.hub.push_checkpoint`, to the repo and branch the flags name."""
+    """Upload the finished folder with `vitrail.hub.push_checkpoint`, to the repo and branch the flags name, and
+    record in `hub_push.json` whether it landed (written before the push: a kill during it reads as not landed)."""
     from .hub import push_checkpoint
 
     accuracy = metrics.get(f"{PREFIX[split]}_accuracy") if split else None
-    commit = push_checkpoint(
-        output,
-        training_args.hub_model_id or output.name,
-        private=bool(training_args.hub_private_repo),
-        revision=training_args.hub_revision,
-        token=training_args.hub_token,
-        commit_message=f"vitrail: {split} accuracy {accuracy:.4f}" if accuracy is not None else "vitrail",
+    record = {
+        "repo_id": training_args.hub_model_id or output.name,
+        "revision": training_args.hub_revision,
+        "landed": False,
+        "commit": None,
+        "error": None,
+    }
+    write_json_atomic(output / PUSH_RECORD, record)
+    try:
+        commit = push_checkpoint(
+            output,
+            record["repo_id"],
+            private=bool(training_args.hub_private_repo),
+            revision=training_args.hub_revision,
+            token=training_args.hub_token,
+            commit_message=f"vitrail: {split} accuracy {accuracy:.4f}" if accuracy is not None else "vitrail",
+        )
+    except Exception as error:
+        write_json_atomic(output / PUSH_RECORD, {**record, "error": f"{type(error).__name__}: {error}"})
+        raise
+    # No commit when the branch already held these files.
+    write_json_atomic(
+        output / PUSH_RECORD, {**record, "landed": True, "commit": commit.oid if commit else None}
     )
     logger.info("Hub: %s", commit.commit_url if commit else "unchanged, no new commit")
 

@@ -8,7 +8,8 @@
 
 A map is a row of such a matrix, read for the query the classifier reads (`query="auto"`): the class token; the
 mean of the patch queries for a mean-pooled model, which averages its patch tokens; both, equally, for
-`pooling="cls_mean"`; and with a distillation token, whose head's logits are averaged with the class head's, the
+`pooling="cls_mean"`; the mean of the patch queries too for `pooling="map"`, whose learned pooling query is not a
+token of the sequence; and with a distillation token, whose head's logits are averaged with the class head's, the
 mean of that query and the distillation token's. Of the row only the patch columns are drawn: prefix tokens (class,
 distillation, registers) have no place in the image, but they take part in the rollout, so attention that flows
 through a register to a patch reaches the map. The share a map leaves on prefix tokens is reported.
@@ -109,9 +110,11 @@ class TokenLayout:
             if not self.use_distillation_token:
                 raise ValueError("This model has no distillation token: use query='cls' or 'patches'.")
             return token(distillation_row), "distillation token"
-        elif query == "patches" or self.pooling == "mean":
+        elif query == "patches" or self.pooling in ("mean", "map"):
             weights, said = patches, "mean of the patch queries"
-            if query == "auto":
+            if query == "auto" and self.pooling == "map":
+                said += " (attention-pooled model: its learned pooling query is not a token of the sequence)"
+            elif query == "auto":
                 reason = "no class token" if not self.use_cls_token else "its class token is not read"
                 said += f" (mean-pooled model, {reason})"
         else:  # auto with pooling="cls_mean": the head reads the class token and the patch mean side by side
