@@ -111,6 +111,18 @@ PARITY_CASES = [
     ("deit3_no_embed_class", "deit3_small_patch16_224", dict(mlp_ratio=2.0)),
     # Eva's layout with SwiGLU's separate gate (`fc1_g`) and value (`fc1_x`), joined into vitrail's `[gate; value]`.
     ("eva_swiglu", "eva02_tiny_patch14_224", dict(use_rot_pos_emb=False, qkv_bias=False, swiglu_align_to=8)),
+    # The other ViT families' options, each through the architecture that has it.
+    ("clip_pre_norm", "vit_base_patch16_clip_224", {}),
+    ("siglip_map_gelu_tanh", "vit_base_patch16_siglip_224", {}),
+    ("aimv2_rmsnorm_patch_norm_no_biases", "aimv2_large_patch14_224", {}),
+    ("eva02_rope_qv_bias_inner_norms", "eva02_tiny_patch14_224", {}),
+    ("eva02_separate_qkv", "eva02_tiny_patch14_224", dict(qkv_fused=False)),
+    ("rope_mixed_learned_frequencies", "vit_base_patch16_rope_mixed_224", {}),
+    ("dinov3_centered_half_rope", "vit_small_patch16_dinov3", {}),
+    ("pe_core_map_own_heads", "vit_pe_core_tiny_patch16_384", {}),
+    ("beit_table", "beit_base_patch16_224", {}),
+    ("relpos_mlp", "vit_relpos_small_patch16_224", {}),
+    ("relpos_mlp_shared", "vit_srelpos_small_patch16_224", {}),
 ]
 
 
@@ -175,8 +187,8 @@ def test_bare_weight_file_with_the_architecture_named(tmp_path):
         (ARCH, dict(reg_tokens=1, global_pool="map"), "pool_map"),
         ("vit_small_r26_s32_224", dict(img_size=64, patch_size=1), "hybrid"),
         ("vit_base_patch16_rpn_224", {}, "post_norm"),
-        ("vit_medium_patch16_rope_reg1_gap_256", {}, "rope"),
-        ("vit_relpos_small_patch16_224", {}, "relative_position_bias"),
+        ("vit_base_patch16_sapiens2", dict(num_kv_heads=(4, 4)), "layer_scale"),
+        ("vit_large_patch16_sapiens2", dict(num_kv_heads=(4, 2)), "grouped_query"),
         (
             "samvit_base_patch16",
             dict(img_size=64, global_attn_indexes=(1,), window_size=2, neck_chans=8),
@@ -191,8 +203,8 @@ def test_bare_weight_file_with_the_architecture_named(tmp_path):
         "map_patches_only",
         "hybrid",
         "post_norm",
-        "rope",
-        "relpos",
+        "layer_scale_on_attention_only",
+        "grouped_query",
         "sam",
         "vlm",
     ],  # fmt: skip

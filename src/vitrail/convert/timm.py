@@ -60,6 +60,12 @@ TIMM_RENAMES: tuple[Rename, ...] = (
             Rename("attn.k_proj.{p}", "attention.qkv.{p}", slot=(1, 3)),
             Rename("attn.v_proj.{p}", "attention.qkv.{p}", slot=(2, 3)),
             Rename("attn.q_bias", "attention.q_bias"),
+            Rename("attn.rope_freqs", "attention.rope_freqs"),
+            Rename("attn.relative_position_bias_table", "attention.relative_position_bias.table"),
+            *(
+                Rename(f"attn.rel_pos.mlp.{fc}.{{p}}", f"attention.relative_position_bias.mlp.{fc}.{{p}}")
+                for fc in ("fc1", "fc2")
+            ),
             Rename("attn.v_bias", "attention.v_bias"),
             Rename("attn.q_norm.{p}", "attention.q_norm.{p}"),
             Rename("attn.k_norm.{p}", "attention.k_norm.{p}"),
@@ -75,6 +81,11 @@ TIMM_RENAMES: tuple[Rename, ...] = (
             Rename("mlp.norm.{p}", "mlp.norm.{p}"),
             Rename("mlp.fc2.{p}", "mlp.fc2.{p}"),
         ),
+    ),
+    Rename("rel_pos_bias.relative_position_bias_table", "{backbone}encoder.relative_position_bias.table"),
+    *(
+        Rename(f"shared_rel_pos.mlp.{fc}.{{p}}", f"{{backbone}}encoder.relative_position_bias.mlp.{fc}.{{p}}")
+        for fc in ("fc1", "fc2")
     ),
     Rename("norm.{p}", "{backbone}layernorm.{p}"),
     Rename(
@@ -107,7 +118,8 @@ TIMM_REFUSALS: dict[str, str] = {
     "key_bias": "query and value biases without a key bias (BEiT, EVA)",
     "norm_type": "RMSNorm",
     "map_intermediate_size": "attention pooling (a MAP head: a learned query attends over the tokens, as in SigLIP)",
-    "rope": "rotary position embeddings (RoPE: EVA-02, DINOv3, Perception Encoder, timm's rope ViTs)",
+    "map_num_heads": "attention pooling with a head count other than the blocks' (timm `attn_pool_num_heads`)",
+    "rope_type": "rotary position embeddings (RoPE: EVA-02, DINOv3, Perception Encoder, timm's rope ViTs)",
     "relative_position_bias": "a relative position bias in attention (BEiT, timm's relpos ViTs)",
     # features outside what vitrail aims to reproduce
     "hybrid": "a convolutional stem before the patch embedding (timm's hybrid ViTs)",
@@ -133,7 +145,8 @@ TIMM_REFUSALS: dict[str, str] = {
     "pool_max": "max pooling over tokens (timm `global_pool='max'` / `'avgmax'`)",
     "pool_prefix": "average pooling that includes the class and register tokens (timm `pool_include_prefix`)",
     "pool_map": "attention pooling other than one latent query over every token",
-    "pool_map_heads": "attention pooling with a head count other than the blocks' (timm `attn_pool_num_heads`)",
+    "rope_kind": "rotary position embeddings of a kind vitrail lacks (in pixels, MRoPE, period bounds)",
+    "relative_position_kind": "a relative position bias of a kind vitrail lacks (timm's swin or rw MLP, bias table)",
     "pool_prr": "PRR attention pooling (timm `global_pool='prr'`)",
     "pool_none": "a head on every token (timm `global_pool=''` with classes)",
     "head": "a classification head other than one linear layer",
@@ -214,6 +227,70 @@ _FIELD_DEFAULTS = {"pre_norm": False, "patch_embedding_bias": True, "patch_embed
                    "mlp_bias": True, "key_bias": True, "norm_type": "layernorm"}  # fmt: skip
 
 
+def _activation(module) -> str | None:
+    """vitrail's `hidden_act` for timm's activation `module`, None for one vitrail lacks."""
+    if getattr(module, "approximate", "none") == "tanh":
+        return "gelu_pytorch_tanh"
+    return "gelu" if type(module).__name__ == "GELU" else _ACTIVATIONS.get(type(module).__name__)
+
+
+def _rope(model: nn.Module, attn: nn.Module) -> dict | None:
+    """The `rope_*` fields of timm's rotary embedding `model.rope` as `attn` applies it: {} without one, None for a
+    kind vitrail lacks. Eva builds EVA-02's and Perception Encoder's as `RotaryEmbeddingCat` on patch indices,
+    RoPE-Mixed's as `RotaryEmbeddingMixed` (learned frequencies), DINOv3's as `RotaryEmbeddingDinoV3`."""
+    rope = getattr(model, "rope", None)
+    if rope is None:
+        return {}
+    kind = type(rope).__name__
+    if kind == "RotaryEmbeddingCat" and rope.grid_type == "index" and not rope.linear_bands:
+        ref = rope.ref_feat_shape
+        fields = {
+            "rope_type": "axial",
+            "rope_offset": float(rope.grid_offset),
+            "rope_reference_grid": ref and list(ref),
+        }
+    elif kind == "RotaryEmbeddingMixed":
+        fields = {"rope_type": "mixed"}
+    elif kind == "RotaryEmbeddingDinoV3" and rope.temperature and rope.normalize_coords == "separate":
+        if rope.min_period is not None or rope.max_period is not None or rope.grid_offset:
+            return None
+        fields = {"rope_type": "axial", "rope_coordinates": "centered"}
+    else:
+        return None
+    return {
+        **fields,
+        "rope_theta": float(rope.temperature),
+        "rope_axis_order": "yx" if rope.grid_indexing == "ij" else "xy",
+        "rope_layout": "half" if getattr(attn, "rotate_half", False) else "interleaved",
+        **{
+            f"rope_train_{name}": getattr(rope, f"{name}_coords", None)
+            for name in ("shift", "jitter", "rescale")
+        },
+    }
+
+
+def _relative_position(model: nn.Module, attn: nn.Module) -> dict | None:
+    """The `relative_position_bias*` fields of BEiT's tables and timm's relpos MLPs, per layer or shared: {}
+    without one, None for a kind vitrail lacks."""
+    table, shared_table = (
+        getattr(attn, "relative_position_bias_table", None),
+        getattr(model, "rel_pos_bias", None),
+    )
+    if table is not None or shared_table is not None:
+        return {"relative_position_bias": "table", "relative_position_bias_shared": shared_table is not None}
+    shared = getattr(model, "shared_rel_pos", None)
+    module = shared if shared is not None else getattr(attn, "rel_pos", None)
+    if module is None:
+        return {}
+    if type(module).__name__ != "RelPosMlp" or module.mode != "cr":
+        return None
+    return {
+        "relative_position_bias": "mlp",
+        "relative_position_bias_shared": shared is not None,
+        "relative_position_bias_hidden_size": module.mlp.fc1.out_features,
+    }
+
+
 def _read(model: nn.Module) -> tuple[dict, list[str]]:
     """The `VitrailConfig` fields that reproduce timm's `model`, and the `TIMM_REFUSALS` keys of what vitrail does
     not reproduce (fields that are such keys count only while `VitrailConfig` lacks them)."""
@@ -243,9 +320,7 @@ def _read(model: nn.Module) -> tuple[dict, list[str]]:
     # The MLP: timm's Mlp, SwiGLU with separate gate and value (fc1_g, fc1_x), or GluMlp packing both in fc1.
     fc1 = mlp.fc1_g if isinstance(mlp, SwiGLU) else getattr(mlp, "fc1", None)
     gated = isinstance(mlp, (SwiGLU, GluMlp))
-    act = type(getattr(mlp, "act", None)).__name__
-    tanh = getattr(getattr(mlp, "act", None), "approximate", "none") == "tanh"
-    hidden_act = "gelu_pytorch_tanh" if tanh else "gelu" if act == "GELU" else _ACTIVATIONS.get(act)
+    hidden_act = _activation(getattr(mlp, "act", None))
     # Every norm: one kind, one epsilon.
     places = [block.norm1, block.norm2, getattr(attn, "q_norm", None), getattr(attn, "norm", None),
               getattr(mlp, "norm", None), patch.norm, getattr(model, "norm_pre", None), model.norm,
@@ -287,16 +362,20 @@ def _read(model: nn.Module) -> tuple[dict, list[str]]:
         if h is not None
     )
 
-    rel_pos = (getattr(attn, "rel_pos", None), getattr(attn, "relative_position_bias_table", None),
-               getattr(model, "rel_pos_bias", None), getattr(model, "shared_rel_pos", None))  # fmt: skip
+    rope, relative = _rope(model, attn), _relative_position(model, attn)
+    if latent:  # vitrail's pooling MLP has the blocks' activation, and every linear of the head a bias
+        linears = (attn_pool.q, attn_pool.kv, attn_pool.proj, attn_pool.mlp.fc1, attn_pool.mlp.fc2)
+        map_other = (
+            map_other or _activation(attn_pool.mlp.act) != hidden_act or any(m.bias is None for m in linears)
+        )
     lacks = {
         "diff_attention": type(attn).__name__ == "DiffAttention",
         "head_dim": attn.proj.in_features != model.embed_dim,
         "gated_attention": getattr(attn, "gate", None) is not None,
         "grouped_query": any(getattr(b.attn, "num_kv_heads", heads) != heads for b in blocks),
         "qkv_bias": len(set(biases)) > 1 and biases != (True, False, True),
-        "relative_position_bias": any(_present(m) for m in rel_pos),
-        "rope": getattr(model, "rope", None) is not None,
+        "rope_kind": rope is None,
+        "relative_position_kind": relative is None,
         "mlp": not isinstance(mlp, (Mlp, SwiGLU, GluMlp)),
         "gate_last": isinstance(mlp, GluMlp) and mlp.gate_last,
         "activation": hidden_act is None,
@@ -308,7 +387,6 @@ def _read(model: nn.Module) -> tuple[dict, list[str]]:
         "positions": prefix_positions is None,
         "both_norms": norm and fc_norm,
         "pool_map": map_other,
-        "pool_map_heads": latent and attn_pool.num_heads != heads,
         "pool_prr": (attn_pool is not None and not latent) or pool == "prr",
         "pool_max": pool in ("max", "avgmax"),
         "pool_prefix": pool == "avg" and include_prefix,
@@ -333,6 +411,9 @@ def _read(model: nn.Module) -> tuple[dict, list[str]]:
     fields = {key: value for key, value in options.items() if value != _FIELD_DEFAULTS[key]}
     if latent:
         fields.update(pooling="map", map_intermediate_size=attn_pool.mlp.fc1.out_features)
+        if attn_pool.num_heads != heads:
+            fields["map_num_heads"] = attn_pool.num_heads
+    fields.update({**(rope or {}), **(relative or {})})
     fields.update(
         hidden_size=model.embed_dim,
         num_hidden_layers=len(blocks),
@@ -434,9 +515,15 @@ def _unwrapped(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _plan(state: Mapping[str, torch.Tensor], config: VitrailConfig) -> Plan:
-    """The conversion of `state`, with EVA's separate query and value biases (`q_proj.bias`, `v_proj.bias`, no key
-    bias) under the names of its fused layout (`q_bias`, `v_bias`), which `TIMM_RENAMES` maps."""
+    """The conversion of `state`, first reshaped where one timm tensor is not one vitrail tensor: RoPE-Mixed's
+    frequencies of every layer split per layer, and EVA's separate query and value biases (`q_proj.bias`,
+    `v_proj.bias`, no key bias) named as in its fused layout (`q_bias`, `v_bias`); `TIMM_RENAMES` does the rest."""
     state = dict(state)
+    if (
+        "rope.freqs" in state
+    ):  # RoPE-Mixed's frequencies, (2, depth, heads, head_dim / 2): one slice per layer
+        for n, freqs in enumerate(state.pop("rope.freqs").unbind(1)):
+            state[f"blocks.{n}.attn.rope_freqs"] = freqs
     for name in [k for k in state if k.endswith(".attn.q_proj.bias")]:
         stem = name[: -len("q_proj.bias")]
         if f"{stem}k_proj.bias" not in state:
