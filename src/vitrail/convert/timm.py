@@ -4,8 +4,9 @@ A timm checkpoint on the Hub is a folder: config.json (`architecture`, `num_clas
 `pretrained_cfg`, `label_names`) and model.safetensors, the model's state dict. timm builds the model of that
 config on the meta device (`timm.create_model(architecture, pretrained=False, num_classes=..., **model_args)`: no
 memory, no download), and its modules say everything the conversion needs: the model class (`VisionTransformer`,
-its distilled DeiT, `Eva`, `Beit`, ...), the block, attention and MLP types, every norm and its epsilon, the
-activation, biases, prefix tokens, position table and pooling. `vitrail_config_from_timm` reads them into a
+its distilled DeiT, `Eva`, `Beit`, `VisionTransformerRelPos`), the block, attention and MLP types, every norm and
+its epsilon, the activation, biases, prefix tokens, positions (learned tables, rotary embeddings, relative position
+biases) and pooling. `vitrail_config_from_timm` reads them into a
 `VitrailConfig`; the weights must be exactly the state dict of that model (names and shapes), and `TIMM_RENAMES`
 moves them to vitrail's names.
 
@@ -121,6 +122,8 @@ TIMM_REFUSALS: dict[str, str] = {
     "map_num_heads": "attention pooling with a head count other than the blocks' (timm `attn_pool_num_heads`)",
     "rope_type": "rotary position embeddings (RoPE: EVA-02, DINOv3, Perception Encoder, timm's rope ViTs)",
     "relative_position_bias": "a relative position bias in attention (BEiT, timm's relpos ViTs)",
+    "rope_kind": "rotary position embeddings of a kind vitrail lacks (in pixels, MRoPE, period bounds)",
+    "relative_position_kind": "a relative position bias of a kind vitrail lacks (timm's swin or rw MLP, bias table)",
     # features outside what vitrail aims to reproduce
     "hybrid": "a convolutional stem before the patch embedding (timm's hybrid ViTs)",
     "sam": "SAM's image encoder (windowed attention with relative positions and a convolutional neck)",
@@ -145,8 +148,6 @@ TIMM_REFUSALS: dict[str, str] = {
     "pool_max": "max pooling over tokens (timm `global_pool='max'` / `'avgmax'`)",
     "pool_prefix": "average pooling that includes the class and register tokens (timm `pool_include_prefix`)",
     "pool_map": "attention pooling other than one latent query over every token",
-    "rope_kind": "rotary position embeddings of a kind vitrail lacks (in pixels, MRoPE, period bounds)",
-    "relative_position_kind": "a relative position bias of a kind vitrail lacks (timm's swin or rw MLP, bias table)",
     "pool_prr": "PRR attention pooling (timm `global_pool='prr'`)",
     "pool_none": "a head on every token (timm `global_pool=''` with classes)",
     "head": "a classification head other than one linear layer",
@@ -272,11 +273,8 @@ def _rope(model: nn.Module, attn: nn.Module) -> dict | None:
 def _relative_position(model: nn.Module, attn: nn.Module) -> dict | None:
     """The `relative_position_bias*` fields of BEiT's tables and timm's relpos MLPs, per layer or shared: {}
     without one, None for a kind vitrail lacks."""
-    table, shared_table = (
-        getattr(attn, "relative_position_bias_table", None),
-        getattr(model, "rel_pos_bias", None),
-    )
-    if table is not None or shared_table is not None:
+    shared_table = getattr(model, "rel_pos_bias", None)
+    if shared_table is not None or getattr(attn, "relative_position_bias_table", None) is not None:
         return {"relative_position_bias": "table", "relative_position_bias_shared": shared_table is not None}
     shared = getattr(model, "shared_rel_pos", None)
     module = shared if shared is not None else getattr(attn, "rel_pos", None)
@@ -350,12 +348,16 @@ def _read(model: nn.Module) -> tuple[dict, list[str]]:
     pool, num_classes = model.global_pool, getattr(model, "num_classes", 0)
     include_prefix = prefix and getattr(model, "pool_include_prefix", False)
     latent = isinstance(attn_pool, AttentionPoolLatent)
-    # One latent query without positions or norms, over every token (timm's VisionTransformer pools the patches
-    # only when there are prefix tokens, Eva all of them).
-    map_other = latent and (
-        attn_pool.latent_len != 1 or attn_pool.pos_embed is not None or _present(attn_pool.q_norm)
+    map_other = latent and (  # vitrail's MAP head: one latent query, the blocks' activation, biased linears
+        attn_pool.latent_len != 1
+        or attn_pool.pos_embed is not None
+        or _present(attn_pool.q_norm)
+        or _activation(attn_pool.mlp.act) != hidden_act
+        or any(m.bias is None for m in (attn_pool.q, attn_pool.kv, attn_pool.proj, attn_pool.mlp.fc1))
+        or (
+            kind != "Eva" and prefix and not include_prefix
+        )  # over every token; timm's ViT pools only patches
     )
-    map_other = map_other or (latent and kind != "Eva" and prefix and not include_prefix)
     heads_linear = all(
         isinstance(h, (nn.Linear, nn.Identity))
         for h in (model.head, getattr(model, "head_dist", None))
@@ -363,11 +365,6 @@ def _read(model: nn.Module) -> tuple[dict, list[str]]:
     )
 
     rope, relative = _rope(model, attn), _relative_position(model, attn)
-    if latent:  # vitrail's pooling MLP has the blocks' activation, and every linear of the head a bias
-        linears = (attn_pool.q, attn_pool.kv, attn_pool.proj, attn_pool.mlp.fc1, attn_pool.mlp.fc2)
-        map_other = (
-            map_other or _activation(attn_pool.mlp.act) != hidden_act or any(m.bias is None for m in linears)
-        )
     lacks = {
         "diff_attention": type(attn).__name__ == "DiffAttention",
         "head_dim": attn.proj.in_features != model.embed_dim,
