@@ -1,7 +1,10 @@
 """Which of timm's pretrained Vision Transformers vitrail converts, measured on shrunk random copies.
 
-    .venv/bin/python benchmarks/timm_coverage.py            # writes docs/coverage.md (about 3 minutes here)
-    .venv/bin/python benchmarks/timm_coverage.py --print    # the table on stdout only
+    .venv/bin/python benchmarks/timm_coverage.py                  # writes docs/coverage.md
+    .venv/bin/python benchmarks/timm_coverage.py --only 'eva02'   # some architectures, printed (a regex)
+
+About 25 s of CPU on one thread for the 290 copies (wall time 1.5 to 2 minutes on a busy 2-core machine). With
+timm 1.0.31 it should report 422 of 515 tags loading with parity and none with different outputs.
 
 For every architecture with a pretrained tag in timm's ViT families (`FAMILIES`), timm builds a shrunk copy: 2
 blocks, width 64, 4 heads, a 4 x 4 patch grid, a small head, every other option as the architecture has it. Every
@@ -13,8 +16,7 @@ logits; for a model without a head its tokens and pooled vector), and again at a
 resamples its positions at run time (`dynamic_img_size=True`). A checkpoint vitrail does not convert must be refused
 by one of the sentences of `vitrail.convert.timm.TIMM_REFUSALS`; any other error counts as misleading.
 
-Real weights cannot be downloaded where this runs; the copies have the published architectures, not their
-weights. Counts are by pretrained tag: an architecture counts once per tag timm lists for it.
+The copies have the published architectures, not their weights (which the test suite cannot download). Counts are by pretrained tag: an architecture counts once per tag timm lists for it.
 """
 
 from __future__ import annotations
