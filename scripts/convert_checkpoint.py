@@ -7,8 +7,8 @@
 
 Sources (`--input`, local; the Hub is not reachable here):
 - `hf`: a transformers ViT, DeiT (plain or distilled) or DINOv2 (with or without registers) folder;
-- `timm`: a timm `VisionTransformer` folder (config.json + model.safetensors, as timm's Hub repos are laid out)
-  or a bare `.safetensors` file (then pass `--num-heads`);
+- `timm`: a timm folder (config.json + model.safetensors, as timm's Hub repos are laid out) or a bare
+  `.safetensors` file (then pass `--architecture`, timm's name for it);
 - `npz`: a JAX `.npz` of google-research/vision_transformer or big_vision.
 
 Steps: convert (`vitrail.convert.<source>.open_source`), run the source's own implementation (transformers; timm
@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--global-pool", choices=["token", "avg"], help="timm: the pooling the model was built with"
     )
+    parser.add_argument("--architecture", help="timm: the architecture, when no config.json names it")
     parser.add_argument(
         "--source-image-size", type=_size, help="npz without a stored position table: its training resolution"
     )
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             "allow_pickle": args.allow_pickle,
             "num_heads": args.num_heads,
             "global_pool": args.global_pool,
+            "architecture": args.architecture,
         },
         "npz": {"num_heads": args.num_heads, "image_size": args.source_image_size},
     }[args.source_format]

@@ -324,7 +324,7 @@ def _all_tables():
         for layout in ("hub", "v5")
     }
     tables.update({f"hf {family} drops": FAMILIES[family].drops for family in FAMILIES})
-    tables.update({"timm renames": timm_format.TIMM_RENAMES, "timm refused": timm_format.TIMM_REFUSED})
+    tables["timm renames"] = timm_format.TIMM_RENAMES
     tables.update({f"npz {layout}": npz_format.npz_rename_rows(layout) for layout in npz_format.NPZ_LAYERS})
     tables.update({"npz refused": npz_format.NPZ_REFUSED + npz_format.NPZ_HEAD_REFUSED})
     tables.update({"npz drops": npz_format.NPZ_BACKBONE_DROPS + npz_format.NPZ_EMPTY_HEAD_DROPS})

@@ -1,11 +1,16 @@
-"""timm VisionTransformer checkpoints into vitrail: tiny random timm models, every parameter perturbed (a fresh
-model has identity norms and zero biases, which would hide a misplaced tensor), saved as timm writes them, then
-converted and compared output for output with timm itself."""
+"""timm checkpoints into vitrail: small random timm models, every parameter perturbed (a fresh model has identity
+norms and zero biases, which would hide a misplaced tensor), saved as timm's `save_for_hf` writes them, then
+converted and compared output for output with timm itself. tests/test_timm_coverage.py runs every pretrained
+architecture of timm's ViT families the same way; this file checks the converter's parts one by one."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import re
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -15,14 +20,12 @@ from safetensors.torch import save_file
 
 timm = pytest.importorskip("timm")
 from timm.data import create_transform, resolve_data_config  # noqa: E402
-from timm.models.deit import VisionTransformerDistilled  # noqa: E402
-from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+from timm.models import save_for_hf  # noqa: E402
 
-from vitrail import VitrailForImageClassification, VitrailModel  # noqa: E402
+from vitrail import VitrailConfig, VitrailForImageClassification, VitrailModel  # noqa: E402
 from vitrail.convert.common import model_outputs  # noqa: E402
 from vitrail.convert.timm import (  # noqa: E402
-    TimmFacts,
-    _heads_from_name,
+    TIMM_REFUSALS,
     convert_timm_state_dict,
     is_timm_config,
     load_timm_checkpoint,
@@ -36,41 +39,31 @@ from .conftest import load_script  # noqa: E402
 TOLERANCE = 1e-5
 # 37 hidden MLP units: an odd size so that a transposed or mis-split tensor cannot pass by shape.
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_ratio=37 / 32, num_classes=5)
-# A name timm does not know: everything comes from the weights and config.json.
-UNKNOWN_ARCH = "vitrail_test_tiny"
+ARCH = "vit_base_patch16_224"  # shrunk by TINY; timm records the overrides in config.json's model_args
 
 
-def make_timm(seed: int = 0, cls=VisionTransformer, **options) -> VisionTransformer:
-    """A tiny timm model (`cls`: VisionTransformer or VisionTransformerDistilled) with every parameter perturbed."""
-    model = cls(**{**TINY, **options}).eval()
+def make_timm(seed: int = 0, architecture: str = ARCH, **options) -> torch.nn.Module:
+    """timm's `architecture` built with TINY and `options`, every parameter perturbed, in eval mode."""
+    model = timm.create_model(architecture, pretrained=False, **{**TINY, **options})
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.1 * torch.randn(param.shape, generator=generator))
-    return model
+    return model.eval()
 
 
-def timm_config(model: VisionTransformer, architecture: str = UNKNOWN_ARCH, **model_args) -> dict:
-    """config.json as timm's push_to_hub writes it."""
-    height, width = model.patch_embed.img_size
-    return {
-        "architecture": architecture,
-        "num_classes": model.num_classes,
-        "num_features": model.num_features,
-        "global_pool": model.global_pool,
-        "model_args": model_args,
-        "pretrained_cfg": {
-            "input_size": [3, height, width],
-            "interpolation": "bicubic",
-            "crop_pct": 0.9,
-            "crop_mode": "center",
-            "mean": [0.5, 0.5, 0.5],
-            "std": [0.5, 0.5, 0.5],
-        },
-    }
+def timm_config(model: torch.nn.Module, **model_args) -> dict:
+    """config.json as timm's `save_for_hf` writes it for `model`, with `model_args` added."""
+    with tempfile.TemporaryDirectory() as folder:
+        save_for_hf(model, folder)
+        config = json.loads((Path(folder) / "config.json").read_text())
+    config["model_args"] = {**config.get("model_args", {}), **model_args}
+    return config
 
 
-def save_folder(folder, model: VisionTransformer, config: dict | None = None, state: dict | None = None):
+def save_folder(folder, model, config: dict | None = None, state: dict | None = None):
+    """`model`'s weights (or `state`) as model.safetensors in `folder`, with `config` as config.json if given."""
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = state if state is not None else model.state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors")
@@ -79,236 +72,267 @@ def save_folder(folder, model: VisionTransformer, config: dict | None = None, st
     return folder
 
 
-def pixels_for(model: VisionTransformer, size=None) -> torch.Tensor:
+def pixels_for(model, size=None) -> torch.Tensor:
     height, width = size or model.patch_embed.img_size
     return torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(1))
 
 
-def timm_outputs(model: VisionTransformer, pixels: torch.Tensor) -> torch.Tensor:
+def timm_outputs(model, pixels: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(pixels) if model.num_classes else model.forward_features(pixels)
 
 
-# (id, timm options): the option sets timm's VisionTransformer checkpoints on the Hub use.
-PARITY_CASES = [
-    ("plain", {}),
-    ("reg4", dict(reg_tokens=4)),
-    ("reg4_no_embed_class", dict(reg_tokens=4, no_embed_class=True)),
-    ("avg_fc_norm", dict(global_pool="avg")),
-    ("avg_no_fc_norm", dict(global_pool="avg", fc_norm=False)),
-    ("token_fc_norm", dict(global_pool="token", fc_norm=True)),
-    ("no_embed_class", dict(no_embed_class=True)),
-    ("layer_scale", dict(init_values=1e-5)),
-    ("qk_norm", dict(qk_norm=True)),
-    ("no_qkv_bias", dict(qkv_bias=False)),
-    ("no_class_token_avg", dict(class_token=False, global_pool="avg")),
-    ("no_pos_embed", dict(pos_embed="none")),
-    ("non_square", dict(img_size=(24, 40))),
-    ("backbone", dict(num_classes=0)),
-    ("backbone_avg_fc_norm", dict(num_classes=0, global_pool="avg", reg_tokens=2)),
-]
-
-
-@pytest.mark.parametrize("options", [c[1] for c in PARITY_CASES], ids=[c[0] for c in PARITY_CASES])
-def test_parity_with_timm(tmp_path, options):
-    reference = make_timm(**options)
-    folder = save_folder(tmp_path / "timm", reference, timm_config(reference, num_heads=4))
-    model = load_timm_checkpoint(folder)
-    expected_cls = VitrailForImageClassification if reference.num_classes else VitrailModel
-    assert type(model) is expected_cls
-    pixels = pixels_for(reference)
+def assert_parity(model, reference, size=None) -> None:
+    pixels = pixels_for(reference, size)
     diff = (model_outputs(model, pixels) - timm_outputs(reference, pixels)).abs().max().item()
-    print(f"max abs diff {options}: {diff:.3e}")
+    print(f"max abs diff: {diff:.3e}")
     assert diff <= TOLERANCE
 
 
-def test_bare_safetensors_file_with_arguments(tmp_path):
-    """No config.json: the head count and the pooling come from the arguments."""
-    reference = make_timm(global_pool="avg", fc_norm=False)
-    file = tmp_path / "weights.safetensors"
-    save_file(reference.state_dict(), file)
-    model = load_timm_checkpoint(file, num_heads=4, global_pool="avg")
-    assert model.config.pooling == "mean" and not model.config.use_fc_norm
-    pixels = pixels_for(reference)
-    assert (model_outputs(model, pixels) - timm_outputs(reference, pixels)).abs().max() <= TOLERANCE
+# (id, architecture, timm options): the option sets of timm's ViT checkpoints on the Hub.
+PARITY_CASES = [
+    ("plain", ARCH, {}),
+    ("reg4", ARCH, dict(reg_tokens=4)),
+    ("reg4_no_embed_class", ARCH, dict(reg_tokens=4, no_embed_class=True)),
+    ("avg_fc_norm", ARCH, dict(global_pool="avg")),
+    ("avg_no_fc_norm", ARCH, dict(global_pool="avg", fc_norm=False)),
+    ("token_fc_norm", ARCH, dict(global_pool="token", fc_norm=True)),
+    ("layer_scale", ARCH, dict(init_values=1e-5)),
+    ("qk_norm", ARCH, dict(qk_norm=True)),
+    ("no_qkv_bias", ARCH, dict(qkv_bias=False)),
+    ("no_class_token_avg", ARCH, dict(class_token=False, global_pool="avg")),
+    ("no_pos_embed", ARCH, dict(pos_embed="none")),
+    ("non_square", ARCH, dict(img_size=(24, 40))),
+    ("backbone", ARCH, dict(num_classes=0)),
+    ("backbone_avg_fc_norm", ARCH, dict(num_classes=0, global_pool="avg", reg_tokens=2)),
+    ("gelu_tanh", ARCH, dict(act_layer="gelu_tanh")),
+    ("quick_gelu", ARCH, dict(act_layer="quick_gelu")),
+    ("swiglu_packed_dinov2", "vit_small_patch14_dinov2", dict(patch_size=14, img_size=28, mlp_ratio=2.0)),
+    ("deit3_no_embed_class", "deit3_small_patch16_224", dict(mlp_ratio=2.0)),
+    # Eva's layout with SwiGLU's separate gate (`fc1_g`) and value (`fc1_x`), joined into vitrail's `[gate; value]`.
+    ("eva_swiglu", "eva02_tiny_patch14_224", dict(use_rot_pos_emb=False, qkv_bias=False, swiglu_align_to=8)),
+    # The other ViT families' options, each through the architecture that has it.
+    ("clip_pre_norm", "vit_base_patch16_clip_224", {}),
+    ("siglip_map_gelu_tanh", "vit_base_patch16_siglip_224", {}),
+    ("aimv2_rmsnorm_patch_norm_no_biases", "aimv2_large_patch14_224", {}),
+    ("eva02_rope_qv_bias_inner_norms", "eva02_tiny_patch14_224", {}),
+    ("eva02_separate_qkv", "eva02_tiny_patch14_224", dict(qkv_fused=False)),
+    ("rope_mixed_learned_frequencies", "vit_base_patch16_rope_mixed_224", {}),
+    ("dinov3_centered_half_rope", "vit_small_patch16_dinov3", {}),
+    ("pe_core_map_own_heads", "vit_pe_core_tiny_patch16_384", {}),
+    ("beit_table", "beit_base_patch16_224", {}),
+    ("relpos_mlp", "vit_relpos_small_patch16_224", {}),
+    ("relpos_mlp_shared", "vit_srelpos_small_patch16_224", {}),
+]
 
 
-def test_config_mapping(tmp_path):
-    reference = make_timm(reg_tokens=3, init_values=1e-6, qk_norm=True, img_size=(16, 40))
-    config = vitrail_config_from_timm(
-        reference.state_dict(), timm_config=timm_config(reference, num_heads=4, init_values=1e-6)
+@pytest.mark.parametrize(
+    "architecture, options", [c[1:] for c in PARITY_CASES], ids=[c[0] for c in PARITY_CASES]
+)
+def test_parity_with_timm(tmp_path, architecture, options):
+    reference = make_timm(architecture=architecture, **options)
+    model = load_timm_checkpoint(save_folder(tmp_path, reference, timm_config(reference)))
+    assert type(model) is (VitrailForImageClassification if reference.num_classes else VitrailModel)
+    assert_parity(model, reference)
+
+
+def test_config_is_read_from_timms_modules(tmp_path):
+    reference = make_timm(
+        reg_tokens=3, init_values=1e-6, qk_norm=True, img_size=(16, 40), act_layer="gelu_tanh"
     )
+    config = vitrail_config_from_timm(reference.state_dict(), timm_config=timm_config(reference))
     assert config.hidden_size == 32 and config.num_hidden_layers == 2 and config.num_attention_heads == 4
     assert config.intermediate_size == 37 and config.patch_size == 8 and list(config.image_hw) == [16, 40]
     assert config.num_register_tokens == 3 and config.prefix_position_embeddings == "all"
     assert config.layer_scale_init_value == 1e-6 and config.qk_norm and config.layer_norm_eps == 1e-6
-    assert config.position_interpolation == "bicubic_antialias" and config.pooling == "cls"
+    assert config.hidden_act == "gelu_pytorch_tanh" and config.pooling == "cls" and not config.use_fc_norm
+    assert config.position_interpolation == "bicubic_antialias" and not config.dynamic_image_size
     assert config.num_labels == 5 and config.id2label[0] == "LABEL_0"
     named = vitrail_config_from_timm(
-        reference.state_dict(),
-        timm_config=timm_config(reference, num_heads=4),
-        id2label=dict(enumerate("abcde")),
+        reference.state_dict(), timm_config=timm_config(reference), id2label=dict(enumerate("abcde"))
     )
     assert named.id2label[4] == "e" and named.label2id["a"] == 0
+    dynamic = make_timm(dynamic_img_size=True, global_pool="avg")
+    config = vitrail_config_from_timm(dynamic.state_dict(), timm_config=timm_config(dynamic))
+    assert config.dynamic_image_size and config.pooling == "mean" and config.use_fc_norm
 
 
 def test_labels_from_label_names(tmp_path):
     reference = make_timm()
-    config = timm_config(reference, num_heads=4)
+    config = timm_config(reference)
     config["label_names"] = ["tench", "goldfish", "shark", "tiger shark", "hammerhead"]
     model = load_timm_checkpoint(save_folder(tmp_path, reference, config))
     assert model.config.id2label[3] == "tiger shark" and model.config.label2id["tench"] == 0
 
 
-def test_architecture_known_to_timm(tmp_path):
-    """A timm architecture name: the head count, activation and epsilon are read from timm's own model, and the
-    reference is `timm.create_model` of that name."""
-    arch = "vit_small_patch16_224.augreg_in21k_ft_in1k"  # 6 heads, not given anywhere else
-    args = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, mlp_ratio=2.0, num_classes=5)
-    reference = make_timm(**{**args, "num_heads": 6})
-    config = timm_config(
-        reference, architecture=arch, **{k: v for k, v in args.items() if k != "num_classes"}
+def test_bare_weight_file_with_the_architecture_named(tmp_path):
+    """No config.json: `architecture=` names timm's model (here the full-size DeiT-Ti, timm's defaults)."""
+    reference = make_timm(
+        architecture="deit_tiny_patch16_224", **{k: None for k in TINY if k != "num_classes"}
     )
-    converted = open_source(save_folder(tmp_path, reference, config))
-    assert converted.model.config.num_attention_heads == 6
-    assert any("create_model" in note for note in converted.notes)
-    pixels = pixels_for(reference)
-    assert (model_outputs(converted.model, pixels) - converted.reference(pixels)).abs().max() <= TOLERANCE
-    assert (model_outputs(converted.model, pixels) - timm_outputs(reference, pixels)).abs().max() <= TOLERANCE
-
-
-def test_heads_from_size_word():
-    assert _heads_from_name("vit_base_patch16_224.augreg2_in21k_ft_in1k", 768) == 12
-    assert _heads_from_name("vit_tiny_patch16_384", 192) == 3
-    assert _heads_from_name("vit_large_patch14_reg4_dinov2.lvd142m", 1024) == 16
-    assert _heads_from_name("vit_base_patch16_224", 1024) is None  # the width contradicts the name
-    assert _heads_from_name("vit_betwixt_patch16_reg4_gap_256", 640) is None  # no size word known
-
-
-def test_missing_num_heads_is_a_clear_error(tmp_path):
-    reference = make_timm()
-    file = tmp_path / "weights.safetensors"
-    save_file(reference.state_dict(), file)
-    with pytest.raises(ValueError, match="num_heads"):
+    file = save_folder(tmp_path, reference) / "model.safetensors"
+    with pytest.raises(ValueError, match="which needs its architecture.*architecture="):
         load_timm_checkpoint(file)
+    model = load_timm_checkpoint(file, architecture="deit_tiny_patch16_224.fb_in1k")
+    assert model.config.hidden_size == 192 and model.config.num_labels == 5  # the head's rows
+    assert_parity(model, reference)
 
 
 @pytest.mark.parametrize(
-    "options, match",
+    "architecture, options, key",
     [
-        (dict(global_pool="map"), "attn_pool"),
-        (dict(pre_norm=True), "norm_pre"),
-        (dict(global_pool="avgmax"), "maximum"),
-        (dict(final_norm=False), "final_norm"),
-        (dict(proj_bias=False), "proj_bias"),
-        (dict(scale_mlp_norm=True), "scale_mlp_norm"),
+        (ARCH, dict(global_pool="avgmax"), "pool_max"),
+        (ARCH, dict(global_pool="avg", pool_include_prefix=True), "pool_prefix"),
+        (ARCH, dict(attn_layer="diff"), "diff_attention"),
+        (ARCH, dict(reg_tokens=1, global_pool="map"), "pool_map"),
+        ("vit_small_r26_s32_224", dict(img_size=64, patch_size=1), "hybrid"),
+        ("vit_base_patch16_rpn_224", {}, "post_norm"),
+        ("vit_base_patch16_sapiens2", dict(num_kv_heads=(4, 4)), "layer_scale"),
+        ("vit_large_patch16_sapiens2", dict(num_kv_heads=(4, 2)), "grouped_query"),
+        (
+            "samvit_base_patch16",
+            dict(img_size=64, global_attn_indexes=(1,), window_size=2, neck_chans=8),
+            "sam",
+        ),
+        ("qwen3_vit_88m", dict(img_size=64), "vlm"),
     ],
-    ids=["map", "pre_norm", "avgmax", "no_final_norm", "no_proj_bias", "scale_mlp_norm"],
+    ids=[
+        "avgmax",
+        "pool_include_prefix",
+        "diff",
+        "map_patches_only",
+        "hybrid",
+        "post_norm",
+        "layer_scale_on_attention_only",
+        "grouped_query",
+        "sam",
+        "vlm",
+    ],  # fmt: skip
 )
-def test_unsupported_timm_options_are_refused(tmp_path, options, match):
-    reference = VisionTransformer(**{**TINY, **options})
-    folder = save_folder(tmp_path, reference, timm_config(reference, num_heads=4))
-    with pytest.raises(NotImplementedError, match=match):
-        load_timm_checkpoint(folder)
+def test_what_vitrail_lacks_is_refused_by_name(tmp_path, architecture, options, key):
+    """One sentence of TIMM_REFUSALS names the feature, before any weight is read (they are not blamed)."""
+    args = dict(depth=2, embed_dim=32, num_heads=4, num_classes=5, img_size=32, patch_size=8)
+    reference = timm.create_model(architecture, pretrained=False, **{**args, **options})
+    save_for_hf(reference, tmp_path, safe_serialization=True)
+    with pytest.raises(NotImplementedError, match=f"^timm's .*{re.escape(TIMM_REFUSALS[key])}") as refused:
+        load_timm_checkpoint(tmp_path)
+    assert "vitrail cannot reproduce that, so nothing is converted" in str(refused.value)
 
 
-def test_gated_mlp_is_refused(tmp_path):
-    from timm.layers import SwiGLUPacked
+def test_hybrid_is_refused_by_name_through_from_pretrained(tmp_path):
+    """A hybrid's convolutional stem (MobileCLIP's) has BatchNorm counters, integer tensors: the stem is named, the
+    weights are not called damaged."""
+    reference = timm.create_model("vit_base_mci_224", pretrained=False, depth=1, num_classes=5, img_size=64)
+    assert any(v.dtype == torch.int64 for v in reference.state_dict().values())
+    save_for_hf(reference, tmp_path, safe_serialization=True)
+    with pytest.raises(NotImplementedError, match=re.escape(TIMM_REFUSALS["hybrid"])):
+        VitrailForImageClassification.from_pretrained(tmp_path)
 
-    reference = VisionTransformer(**{**TINY, "mlp_ratio": 2.0}, mlp_layer=SwiGLUPacked)
-    with pytest.raises(NotImplementedError, match="gated MLP"):
-        vitrail_config_from_timm(reference.state_dict(), num_heads=4)
+
+# (TIMM_REFUSALS key = the VitrailConfig field, timm options needing it)
+NEW_FIELDS = [
+    ("pre_norm", dict(pre_norm=True)),
+    ("final_norm", dict(final_norm=False)),
+    ("proj_bias", dict(proj_bias=False)),
+    ("mlp_norm", dict(scale_mlp_norm=True)),
+    ("attention_norm", dict(scale_attn_norm=True)),
+    ("map_intermediate_size", dict(global_pool="map", class_token=False)),
+    ("patch_embedding_norm", dict(embed_norm_layer="layernorm")),
+    ("norm_type", dict(norm_layer="rmsnorm")),
+]
 
 
-def test_unknown_tensor_is_named(tmp_path):
+@pytest.mark.parametrize("field, options", NEW_FIELDS, ids=[f[0] for f in NEW_FIELDS])
+def test_an_option_loads_once_vitrail_has_its_field(tmp_path, field, options):
+    """A timm option vitrail reproduces through a VitrailConfig field loads with parity where the field exists,
+    and is refused naming it where it does not."""
+    reference = make_timm(**options)
+    folder = save_folder(tmp_path, reference, timm_config(reference))
+    if field in VitrailConfig.__dataclass_fields__:
+        assert_parity(load_timm_checkpoint(folder), reference)
+    else:
+        with pytest.raises(NotImplementedError, match=re.escape(TIMM_REFUSALS[field])):
+            load_timm_checkpoint(folder)
+
+
+def test_without_timm_the_converter_asks_for_it(tmp_path, monkeypatch):
     reference = make_timm()
-    state = {**reference.state_dict(), "blocks.1.attn.mystery_scale": torch.ones(4)}
-    folder = save_folder(tmp_path, reference, timm_config(reference, num_heads=4), state=state)
-    with pytest.raises(ValueError, match="blocks.1.attn.mystery_scale"):
+    folder = save_folder(tmp_path, reference, timm_config(reference))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "timm" else find_spec(name, *a)
+    )
+    with pytest.raises(ImportError, match="pip install timm"):
         load_timm_checkpoint(folder)
 
 
-def test_non_square_grid_without_config_is_refused(tmp_path):
-    reference = make_timm(img_size=(16, 40))  # 2 x 5 patches + 1 class token = 11 positions, not a square
-    with pytest.raises(ValueError, match="input_size"):
-        vitrail_config_from_timm(reference.state_dict(), num_heads=4)
+def test_an_architecture_timm_does_not_know_is_named(tmp_path):
+    reference = make_timm()
+    config = {**timm_config(reference), "architecture": "vit_from_the_future_patch16"}
+    with pytest.raises(ValueError, match="has no architecture 'vit_from_the_future_patch16': upgrade timm"):
+        load_timm_checkpoint(save_folder(tmp_path, reference, config))
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (
+            lambda s: s.update({"blocks.1.attn.mystery_scale": torch.ones(4)}),
+            r"unexpected \['blocks.1.attn.myst",
+        ),
+        (lambda s: s.pop("blocks.1.attn.proj.bias"), r"missing \['blocks.1.attn.proj.bias'\]"),
+        (
+            lambda s: s.update(pos_embed=s["pos_embed"][:, 1:]),
+            r"pos_embed': \(\(1, 16, 32\), \(1, 17, 32\)\)",
+        ),
+    ],
+    ids=["unknown_tensor", "missing_tensor", "wrong_shape"],
+)
+def test_weights_that_are_not_timms_model_are_named(tmp_path, edit, match):
+    reference = make_timm()
+    state = dict(reference.state_dict())
+    edit(state)
+    with pytest.raises(ValueError, match=f"The weights are not those of timm's {ARCH}.*{match}"):
+        load_timm_checkpoint(save_folder(tmp_path, reference, timm_config(reference), state=state))
 
 
 def test_config_json_contradicting_the_weights_is_refused(tmp_path):
     reference = make_timm()
-    config = timm_config(reference, num_heads=4, embed_dim=64)
-    with pytest.raises(ValueError, match="embed_dim"):
+    config = timm_config(reference, embed_dim=64)
+    with pytest.raises(ValueError, match="model_args.*must be those the weights were saved with"):
         load_timm_checkpoint(save_folder(tmp_path, reference, config))
 
 
-def test_facts_are_read_from_the_tensors():
-    reference = make_timm(
-        reg_tokens=3, init_values=1e-6, qk_norm=True, qkv_bias=False, img_size=(16, 40), global_pool="avg"
-    )
-    assert TimmFacts.read(reference.state_dict()) == TimmFacts(
-        width=32, depth=2, patch=(8, 8), channels=3, mlp_width=37, num_classes=5, class_token=True,
-        distilled=False, registers=3, positions=2 * 5 + 4, fc_norm=True, qk_norm=True, qkv_bias=False,
-        layer_scale=True,
-    )  # fmt: skip
-
-
-@pytest.mark.parametrize(
-    "said, key",
-    [
-        ({"model_args": {"pre_norm": True}}, "pre_norm"),
-        ({"model_args": {"final_norm": False}}, "final_norm"),
-        ({"model_args": {"proj_bias": False}}, "proj_bias"),
-        ({"model_args": {"reg_tokens": 2}}, "reg_tokens"),
-        ({"model_args": {"patch_size": 16}}, "patch_size"),
-        ({"num_classes": 7}, "num_classes"),
-        ({"num_features": 64}, "num_features"),
-    ],
-)
-def test_config_json_is_reconciled_with_the_tensors(said, key):
-    """Whatever config.json says about an option the tensors show must agree with them, in one comparison."""
-    state = make_timm().state_dict()
-    timm_config = {**said, "model_args": {"num_heads": 4, **said.get("model_args", {})}}
-    with pytest.raises(ValueError, match=f"config.json says {key}=.*the weights say"):
-        vitrail_config_from_timm(state, timm_config=timm_config)
-
-
-def test_inconsistent_state_dicts_are_named_by_the_rename_engine(tmp_path):
-    """What the engine checks for every format is not checked again here, and is still refused by name."""
+def test_rename_engine_still_checks_every_tensor():
     reference = make_timm()
     state = reference.state_dict()
-    config = vitrail_config_from_timm(state, num_heads=4)
+    config = vitrail_config_from_timm(state, timm_config=timm_config(reference))
     both_norms = {**state, "fc_norm.weight": state["norm.weight"], "fc_norm.bias": state["norm.bias"]}
     with pytest.raises(ValueError, match=r"already filled: \['fc_norm.bias', 'fc_norm.weight'\]"):
         convert_timm_state_dict(both_norms, config)
-    gap = {k.replace("blocks.1.", "blocks.2."): v for k, v in state.items()}  # blocks 0 and 2
-    folder = save_folder(tmp_path, reference, timm_config(reference, num_heads=4), state=gap)
-    with pytest.raises(ValueError, match=r"missing \['vitrail.encoder.layers.1.attention.proj.bias'"):
-        load_timm_checkpoint(folder)
 
 
 def test_pickle_needs_allow_pickle(tmp_path):
     reference = make_timm(reg_tokens=1)
+    (tmp_path / "config.json").write_text(json.dumps(timm_config(reference)))
     file = tmp_path / "model.pth"
     torch.save({"state_dict": reference.state_dict()}, file)
     with pytest.raises(ValueError, match="allow_pickle"):
-        load_timm_checkpoint(file, num_heads=4)
-    model = load_timm_checkpoint(file, num_heads=4, allow_pickle=True)
-    pixels = pixels_for(reference)
-    assert (model_outputs(model, pixels) - timm_outputs(reference, pixels)).abs().max() <= TOLERANCE
+        load_timm_checkpoint(file)
+    assert_parity(load_timm_checkpoint(file, allow_pickle=True), reference)
     # A timm Hub folder with only pytorch_model.bin, through from_pretrained: the same policy.
     folder = tmp_path / "folder"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(timm_config(reference, num_heads=4, reg_tokens=1)))
+    (folder / "config.json").write_text(json.dumps(timm_config(reference)))
     torch.save(reference.state_dict(), folder / "pytorch_model.bin")
     with pytest.raises(ValueError, match="pytorch_model.bin is a pickle.*allow_pickle=True"):
         VitrailForImageClassification.from_pretrained(folder)
-    model = VitrailForImageClassification.from_pretrained(folder, allow_pickle=True)
-    assert (model_outputs(model, pixels) - timm_outputs(reference, pixels)).abs().max() <= TOLERANCE
+    assert_parity(VitrailForImageClassification.from_pretrained(folder, allow_pickle=True), reference)
 
 
-def test_convert_state_dict_direct(tmp_path):
+def test_convert_state_dict_direct():
     reference = make_timm(num_classes=0)
-    config = vitrail_config_from_timm(reference.state_dict(), num_heads=4)
+    config = vitrail_config_from_timm(reference.state_dict(), timm_config=timm_config(reference))
     converted = convert_timm_state_dict(reference.state_dict(), config, VitrailModel)
     assert "embeddings.cls_token" in converted and "layernorm.weight" in converted
     with pytest.raises(ValueError, match="no head"):
@@ -332,7 +356,7 @@ def test_reference_at_another_size_matches_set_image_size(tmp_path, options, cap
     once with the same antialiased bicubic: both give the same outputs at 48 x 56 px (6 x 7 patches vs 4 x 4)."""
     reference = make_timm(**options)
     with caplog.at_level(logging.INFO):
-        converted = open_source(save_folder(tmp_path, reference, timm_config(reference, num_heads=4)))
+        converted = open_source(save_folder(tmp_path, reference, timm_config(reference)))
     model = converted.model
     pixels = pixels_for(reference)
     assert (model_outputs(model, pixels) - converted.reference(pixels)).abs().max() <= TOLERANCE
@@ -342,11 +366,12 @@ def test_reference_at_another_size_matches_set_image_size(tmp_path, options, cap
     print(f"max abs diff at 48x56 {options}: {diff:.3e}")
     assert diff <= TOLERANCE
     assert converted.processor is not None
+    assert "read from its modules" in caplog.text
 
 
 def test_open_source_backbone_reference_is_forward_features(tmp_path):
     reference = make_timm(num_classes=0, global_pool="avg")
-    converted = open_source(save_folder(tmp_path, reference, timm_config(reference, num_heads=4)))
+    converted = open_source(save_folder(tmp_path, reference, timm_config(reference)))
     pixels = pixels_for(reference)
     want = timm_outputs(reference, pixels)
     assert converted.reference(pixels).shape == want.shape == (2, 17, 32)
@@ -355,23 +380,14 @@ def test_open_source_backbone_reference_is_forward_features(tmp_path):
 
 # ---- distilled DeiT (timm VisionTransformerDistilled) -------------------------------------------------------------
 
-DEIT_ARCH = "deit_tiny_distilled_patch16_224"  # timm's name; model_args shrink it to TINY
-TINY_ARGS = {k: v for k, v in TINY.items() if k != "num_classes"}
+DEIT_ARCH = "deit_tiny_distilled_patch16_224"
 
 
-def make_distilled(seed: int = 0, **options) -> VisionTransformerDistilled:
-    return make_timm(seed, cls=VisionTransformerDistilled, **options)
-
-
-@pytest.mark.parametrize(
-    "architecture", [DEIT_ARCH, UNKNOWN_ARCH], ids=["deit_tiny_distilled", "unknown_name"]
-)
-def test_distilled_deit_parity(tmp_path, architecture):
+def test_distilled_deit_parity(tmp_path):
     """Both heads land where timm has them: the logits are timm's eval-mode average, and each head alone matches
     timm's `head` / `head_dist` on its own token of timm's features."""
-    reference = make_distilled()
-    config = timm_config(reference, architecture, **TINY_ARGS)
-    converted = open_source(save_folder(tmp_path, reference, config))
+    reference = make_timm(architecture=DEIT_ARCH)
+    converted = open_source(save_folder(tmp_path, reference, timm_config(reference)))
     model = converted.model
     assert type(model) is VitrailForImageClassification
     assert model.config.use_distillation_token and model.config.prefix_position_embeddings == "all"
@@ -388,38 +404,30 @@ def test_distilled_deit_parity(tmp_path, architecture):
         "distillation_logits": (out.distillation_logits - want_dist).abs().max().item(),
         "reference": (out.logits - converted.reference(pixels)).abs().max().item(),
     }
-    print(f"distilled {architecture}: " + ", ".join(f"{k} {v:.3e}" for k, v in diffs.items()))
+    print("distilled: " + ", ".join(f"{k} {v:.3e}" for k, v in diffs.items()))
     assert max(diffs.values()) <= TOLERANCE
     assert (want - (want_cls + want_dist) / 2).abs().max() <= TOLERANCE  # timm's eval output is the average
-    vitrail_dist = model.vitrail.embeddings.distillation_token
-    assert torch.equal(vitrail_dist, reference.dist_token)
-    assert any("VisionTransformerDistilled" in n or "create_model" in n for n in converted.notes)
+    assert torch.equal(model.vitrail.embeddings.distillation_token, reference.dist_token)
 
 
 def test_distilled_backbone_is_a_vitrail_model(tmp_path):
-    reference = make_distilled(num_classes=0)
-    folder = save_folder(tmp_path, reference, timm_config(reference, DEIT_ARCH, **TINY_ARGS))
-    converted = open_source(folder)
+    reference = make_timm(architecture=DEIT_ARCH, num_classes=0)
+    converted = open_source(save_folder(tmp_path, reference, timm_config(reference)))
     model = converted.model
     assert type(model) is VitrailModel and model.config.use_distillation_token
     assert torch.equal(model.embeddings.distillation_token, reference.dist_token)
     pixels = pixels_for(reference)
     want = timm_outputs(reference, pixels)
     assert want.shape == (2, 18, 32)  # cls, dist, 16 patches
-    diff = (model_outputs(model, pixels) - want).abs().max().item()
-    print(f"distilled backbone: {diff:.3e}")
-    assert diff <= TOLERANCE
+    assert (model_outputs(model, pixels) - want).abs().max() <= TOLERANCE
     assert (converted.reference(pixels) - want).abs().max() <= TOLERANCE
-    # No config.json: everything is read off the tensors.
-    config = vitrail_config_from_timm(reference.state_dict(), num_heads=4)
-    assert config.use_distillation_token and config.num_labels == 0 and list(config.image_hw) == [32, 32]
 
 
 def test_distilled_reference_at_another_size(tmp_path):
     """VisionTransformerDistilled resamples its positions at run time with dynamic_img_size=True (cls and dist rows
     kept); vitrail's set_image_size does the same once."""
-    reference = make_distilled()
-    converted = open_source(save_folder(tmp_path, reference, timm_config(reference, **TINY_ARGS)))
+    reference = make_timm(architecture=DEIT_ARCH)
+    converted = open_source(save_folder(tmp_path, reference, timm_config(reference)))
     bigger = pixels_for(reference, (48, 56))
     converted.model.set_image_size((48, 56))
     diff = (model_outputs(converted.model, bigger) - converted.reference(bigger)).abs().max().item()
@@ -427,37 +435,12 @@ def test_distilled_reference_at_another_size(tmp_path):
     assert diff <= TOLERANCE
 
 
-def _drop(*keys):
-    return lambda state: [state.pop(k) for k in keys]
-
-
-def _norm_to_fc_norm(state):
-    state["fc_norm.weight"], state["fc_norm.bias"] = state.pop("norm.weight"), state.pop("norm.bias")
-
-
-@pytest.mark.parametrize(
-    "edit, error, match",
-    [
-        (_drop("head_dist.weight", "head_dist.bias"), ValueError, "head_dist"),
-        (_drop("dist_token"), ValueError, "dist_token"),
-        (lambda s: s.update(reg_token=torch.zeros(1, 2, 32)), NotImplementedError, "reg_token"),
-        (_norm_to_fc_norm, NotImplementedError, "fc_norm"),
-        (lambda s: s.update(pos_embed=s["pos_embed"][:, 2:]), NotImplementedError, "no_embed_class"),
-    ],
-    ids=["no_head_dist", "head_dist_without_token", "registers", "fc_norm", "no_embed_class"],
-)
-def test_distilled_inconsistencies_are_refused(edit, error, match):
-    state = dict(make_distilled().state_dict())
-    edit(state)
-    with pytest.raises(error, match=match):
-        vitrail_config_from_timm(state, timm_config={"model_args": {"num_heads": 4}})
-
-
-def test_distilled_architecture_must_match_the_weights(tmp_path):
-    reference = make_timm()
-    config = timm_config(reference, DEIT_ARCH, **TINY_ARGS)
-    with pytest.raises(ValueError, match="VisionTransformerDistilled"):
-        load_timm_checkpoint(save_folder(tmp_path, reference, config))
+def test_distilled_with_parts_timm_never_runs_is_refused(tmp_path):
+    """timm's VisionTransformerDistilled builds register tokens and fc_norm when asked, then never uses them;
+    vitrail would, so the logits would differ."""
+    reference = make_timm(architecture=DEIT_ARCH, reg_tokens=2)
+    with pytest.raises(NotImplementedError, match=re.escape(TIMM_REFUSALS["distilled_unused"])):
+        load_timm_checkpoint(save_folder(tmp_path, reference, timm_config(reference)))
 
 
 # ---- preprocessing ------------------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 - `vitrail.convert.hf`: transformers ViT, DeiT (plain and distilled), DINOv2 (with and without registers), in
   both key layouts transformers writes;
-- `vitrail.convert.timm`: timm `VisionTransformer` (and distilled DeiT) state dicts and Hub folders, with their
-  preprocessing;
+- `vitrail.convert.timm`: timm checkpoints (Hub folders and state dicts), read from the model timm builds for
+  their architecture, with their preprocessing;
 - `vitrail.convert.npz`: JAX `.npz` files of google-research/vision_transformer and big_vision.
 
 With vitrail installed, `VitrailForImageClassification.from_pretrained` & co. (`vitrail.loading`) call
@@ -33,7 +33,7 @@ from .hf import (
     vitrail_config_from_hf,
 )
 from .npz import load_npz_checkpoint, read_npz
-from .timm import is_timm_config, load_timm_checkpoint, timm_image_processor
+from .timm import check_timm_config, is_timm_config, load_timm_checkpoint, timm_image_processor
 
 logger = logging.getLogger("vitrail.convert")
 
@@ -125,6 +125,8 @@ def load_foreign_pretrained(cls, path_or_repo, config_dict: dict, *model_args, *
         source = load_npz_checkpoint(path_or_repo)
     elif timm or config_dict.get("model_type") in SUPPORTED_MODEL_TYPES:
         folder = resolve_folder(path_or_repo, allow_pickle=allow_pickle, **hub)
+        if timm:  # what vitrail cannot reproduce is refused by name before the weights are opened
+            check_timm_config(config_dict)
         check_weight_files(weight_files(folder, allow_pickle=allow_pickle))
         source = (load_timm_checkpoint if timm else load_hf_checkpoint)(folder, allow_pickle=allow_pickle)
     else:

@@ -1,28 +1,23 @@
-"""timm `VisionTransformer` checkpoints into vitrail.
+"""timm Vision Transformers into vitrail, read from the model timm itself builds.
 
-A timm checkpoint is a plain state dict (`cls_token`, `pos_embed`, `patch_embed.proj`, `blocks.N.attn.qkv`, ...),
-usually in a Hub folder next to a `config.json` such as
-`{"architecture": "vit_base_patch16_224.augreg2_in21k_ft_in1k", "num_classes": 1000, "global_pool": "token",
-"pretrained_cfg": {"input_size": [3, 224, 224], "crop_pct": 0.9, ...}, "label_names": [...], "model_args": {...}}`.
+A timm checkpoint on the Hub is a folder: config.json (`architecture`, `num_classes`, optional `model_args`,
+`pretrained_cfg`, `label_names`) and model.safetensors, the model's state dict. timm builds the model of that
+config on the meta device (`timm.create_model(architecture, pretrained=False, num_classes=..., **model_args)`: no
+memory, no download), and its modules say everything the conversion needs: the model class (`VisionTransformer`,
+its distilled DeiT, `Eva`, `Beit`, `VisionTransformerRelPos`), the block, attention and MLP types, every norm and
+its epsilon, the activation, biases, prefix tokens, positions (learned tables, rotary embeddings, relative position
+biases) and pooling. `vitrail_config_from_timm` reads them into a
+`VitrailConfig`; the weights must be exactly the state dict of that model (names and shapes), and `TIMM_RENAMES`
+moves them to vitrail's names.
 
-Almost the whole architecture is read off the tensors (`TimmFacts`): width, depth, patch size, MLP size, class,
-distillation and register tokens, position rows, `fc_norm`, `qk_norm`, LayerScale, biases. `vitrail_config_from_timm`
-reconciles these facts with everything else in one place: what config.json says about them must agree; what they
-cannot say (heads, pooling, image size and so whether prefix tokens own positions, activation, epsilon) comes, in
-order, from explicit arguments, the config.json, timm itself when it is installed and knows the architecture name
-(the model is built on the meta device and read), the name's size word (`vit_base_...` -> 12 heads, when the width
-agrees), and finally documented defaults -- each guess is logged.
+What vitrail cannot reproduce is refused before any weight is read, by the sentences of `TIMM_REFUSALS` naming
+each feature. A key of that table that is also a `VitrailConfig` field (`pre_norm`, `norm_type`, ...) names an
+option vitrail reproduces once the field exists: the refusal then lifts by itself, and the tensors already have
+their rows in `TIMM_RENAMES`.
 
-timm's distilled DeiT (`VisionTransformerDistilled`, e.g. `deit_base_distilled_patch16_224`) converts too: its
-`dist_token` becomes vitrail's distillation token (`use_distillation_token=True`, token order `[cls, distillation,
-patches]`, `pos_embed` rows for both tokens: `prefix_position_embeddings="all"`) and `head_dist` the
-`distillation_classifier`, so that the logits are timm's eval-mode average `(head(cls) + head_dist(dist)) / 2`. A
-distilled backbone (`num_classes=0`) becomes a `VitrailModel` that keeps the token.
-
-Every timm option vitrail cannot reproduce raises, naming the tensor or option: attention pooling
-(`global_pool="map"`), `pre_norm` (`norm_pre`), gated MLPs, `proj_bias=False`, a patch norm, `scale_attn_norm` /
-`scale_mlp_norm`, `final_norm=False`, max pooling, `pool_include_prefix`. Nothing that affects the outputs is
-dropped.
+timm's distilled DeiT (`VisionTransformerDistilled`) keeps its distillation token (`use_distillation_token=True`,
+positions for the class and distillation tokens) and `head_dist` becomes `distillation_classifier`, so that the
+logits are timm's eval-mode average of both heads.
 """
 
 from __future__ import annotations
@@ -31,34 +26,22 @@ import importlib.util
 import json
 import logging
 import math
-import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from ..configuration_vitrail import VARIANTS, VitrailConfig
+from ..configuration_vitrail import VitrailConfig
 from ..modeling_vitrail import VitrailForImageClassification, VitrailModel
-from .common import (
-    Converted,
-    Plan,
-    Refuse,
-    Rename,
-    describe,
-    grid_of_positions,
-    height_width,
-    in_layers,
-    layer_count,
-    read_weights,
-    refuse,
-)
+from .common import Converted, Plan, Rename, describe, in_layers, read_weights
 
 logger = logging.getLogger(__name__)
 
 # ---- tables ------------------------------------------------------------------------------------------------------
-# timm's fused qkv has rows [q; k; v] like vitrail's, so every tensor is copied as it is. Every tensor of a
-# supported timm VisionTransformer affects its outputs, so nothing is dropped.
+# timm's fused qkv has rows [q; k; v] like vitrail's; separate q/k/v projections are joined in that order, and
+# SwiGLU's separate gate (`fc1_g`) and value (`fc1_x`) projections become vitrail's fused `[gate; value]` fc1. Rows
+# for tensors of options a config does not build are never used.
 
 TIMM_RENAMES: tuple[Rename, ...] = (
     Rename("cls_token", "{backbone}embeddings.cls_token"),
@@ -66,77 +49,118 @@ TIMM_RENAMES: tuple[Rename, ...] = (
     Rename("reg_token", "{backbone}embeddings.register_tokens"),
     Rename("pos_embed", "{backbone}embeddings.position_embeddings"),
     Rename("patch_embed.proj.{p}", "{backbone}embeddings.patch_embeddings.projection.{p}"),
+    Rename("patch_embed.norm.{p}", "{backbone}embeddings.patch_embeddings.norm.{p}"),
+    Rename("norm_pre.{p}", "{backbone}embeddings.pre_norm.{p}"),
     *in_layers(
         "blocks.{n}.",
         (
             Rename("norm1.{p}", "norm1.{p}"),
             Rename("norm2.{p}", "norm2.{p}"),
             Rename("attn.qkv.{p}", "attention.qkv.{p}"),
+            Rename("attn.q_proj.{p}", "attention.qkv.{p}", slot=(0, 3)),
+            Rename("attn.k_proj.{p}", "attention.qkv.{p}", slot=(1, 3)),
+            Rename("attn.v_proj.{p}", "attention.qkv.{p}", slot=(2, 3)),
+            Rename("attn.q_bias", "attention.q_bias"),
+            Rename("attn.rope_freqs", "attention.rope_freqs"),
+            Rename("attn.relative_position_bias_table", "attention.relative_position_bias.table"),
+            *(
+                Rename(f"attn.rel_pos.mlp.{fc}.{{p}}", f"attention.relative_position_bias.mlp.{fc}.{{p}}")
+                for fc in ("fc1", "fc2")
+            ),
+            Rename("attn.v_bias", "attention.v_bias"),
             Rename("attn.q_norm.{p}", "attention.q_norm.{p}"),
             Rename("attn.k_norm.{p}", "attention.k_norm.{p}"),
+            Rename("attn.norm.{p}", "attention.norm.{p}"),
             Rename("attn.proj.{p}", "attention.proj.{p}"),
             Rename("ls1.gamma", "layer_scale1.scale"),
             Rename("ls2.gamma", "layer_scale2.scale"),
+            Rename("gamma_1", "layer_scale1.scale"),
+            Rename("gamma_2", "layer_scale2.scale"),
             Rename("mlp.fc1.{p}", "mlp.fc1.{p}"),
+            Rename("mlp.fc1_g.{p}", "mlp.fc1.{p}", slot=(0, 2)),
+            Rename("mlp.fc1_x.{p}", "mlp.fc1.{p}", slot=(1, 2)),
+            Rename("mlp.norm.{p}", "mlp.norm.{p}"),
             Rename("mlp.fc2.{p}", "mlp.fc2.{p}"),
         ),
+    ),
+    Rename("rel_pos_bias.relative_position_bias_table", "{backbone}encoder.relative_position_bias.table"),
+    *(
+        Rename(f"shared_rel_pos.mlp.{fc}.{{p}}", f"{{backbone}}encoder.relative_position_bias.mlp.{fc}.{{p}}")
+        for fc in ("fc1", "fc2")
     ),
     Rename("norm.{p}", "{backbone}layernorm.{p}"),
     Rename(
         "fc_norm.{p}",
         "{backbone}layernorm.{p}",
-        note="timm's fc_norm (final norm on the pooled vector) became vitrail's layernorm with use_fc_norm=True.",
+        note="timm's fc_norm (the final norm on the pooled vector) became vitrail's layernorm with use_fc_norm=True.",
+    ),
+    Rename("attn_pool.latent", "{backbone}attention_pool.latent"),
+    *(
+        Rename(f"attn_pool.{part}.{{p}}", f"{{backbone}}attention_pool.{part}.{{p}}")
+        for part in ("q", "kv", "proj", "norm", "mlp.fc1", "mlp.fc2")
     ),
     Rename("head.{p}", "classifier.{p}"),
     Rename("head_dist.{p}", "distillation_classifier.{p}"),
 )
 
-# Tensors of timm options vitrail has no counterpart for, refused before anything else is read so that the error
-# says what the tensor *is*, not only that it is unknown.
-TIMM_REFUSED: tuple[Refuse, ...] = (
-    Refuse(
-        "attn_pool.*",
-        "attention pooling (timm `global_pool='map'` / 'prr', as in SigLIP); vitrail pools with the class token "
-        "or a mean. Convert only the backbone by removing the attn_pool.* and head.* tensors and passing "
-        "global_pool='avg' (the pooled output then differs from timm's)",
-    ),
-    Refuse(
-        "norm_pre.*",
-        "a LayerNorm before the blocks (timm `pre_norm=True`, as in CLIP); vitrail has no pre-norm",
-    ),
-    Refuse("patch_embed.norm.*", "a LayerNorm inside the patch embedding (timm `embed_norm_layer`)"),
-    Refuse(
-        "blocks.{n}.attn.norm.*",
-        "a LayerNorm inside attention before its output projection (timm `scale_attn_norm=True`)",
-    ),
-    Refuse("blocks.{n}.mlp.norm.*", "a LayerNorm inside the MLP (timm `scale_mlp_norm=True`)"),
-    Refuse(
-        "blocks.{n}.mlp.fc1_*",
-        "a SwiGLU MLP with separate gate and value projections (timm `mlp_layer=SwiGLU`)",
-    ),
-)
-
-# Keys timm may put in config.json's `model_args` that this module understands; any other key raises.
-_KNOWN_MODEL_ARGS = {
-    "img_size", "patch_size", "in_chans", "num_classes", "global_pool", "embed_dim", "depth", "num_heads",
-    "mlp_ratio", "qkv_bias", "qk_norm", "proj_bias", "init_values", "class_token", "pos_embed", "no_embed_class",
-    "reg_tokens", "pre_norm", "final_norm", "fc_norm", "pool_include_prefix", "dynamic_img_size",
-    "dynamic_img_pad", "drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
-    "drop_path_rate", "weight_init", "fix_init",
-}  # fmt: skip
-
-# timm's size words and the vitrail variant each names (timm vision_transformer.py model definitions), for the
-# head count; the word is trusted only when the checkpoint's width is the variant's.
-TIMM_SIZE_WORDS = {"tiny": "Ti", "small": "S", "medium": "M", "base": "B", "large": "L", "huge": "H",
-                   "giant": "g", "gigantic": "G"}  # fmt: skip
-
-# vitrail's `hidden_act` -> timm's `act_layer`.
-_TIMM_ACTIVATIONS = {
-    "gelu": "gelu",
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "quick_gelu": "quick_gelu",
-    "silu": "silu",
+# Every timm feature vitrail does not reproduce, by the sentence that refuses it. A key that is a `VitrailConfig`
+# field names an option vitrail gains with that field (refused only while the field is missing, see the module
+# docstring); the other keys are refused for good.
+TIMM_REFUSALS: dict[str, str] = {
+    # options of the ViT families, each a VitrailConfig field
+    "pre_norm": "a norm on the token sequence before the first block (timm `pre_norm`, CLIP's `ln_pre`)",
+    "patch_embedding_bias": "a patch embedding without bias",
+    "patch_embedding_norm": "a norm on the patch embedding (timm `embed_norm_layer`, AIMv2)",
+    "final_norm": "no final norm (timm `final_norm=False`)",
+    "attention_norm": "a norm inside attention before its output projection (timm `scale_attn_norm`, EVA-02)",
+    "mlp_norm": "a norm inside the MLP before fc2 (timm `scale_mlp_norm`, EVA-02)",
+    "proj_bias": "an attention output projection without bias (timm `proj_bias=False`)",
+    "mlp_bias": "MLP layers without biases",
+    "key_bias": "query and value biases without a key bias (BEiT, EVA)",
+    "norm_type": "RMSNorm",
+    "map_intermediate_size": "attention pooling (a MAP head: a learned query attends over the tokens, as in SigLIP)",
+    "map_num_heads": "attention pooling with a head count other than the blocks' (timm `attn_pool_num_heads`)",
+    "rope_type": "rotary position embeddings (RoPE: EVA-02, DINOv3, Perception Encoder, timm's rope ViTs)",
+    "relative_position_bias": "a relative position bias in attention (BEiT, timm's relpos ViTs)",
+    "rope_kind": "rotary position embeddings of a kind vitrail lacks (in pixels, MRoPE, period bounds)",
+    "relative_position_kind": "a relative position bias of a kind vitrail lacks (timm's swin or rw MLP, bias table)",
+    # features outside what vitrail aims to reproduce
+    "hybrid": "a convolutional stem before the patch embedding (timm's hybrid ViTs)",
+    "sam": "SAM's image encoder (windowed attention with relative positions and a convolutional neck)",
+    "vlm": "a vision-language model's vision tower with its own patch-merging blocks (Qwen3-VL, DeepSeek, Gemma 4)",
+    "naflex": "NaFlexViT's variable-resolution patch embedding and position resampling",
+    "model_class": "a timm model class vitrail does not read",
+    "parallel": "attention and MLP run in parallel within a block (timm's parallel-scaling and parallel-things blocks)",
+    "post_norm": "norms after the residual branches (post-norm blocks)",
+    "diff_attention": "differential attention (timm `DiffAttention`)",
+    "gated_attention": "a sigmoid gate on the attention output (timm `gated` attention)",
+    "grouped_query": "grouped-query attention (fewer key/value heads than query heads)",
+    "head_dim": "attention heads whose widths do not add up to the model width",
+    "qkv_bias": "query, key and value biases of a pattern other than all, none, or query and value",
+    "mlp": "an MLP other than timm's `Mlp`, `SwiGLU` and `GluMlp`",
+    "gate_last": "a gated MLP whose gate is the second half of fc1 (timm `GluMlp(gate_last=True)`)",
+    "activation": "an MLP activation other than GELU, tanh GELU, QuickGELU, SiLU, ReLU and sigmoid",
+    "norm_kind": "a normalisation layer other than LayerNorm and RMSNorm",
+    "norm_bias": "a LayerNorm without bias",
+    "norm_eps": "norms with different epsilons",
+    "layer_scale": "LayerScale on one residual branch only",
+    "both_norms": "both a final norm on the tokens and another on the pooled vector",
+    "pool_max": "max pooling over tokens (timm `global_pool='max'` / `'avgmax'`)",
+    "pool_prefix": "average pooling that includes the class and register tokens (timm `pool_include_prefix`)",
+    "pool_map": "attention pooling other than one latent query over every token",
+    "pool_prr": "PRR attention pooling (timm `global_pool='prr'`)",
+    "pool_none": "a head on every token (timm `global_pool=''` with classes)",
+    "head": "a classification head other than one linear layer",
+    "positions": "a position table with rows for some of the prefix tokens only",
+    "distilled_unused": "a distilled DeiT with register tokens or fc_norm, which timm builds but never uses",
 }
+
+# timm's activation modules -> vitrail's `hidden_act` (transformers' ACT2FN names).
+_ACTIVATIONS = {"GELUTanh": "gelu_pytorch_tanh", "QuickGELU": "quick_gelu", "SiLU": "silu", "ReLU": "relu",
+                "Sigmoid": "sigmoid"}  # fmt: skip
+# timm's model classes `_read` reads, and others it names.
+_READ_CLASSES = ("VisionTransformer", "VisionTransformerDistilled", "Eva", "Beit", "VisionTransformerRelPos")
+_OTHER_CLASSES = {"VisionTransformerSAM": "sam", "NaFlexVit": "naflex"}
 _INTERPOLATIONS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 
 
@@ -150,250 +174,303 @@ def is_timm_config(config_dict: Mapping) -> bool:
     )
 
 
-# ---- what the tensors say --------------------------------------------------------------------------------------
+# ---- timm's model, read -----------------------------------------------------------------------------------------
 
 
-def _strip_wrapper(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop a `module.` (DataParallel) prefix that every key carries."""
-    if state and all(k.startswith("module.") for k in state):
-        return {k[len("module.") :]: v for k, v in state.items()}
-    return dict(state)
-
-
-def _refuse_unsupported(state: Mapping[str, torch.Tensor]) -> None:
-    """Refuse tensors of timm options vitrail cannot reproduce (`TIMM_REFUSED`, and those told by a missing tensor
-    or a shape) and state dicts timm cannot have written."""
-    refuse(state, TIMM_REFUSED, "timm checkpoint")
-    needed = ("patch_embed.proj.weight", "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.weight")
-    if any(name not in state for name in needed):
+def _model_args(timm_config: Mapping, state: Mapping | None = None, **overrides) -> tuple[str, dict]:
+    """The architecture and the `create_model` arguments that build the model of `timm_config`: its `model_args`,
+    its `num_classes` (else the weights' head rows, else 0), and `overrides` that are not None."""
+    architecture = timm_config.get("architecture")
+    if not architecture:
         raise ValueError(
-            "This is not a timm VisionTransformer state dict: `patch_embed.proj.weight` and `blocks.N.*` are "
-            f"expected; first keys: {sorted(state)[:8]}."
+            "A timm checkpoint is read through the model timm builds for it, which needs its architecture: put the "
+            "Hub folder's config.json (with `architecture`) next to the weights, or pass `architecture=`."
         )
-    if "blocks.0.attn.proj.bias" not in state:
-        raise NotImplementedError(
-            "`blocks.0.attn.proj.bias` is missing: the timm model was built with `proj_bias=False`; vitrail's "
-            "attention output projection always has a bias. (Zero biases would reproduce it: add "
-            "`blocks.N.attn.proj.bias = zeros` for every block if you want that.)"
+    args = dict(timm_config.get("model_args") or {})
+    if "num_classes" not in args and ("num_classes" in timm_config or state is not None):
+        head = (state or {}).get("head.weight")
+        args["num_classes"] = timm_config.get("num_classes", 0 if head is None else head.shape[0])
+    return architecture.split(".")[0], {**args, **{k: v for k, v in overrides.items() if v is not None}}
+
+
+def timm_model(architecture: str, args: Mapping) -> nn.Module:
+    """timm's model of `architecture` built with `args` on the meta device (no memory, no download)."""
+    if importlib.util.find_spec("timm") is None:
+        raise ImportError(
+            "Converting a timm checkpoint reads the model timm builds for it: `pip install timm`."
         )
-    if "norm.weight" not in state and "fc_norm.weight" not in state:
-        raise NotImplementedError(
-            "The checkpoint has neither `norm.*` nor `fc_norm.*`: the timm model was built with "
-            "`final_norm=False`; vitrail always applies a final LayerNorm."
-        )
-    fc1, fc2 = state["blocks.0.mlp.fc1.weight"], state["blocks.0.mlp.fc2.weight"]
-    if fc1.shape[0] != fc2.shape[1]:
-        raise NotImplementedError(
-            f"`blocks.0.mlp.fc1` makes {fc1.shape[0]} features but `fc2` reads {fc2.shape[1]}: a gated MLP "
-            "(timm `GluMlp` / `SwiGLUPacked`). vitrail has `mlp_type='swiglu'`, but timm's gate order and "
-            "activation cannot be confirmed from the weights, so this converter refuses it."
-        )
-    # A distillation token must come as timm's VisionTransformerDistilled builds it: with a second head exactly
-    # when there is a first one, the final norm on every token, and no register tokens.
-    if "head_dist.weight" in state and "dist_token" not in state:
-        raise ValueError(
-            "The checkpoint has `head_dist.*` but no `dist_token`: a distillation head needs timm's distillation "
-            "token (VisionTransformerDistilled), so this state dict is inconsistent."
-        )
-    if "dist_token" not in state:
-        return
-    if "head.weight" in state and "head_dist.weight" not in state:
-        raise ValueError(
-            "The checkpoint has `dist_token` and `head.*` but no `head_dist.*`; timm's VisionTransformerDistilled "
-            "always has both heads (or neither, with num_classes=0), so this state dict is inconsistent."
-        )
-    if "reg_token" in state:
-        raise NotImplementedError(
-            "The checkpoint has `dist_token` and `reg_token`: timm's VisionTransformerDistilled builds register "
-            "tokens with `reg_tokens=N` but never puts them into the sequence (its _pos_embed concatenates only "
-            "the class and distillation tokens), so vitrail's registers would change the outputs. Remove "
-            "`reg_token` if that is the model you mean."
-        )
-    if "fc_norm.weight" in state:
-        raise NotImplementedError(
-            "The checkpoint has `dist_token` and `fc_norm.*`: timm's VisionTransformerDistilled with fc_norm=True "
-            "never applies `fc_norm` (its forward_head reads tokens 0 and 1 without it), so the model has no final "
-            "norm; vitrail always applies one."
-        )
-
-
-@dataclass(frozen=True)
-class TimmFacts:
-    """The architecture of a timm VisionTransformer as its tensors give it (`TimmFacts.read`)."""
-
-    width: int
-    depth: int
-    patch: tuple[int, int]
-    channels: int
-    mlp_width: int
-    num_classes: int  # 0 without a head
-    class_token: bool
-    distilled: bool
-    registers: int
-    positions: int | None  # rows of pos_embed; None with timm pos_embed='none'
-    fc_norm: bool
-    qk_norm: bool
-    qkv_bias: bool
-    layer_scale: bool
-
-    @classmethod
-    def read(cls, state: Mapping[str, torch.Tensor]) -> TimmFacts:
-        """The facts of a state dict that `_refuse_unsupported` lets through."""
-        patch = state["patch_embed.proj.weight"]  # (width, channels, ph, pw)
-        return cls(
-            width=patch.shape[0],
-            depth=layer_count(state, "blocks.{n}.*"),
-            patch=tuple(patch.shape[2:]),
-            channels=patch.shape[1],
-            mlp_width=state["blocks.0.mlp.fc1.weight"].shape[0],
-            num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0,
-            class_token="cls_token" in state,
-            distilled="dist_token" in state,
-            registers=state["reg_token"].shape[1] if "reg_token" in state else 0,
-            positions=state["pos_embed"].shape[1] if "pos_embed" in state else None,
-            fc_norm="fc_norm.weight" in state,
-            qk_norm="blocks.0.attn.q_norm.weight" in state,
-            qkv_bias="blocks.0.attn.qkv.bias" in state,
-            layer_scale="blocks.0.ls1.gamma" in state,
-        )
-
-    @property
-    def prefix_tokens(self) -> int:
-        return int(self.class_token) + int(self.distilled) + self.registers
-
-    @property
-    def as_model_args(self) -> dict:
-        """The facts in the words of timm's config.json and `model_args` (pre_norm, final_norm and proj_bias: a
-        refused option's tensors would be there otherwise)."""
-        return {
-            "embed_dim": self.width,
-            "depth": self.depth,
-            "patch_size": self.patch,
-            "in_chans": self.channels,
-            "reg_tokens": self.registers,
-            "class_token": self.class_token,
-            "qk_norm": self.qk_norm,
-            "qkv_bias": self.qkv_bias,
-            "proj_bias": True,
-            "pre_norm": False,
-            "final_norm": True,
-            "num_classes": self.num_classes,
-            "num_features": self.width,
-        }
-
-
-# ---- what timm and config.json say -----------------------------------------------------------------------------
-
-
-def _timm_says(architecture: str | None, model_args: dict, state: Mapping, facts: TimmFacts) -> dict:
-    """What timm's own model of `architecture`, built on the meta device (no memory, no download), says that the
-    tensors cannot, in the words of `model_args` plus vitrail's `hidden_act` and `layer_norm_eps`; {} when timm is
-    not installed or does not know the name. Raises when that model uses a part vitrail cannot reproduce, or is
-    not of the kind the weights are."""
-    if not architecture or importlib.util.find_spec("timm") is None:
-        return {}
     import timm
-    from timm.layers import Mlp
-    from timm.models.deit import VisionTransformerDistilled
-    from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
     if not timm.is_model(architecture):
-        return {}
+        raise ValueError(
+            f"timm {timm.__version__} has no architecture {architecture!r}: upgrade timm (`pip install -U timm`), "
+            "or check config.json's `architecture`."
+        )
     try:
         with torch.device("meta"):
-            meta = timm.create_model(
-                architecture, pretrained=False, **{**model_args, "num_classes": facts.num_classes}
-            )
-    except (TypeError, RuntimeError, AssertionError) as error:  # model_args timm itself rejects
-        raise ValueError(
-            f"timm cannot build {architecture!r} with model_args {model_args}: {error}"
-        ) from error
-    if type(meta) not in (VisionTransformer, VisionTransformerDistilled):
-        raise NotImplementedError(
-            f"timm builds this architecture as {type(meta).__name__}; only VisionTransformer and "
-            "VisionTransformerDistilled convert."
-        )
-    if (type(meta) is VisionTransformerDistilled) != facts.distilled:
-        raise ValueError(
-            f"timm builds {architecture!r} as {type(meta).__name__}, but the weights "
-            f"{'have' if facts.distilled else 'have no'} `dist_token`: the config.json architecture does not "
-            "belong to these weights."
-        )
-    block = meta.blocks[0]
-    for part, got, want in (
-        ("block", block, Block),
-        ("attention", block.attn, Attention),
-        ("MLP", block.mlp, Mlp),
-    ):
-        if type(got) is not want:
-            raise NotImplementedError(
-                f"This timm architecture uses {type(got).__name__} as its {part}; vitrail reproduces only timm's "
-                f"{want.__name__}."
-            )
-    act = block.mlp.act
-    if isinstance(act, torch.nn.GELU):
-        hidden_act = "gelu" if act.approximate == "none" else "gelu_pytorch_tanh"
-    elif type(act).__name__ == "QuickGELU":
-        hidden_act = "quick_gelu"
-    elif isinstance(act, torch.nn.SiLU):
-        hidden_act = "silu"
+            return timm.create_model(architecture, pretrained=False, **args)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as error:  # model_args timm itself rejects
+        raise ValueError(f"timm cannot build {architecture!r} with {dict(args)}: {error}") from error
+
+
+def _size(pair) -> int | list[int]:
+    return int(pair[0]) if pair[0] == pair[1] else [int(n) for n in pair]
+
+
+def _present(module) -> bool:
+    return module is not None and not isinstance(module, nn.Identity)
+
+
+# The VitrailConfig fields of `TIMM_REFUSALS` at their defaults (today's vitrail); `_read` names them only when a
+# model needs another value.
+_FIELD_DEFAULTS = {"pre_norm": False, "patch_embedding_bias": True, "patch_embedding_norm": False,
+                   "final_norm": True, "attention_norm": False, "mlp_norm": False, "proj_bias": True,
+                   "mlp_bias": True, "key_bias": True, "norm_type": "layernorm"}  # fmt: skip
+
+
+def _activation(module) -> str | None:
+    """vitrail's `hidden_act` for timm's activation `module`, None for one vitrail lacks."""
+    if getattr(module, "approximate", "none") == "tanh":
+        return "gelu_pytorch_tanh"
+    return "gelu" if type(module).__name__ == "GELU" else _ACTIVATIONS.get(type(module).__name__)
+
+
+def _rope(model: nn.Module, attn: nn.Module) -> dict | None:
+    """The `rope_*` fields of timm's rotary embedding `model.rope` as `attn` applies it: {} without one, None for a
+    kind vitrail lacks. Eva builds EVA-02's and Perception Encoder's as `RotaryEmbeddingCat` on patch indices,
+    RoPE-Mixed's as `RotaryEmbeddingMixed` (learned frequencies), DINOv3's as `RotaryEmbeddingDinoV3`."""
+    rope = getattr(model, "rope", None)
+    if rope is None:
+        return {}
+    kind = type(rope).__name__
+    if kind == "RotaryEmbeddingCat" and rope.grid_type == "index" and not rope.linear_bands:
+        ref = rope.ref_feat_shape
+        fields = {
+            "rope_type": "axial",
+            "rope_offset": float(rope.grid_offset),
+            "rope_reference_grid": ref and list(ref),
+        }
+    elif kind == "RotaryEmbeddingMixed":
+        fields = {"rope_type": "mixed"}
+    elif kind == "RotaryEmbeddingDinoV3" and rope.temperature and rope.normalize_coords == "separate":
+        if rope.min_period is not None or rope.max_period is not None or rope.grid_offset:
+            return None
+        fields = {"rope_type": "axial", "rope_coordinates": "centered"}
     else:
-        raise NotImplementedError(f"The timm MLP activation {type(act).__name__} has no vitrail counterpart.")
-    norms = [block.norm1, block.norm2, block.attn.q_norm, meta.norm, meta.fc_norm]
-    norms = [m for m in norms if m is not None and not isinstance(m, torch.nn.Identity)]
-    if any(not isinstance(m, torch.nn.LayerNorm) for m in norms):
-        kinds = sorted({type(m).__name__ for m in norms})
-        raise NotImplementedError(
-            f"This timm architecture normalises with {kinds}; vitrail has only LayerNorm."
-        )
-    eps = {m.eps for m in norms}
-    if len(eps) != 1:
-        raise NotImplementedError(f"This timm architecture mixes LayerNorm epsilons {sorted(eps)}.")
-    want = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    if want != got:
-        differ = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
-        logger.warning(
-            "The weights differ from timm's %r built with model_args %s at %s; converting what the weights say.",
-            architecture,
-            model_args,
-            differ[:6],
-        )
+        return None
     return {
-        "num_heads": block.attn.num_heads,
-        "hidden_act": hidden_act,
-        "layer_norm_eps": eps.pop(),
-        "global_pool": meta.global_pool,
-        "pool_include_prefix": bool(getattr(meta, "pool_include_prefix", False)),
-        "dynamic_img_size": bool(getattr(meta, "dynamic_img_size", False)),
-        "dynamic_img_pad": bool(getattr(meta.patch_embed, "dynamic_img_pad", False)),
-        "img_size": tuple(meta.patch_embed.img_size),
+        **fields,
+        "rope_theta": float(rope.temperature),
+        "rope_axis_order": "yx" if rope.grid_indexing == "ij" else "xy",
+        "rope_layout": "half" if getattr(attn, "rotate_half", False) else "interleaved",
+        **{
+            f"rope_train_{name}": getattr(rope, f"{name}_coords", None)
+            for name in ("shift", "jitter", "rescale")
+        },
     }
 
 
-def _heads_from_name(architecture: str | None, width: int) -> int | None:
-    match = re.match(r"(?:vit|deit3?|eva)_([a-z]+)_", architecture or "")
-    if not match or match.group(1) not in TIMM_SIZE_WORDS:
+def _relative_position(model: nn.Module, attn: nn.Module) -> dict | None:
+    """The `relative_position_bias*` fields of BEiT's tables and timm's relpos MLPs, per layer or shared: {}
+    without one, None for a kind vitrail lacks."""
+    shared_table = getattr(model, "rel_pos_bias", None)
+    if shared_table is not None or getattr(attn, "relative_position_bias_table", None) is not None:
+        return {"relative_position_bias": "table", "relative_position_bias_shared": shared_table is not None}
+    shared = getattr(model, "shared_rel_pos", None)
+    module = shared if shared is not None else getattr(attn, "rel_pos", None)
+    if module is None:
+        return {}
+    if type(module).__name__ != "RelPosMlp" or module.mode != "cr":
         return None
-    size_width, _, heads, _ = VARIANTS[TIMM_SIZE_WORDS[match.group(1)]]
-    if size_width != width:
-        logger.warning(
-            "The architecture name %r says %r (width %d), but the weights are %d wide; not trusting the name for "
-            "the head count.",
-            architecture,
-            match.group(1),
-            size_width,
-            width,
+    return {
+        "relative_position_bias": "mlp",
+        "relative_position_bias_shared": shared is not None,
+        "relative_position_bias_hidden_size": module.mlp.fc1.out_features,
+    }
+
+
+def _read(model: nn.Module) -> tuple[dict, list[str]]:
+    """The `VitrailConfig` fields that reproduce timm's `model`, and the `TIMM_REFUSALS` keys of what vitrail does
+    not reproduce (fields that are such keys count only while `VitrailConfig` lacks them)."""
+    kind = type(model).__name__
+    if kind in _OTHER_CLASSES or kind.startswith(("Qwen3", "Deepseek", "Gemma4")):
+        return {}, [_OTHER_CLASSES.get(kind, "vlm")]
+    if kind not in _READ_CLASSES:
+        return {}, ["model_class"]
+    from timm.layers import AttentionPoolLatent, GluMlp, Mlp, PatchEmbed, SwiGLU
+
+    patch, blocks = model.patch_embed, list(model.blocks)
+    if type(patch) is not PatchEmbed:
+        return {}, ["hybrid" if hasattr(patch, "backbone") else "model_class"]
+    for word, key in (("Parallel", "parallel"), ("Post", "post_norm")):
+        if word in type(blocks[0]).__name__:
+            return {}, [key]
+    block, attn_pool = blocks[0], getattr(model, "attn_pool", None)
+    attn, mlp, heads = block.attn, block.mlp, block.attn.num_heads
+
+    # Query, key and value biases: timm's fused qkv, separate projections, or EVA's and BEiT's q_bias and v_bias.
+    if getattr(attn, "qkv", None) is None:
+        biases = tuple(getattr(attn, f"{x}_proj").bias is not None for x in "qkv")
+    elif getattr(attn, "q_bias", None) is not None:
+        biases = (True, False, getattr(attn, "v_bias", None) is not None)
+    else:
+        biases = (attn.qkv.bias is not None,) * 3
+    # The MLP: timm's Mlp, SwiGLU with separate gate and value (fc1_g, fc1_x), or GluMlp packing both in fc1.
+    fc1 = mlp.fc1_g if isinstance(mlp, SwiGLU) else getattr(mlp, "fc1", None)
+    gated = isinstance(mlp, (SwiGLU, GluMlp))
+    hidden_act = _activation(getattr(mlp, "act", None))
+    # Every norm: one kind, one epsilon.
+    places = [block.norm1, block.norm2, getattr(attn, "q_norm", None), getattr(attn, "norm", None),
+              getattr(mlp, "norm", None), patch.norm, getattr(model, "norm_pre", None), model.norm,
+              getattr(model, "fc_norm", None), getattr(attn_pool, "norm", None)]  # fmt: skip
+    norms = [m for m in places if _present(m)]
+    layer_norms = all(isinstance(m, nn.LayerNorm) for m in norms)
+    rms_norms = all(type(m).__name__ in ("RmsNorm", "RMSNorm") for m in norms)
+    eps = {float(m.eps) for m in norms}
+    # LayerScale: timm's `ls1.gamma`, Eva's and BEiT's `gamma_1`.
+    scales = [
+        _present(getattr(block, f"ls{i}", None)) or getattr(block, f"gamma_{i}", None) is not None
+        for i in (1, 2)
+    ]
+    init_values = getattr(getattr(block, "ls1", block), "init_values", None)
+    # Prefix tokens and the rows of the position table they own.
+    cls_token = getattr(model, "cls_token", None) is not None
+    distilled = getattr(model, "dist_token", None) is not None
+    registers = 0 if getattr(model, "reg_token", None) is None else model.reg_token.shape[1]
+    prefix = int(cls_token) + int(distilled) + registers
+    positions = getattr(model, "pos_embed", None)
+    rows = 0 if positions is None else positions.shape[1] - patch.num_patches
+    prefix_positions = (
+        "none" if rows == 0 else {prefix: "cls" if prefix == 1 and cls_token else "all"}.get(rows)
+    )
+    # The final norm, the pooling and the heads.
+    norm, fc_norm = _present(model.norm), _present(getattr(model, "fc_norm", None))
+    pool, num_classes = model.global_pool, getattr(model, "num_classes", 0)
+    include_prefix = prefix and getattr(model, "pool_include_prefix", False)
+    latent = isinstance(attn_pool, AttentionPoolLatent)
+    map_other = latent and (  # vitrail's MAP head: one latent query, the blocks' activation, biased linears
+        attn_pool.latent_len != 1
+        or attn_pool.pos_embed is not None
+        or _present(attn_pool.q_norm)
+        or _activation(attn_pool.mlp.act) != hidden_act
+        or any(m.bias is None for m in (attn_pool.q, attn_pool.kv, attn_pool.proj, attn_pool.mlp.fc1))
+        or (
+            kind != "Eva" and prefix and not include_prefix
+        )  # over every token; timm's ViT pools only patches
+    )
+    heads_linear = all(
+        isinstance(h, (nn.Linear, nn.Identity))
+        for h in (model.head, getattr(model, "head_dist", None))
+        if h is not None
+    )
+
+    rope, relative = _rope(model, attn), _relative_position(model, attn)
+    lacks = {
+        "diff_attention": type(attn).__name__ == "DiffAttention",
+        "head_dim": attn.proj.in_features != model.embed_dim,
+        "gated_attention": getattr(attn, "gate", None) is not None,
+        "grouped_query": any(getattr(b.attn, "num_kv_heads", heads) != heads for b in blocks),
+        "qkv_bias": len(set(biases)) > 1 and biases != (True, False, True),
+        "rope_kind": rope is None,
+        "relative_position_kind": relative is None,
+        "mlp": not isinstance(mlp, (Mlp, SwiGLU, GluMlp)),
+        "gate_last": isinstance(mlp, GluMlp) and mlp.gate_last,
+        "activation": hidden_act is None,
+        "mlp_bias": fc1 is not None and (fc1.bias is None) != (mlp.fc2.bias is None),
+        "norm_kind": not layer_norms and not rms_norms,
+        "norm_bias": layer_norms and any(m.bias is None for m in norms),
+        "norm_eps": len(eps) > 1,
+        "layer_scale": scales[0] != scales[1],
+        "positions": prefix_positions is None,
+        "both_norms": norm and fc_norm,
+        "pool_map": map_other,
+        "pool_prr": (attn_pool is not None and not latent) or pool == "prr",
+        "pool_max": pool in ("max", "avgmax"),
+        "pool_prefix": pool == "avg" and include_prefix,
+        "pool_none": pool == "" and num_classes > 0 and attn_pool is None,
+        "head": not heads_linear,
+        "distilled_unused": distilled and (registers or fc_norm),
+    }
+    if lacks["mlp"]:
+        return {}, ["mlp"]
+    options = {
+        "pre_norm": _present(getattr(model, "norm_pre", None)),
+        "patch_embedding_bias": patch.proj.bias is not None,
+        "patch_embedding_norm": _present(patch.norm),
+        "final_norm": norm or fc_norm,
+        "attention_norm": _present(getattr(attn, "norm", None)),
+        "mlp_norm": _present(getattr(mlp, "norm", None)),
+        "proj_bias": attn.proj.bias is not None,
+        "mlp_bias": fc1.bias is not None,
+        "key_bias": biases != (True, False, True),
+        "norm_type": "rmsnorm" if rms_norms and norms else "layernorm",
+    }
+    fields = {key: value for key, value in options.items() if value != _FIELD_DEFAULTS[key]}
+    if latent:
+        fields.update(pooling="map", map_intermediate_size=attn_pool.mlp.fc1.out_features)
+        if attn_pool.num_heads != heads:
+            fields["map_num_heads"] = attn_pool.num_heads
+    fields.update({**(rope or {}), **(relative or {})})
+    fields.update(
+        hidden_size=model.embed_dim,
+        num_hidden_layers=len(blocks),
+        num_attention_heads=heads,
+        intermediate_size=fc1.out_features // 2 if isinstance(mlp, GluMlp) else fc1.out_features,
+        hidden_act=hidden_act or "gelu",
+        mlp_type="swiglu" if gated else "mlp",
+        layer_norm_eps=min(eps, default=1e-6),
+        image_size=_size(patch.img_size),
+        patch_size=_size(patch.patch_size),
+        num_channels=patch.proj.in_channels,
+        encoder_stride=patch.patch_size[0],
+        qkv_bias=biases[0],
+        qk_norm=_present(getattr(attn, "q_norm", None)),
+        pooling=fields.get("pooling")
+        or {"token": "cls", "avg": "mean"}.get(pool, "cls" if cls_token else "mean"),
+        use_cls_token=cls_token,
+        use_distillation_token=distilled,
+        num_register_tokens=registers,
+        position_embedding_type="none" if positions is None else "learned",
+        prefix_position_embeddings=prefix_positions or "none",
+        use_fc_norm=fc_norm,
+        # Only the initial value of new LayerScale vectors; the converted ones are loaded.
+        layer_scale_init_value=(init_values or 1e-5) if scales[0] else None,
+        dynamic_image_size=bool(getattr(model, "dynamic_img_size", False)),
+        position_interpolation="bicubic_antialias",  # timm's resample_abs_pos_embed
+        num_labels=num_classes,
+    )
+    return fields, [key for key, lacking in lacks.items() if lacking]
+
+
+def _refuse(model: nn.Module, architecture: str, fields: dict, lacks: list[str]) -> None:
+    """Raise `NotImplementedError` naming every feature of timm's `model` vitrail does not reproduce."""
+    missing = [k for k in fields if k in TIMM_REFUSALS and k not in VitrailConfig.__dataclass_fields__]
+    keys = list(dict.fromkeys(lacks + missing))
+    if keys:
+        raise NotImplementedError(
+            f"timm's {architecture} ({type(model).__name__}) has {'; and '.join(TIMM_REFUSALS[k] for k in keys)}. "
+            "vitrail cannot reproduce that, so nothing is converted."
         )
-        return None
-    logger.info("num_heads=%d from the size word %r of %r.", heads, match.group(1), architecture)
-    return heads
 
 
-def _labels(timm_config: dict, num_classes: int) -> dict[int, str]:
+def _fit(model: nn.Module, architecture: str, args: Mapping, state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse weights that are not exactly the state dict of timm's model (names and shapes)."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if want != got:
+        differ = {k: (got[k], want[k]) for k in set(got) & set(want) if got[k] != want[k]}
+        raise ValueError(
+            f"The weights are not those of timm's {architecture} built with {dict(args)}: missing "
+            f"{sorted(set(want) - set(got))[:8]}, unexpected {sorted(set(got) - set(want))[:8]}, shapes (weights, "
+            f"model) {dict(sorted(differ.items())[:8])}. config.json's `architecture` and `model_args` must be "
+            "those the weights were saved with."
+        )
+
+
+def _labels(timm_config: Mapping, num_classes: int) -> dict[int, str]:
     names = timm_config.get("label_names")
     if names and len(names) == num_classes:
-        return dict(enumerate(names))
+        return dict(enumerate(names)) if isinstance(names, list) else {int(k): v for k, v in names.items()}
     if names:
         logger.warning(
             "config.json has %d label_names for %d classes; using LABEL_i.", len(names), num_classes
@@ -401,47 +478,54 @@ def _labels(timm_config: dict, num_classes: int) -> dict[int, str]:
     return {i: f"LABEL_{i}" for i in range(num_classes)}
 
 
-def _pooling(candidates, facts: TimmFacts) -> str:
-    """vitrail's `pooling` for timm's global_pool, the first of `candidates` that is not None (the argument,
-    config.json, model_args, timm's model); with none, a guess from the tensors (logged). fc_norm works with either
-    pooling: vitrail's `use_fc_norm` normalises whatever vector is pooled, as timm's `fc_norm` does."""
-    has_cls, has_fc_norm, num_classes = facts.class_token, facts.fc_norm, facts.num_classes
-    pool = next((c for c in candidates if c is not None), None)
-    if pool is None:
-        pool = "token" if has_cls and not has_fc_norm else "avg"
-        if has_cls and num_classes:
-            logger.warning(
-                "No config.json names timm's global_pool; guessing %r from the tensors (fc_norm %s). Token and "
-                "average pooling use the same tensors: pass global_pool= if the guess is wrong.",
-                pool,
-                "present" if has_fc_norm else "absent",
-            )
-    if pool in ("map", "prr"):
-        raise NotImplementedError(
-            f"timm global_pool={pool!r} is attention pooling (an attn_pool module); vitrail pools with the class "
-            "token or a mean."
-        )
-    if pool in ("avgmax", "max"):
-        raise NotImplementedError(
-            f"timm global_pool={pool!r} takes a maximum over tokens; vitrail pools with the class token ('token') "
-            "or the mean of the patch tokens ('avg')."
-        )
-    if pool not in ("token", "avg", ""):
-        raise ValueError(f"Unknown timm global_pool {pool!r}.")
-    if pool == "" and num_classes:
-        raise NotImplementedError(
-            "timm global_pool='' with a head classifies every token separately; vitrail's head reads one pooled "
-            "vector. Pass global_pool='token' or 'avg' if the head was trained on one of those."
-        )
-    if pool == "token" and not has_cls:
-        raise ValueError("global_pool='token' needs a class token, but the checkpoint has no `cls_token`.")
-    if facts.distilled and pool not in ("token", ""):
-        raise ValueError(
-            f"global_pool={pool!r}, but timm's VisionTransformerDistilled reads the class and distillation "
-            "tokens (it accepts only global_pool='token')."
-        )
-    # global_pool="" (no head): the pooled output is not timm's anyway; pool as timm's default head would.
-    return {"token": "cls", "avg": "mean"}.get(pool, "cls" if has_cls else "mean")
+def _config(
+    timm_config: Mapping, weights: Callable[[], dict], id2label: Mapping[int, str] | None = None, **overrides
+) -> tuple[VitrailConfig, dict[str, torch.Tensor]]:
+    """The config of timm's model for `timm_config`, refusing what vitrail does not reproduce before `weights()`
+    is called (unless the head size must be read from them), and the weights, checked against that model."""
+    said = "num_classes" in timm_config or "num_classes" in (timm_config.get("model_args") or {})
+    state = None if said else weights()
+    architecture, args = _model_args(timm_config, state, **overrides)
+    model = timm_model(architecture, args)
+    fields, lacks = _read(model)
+    _refuse(model, architecture, fields, lacks)
+    state = weights() if state is None else state
+    _fit(model, architecture, args, state)
+    num_classes = fields.pop("num_labels")
+    if id2label is not None and len(id2label) != num_classes:
+        raise ValueError(f"id2label has {len(id2label)} labels, the head {num_classes} classes.")
+    id2label = {int(k): str(v) for k, v in (id2label or _labels(timm_config, num_classes)).items()}
+    labels = (
+        {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+        if id2label
+        else {"num_labels": 0}
+    )
+    logger.info("timm's %s (%s) read from its modules.", architecture, type(model).__name__)
+    return VitrailConfig(**fields, **labels), state
+
+
+def _unwrapped(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` without a `module.` (DataParallel) prefix on every key."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module.") :]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _plan(state: Mapping[str, torch.Tensor], config: VitrailConfig) -> Plan:
+    """The conversion of `state`, first reshaped where one timm tensor is not one vitrail tensor: RoPE-Mixed's
+    frequencies of every layer split per layer, and EVA's separate query and value biases (`q_proj.bias`,
+    `v_proj.bias`, no key bias) named as in its fused layout (`q_bias`, `v_bias`); `TIMM_RENAMES` does the rest."""
+    state = dict(state)
+    if (
+        "rope.freqs" in state
+    ):  # RoPE-Mixed's frequencies, (2, depth, heads, head_dim / 2): one slice per layer
+        for n, freqs in enumerate(state.pop("rope.freqs").unbind(1)):
+            state[f"blocks.{n}.attn.rope_freqs"] = freqs
+    for name in [k for k in state if k.endswith(".attn.q_proj.bias")]:
+        stem = name[: -len("q_proj.bias")]
+        if f"{stem}k_proj.bias" not in state:
+            state[f"{stem}q_bias"], state[f"{stem}v_bias"] = state.pop(name), state.pop(f"{stem}v_proj.bias")
+    return Plan(state, config, head=config.num_labels > 0, rows=TIMM_RENAMES, source_name="timm checkpoint")
 
 
 def vitrail_config_from_timm(
@@ -452,169 +536,34 @@ def vitrail_config_from_timm(
     global_pool: str | None = None,
     id2label: Mapping[int, str] | None = None,
 ) -> VitrailConfig:
-    """The `VitrailConfig` reproducing a timm `VisionTransformer` state dict.
+    """The `VitrailConfig` reproducing the timm model of `timm_config` (the Hub folder's config.json; at least its
+    `architecture`), whose weights `state_dict` must be.
 
-    `timm_config` is the Hub folder's config.json (optional; it supplies the head count, pooling, image size and
-    label names the tensors cannot). `num_heads` and `global_pool` ("token" or "avg") override it. Labels come
-    from `label_names` unless `id2label` is given; a checkpoint without a head gives `num_labels=0`. Raises
-    `NotImplementedError` for timm options vitrail cannot reproduce and `ValueError` when something needed is
-    unknown or the inputs disagree.
+    `num_heads` and `global_pool` override `model_args` (timm's own arguments). Labels come from `label_names`
+    unless `id2label` is given; a model without a head gives `num_labels=0`. Raises `NotImplementedError` naming
+    the features vitrail does not reproduce (`TIMM_REFUSALS`), `ValueError` when the weights are not that model's,
+    `ImportError` without timm.
     """
-    state = _strip_wrapper(state_dict)
-    _refuse_unsupported(state)
-    facts = TimmFacts.read(state)
-    timm_config = dict(timm_config or {})
-    model_args = dict(timm_config.get("model_args") or {})
-    unknown = sorted(set(model_args) - _KNOWN_MODEL_ARGS)
-    if unknown:
-        raise NotImplementedError(
-            f"config.json model_args {unknown} are timm options this converter does not know how to reproduce; "
-            f"understood are {sorted(_KNOWN_MODEL_ARGS)}."
-        )
-    architecture = timm_config.get("architecture")
-    meta = _timm_says(architecture, model_args, state, facts)
-    if not meta:
-        logger.info(
-            "timm does not describe the architecture %r here (not named, timm not installed, or a name timm does not "
-            "know); assuming timm's VisionTransformer defaults: exact GELU and LayerNorm eps 1e-6.",
-            architecture,
-        )
-
-    # What config.json says must be what the weights say.
-    said = {
-        **model_args,
-        "patch_size": height_width(model_args.get("patch_size")),
-        "num_classes": timm_config.get("num_classes"),
-        "num_features": timm_config.get("num_features"),
-    }
-    for key, value in facts.as_model_args.items():
-        if said.get(key) is not None and said[key] != value:
-            raise ValueError(f"config.json says {key}={said[key]}, the weights say {value}.")
-    if "mlp_ratio" in model_args and int(facts.width * model_args["mlp_ratio"]) != facts.mlp_width:
-        raise ValueError(
-            f"config.json mlp_ratio={model_args['mlp_ratio']} does not give the MLP width {facts.mlp_width}."
-        )
-
-    # What the weights cannot say: the argument first, then config.json, timm's own model, the name, defaults.
-    def option(key: str, default=None):
-        return model_args.get(key, meta.get(key, default))
-
-    heads = num_heads or option("num_heads") or _heads_from_name(architecture, facts.width)
-    if not heads:
-        raise ValueError(
-            f"The number of attention heads cannot be read from the weights (width {facts.width}): pass "
-            "`num_heads=` (`--num-heads` on the command line), or put timm's config.json with "
-            "`architecture` / `model_args.num_heads` next to the weights."
-        )
-    pooling = _pooling([global_pool, timm_config.get("global_pool"), option("global_pool")], facts)
-    if option("pool_include_prefix") and pooling == "mean":
-        raise NotImplementedError(
-            "timm pool_include_prefix=True averages the class/register tokens too; vitrail's mean pooling reads "
-            "only the patch tokens."
-        )
-    dynamic_size = bool(option("dynamic_img_size", False))
-    if option("dynamic_img_pad") and not dynamic_size:
-        raise NotImplementedError(
-            "timm dynamic_img_pad=True without dynamic_img_size pads inputs of the native size only; vitrail pads "
-            "when `dynamic_image_size=True`. Rebuild the timm model with dynamic_img_size=True to compare."
-        )
-
-    sizes = [
-        height_width(model_args.get("img_size")),
-        height_width((timm_config.get("pretrained_cfg") or {}).get("input_size")),
+    state = _unwrapped(state_dict)
+    return _config(timm_config or {}, lambda: state, id2label, num_heads=num_heads, global_pool=global_pool)[
+        0
     ]
-    sizes = [s for s in (*sizes, meta.get("img_size")) if s is not None]
-    if facts.positions is not None:
-        (height, width), prefix_rows = grid_of_positions(
-            facts.positions,
-            [facts.prefix_tokens, 0] if facts.prefix_tokens else [0],
-            facts.patch,
-            sizes,
-            name="`pos_embed`",
-            hint="put timm's config.json (with `pretrained_cfg.input_size` or `model_args.img_size`) next to the "
-            "weights",
-        )
-        no_embed_class = prefix_rows == 0
-    elif sizes:
-        (height, width), no_embed_class = sizes[0], True
-    else:
-        raise ValueError(
-            "The checkpoint has no `pos_embed` (timm pos_embed='none'), so its image size cannot be read from "
-            "the weights: put timm's config.json (with pretrained_cfg.input_size) next to them."
-        )
-    if model_args.get("no_embed_class", no_embed_class) != no_embed_class and facts.positions is not None:
-        raise ValueError(
-            f"config.json says no_embed_class={model_args['no_embed_class']}, but pos_embed has "
-            f"{facts.positions} rows for {facts.prefix_tokens} prefix token(s) and a {height}x{width} image."
-        )
-    if facts.distilled and no_embed_class:
-        raise NotImplementedError(
-            f"`pos_embed` has {facts.positions or 'no'} rows for a {height}x{width} image: the class and distillation "
-            "tokens own no position (timm no_embed_class=True or pos_embed='none'), a model timm's "
-            "VisionTransformerDistilled cannot run, so there is nothing to check a conversion against."
-        )
-
-    if id2label is not None and len(id2label) != facts.num_classes:
-        raise ValueError(f"id2label has {len(id2label)} labels, the head {facts.num_classes} classes.")
-    if id2label is None:
-        id2label = _labels(timm_config, facts.num_classes) if facts.num_classes else {}
-    id2label = {int(k): str(v) for k, v in id2label.items()}
-    labels = (
-        {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
-        if id2label
-        else {"num_labels": 0}
-    )
-    # no_embed_class is also true without positions or without prefix tokens.
-    if no_embed_class:
-        prefix_positions = "none"
-    else:
-        prefix_positions = "cls" if facts.prefix_tokens == 1 and facts.class_token else "all"
-    return VitrailConfig(
-        hidden_size=facts.width,
-        num_hidden_layers=facts.depth,
-        num_attention_heads=heads,
-        intermediate_size=facts.mlp_width,
-        hidden_act=meta.get("hidden_act", "gelu"),
-        layer_norm_eps=meta.get("layer_norm_eps", 1e-6),
-        image_size=height if height == width else [height, width],
-        patch_size=facts.patch[0] if facts.patch[0] == facts.patch[1] else list(facts.patch),
-        num_channels=facts.channels,
-        qkv_bias=facts.qkv_bias,
-        encoder_stride=facts.patch[0],
-        pooling=pooling,
-        use_cls_token=facts.class_token,
-        use_distillation_token=facts.distilled,
-        num_register_tokens=facts.registers,
-        position_embedding_type="none" if facts.positions is None else "learned",
-        prefix_position_embeddings=prefix_positions,
-        use_fc_norm=facts.fc_norm,
-        # Only the initial value of new LayerScale vectors; the converted ones are loaded.
-        layer_scale_init_value=(model_args.get("init_values") or 1e-5) if facts.layer_scale else None,
-        qk_norm=facts.qk_norm,
-        dynamic_image_size=dynamic_size,
-        position_interpolation="bicubic_antialias",
-        **labels,
-    )
 
 
-def _plan(state: Mapping[str, torch.Tensor], config: VitrailConfig) -> Plan:
-    return Plan(
-        state,
-        config,
-        head="head.weight" in state,
-        rows=TIMM_RENAMES,
-        source_name="timm VisionTransformer checkpoint",
-    )
+def check_timm_config(timm_config: Mapping) -> None:
+    """Refuse, before any weight is read, a timm config.json whose model vitrail does not reproduce (a hybrid's
+    BatchNorm counters, for one, are not weights to check)."""
+    architecture, args = _model_args(timm_config)
+    model = timm_model(architecture, args)
+    _refuse(model, architecture, *_read(model))
 
 
 def convert_timm_state_dict(
     state_dict: Mapping[str, torch.Tensor], config: VitrailConfig, target_cls=None
 ) -> dict[str, torch.Tensor]:
-    """Rename a timm VisionTransformer state dict to vitrail's names for `target_cls` (default: the classifier
-    when there is a `head`, else `VitrailModel`), checking every tensor (see `rename_state_dict`)."""
-    state = _strip_wrapper(state_dict)
-    _refuse_unsupported(state)
-    plan = _plan(state, config)
+    """Rename a timm state dict to vitrail's names for `target_cls` (default: the classifier when `config` has
+    labels, else `VitrailModel`), checking every tensor (see `rename_state_dict`)."""
+    plan = _plan(_unwrapped(state_dict), config)
     if target_cls not in (None, plan.model_class):
         raise ValueError(
             f"The timm checkpoint has {'a' if plan.head else 'no'} head (a classifier, `head.*`): convert it into "
@@ -626,8 +575,9 @@ def convert_timm_state_dict(
 # ---- files -------------------------------------------------------------------------------------------------------
 
 
-def _read_source(path: str | Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict, Path | None]:
-    """(state dict, timm config.json or {}, the weight file when it is a safetensors file)."""
+def _read_source(path: str | Path, allow_pickle: bool, architecture: str | None):
+    """(timm config.json or {"architecture": architecture}, a function reading the weights, the weight file when
+    it is a safetensors file)."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     timm_config = {}
@@ -641,13 +591,17 @@ def _read_source(path: str | Path, allow_pickle: bool) -> tuple[dict[str, torch.
                 f"{config_file} is not a timm config.json (it has a model_type or no architecture); use the "
                 "converter for its format."
             )
-    state = _strip_wrapper(read_weights(path, allow_pickle=allow_pickle))
+    if architecture:
+        timm_config = {**timm_config, "architecture": architecture}
     weight_file = path / "model.safetensors" if path.is_dir() else path
-    return (
-        state,
-        timm_config,
-        weight_file if weight_file.suffix == ".safetensors" and weight_file.is_file() else None,
-    )
+    safetensors = weight_file if weight_file.suffix == ".safetensors" and weight_file.is_file() else None
+    return timm_config, lambda: _unwrapped(read_weights(path, allow_pickle=allow_pickle)), safetensors
+
+
+def _open(path, allow_pickle, architecture, num_heads, global_pool):
+    timm_config, weights, weight_file = _read_source(path, allow_pickle, architecture)
+    config, state = _config(timm_config, weights, num_heads=num_heads, global_pool=global_pool)
+    return _plan(state, config).load(), timm_config, state, weight_file
 
 
 def load_timm_checkpoint(
@@ -656,19 +610,17 @@ def load_timm_checkpoint(
     num_heads: int | None = None,
     global_pool: str | None = None,
     allow_pickle: bool = False,
+    architecture: str | None = None,
 ) -> VitrailForImageClassification | VitrailModel:
-    """A timm VisionTransformer checkpoint as a vitrail model in eval mode.
+    """A timm checkpoint as a vitrail model in eval mode.
 
-    `path` is a timm Hub folder (config.json + model.safetensors) or a weight file (`.safetensors`; a
-    `config.json` beside it is used when it is timm's). Pickles (`.pth`, `.bin`) are read only with
-    `allow_pickle=True`. A checkpoint with a head gives `VitrailForImageClassification` (labels from
+    `path` is a timm Hub folder (config.json + model.safetensors) or a weight file (`.safetensors`; a timm
+    `config.json` beside it is used). `architecture` names timm's architecture when no config.json does (or
+    overrides it); `num_heads` and `global_pool` override its `model_args`. Pickles (`.pth`, `.bin`) are read only
+    with `allow_pickle=True`. A checkpoint with a head gives `VitrailForImageClassification` (labels from
     `label_names`), one without gives `VitrailModel`.
     """
-    state, timm_config, _ = _read_source(path, allow_pickle)
-    config = vitrail_config_from_timm(
-        state, timm_config=timm_config, num_heads=num_heads, global_pool=global_pool
-    )
-    return _plan(state, config).load()
+    return _open(path, allow_pickle, architecture, num_heads, global_pool)[0]
 
 
 # ---- preprocessing ------------------------------------------------------------------------------------------------
@@ -730,6 +682,14 @@ def timm_image_processor(pretrained_cfg: Mapping):
 
 # ---- the timm reference -----------------------------------------------------------------------------------------
 
+# vitrail's `hidden_act` -> timm's `act_layer`, for `timm_model_like`.
+_TIMM_ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "quick_gelu": "quick_gelu",
+    "silu": "silu",
+}
+
 
 def timm_model_like(config: VitrailConfig, num_classes: int, image_hw: tuple[int, int] | None = None):
     """timm's `VisionTransformer` (`VisionTransformerDistilled` with a distillation token) of `config`'s
@@ -764,29 +724,17 @@ def timm_model_like(config: VitrailConfig, num_classes: int, image_hw: tuple[int
 
 
 def _timm_reference(
-    timm_config: dict, config: VitrailConfig, state: dict, weight_file: Path | None
-) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, str]:
-    """timm's own model with the same weights, built to accept any input size (its own position resampling), and
-    a note saying what it is; None when timm is not installed."""
-    if importlib.util.find_spec("timm") is None:
-        return None, "timm is not installed: no reference model to compare with."
+    timm_config: dict, state: dict, weight_file: Path | None, **overrides
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """timm's own model with the same weights, built to take any input size where the architecture can (its own
+    position resampling): pixels -> its logits, or its `forward_features` tokens for a model without a head."""
     import timm
 
-    architecture, num_classes = (
-        timm_config.get("architecture"),
-        config.num_labels if "head.weight" in state else 0,
-    )
-    if architecture and timm.is_model(architecture):
-        model_args = {
-            **timm_config.get("model_args", {}),
-            "num_classes": num_classes,
-            "dynamic_img_size": True,
-        }
-        model = timm.create_model(architecture, pretrained=False, **model_args)
-        how = f"timm.create_model({architecture!r})"
-    else:
-        model = timm_model_like(config, num_classes)
-        how = f"timm {type(model).__name__} built from the converted config"
+    architecture, args = _model_args(timm_config, state, **overrides)
+    try:
+        model = timm.create_model(architecture, pretrained=False, **args, dynamic_img_size=True)
+    except TypeError:  # an architecture without run-time resampling
+        model = timm.create_model(architecture, pretrained=False, **args)
     if weight_file is not None:
         timm.models.load_checkpoint(model, str(weight_file), strict=True)
     else:
@@ -795,9 +743,9 @@ def _timm_reference(
 
     def reference(pixels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return model(pixels) if num_classes else model.forward_features(pixels)
+            return model(pixels) if args["num_classes"] else model.forward_features(pixels)
 
-    return reference, f"reference: {how}, weights loaded by timm, dynamic_img_size=True."
+    return reference
 
 
 def open_source(
@@ -806,37 +754,34 @@ def open_source(
     allow_pickle: bool = False,
     num_heads: int | None = None,
     global_pool: str | None = None,
+    architecture: str | None = None,
 ) -> Converted:
     """The converted model, its processor (from config.json's `pretrained_cfg`, else None) and timm's own model as
     the reference, for `scripts/convert_checkpoint.py --from timm`. The reference maps pixels of any size to timm's
     logits (its `forward_features` tokens for a checkpoint without a head)."""
-    state, timm_config, weight_file = _read_source(path, allow_pickle)
-    config = vitrail_config_from_timm(
-        state, timm_config=timm_config, num_heads=num_heads, global_pool=global_pool
-    )
-    model = _plan(state, config).load()
-    notes = [f"timm {timm_config.get('architecture') or 'VisionTransformer'}: {describe(config)}."]
+    model, timm_config, state, weight_file = _open(path, allow_pickle, architecture, num_heads, global_pool)
+    notes = [f"timm {timm_config['architecture']}: {describe(model.config)}."]
     processor = None
     if timm_config.get("pretrained_cfg"):
         try:
             processor = timm_image_processor(timm_config["pretrained_cfg"])
         except NotImplementedError as error:
             notes.append(f"No image processor: {error}")
-    reference, note = _timm_reference(timm_config, config, state, weight_file)
-    notes.append(note)
+    reference = _timm_reference(timm_config, state, weight_file, num_heads=num_heads, global_pool=global_pool)
+    notes.append(f"reference: timm.create_model({timm_config['architecture']!r}), weights loaded by timm.")
     return Converted(model=model, processor=processor, reference=reference, notes=notes)
 
 
 __all__ = [
-    "TIMM_REFUSED",
+    "TIMM_REFUSALS",
     "TIMM_RENAMES",
-    "TIMM_SIZE_WORDS",
-    "TimmFacts",
+    "check_timm_config",
     "convert_timm_state_dict",
     "is_timm_config",
     "load_timm_checkpoint",
     "open_source",
     "timm_image_processor",
+    "timm_model",
     "timm_model_like",
     "vitrail_config_from_timm",
 ]
