@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import functools
-import hashlib
 import importlib.metadata
 import json
 import keyword
@@ -40,8 +39,8 @@ from huggingface_hub import (
     HfApi,
     ModelCard,
     constants,
+    get_session,
     hf_hub_download,
-    set_client_factory,
     try_to_load_from_cache,
 )
 from huggingface_hub.errors import (
@@ -53,9 +52,8 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.hf_api import RepoFile
-from huggingface_hub.utils import _http as hf_http
 from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils.sha import sha_fileobj
 
 try:  # huggingface_hub >= 2 ships its own httpx fork
     import httpx2 as httpx
@@ -455,45 +453,47 @@ def _file_of(error: RemoteEntryNotFoundError) -> str:
     return f"'{match.group(1)}'" if match else "requested"
 
 
+_limits: list[Callable] = []  # the request hooks of the `_time_limits` in force
+
+
 @contextlib.contextmanager
 def _time_limits(seconds: float):
-    """Give every request huggingface_hub makes `seconds` to connect and between two reads or writes, then
-    restore its HTTP client.
+    """Give every request huggingface_hub makes `seconds` to connect and between two reads or writes.
 
-    Its API calls share one httpx client, made without a time-out, and several pass `timeout=None` themselves
-    (repo info, tree listings); file downloads pass HF_HUB_DOWNLOAD_TIMEOUT, and retry a failed metadata request
-    with 60 s. A request hook sets the limit on each request, whatever it asked for. The client is process-wide:
-    huggingface_hub calls in other threads get the same limit meanwhile.
+    Its shared httpx client is made without a time-out, and several calls pass `timeout=None` themselves (repo
+    info, tree listings). A request hook on that client sets the limit on each request, whatever it asked for; the
+    client is process-wide, so huggingface_hub calls in other threads get the same limit meanwhile.
     """
-    previous = hf_http._GLOBAL_CLIENT_FACTORY  # set_client_factory has no getter
     limit = httpx.Timeout(seconds).as_dict()
 
-    def limited_client():
-        client = previous()
-        client.event_hooks = {
-            **client.event_hooks,
-            "request": [
-                *client.event_hooks["request"],
-                lambda request: request.extensions.update(timeout=limit),
-            ],
-        }
-        return client
+    def limit_request(request):
+        request.extensions["timeout"] = limit
 
-    set_client_factory(limited_client)  # closes the shared client; the next request makes a limited one
+    _limits.append(limit_request)
     try:
         yield
     finally:
-        set_client_factory(previous)
+        _limits.remove(limit_request)
+        client = get_session()
+        client.event_hooks = {
+            **client.event_hooks,
+            "request": [hook for hook in client.event_hooks["request"] if hook is not limit_request],
+        }
 
 
-def _retrying(call: Callable, *args, **kwargs):
-    """`call(*args, **kwargs)`, an idempotent Hub request, tried again (RETRIES times, waiting BACKOFF seconds and
-    twice as long each next time) after a time-out or a lost connection."""
+def _hub(call: Callable, *args, retry: bool = True, **kwargs):
+    """`call(*args, **kwargs)`, a huggingface_hub call, under the time limits in force; tried again (RETRIES times,
+    waiting BACKOFF seconds and twice as long each next time) after a time-out or a lost connection if `retry`."""
     for attempt in range(RETRIES + 1):
+        # huggingface_hub has no public getter for its client factory (set_client_factory could not be undone), so
+        # the limits are hooks on its shared client, put (back) here: it makes a new one after a refused connection.
+        client = get_session()
+        if missing := [hook for hook in _limits if hook not in client.event_hooks["request"]]:
+            client.event_hooks = {**client.event_hooks, "request": [*client.event_hooks["request"], *missing]}
         try:
             return call(*args, **kwargs)
         except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as error:
-            if attempt == RETRIES:
+            if not retry or attempt == RETRIES:
                 raise
             wait = BACKOFF * 2**attempt
             logger.warning("%s: %s; trying again in %g s.", call.__name__, type(error).__name__, wait)
@@ -545,30 +545,32 @@ def push_checkpoint(
         logger.info("Not pushed (not part of the checkpoint; include= adds files): %s", ", ".join(left_out))
     api = HfApi(token=token)
     with _hub_errors("push to", repo_id, branch, timeout), _time_limits(timeout):
-        repo_id = _retrying(api.create_repo, repo_id, private=private, exist_ok=True).repo_id
+        repo_id = _hub(api.create_repo, repo_id, private=private, exist_ok=True).repo_id
         if branch != constants.DEFAULT_REVISION:
-            _retrying(api.create_branch, repo_id, branch=branch, exist_ok=True)
-        head = _retrying(api.repo_info, repo_id, revision=branch).sha
+            _hub(api.create_branch, repo_id, branch=branch, exist_ok=True)
+        info = _hub(api.repo_info, repo_id, revision=branch)
         # transformers loads model.safetensors before an index: weights the folder no longer holds must go.
         stale = sorted(
-            entry.path
-            for entry in api.list_repo_tree(repo_id, revision=head)
-            if isinstance(entry, RepoFile) and _is_weights(entry.path) and entry.path not in files
+            sibling.rfilename
+            for sibling in info.siblings or ()
+            if _is_weights(sibling.rfilename) and sibling.rfilename not in files
         )
         if stale:
             logger.info(
                 "Deleting weights the folder does not hold from %s@%s: %s", repo_id, branch, ", ".join(stale)
             )
-        commit = api.create_commit(
+        commit = _hub(
+            api.create_commit,
             repo_id,
             [CommitOperationAdd(path_in_repo=name, path_or_fileobj=folder / name) for name in files]
             + [CommitOperationDelete(path_in_repo=name) for name in stale],
             commit_message=commit_message or f"Upload vitrail checkpoint {folder.resolve().name}",
             revision=branch,
-            parent_commit=head,  # refuse (HTTP 412) rather than overwrite a push that landed meanwhile
+            parent_commit=info.sha,  # refuse (HTTP 412) rather than overwrite a push that landed meanwhile
+            retry=False,
         )
     # huggingface_hub leaves out files the branch holds unchanged; with none left it answers with the head.
-    return None if commit.oid == head else commit
+    return None if commit.oid == info.sha else commit
 
 
 # ---- pulling -----------------------------------------------------------------------------------------------
@@ -639,42 +641,74 @@ def _pull(
 ) -> Path:
     fail = functools.partial(_error, "pull", repo_id, revision)
     api = HfApi(token=token)
-    sha = _retrying(api.repo_info, repo_id, revision=revision).sha
-    listing = {
-        entry.path: entry
-        for entry in api.list_repo_tree(repo_id, revision=sha)
-        if isinstance(entry, RepoFile)
-    }
-    if odd := sorted(name for name in listing if "\0" in name):
+    info = _hub(api.repo_info, repo_id, revision=revision)
+    names = [sibling.rfilename for sibling in info.siblings or ()]
+    if odd := sorted(name for name in names if "\0" in name):
         raise fail(f"the server lists file names with a NUL byte ({', '.join(map(repr, odd))}); no Hub does.")
 
     with _staging_beside(target) if target is not None else contextlib.nullcontext() as staging:
-        digests: dict[str, str] = {}
+        fetched: dict[str, Path] = {}
 
-        @functools.cache
-        def fetch(name: str) -> Path:
-            try:
-                path = hf_hub_download(
-                    repo_id, name, revision=sha, local_dir=staging, token=token, etag_timeout=timeout
-                )
-            except OSError as error:
-                if isinstance(error, (HfHubHTTPError, LocalEntryNotFoundError)):
-                    raise
-                # e.g. huggingface_hub's check that the body is as long as the file's metadata said
-                raise fail(f"{name} did not download intact ({str(error).splitlines()[0]}).") from error
-            digests[name] = _verified(Path(path), listing[name], fail)
-            return Path(path)
+        def fetch(wanted: list[str]) -> Path:
+            """Download `wanted` at the commit into `staging` (or the cache), check what is there, say where."""
+            # File by file in this thread, not with snapshot_download: its worker threads finish a download (or wait
+            # out its time-out) before SIGTERM can end the process, which then outlives a `docker stop`'s grace.
+            for name in [name for name in wanted if name not in fetched]:
+                try:
+                    fetched[name] = Path(
+                        _hub(
+                            hf_hub_download,
+                            repo_id,
+                            name,
+                            revision=info.sha,
+                            local_dir=staging,
+                            token=token,
+                            etag_timeout=timeout,
+                            retry=False,  # huggingface_hub retries downloads itself
+                        )
+                    )
+                except OSError as error:
+                    if isinstance(error, (HfHubHTTPError, LocalEntryNotFoundError)):
+                        raise
+                    # e.g. huggingface_hub's check that the body is as long as the file's metadata said
+                    raise fail(f"{name} did not download intact ({str(error).splitlines()[0]}).") from error
+            _verify(api, repo_id, info.sha, staging, wanted, fail)
+            return fetched[wanted[0]].parent
 
-        names = _files_to_pull(set(listing), fetch, fail)
-        for name in names:
-            fetch(name)
+        pulled = _files_to_pull({name for name in names if "/" not in name}, fetch, fail)
+        folder = fetch(pulled)
         if staging is None:
-            snapshot = fetch(CONFIGS[0]).parent
-            _remember_revision(snapshot, revision, sha)
-            return snapshot
-        record = _record(repo_id, revision, sha, {name: digests[name] for name in names})
+            _remember_revision(folder, revision, info.sha)
+            return folder
+        record = _record(repo_id, revision, info.sha, {name: _sha256(staging / name) for name in pulled})
         _install(staging, target, record, overwrite, fail)
     return target
+
+
+def _verify(
+    api: HfApi,
+    repo_id: str,
+    sha: str,
+    local_dir: Path | None,
+    wanted: list[str],
+    fail: Callable[[str], HubError],
+) -> None:
+    """Check the files in `local_dir` (or the cache's snapshot of `sha`) against the Hub's tree listing: git blob
+    sha1, or sha256 for LFS files. A file that does not match is deleted (in the cache: its blob and its link) and
+    refused; so is a pull that lacks one of `wanted`."""
+    result = _hub(api.verify_repo_checksums, repo_id, revision=sha, local_dir=local_dir)
+    for mismatch in result.mismatches:
+        path = result.verified_path / mismatch["path"]
+        for copy in {path.resolve(), path}:
+            copy.unlink(missing_ok=True)
+    if result.mismatches:
+        bad = result.mismatches[0]
+        raise fail(
+            f"{bad['path']} does not match the sha the Hub lists for it ({bad['actual']} instead of "
+            f"{bad['expected']}): it was altered on the server or on the way, and is not used."
+        )
+    if lost := sorted(set(wanted) & set(result.missing_paths)):
+        raise fail(f"{', '.join(lost)} did not arrive, though the Hub lists them.")
 
 
 def _pull_offline(repo_id: str, revision: str | None, target: Path | None, overwrite: bool) -> Path:
@@ -702,13 +736,13 @@ def _pull_offline(repo_id: str, revision: str | None, target: Path | None, overw
             "Pull it once with the network on."
         )
     snapshot = Path(cached).parent  # the cache keeps each commit's files in snapshots/<commit sha>/
-    names = _files_to_pull({path.name for path in snapshot.iterdir()}, lambda name: snapshot / name, fail)
+    names = _files_to_pull({path.name for path in snapshot.iterdir()}, lambda wanted: snapshot, fail)
     if target is None:
         return snapshot
     with _staging_beside(target) as staging:
         for name in names:
             shutil.copyfile(snapshot / name, staging / name)
-        digests = {name: _digests(staging / name)[1] for name in names}
+        digests = {name: _sha256(staging / name) for name in names}
         _install(staging, target, _record(repo_id, revision, snapshot.name, digests), overwrite, fail)
     return target
 
@@ -725,13 +759,15 @@ def _holds(folder: Path, record: dict, repo_id: str, revision: str | None) -> bo
 
 
 def _files_to_pull(
-    available: set[str], fetch: Callable[[str], Path], fail: Callable[[str], HubError]
+    available: set[str], fetch: Callable[[list[str]], Path], fail: Callable[[str], HubError]
 ) -> list[str]:
     """The files `pull_checkpoint` downloads (and the refusals it lists) of a revision whose top level holds
-    `available`; the configs and the weights index are fetched here to read them."""
+    `available`; `fetch(names)` brings the configs and the weights index here to read them, and says where."""
     weights = [name for name in (WEIGHTS, WEIGHTS_INDEX) if name in available][:1]  # transformers' preference
     missing = ([] if weights else [WEIGHTS]) + [name for name in CONFIGS if name not in available]
-    auto_maps = [_json_object(fetch(name), fail).get("auto_map") for name in CONFIGS if name in available]
+    configs = [name for name in CONFIGS if name in available]
+    folder = fetch(configs) if configs else None
+    auto_maps = [_json_object(folder / name, fail).get("auto_map") for name in configs]
     if elsewhere := sorted({ref for ref in _references(*auto_maps) if "--" in ref}):
         logger.warning(
             "auto_map points at code in other repos (%s): not pulled; trust_remote_code=True fetches and runs it "
@@ -748,7 +784,7 @@ def _files_to_pull(
                 f"'{name.removesuffix('.py')}' (standard library or installed); a checkpoint's code never does."
             )
     if weights == [WEIGHTS_INDEX]:
-        shards = sorted(_shards(_json_object(fetch(WEIGHTS_INDEX), fail)))
+        shards = sorted(_shards(_json_object(fetch(weights) / WEIGHTS_INDEX, fail)))
         if not shards or not all(_is_plain_name(name) and name.endswith(".safetensors") for name in shards):
             raise fail(
                 f"{WEIGHTS_INDEX} names no shards, or shards that are not plain .safetensors file names."
@@ -775,29 +811,9 @@ def _is_plain_name(name: str) -> bool:
     return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\0")
 
 
-def _digests(path: Path) -> tuple[str, str]:
-    """(git blob sha1, sha256) of a file: the Hub lists the first for a regular file, the second for an LFS one."""
-    blob, sha256 = hashlib.sha1(b"blob %d\0" % path.stat().st_size), hashlib.sha256()
+def _sha256(path: Path) -> str:
     with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            blob.update(block)
-            sha256.update(block)
-    return blob.hexdigest(), sha256.hexdigest()
-
-
-def _verified(path: Path, entry: RepoFile, fail: Callable[[str], HubError]) -> str:
-    """The sha256 of a downloaded file that matches its tree listing entry; one that does not is deleted (in the
-    cache: its blob and its link) and refused."""
-    blob, sha256 = _digests(path)
-    expected, actual = (entry.lfs.sha256, sha256) if entry.lfs is not None else (entry.blob_id, blob)
-    if actual != expected:
-        for copy in {path.resolve(), path}:
-            copy.unlink(missing_ok=True)
-        raise fail(
-            f"{entry.path} does not match the sha the Hub lists for it ({actual} instead of {expected}): it was "
-            "altered on the server or on the way, and is not used."
-        )
-    return sha256
+        return sha_fileobj(file).hex()
 
 
 def _remember_revision(snapshot: Path, revision: str | None, sha: str) -> None:
