@@ -28,7 +28,11 @@ DOCUMENTED = {
 
 
 def is_private(name: str) -> bool:
-    return name.startswith("_") and not (name.startswith("__") and name.endswith("__")) and name not in DOCUMENTED
+    return (
+        name.startswith("_")
+        and not (name.startswith("__") and name.endswith("__"))
+        and name not in DOCUMENTED
+    )
 
 
 def is_foreign(module: str | None, level: int) -> bool:
