@@ -56,6 +56,7 @@ from .checkpoint_folder import (
     CARD,
     CODE_FILES,
     CONFIGS,
+    PLOTS,  # noqa: F401  (training.py reads it from here)
     PULL_RECORD,
     WEIGHTS,
     WEIGHTS_INDEX,
