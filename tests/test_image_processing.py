@@ -618,6 +618,18 @@ def test_base64_and_data_uri(identity):
     np.testing.assert_array_equal(run(identity, f"data:image/png;base64,{encoded}"), expected)
 
 
+def test_base64_keeps_alpha_and_depth(identity):
+    """Base64 data opens in its own mode like a path: an RGBA PNG is composited over white and a 16-bit one keeps
+    its levels (a loader that converts to RGB first would show the colours under transparent pixels)."""
+    rgba = np.random.default_rng(38).integers(0, 256, (H, W, 4), dtype=np.uint8)
+    deep = np.random.default_rng(39).integers(0, 65536, (H, W), dtype=np.uint16)
+    for image in (PIL.Image.fromarray(rgba, "RGBA"), PIL.Image.fromarray(deep)):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        encoded = base64.b64encode(buffer.getvalue()).decode()
+        np.testing.assert_array_equal(run(identity, encoded), run(identity, image))
+
+
 def test_urls(tmp_path, identity, monkeypatch):
     """An http URL is downloaded and read like the file; a URL that answers 404 is refused by name."""
     monkeypatch.setenv("no_proxy", "127.0.0.1")

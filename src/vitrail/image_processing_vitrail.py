@@ -74,6 +74,8 @@ class VitrailImageProcessorKwargs(ImagesKwargs, total=False):
 def open_image_source(source: str) -> PIL.Image.Image:
     """A path, an http(s) URL, or base64 image data (optionally as a `data:image/...` URI) -> a PIL image, in
     its own mode (alpha and bit depth kept; the processor converts later)."""
+    # Not transformers' `load_image`: it converts to RGB (alpha and 16-bit depth lost before the rules below see
+    # them), reads a URL without checking its HTTP status, and takes a missing path for bad base64 data.
     if source.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(source, timeout=30) as response:
