@@ -679,6 +679,10 @@ def test_unreadable_sources_name_them(tmp_path):
     text.write_text("not pixels")
     with pytest.raises(ValueError, match=r"Cannot read an image from '.*notes\.png'"):
         VitrailImageProcessor()(str(text))
+    if hasattr(os, "mkfifo"):  # a named pipe called like an image: opening it would wait for a writer
+        os.mkfifo(tmp_path / "pipe.png")
+        with pytest.raises(ValueError, match=r"'.*pipe\.png' is not a regular file \(a named pipe"):
+            VitrailImageProcessor()(tmp_path / "pipe.png")
 
 
 def test_base64_and_data_uri(identity):

@@ -77,6 +77,10 @@ def open_image_source(source: str) -> PIL.Image.Image:
         return _open_pil(source, source)
     if os.path.isdir(source):
         raise ValueError(f"{source!r} is a folder; pass the path of an image file.")
+    if os.path.exists(source):  # reading a named pipe would wait for a writer
+        raise ValueError(
+            f"{source!r} is not a regular file (a named pipe, socket or device); pass an image file."
+        )
     payload = source.partition(",")[2] if source.startswith("data:image/") else source
     try:
         data = base64.b64decode(payload, validate=True)
