@@ -482,13 +482,18 @@ def test_bool_arrays_match_pil_bilevel(identity):
         (np.full((H, W, 3), 300.0, np.float32), r"300..300 fit neither"),
         (np.full((H, W, 3), np.nan, np.float32), "NaN or infinite"),
         (
+            np.full((H, W, 3), 1e300, np.float64),
+            r"NaN or infinite values \(or values beyond float32's range\)",
+        ),
+        (
             np.full((H, W, 3), 256, np.int64),
             r"Integer pixel values must lie in 0..255 \(8-bit\), got 256..256",
         ),
         (np.full((H, W, 3), -1, np.int8), r"got -1..-1 \(int8\)"),
     ],
-    ids=["negative-float", "float-above-255", "nan", "int-above-255", "negative-int"],
+    ids=["negative-float", "float-above-255", "nan", "beyond-float32", "int-above-255", "negative-int"],
 )
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # no overflow warning on the way
 def test_out_of_range_values_are_refused(image, fragment):
     """Values that fit no pixel scale are refused, never read as something else."""
     with pytest.raises(ValueError, match=fragment):

@@ -243,9 +243,13 @@ def to_levels(image: np.ndarray, do_rescale: bool = True) -> np.ndarray:
             "in 0..255, or floats."
         )
     if kind == "f":
-        image = image.astype(np.float32, copy=False)
+        with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, refused next
+            image = image.astype(np.float32, copy=False)
         if not np.isfinite(image).all():
-            raise ValueError("The image holds NaN or infinite values; pass finite pixel values.")
+            raise ValueError(
+                "The image holds NaN or infinite values (or values beyond float32's range); pass finite pixel "
+                "values."
+            )
     if not do_rescale:
         if kind == "f" or image.dtype == np.uint8:
             return image
