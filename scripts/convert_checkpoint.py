@@ -113,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         "--source-image-size", type=_size, help="npz without a stored position table: its training resolution"
     )
     args = parser.parse_args(argv)
+    if not args.input.exists():  # local only: a missing path would otherwise be looked up as a Hub repo id
+        parser.error(
+            f"--input {args.input}: no such file or folder. Give a checkpoint folder or file on this disk."
+        )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     options = {
         "hf": {"allow_pickle": args.allow_pickle},
