@@ -1,7 +1,8 @@
 """Checkpoints of other Vision Transformer implementations into vitrail, checked tensor by tensor.
 
-- `vitrail.convert.hf`: transformers ViT, DeiT (plain and distilled), DINOv2 (with and without registers), in
-  both key layouts transformers writes;
+- `vitrail.convert.hf`: transformers ViT, DeiT (plain and distilled), DINOv2 (with and without registers), MAE,
+  MSN, I-JEPA and SimMIM models, in both key layouts transformers writes, and timm models saved through
+  transformers' TimmWrapper classes; other ViT-like transformers types are refused naming what is missing;
 - `vitrail.convert.timm`: timm `VisionTransformer` (and distilled DeiT) state dicts and Hub folders, with their
   preprocessing;
 - `vitrail.convert.npz`: JAX `.npz` files of google-research/vision_transformer and big_vision.
@@ -25,11 +26,14 @@ from transformers.utils import cached_file
 from ..configuration_vitrail import VitrailConfig
 from .common import Converted, Drop, Rename, read_weights, rename_state_dict, unnest, weight_files
 from .hf import (
+    REFUSED_MODEL_TYPES,
     SUPPORTED_MODEL_TYPES,
     convert_hf_state_dict,
     detect_hf_layout,
     image_processor_from_hf,
     load_hf_checkpoint,
+    load_timm_wrapper_checkpoint,
+    refusal,
     vitrail_config_from_hf,
 )
 from .npz import load_npz_checkpoint, read_npz
@@ -126,7 +130,11 @@ def load_foreign_pretrained(cls, path_or_repo, config_dict: dict, *model_args, *
     elif timm or config_dict.get("model_type") in SUPPORTED_MODEL_TYPES:
         folder = resolve_folder(path_or_repo, allow_pickle=allow_pickle, **hub)
         check_weight_files(weight_files(folder, allow_pickle=allow_pickle))
-        source = (load_timm_checkpoint if timm else load_hf_checkpoint)(folder, allow_pickle=allow_pickle)
+        # timm folders, saved by timm or through transformers' TimmWrapper classes (tensors under `timm_model.`)
+        load = load_timm_wrapper_checkpoint if timm else load_hf_checkpoint
+        source = load(folder, allow_pickle=allow_pickle)
+    elif config_dict.get("model_type") in REFUSED_MODEL_TYPES:
+        raise NotImplementedError(f"{path_or_repo}: {refusal(config_dict['model_type'])}")
     else:
         raise ValueError(
             f"{path_or_repo} holds a {config_dict.get('model_type')!r} checkpoint. vitrail opens its own "
@@ -212,6 +220,14 @@ def fit_to_class(source, cls, config=None, ignore_mismatched_sizes: bool = False
     elif has_head:
         logger.info("%s has no classification head: the checkpoint's head is not loaded.", cls.__name__)
     target = model.state_dict()
+    if hasattr(source, "decoder") and hasattr(model, "decoder"):
+        state.update({name: t for name, t in source.state_dict().items() if name.startswith("decoder.")})
+    elif hasattr(source, "decoder"):
+        logger.info(
+            "%s has no masked-image-modeling decoder: the checkpoint's decoder and mask token are not loaded.",
+            cls.__name__,
+        )
+        state.pop(f"{prefix}embeddings.mask_token", None)
     resized = sorted(name for name, t in state.items() if name in target and t.shape != target[name].shape)
     if resized and not ignore_mismatched_sizes:
         raise ValueError(
@@ -236,6 +252,7 @@ __all__ = [
     "Drop",
     "Rename",
     "HUB_KWARGS",
+    "REFUSED_MODEL_TYPES",
     "SUPPORTED_MODEL_TYPES",
     "check_weight_files",
     "convert_hf_state_dict",
@@ -247,6 +264,7 @@ __all__ = [
     "load_hf_checkpoint",
     "load_image_processor",
     "load_npz_checkpoint",
+    "load_timm_wrapper_checkpoint",
     "load_timm_checkpoint",
     "read_npz",
     "read_weights",

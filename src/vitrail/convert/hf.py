@@ -1,4 +1,5 @@
-"""transformers checkpoints into vitrail: ViT, DeiT (plain and distilled), DINOv2 (with and without registers).
+"""transformers checkpoints into vitrail: ViT, DeiT (plain and distilled), DINOv2 (with and without registers),
+MAE, MSN, I-JEPA, SimMIM models, and timm models saved through transformers' TimmWrapper classes.
 
 A transformers checkpoint comes in one of two key layouts:
 
@@ -12,7 +13,7 @@ dropped with their reason. `vitrail.convert.common.rename_state_dict` then place
 
 How each family maps onto vitrail's config:
 
-- ViT: class token with the only prefix position, class-token pooling.
+- ViT: class token with the only prefix position, class-token pooling. MSN (`vit_msn`) is the same model.
 - DeiT: the distillation token follows the class token and owns a position (`prefix_position_embeddings="all"`).
   A DeiT fine-tuned without its teacher (`DeiTForImageClassification`) has no head reading that token, so it
   becomes one register token; a distilled one (`DeiTForImageClassificationWithTeacher`) keeps it as
@@ -21,8 +22,22 @@ How each family maps onto vitrail's config:
 - DINOv2: LayerScale, eps 1e-6, registers without positions, SwiGLU MLP for the giant model, and the linear head on
   `[class token; mean of patch tokens]` (`pooling="cls_mean"`). transformers' DINOv2 resamples its 518-px position
   table to every input, so converted DINOv2 models get `dynamic_image_size=True`.
-- Position resampling follows the source (`position_interpolation`): plain bicubic for ViT, DeiT and DINOv2,
-  antialiased bicubic for DINOv2 with registers, so a converted model matches its source at every resolution.
+- MAE (`vit_mae`): a ViT whose position table is a fixed sin-cos table stored in the checkpoint; it is loaded as a
+  learned table (its values, whatever they are, so fine-tuning may move it, as MAE's own fine-tuning does). The
+  converted model is MAE's encoder seeing every patch in order (`mask_ratio=0`, `noise` increasing along the
+  patches); the pixel decoder of `ViTMAEForPreTraining` is dropped with its reason.
+- I-JEPA: no class token, positions for the patches only, and `IJepaForImageClassification`'s head on the mean of
+  the tokens (`pooling="mean"`).
+- SimMIM (`ViTForMaskedImageModeling`, `DeiTForMaskedImageModeling`): the mask token and the 1x1-convolution +
+  pixel-shuffle decoder are vitrail's masked-image-modeling ones, giving `VitrailForMaskedImageModeling`.
+- TimmWrapper: timm's config.json and timm's tensors under `timm_model.`; the prefix is taken off and the timm
+  converter (`vitrail.convert.timm`) does the rest.
+- Position resampling follows the source (`position_interpolation`): plain bicubic for ViT, DeiT, DINOv2, MAE, MSN
+  and I-JEPA, antialiased bicubic for DINOv2 with registers, so a converted model matches its source at every
+  resolution.
+
+Types with a Vision Transformer inside that vitrail does not convert are listed in `REFUSED_MODEL_TYPES`, each
+with what is missing; loading one raises `NotImplementedError` with that sentence.
 """
 
 from __future__ import annotations
@@ -33,13 +48,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import AutoConfig
 
 from ..configuration_vitrail import VitrailConfig
-from ..modeling_vitrail import VitrailForImageClassification, VitrailModel
-from .common import Converted, Drop, Plan, Rename, height_width, in_layers, model_outputs, read_weights
+from ..modeling_vitrail import VitrailForImageClassification, VitrailModel, VitrailPreTrainedModel
+from .common import (
+    Converted,
+    Drop,
+    Plan,
+    Rename,
+    height_width,
+    in_layers,
+    model_outputs,
+    read_weights,
+    unnest,
+    weight_files,
+)
+from .timm import is_timm_config
 
 logger = logging.getLogger(__name__)
+
+# The model type transformers' config reader gives a timm checkpoint saved through `TimmWrapperModel` or
+# `TimmWrapperForImageClassification` (tensors under `timm_model.`).
+TIMM_WRAPPER = "timm_wrapper"
 
 # ---- layer rows, inside layer N ------------------------------------------------------------------------------
 
@@ -139,27 +171,79 @@ _MASK_TOKEN = Drop(
     "DINOv2's mask token serves only its self-supervised pre-training; VitrailModel carries a mask token only "
     "for SimMIM (VitrailForMaskedImageModeling), where it is trained anew",
 )
+_UNUSED_MASK_TOKEN = Drop(
+    "embeddings.mask_token",
+    "a mask token outside a masked-image-modeling model is read by no head; VitrailModel carries one only for "
+    "SimMIM (VitrailForMaskedImageModeling)",
+)
+_MAE_DECODER = Drop(
+    "decoder.*",
+    "MAE's pixel decoder (ViTMAEForPreTraining) serves only its pre-training and has no vitrail counterpart; the "
+    "encoder is converted, and it sees every patch in order, as ViTMAEModel with mask_ratio=0.0 and noise=arange",
+)
+# SimMIM (ViTForMaskedImageModeling, DeiTForMaskedImageModeling): a 1x1 convolution and a pixel shuffle, which is
+# vitrail's masked-image-modeling decoder, parameter for parameter.
+_SIMMIM = (
+    Rename("embeddings.mask_token", "{backbone}embeddings.mask_token"),
+    Rename("decoder.0.{p}", "decoder.0.{p}"),
+)
+# I-JEPA has no class token: its position table covers the patches only.
+_PATCH_EMBEDDINGS = tuple(row for row in _EMBEDDINGS if "cls_token" not in row.source)
 
 
 @dataclass(frozen=True)
 class Family:
-    """One transformers model family: its layer rows per layout and rows outside the layers."""
+    """One transformers model family: its layer rows per layout, rows outside the layers, tensors dropped, and the
+    `base_model_prefix` its head classes put before the backbone's names."""
 
     layers: dict[str, tuple[Rename, ...]]
     rows: tuple[Rename, ...]
     drops: tuple[Drop, ...] = ()
+    prefix: str = "vit"
 
 
 FAMILIES = {
-    "vit": Family(VIT_LAYERS, _EMBEDDINGS + _CLASSIFIER, (_POOLER,)),
-    "deit": Family(VIT_LAYERS, _EMBEDDINGS + _CLASSIFIER + (_DEIT_AS_REGISTER,), (_POOLER,)),
-    "deit_distilled": Family(VIT_LAYERS, _EMBEDDINGS + _DEIT_DISTILLED, (_POOLER,)),
-    "dinov2": Family(DINOV2_LAYERS, _EMBEDDINGS + _CLASSIFIER, (_MASK_TOKEN,)),
-    "dinov2_with_registers": Family(
-        DINOV2_LAYERS, _EMBEDDINGS + _CLASSIFIER + _DINOV2_REGISTERS, (_MASK_TOKEN,)
+    "vit": Family(VIT_LAYERS, _EMBEDDINGS + _CLASSIFIER, (_POOLER, _UNUSED_MASK_TOKEN)),
+    "vit_mim": Family(VIT_LAYERS, _EMBEDDINGS + _SIMMIM, (_POOLER,)),
+    "deit": Family(
+        VIT_LAYERS, _EMBEDDINGS + _CLASSIFIER + (_DEIT_AS_REGISTER,), (_POOLER, _UNUSED_MASK_TOKEN), "deit"
     ),
+    "deit_distilled": Family(
+        VIT_LAYERS, _EMBEDDINGS + _DEIT_DISTILLED, (_POOLER, _UNUSED_MASK_TOKEN), "deit"
+    ),
+    "deit_mim": Family(VIT_LAYERS, _EMBEDDINGS + (_DEIT_AS_REGISTER, *_SIMMIM), (_POOLER,), "deit"),
+    "dinov2": Family(DINOV2_LAYERS, _EMBEDDINGS + _CLASSIFIER, (_MASK_TOKEN,), "dinov2"),
+    "dinov2_with_registers": Family(
+        DINOV2_LAYERS, _EMBEDDINGS + _CLASSIFIER + _DINOV2_REGISTERS, (_MASK_TOKEN,), "dinov2_with_registers"
+    ),
+    "vit_mae": Family(VIT_LAYERS, _EMBEDDINGS, (_MAE_DECODER,)),
+    "vit_msn": Family(VIT_LAYERS, _EMBEDDINGS + _CLASSIFIER, (_UNUSED_MASK_TOKEN,)),
+    "ijepa": Family(VIT_LAYERS, _PATCH_EMBEDDINGS + _CLASSIFIER, (_POOLER, _UNUSED_MASK_TOKEN), "ijepa"),
 }
-SUPPORTED_MODEL_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers")
+SUPPORTED_MODEL_TYPES = (
+    "vit",
+    "deit",
+    "dinov2",
+    "dinov2_with_registers",
+    "vit_mae",
+    "vit_msn",
+    "ijepa",
+    TIMM_WRAPPER,
+)
+
+# transformers model types with a Vision Transformer inside that vitrail does not convert, and what is missing.
+REFUSED_MODEL_TYPES = {
+    **dict.fromkeys(
+        ("vivit", "timesformer", "videomae", "vjepa2"),
+        "a video transformer (tubelet or divided space-time attention); vitrail is an image model",
+    ),
+    "vit_hybrid": "a hybrid model whose tokens come from a BiT convolutional stem, not from a patch convolution",
+    "dpt": "DPT's own ViT-hybrid encoder and depth head; vitrail serves as a DPT backbone instead (VitrailBackbone)",
+    "yolos": "YOLOS's detection tokens with their own position table and its detection heads",
+    "vitdet": "ViTDet's windowed attention with relative position tables, which vitrail's layers do not do",
+    "sam_vision_model": "SAM's windowed encoder with relative positions and its convolutional neck",
+    "vitpose_backbone": "VitPose's mixture-of-experts MLP (one expert per dataset) and its padded patch convolution",
+}
 
 
 def _is_distilled(hf_config, state=None) -> bool:
@@ -168,13 +252,31 @@ def _is_distilled(hf_config, state=None) -> bool:
     return state is not None and any(k.endswith("distillation_classifier.weight") for k in state)
 
 
-def family_of(hf_config, state=None) -> str:
-    """The key of `FAMILIES` for a transformers config (and its tensors, which tell a distilled DeiT)."""
-    model_type = getattr(hf_config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise NotImplementedError(
-            f"Cannot convert transformers model_type {model_type!r}: vitrail converts {list(SUPPORTED_MODEL_TYPES)}."
+def _is_simmim(hf_config, state=None) -> bool:
+    if any(a.endswith("ForMaskedImageModeling") for a in getattr(hf_config, "architectures", None) or []):
+        return True
+    return state is not None and "decoder.0.weight" in state
+
+
+def refusal(model_type: str | None) -> str:
+    """The sentence that refuses a transformers model type vitrail does not convert, naming what is missing."""
+    reason = REFUSED_MODEL_TYPES.get(model_type)
+    if reason is None:
+        return (
+            f"transformers model type {model_type!r} is not a Vision Transformer vitrail converts; vitrail converts "
+            f"{list(SUPPORTED_MODEL_TYPES)}."
         )
+    return f"vitrail does not convert transformers {model_type!r} checkpoints: they hold {reason}."
+
+
+def family_of(hf_config, state=None) -> str:
+    """The key of `FAMILIES` for a transformers config (and its tensors, which tell a distilled DeiT and a SimMIM
+    model)."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise NotImplementedError(refusal(model_type))
+    if model_type in ("vit", "deit") and _is_simmim(hf_config, state):
+        return f"{model_type}_mim"
     return "deit_distilled" if model_type == "deit" and _is_distilled(hf_config, state) else model_type
 
 
@@ -225,7 +327,8 @@ def _dinov2_mlp(hf_config) -> dict:
 
 
 def vitrail_config_from_hf(hf_config, state=None) -> VitrailConfig:
-    """The `VitrailConfig` that reproduces a transformers ViT, DeiT or DINOv2 config (see the module docstring)."""
+    """The `VitrailConfig` that reproduces a transformers ViT, DeiT, DINOv2, MAE, MSN or I-JEPA config (see the
+    module docstring)."""
     family = family_of(hf_config, state)
     fields = {name: getattr(hf_config, name) for name in _SHARED_CONFIG_FIELDS}
     for name in ("image_size", "patch_size"):
@@ -260,15 +363,20 @@ def vitrail_config_from_hf(hf_config, state=None) -> VitrailConfig:
     else:
         fields.update(
             intermediate_size=hf_config.intermediate_size,
-            encoder_stride=hf_config.encoder_stride,
+            # MAE, MSN and I-JEPA configs have no decoder stride; a SimMIM decoder would need the patch's.
+            encoder_stride=getattr(hf_config, "encoder_stride", ph),
             pooling="cls",
             position_interpolation="bicubic",
         )
-        if family == "deit":
+        if family in ("deit", "deit_mim"):
             fields.update(num_register_tokens=1, prefix_position_embeddings="all")
         elif family == "deit_distilled":
             fields.update(use_distillation_token=True, prefix_position_embeddings="all")
-    return VitrailConfig(use_cls_token=True, position_embedding_type="learned", **fields)
+        elif family == "ijepa":
+            # No class token; IJepaForImageClassification's head reads the mean of all (patch) tokens.
+            fields.update(use_cls_token=False, pooling="mean", prefix_position_embeddings="none")
+    fields = {"use_cls_token": True, "position_embedding_type": "learned", **fields}
+    return VitrailConfig(**fields)
 
 
 # ---- state dict ------------------------------------------------------------------------------------------------
@@ -296,29 +404,81 @@ def _plan(state: dict[str, torch.Tensor], hf_config) -> Plan:
         state,
         vitrail_config_from_hf(hf_config, state),
         head=_wants_head(hf_config, state),
+        masked_image_modeling=family.endswith("_mim"),
         rows=hf_rename_rows(family, layout),
         drops=FAMILIES[family].drops,
-        strip_prefix=f"{hf_config.model_type}.",  # each family's base_model_prefix is its model_type
+        strip_prefix=f"{FAMILIES[family].prefix}.",
         source_name=f"{family} checkpoint ({layout} layout)",
     )
 
 
 def convert_hf_state_dict(state: dict[str, torch.Tensor], hf_config) -> dict[str, torch.Tensor]:
-    """Rename a transformers ViT / DeiT / DINOv2 state dict (either layout) to vitrail's names, checking it
-    completely (see `vitrail.convert.common.rename_state_dict` for what is checked)."""
+    """Rename a transformers ViT / DeiT / DINOv2 / MAE / MSN / I-JEPA state dict (either layout) to vitrail's names,
+    checking it completely (see `vitrail.convert.common.rename_state_dict` for what is checked)."""
     return _plan(state, hf_config).state_dict()
 
 
 # ---- folders ---------------------------------------------------------------------------------------------------
 
 
-def load_hf_checkpoint(
-    path: str | Path, allow_pickle: bool = False
-) -> VitrailForImageClassification | VitrailModel:
-    """Load a local transformers ViT / DeiT / DINOv2 folder (config.json + safetensors weights) as a vitrail model
-    in eval mode: classification checkpoints give `VitrailForImageClassification`, backbones `VitrailModel`.
-    `pytorch_model.bin` is read only with `allow_pickle=True`."""
+def load_hf_checkpoint(path: str | Path, allow_pickle: bool = False) -> VitrailPreTrainedModel:
+    """Load a local transformers folder (config.json + safetensors weights) of a type in `SUPPORTED_MODEL_TYPES` as
+    a vitrail model in eval mode: classification checkpoints give `VitrailForImageClassification`, SimMIM ones
+    (`ViTForMaskedImageModeling`, `DeiTForMaskedImageModeling`) `VitrailForMaskedImageModeling`, backbones
+    `VitrailModel`. A timm model saved through transformers' `TimmWrapper*` classes goes to the timm converter
+    (`load_timm_wrapper_checkpoint`). `pytorch_model.bin` is read only with `allow_pickle=True`."""
+    if is_timm_config(json.loads((Path(path) / "config.json").read_text())):
+        return load_timm_wrapper_checkpoint(path, allow_pickle=allow_pickle)
     return _plan(read_weights(path, allow_pickle), AutoConfig.from_pretrained(path)).load()
+
+
+_TIMM_PREFIX = "timm_model."
+
+
+def _tensor_names(folder: Path, allow_pickle: bool) -> list[str]:
+    """The names of a folder's tensors, without reading the tensors (pickles are opened on the meta device)."""
+    names = []
+    for file in weight_files(folder, allow_pickle=allow_pickle):
+        if file.suffix == ".safetensors":
+            with safe_open(file, framework="pt") as weights:
+                names.extend(weights.keys())
+        else:
+            names.extend(unnest(torch.load(file, map_location="meta", weights_only=True)))
+    return names
+
+
+def load_timm_wrapper_checkpoint(path: str | Path, allow_pickle: bool = False) -> VitrailPreTrainedModel:
+    """A timm folder as a vitrail model in eval mode, saved by timm or through transformers' `TimmWrapperModel` /
+    `TimmWrapperForImageClassification`. Both write timm's config.json (`architecture`, `model_args`,
+    `pretrained_cfg`, labels; transformers' config reader labels either `model_type="timm_wrapper"`); the
+    wrapper's tensors are timm's under `timm_model.`. The prefix is taken off and the timm converter does the rest
+    (a `TimmWrapperModel` has no head, so it gives `VitrailModel`); a folder timm saved goes to
+    `vitrail.convert.timm.load_timm_checkpoint` as it is."""
+    from .timm import convert_timm_state_dict, load_timm_checkpoint, vitrail_config_from_timm
+
+    folder = Path(path)
+    if not any(name.startswith(_TIMM_PREFIX) for name in _tensor_names(folder, allow_pickle)):
+        return load_timm_checkpoint(folder, allow_pickle=allow_pickle)
+    timm_config = json.loads((folder / "config.json").read_text())
+    state = read_weights(folder, allow_pickle)
+    stray = sorted(name for name in state if not name.startswith(_TIMM_PREFIX))
+    if stray:
+        raise ValueError(
+            f"{folder} is a transformers TimmWrapper checkpoint, whose tensors all start with {_TIMM_PREFIX!r}, but "
+            f"{stray[:8]} do not: the weights do not belong to this config."
+        )
+    state = {name[len(_TIMM_PREFIX) :]: tensor for name, tensor in state.items()}
+    logger.info("TimmWrapper checkpoint: %r prefix taken off %d tensors.", _TIMM_PREFIX, len(state))
+    if "head.weight" not in state:
+        # `TimmWrapperModel` builds its timm model with `num_classes=0` but saves the config's class count.
+        timm_config = {**timm_config, "num_classes": 0}
+        timm_config.pop("label_names", None)
+    config = vitrail_config_from_timm(state, timm_config=timm_config)
+    converted = convert_timm_state_dict(state, config)
+    head = any(name.startswith("classifier.") for name in converted)
+    model = (VitrailForImageClassification if head else VitrailModel)(config)
+    model.load_state_dict(converted, strict=True)
+    return model.eval()
 
 
 # Preprocessor fields copied as they are; transformers' ViT/DeiT/Bit processors and vitrail's share their meaning.
@@ -350,27 +510,37 @@ def image_processor_from_hf(preprocessor_config: dict):
 
 
 def open_source(path: str | Path, *, allow_pickle: bool = False) -> Converted:
-    """The converted model, its processor (from `preprocessor_config.json`, else None) and transformers' own model
-    as the reference, for `scripts/convert_checkpoint.py --from hf`."""
+    """The converted model, its processor (from `preprocessor_config.json`, or a TimmWrapper's `pretrained_cfg`;
+    else None) and transformers' own model as the reference, for `scripts/convert_checkpoint.py --from hf`."""
     import transformers
+
+    from . import load_image_processor
 
     folder = Path(path)
     hf_config = AutoConfig.from_pretrained(folder)
-    model = _plan(read_weights(folder, allow_pickle), hf_config).load()
-    processor_file = folder / "preprocessor_config.json"
-    processor = (
-        image_processor_from_hf(json.loads(processor_file.read_text())) if processor_file.is_file() else None
-    )
+    model = load_hf_checkpoint(folder, allow_pickle=allow_pickle)
+    processor = load_image_processor(folder)
     architecture = (hf_config.architectures or ["AutoModel"])[0]
-    reference_model = getattr(transformers, architecture).from_pretrained(folder).eval()
+    model_type, options = hf_config.model_type, {}
+    if model_type == "vit_mae":
+        # The encoder without MAE's random masking: nothing masked, and `noise` in patch order keeps the order.
+        architecture, options = "ViTMAEModel", {"mask_ratio": 0.0}
+    elif model_type == TIMM_WRAPPER:
+        # timm resamples its position table at run time when built with `dynamic_img_size=True`.
+        options = {"model_args": {**(hf_config.model_args or {}), "dynamic_img_size": True}}
+    reference_model = getattr(transformers, architecture).from_pretrained(folder, **options).eval()
     native = model.config.image_hw
 
     def reference(pixels: torch.Tensor) -> torch.Tensor:
-        # DINOv2 resamples its table to every input; ViT and DeiT only when asked.
-        resample = tuple(pixels.shape[-2:]) != native and not hf_config.model_type.startswith("dinov2")
-        return model_outputs(
-            reference_model, pixels, **({"interpolate_pos_encoding": True} if resample else {})
-        )
+        kwargs = {}
+        # DINOv2 resamples its table to every input, timm models as built above; the others only when asked.
+        if tuple(pixels.shape[-2:]) != native and not model_type.startswith(("dinov2", TIMM_WRAPPER)):
+            kwargs["interpolate_pos_encoding"] = True
+        if model_type == "vit_mae":
+            (rows, cols), count = model.config.patch_hw, len(pixels)
+            patches = (pixels.shape[-2] // rows) * (pixels.shape[-1] // cols)
+            kwargs["noise"] = torch.arange(patches, dtype=torch.float32).expand(count, patches)
+        return model_outputs(reference_model, pixels, **kwargs)
 
     return Converted(model=model, processor=processor, reference=reference)
 
@@ -378,7 +548,9 @@ def open_source(path: str | Path, *, allow_pickle: bool = False) -> Converted:
 __all__ = [
     "DINOV2_LAYERS",
     "FAMILIES",
+    "REFUSED_MODEL_TYPES",
     "SUPPORTED_MODEL_TYPES",
+    "TIMM_WRAPPER",
     "VIT_LAYERS",
     "convert_hf_state_dict",
     "detect_hf_layout",
@@ -386,6 +558,8 @@ __all__ = [
     "hf_rename_rows",
     "image_processor_from_hf",
     "load_hf_checkpoint",
+    "load_timm_wrapper_checkpoint",
     "open_source",
+    "refusal",
     "vitrail_config_from_hf",
 ]
