@@ -102,6 +102,10 @@ class VitrailConfig(BackboneConfigMixin, PreTrainedConfig):
             from the end); give either, the other follows.
         apply_layernorm (`bool`, defaults to `True`): `VitrailBackbone` applies the final LayerNorm to its feature
             maps (as `Dinov2Backbone` does; with `use_fc_norm=True` that norm was trained on pooled vectors).
+        reshape_hidden_states (`bool`, defaults to `True`): `VitrailBackbone`'s feature maps are NCHW maps of the
+            patch tokens; `False` gives each stage's whole token sequence `(batch, tokens, hidden_size)` instead,
+            prefix tokens included (after the final LayerNorm when `apply_layernorm`), as `Dinov2Backbone` does
+            for the heads that read tokens (DPT, Depth Anything, VitPose).
 
     Example:
 
@@ -144,6 +148,7 @@ class VitrailConfig(BackboneConfigMixin, PreTrainedConfig):
     _out_features: list[str] | None = None
     _out_indices: list[int] | None = None
     apply_layernorm: bool = True
+    reshape_hidden_states: bool = True
 
     def __post_init__(self, **kwargs):
         if self.prefix_position_embeddings is None:

@@ -99,7 +99,8 @@ def load_foreign_pretrained(cls, path_or_repo, config_dict: dict, *model_args, *
     initialised head (warned). The weight files are checked first (`check_weight_files`) and the result after
     (`check_loaded_weights`: NaN or inf refused by name). Keyword arguments: the Hub ones of `from_pretrained`,
     `allow_pickle`, `attn_implementation`, `dtype`, `ignore_mismatched_sizes` (as in `fit_to_class`), and
-    VitrailConfig fields (e.g. `drop_path_rate`, `dynamic_image_size`); anything else raises `TypeError`.
+    VitrailConfig fields (e.g. `drop_path_rate`, `dynamic_image_size`, the backbone's `out_indices`); anything
+    else raises `TypeError`.
     """
     if model_args:
         raise TypeError(
@@ -117,7 +118,8 @@ def load_foreign_pretrained(cls, path_or_repo, config_dict: dict, *model_args, *
         )
     if kwargs.pop("weights_only", True) is False:
         raise ValueError("Converted checkpoints' pickles are read with `weights_only=True` only.")
-    fields = set(VitrailConfig.__dataclass_fields__)
+    # The backbone's stages are set by name, as for vitrail checkpoints (the fields themselves are private).
+    fields = set(VitrailConfig.__dataclass_fields__) | {"out_features", "out_indices"}
     unknown = sorted(set(kwargs) - fields)
     if unknown:
         raise TypeError(
@@ -144,7 +146,10 @@ def load_foreign_pretrained(cls, path_or_repo, config_dict: dict, *model_args, *
     logger.info("Converted %s (%s) into %s.", path_or_repo, type(source).__name__, cls.__name__)
     config = source.config
     if kwargs or attn_implementation:
-        config = VitrailConfig(**{**config.to_dict(), **kwargs})
+        fields = config.to_dict()
+        if {"out_features", "out_indices"} & set(kwargs):  # stages asked for by one name replace both
+            fields.pop("out_features", None), fields.pop("out_indices", None)
+        config = VitrailConfig(**{**fields, **kwargs})
     if attn_implementation:
         config._attn_implementation = attn_implementation
     model = fit_to_class(source, cls, config, ignore_mismatched_sizes=ignore_mismatched_sizes)

@@ -360,6 +360,12 @@ def vitrail_config_from_hf(hf_config, state=None) -> VitrailConfig:
             dynamic_image_size=True,
             position_interpolation="bicubic_antialias" if family == "dinov2_with_registers" else "bicubic",
         )
+        # A Dinov2Backbone's choices: its stages (named alike) and what its feature maps are.
+        fields.update(
+            out_indices=list(hf_config.out_indices),
+            apply_layernorm=hf_config.apply_layernorm,
+            reshape_hidden_states=hf_config.reshape_hidden_states,
+        )
     else:
         fields.update(
             intermediate_size=hf_config.intermediate_size,
