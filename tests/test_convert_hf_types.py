@@ -65,7 +65,9 @@ class Case:
     run: Callable | None = None  # the reference's output when it is not `model(pixels).<output>`
     layouts: tuple[str, ...] = ("hub", "v5")
     config: dict = field(default_factory=dict)  # VitrailConfig fields the conversion must give
-    other_size: tuple[int, int] = (38, 26)  # SimMIM in transformers reshapes to a square grid: square there
+    pooler: bool = False  # compare `pooler_output` too (the reference's own pooling)
+    # SimMIM in transformers reshapes to a square grid: square there; None where the source takes one size only
+    other_size: tuple[int, int] | None = (38, 26)
 
 
 def _hf(cls_name: str, config_name: str, **kwargs):
@@ -116,6 +118,132 @@ CASES = {
 }
 
 
+# ---- vision towers of image-text models ------------------------------------------------------------------------
+
+TEXT = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20)
+
+
+def tower(cls_name: str, config_name: str, **kwargs):
+    """A tower class built tiny; `config_name` is its vision config, or its two-tower config (vision and text
+    configs tiny), whose classes the vision tower is read out of."""
+    config_cls = getattr(transformers, config_name)
+    if "vision_config" in config_cls.sub_configs:
+        text = {**TEXT, "vocab_size": 99} if config_name == "AltCLIPConfig" else TEXT
+        config = config_cls(vision_config=SHAPE, text_config=text, **kwargs)
+    else:
+        config = config_cls(**SHAPE, **kwargs)
+    return lambda: perturbed(getattr(transformers, cls_name)(config))
+
+
+def vision_tower(model, pixels, **kwargs):
+    return model.vision_model(pixels, **kwargs).last_hidden_state
+
+
+CLIP_TOWER = dict(patch_embedding_bias=False, pre_norm=True, use_cls_token=True)
+TOWER_CASES = {
+    f"{name}": Case(tower(cls, config), VitrailModel, "last_hidden_state", config=dict(CLIP_TOWER, pooling="cls",
+                    use_fc_norm=True), pooler=True)
+    for name, cls, config in [
+        ("clip_vision_model", "CLIPVisionModel", "CLIPVisionConfig"),
+        ("clip_vision_model-projection", "CLIPVisionModelWithProjection", "CLIPVisionConfig"),
+        ("altclip_vision_model", "AltCLIPVisionModel", "AltCLIPVisionConfig"),
+        ("chinese_clip_vision_model", "ChineseCLIPVisionModel", "ChineseCLIPVisionConfig"),
+        ("metaclip_2_vision_model", "MetaClip2VisionModel", "MetaClip2VisionConfig"),
+        ("owlvit_vision_model", "OwlViTVisionModel", "OwlViTVisionConfig"),
+        ("owlv2_vision_model", "Owlv2VisionModel", "Owlv2VisionConfig"),
+    ]
+}  # fmt: skip
+TOWER_CASES.update(
+    {
+        f"{name}": Case(tower(cls, config), VitrailModel, "last_hidden_state", vision_tower, pooler=True)
+        for name, cls, config in [
+            ("clip", "CLIPModel", "CLIPConfig"),
+            ("altclip", "AltCLIPModel", "AltCLIPConfig"),
+            ("chinese_clip", "ChineseCLIPModel", "ChineseCLIPConfig"),
+            ("metaclip_2", "MetaClip2Model", "MetaClip2Config"),
+            ("siglip", "SiglipModel", "SiglipConfig"),
+        ]
+    }
+)
+TOWER_CASES.update(
+    {
+        "clip-head": Case(
+            tower("CLIPForImageClassification", "CLIPConfig", **LABELS),
+            VitrailForImageClassification,
+            "logits",
+            config=dict(CLIP_TOWER, pooling="mean", final_norm=False),
+        ),
+        "metaclip_2-head": Case(
+            tower("MetaClip2ForImageClassification", "MetaClip2Config", **LABELS),
+            VitrailForImageClassification,
+            "logits",
+        ),
+        "git_vision_model": Case(
+            tower("GitVisionModel", "GitVisionConfig"),
+            VitrailModel,
+            "last_hidden_state",
+            config=dict(CLIP_TOWER, pooling="cls", use_fc_norm=False),
+        ),
+        "siglip_vision_model": Case(
+            tower("SiglipVisionModel", "SiglipVisionConfig"),
+            VitrailModel,
+            "last_hidden_state",
+            config=dict(use_cls_token=False, pooling="map", prefix_position_embeddings="none"),
+            pooler=True,
+        ),
+        "siglip_vision_model-no-head": Case(
+            tower("SiglipVisionModel", "SiglipVisionConfig", vision_use_head=False),
+            VitrailModel,
+            "last_hidden_state",
+            config=dict(use_cls_token=False, pooling="mean"),
+        ),
+        "siglip-head": Case(
+            tower("SiglipForImageClassification", "SiglipConfig", **LABELS),
+            VitrailForImageClassification,
+            "logits",
+            config=dict(use_cls_token=False, pooling="mean"),
+        ),
+    }
+)
+AIMV2 = dict(norm_type="rmsnorm", patch_embedding_norm=True, use_cls_token=False, mlp_type="swiglu")
+TOWER_CASES.update(
+    {
+        "aimv2_vision_model": Case(
+            tower("Aimv2VisionModel", "Aimv2VisionConfig"),
+            VitrailModel,
+            "last_hidden_state",
+            config=dict(AIMV2, pooling="map", qkv_bias=False, proj_bias=False, mlp_bias=False),
+            pooler=True,
+            other_size=None,  # AIMv2's learned positions serve one size
+        ),
+        "aimv2_vision_model-biases": Case(
+            tower("Aimv2VisionModel", "Aimv2VisionConfig", qkv_bias=True, mlp_bias=True),
+            VitrailModel,
+            "last_hidden_state",
+            config=dict(AIMV2, qkv_bias=True, proj_bias=True, mlp_bias=True),
+            pooler=True,
+            other_size=None,
+        ),
+        "aimv2_vision_model-no-head": Case(
+            tower("Aimv2VisionModel", "Aimv2VisionConfig", use_head=False),
+            VitrailModel,
+            "last_hidden_state",
+            config=dict(AIMV2, pooling="mean"),
+            other_size=None,
+        ),
+        "aimv2": Case(
+            tower("Aimv2Model", "Aimv2Config"),
+            VitrailModel,
+            "last_hidden_state",
+            vision_tower,
+            pooler=True,
+            other_size=None,
+        ),
+    }
+)
+CASES.update(TOWER_CASES)
+
+
 def reference_output(case: Case, model, pixels, **kwargs) -> torch.Tensor:
     with torch.no_grad():
         if case.run is not None:
@@ -151,8 +279,14 @@ def test_parity_at_the_native_size_and_another(name, layout, tmp_path, pixels):
     with torch.no_grad():
         got = getattr(model(pixels), case.output)
     torch.testing.assert_close(got, reference_output(case, reference, pixels), atol=1e-5, rtol=0)
+    if case.pooler:
+        with torch.no_grad():
+            want = getattr(reference, "vision_model", reference)(pixels).pooler_output
+            torch.testing.assert_close(model(pixels).pooler_output, want, atol=1e-5, rtol=0)
     # Another (non-square) size: transformers resamples its table with `interpolate_pos_encoding=True` (plain
     # bicubic), and so does the converted model.
+    if case.other_size is None:
+        return
     other = torch.randn(2, 3, *case.other_size, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         got = getattr(model(other, interpolate_pos_encoding=True), case.output)
@@ -171,11 +305,12 @@ def test_from_pretrained_opens_each_type_as_each_class(name, tmp_path, pixels):
     with torch.no_grad():
         got = getattr(model(pixels), case.output)
         tokens = backbone(pixels).last_hidden_state
-        want_tokens = (
-            mae_encoder(reference, pixels)
-            if name.startswith("vit_mae")
-            else reference.base_model(pixels).last_hidden_state
-        )
+        if name.startswith("vit_mae"):
+            want_tokens = mae_encoder(reference, pixels)
+        elif name.startswith("clip-head"):  # the tokens before the post-LayerNorm, which the head skips
+            want_tokens = vision_tower(reference, pixels)
+        else:
+            want_tokens = getattr(reference, "vision_model", reference.base_model)(pixels).last_hidden_state
     torch.testing.assert_close(got, reference_output(case, reference, pixels), atol=1e-5, rtol=0)
     torch.testing.assert_close(tokens, want_tokens, atol=1e-5, rtol=0)
 
@@ -281,10 +416,13 @@ def test_timm_wrapper_tensors_without_the_prefix_are_refused(tmp_path):
 # ---- the script ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["vit_mae-pretraining", "ijepa-head", "vit-simmim", "timm_wrapper"])
+@pytest.mark.parametrize(
+    "name", ["vit_mae-pretraining", "ijepa-head", "vit-simmim", "timm_wrapper", "clip", "siglip_vision_model"]
+)
 def test_script_compares_each_type_with_transformers(name, tmp_path, capsys):
     """`convert_checkpoint.py --from hf` runs transformers' own model beside the converted one: MAE's encoder
-    without masking, SimMIM's reconstruction, a TimmWrapper through timm; at the native size and another one."""
+    without masking, SimMIM's reconstruction, a TimmWrapper through timm, the vision tower of an image-text model;
+    at the native size and another one."""
     src, dst = tmp_path / "src", tmp_path / "dst"
     reference = timm_wrapper(True, "vit_small_patch16_224") if name == "timm_wrapper" else CASES[name].build()
     reference.save_pretrained(src)
@@ -321,6 +459,43 @@ def test_vit_processor_configs_translate_and_match_on_a_photo(backend, settings,
     photo = load_sample_images().images[0]
     want = theirs(photo, return_tensors="pt").pixel_values
     torch.testing.assert_close(ours(photo, return_tensors="pt").pixel_values, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "CLIPImageProcessorPil",  # CLIP and its kin, AIMv2: shortest edge 224, center crop, bicubic, CLIP statistics
+        "SiglipImageProcessorPil",  # SigLIP: squash to 224, bicubic, mean and std 0.5, no crop
+        "BeitImageProcessorPil",  # BEiT, data2vec-vision: squash, bicubic, 0.5 (label reduction is for masks only)
+    ],
+)
+def test_tower_processors_translate_with_their_defaults(backend, tmp_path):
+    """Each family's processor, saved with its own defaults, gives the same pixels through vitrail's."""
+    from sklearn.datasets import load_sample_images
+
+    theirs = getattr(transformers, backend)()
+    theirs.save_pretrained(tmp_path)
+    ours = load_image_processor(tmp_path)
+    photo = load_sample_images().images[1]
+    want = theirs(photo, return_tensors="pt").pixel_values
+    torch.testing.assert_close(ours(photo, return_tensors="pt").pixel_values, want, atol=1e-5, rtol=0)
+
+
+def test_dinov3_processor_translates_within_one_level_and_says_so(tmp_path, caplog):
+    """DINOv3's processor (squash, bilinear, ImageNet statistics) rescales before it resizes, resizing floats where
+    vitrail resizes 8-bit levels: a pixel differs by at most one level (1/255, over the channel's std), and the
+    translation warns that it can."""
+    from sklearn.datasets import load_sample_images
+
+    theirs = transformers.DINOv3ViTImageProcessor()
+    theirs.save_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="vitrail.convert"):
+        ours = load_image_processor(tmp_path)
+    assert "rescales to [0, 1] before resizing" in caplog.text
+    photo = load_sample_images().images[1]
+    got, want = ours(photo, return_tensors="pt").pixel_values, theirs(photo, return_tensors="pt").pixel_values
+    level = torch.tensor(1 / 255) / torch.tensor(theirs.image_std).reshape(1, 3, 1, 1)
+    assert got.shape == want.shape and bool(((got - want).abs() <= level + 1e-6).all())
 
 
 def test_timm_wrapper_processor_comes_from_its_pretrained_cfg(tmp_path):

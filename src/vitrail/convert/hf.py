@@ -1,5 +1,6 @@
 """transformers checkpoints into vitrail: ViT, DeiT (plain and distilled), DINOv2 (with and without registers),
-MAE, MSN, I-JEPA, SimMIM models, and timm models saved through transformers' TimmWrapper classes.
+MAE, MSN, I-JEPA, SimMIM models, the vision towers of CLIP and its kin, SigLIP and AIMv2, and timm models saved
+through transformers' TimmWrapper classes.
 
 A transformers checkpoint comes in one of two key layouts:
 
@@ -32,6 +33,14 @@ How each family maps onto vitrail's config:
   pixel-shuffle decoder are vitrail's masked-image-modeling ones, giving `VitrailForMaskedImageModeling`.
 - TimmWrapper: timm's config.json and timm's tensors under `timm_model.`; the prefix is taken off and the timm
   converter (`vitrail.convert.timm`) does the rest.
+- Vision towers (alone, or read out of the full image-text checkpoint, whose text tower and projections are
+  dropped with their reason): CLIP, AltCLIP, Chinese-CLIP, MetaCLIP 2 and OWL-ViT have a bias-free patch
+  convolution, a class embedding, a LayerNorm before the encoder (`pre_norm`) and the post-LayerNorm on the pooled
+  class token only (`use_fc_norm`, class-token pooling); their classification heads read the mean of the un-normed
+  patch tokens (`pooling="mean"`, `final_norm=False`). GIT's tower normalises every token. SigLIP has no class
+  token, normalises every token and pools by attention (`pooling="map"`, its packed [q; k; v] split into `q` and
+  `kv`); its classifier reads the token mean. AIMv2: RMSNorm (also on the patch tokens), SwiGLU, biases as
+  configured, and an attention-pooling head written in MAP's parameters (see `_aimv2_head_as_map`).
 - Position resampling follows the source (`position_interpolation`): plain bicubic for ViT, DeiT, DINOv2, MAE, MSN
   and I-JEPA, antialiased bicubic for DINOv2 with registers, so a converted model matches its source at every
   resolution.
@@ -220,6 +229,161 @@ FAMILIES = {
     "vit_msn": Family(VIT_LAYERS, _EMBEDDINGS + _CLASSIFIER, (_UNUSED_MASK_TOKEN,)),
     "ijepa": Family(VIT_LAYERS, _PATCH_EMBEDDINGS + _CLASSIFIER, (_POOLER, _UNUSED_MASK_TOKEN), "ijepa"),
 }
+
+# ---- vision towers of image-text models: CLIP and its kin, SigLIP ------------------------------------------------
+# transformers writes these names as they are (one layout). The tower sits under `vision_model.` in the full
+# two-tower checkpoints and in some tower classes, at the root in others: the prefix is taken off where present.
+
+
+def _as_token(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.reshape(1, 1, -1)  # CLIP's class embedding (D,) -> (1, 1, D)
+
+
+def _as_table(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.unsqueeze(0)  # an nn.Embedding's weight (N, D) -> (1, N, D)
+
+
+_TOWER_LAYER = (
+    Rename("self_attn.q_proj.{p}", "attention.qkv.{p}", slot=(0, 3)),
+    Rename("self_attn.k_proj.{p}", "attention.qkv.{p}", slot=(1, 3)),
+    Rename("self_attn.v_proj.{p}", "attention.qkv.{p}", slot=(2, 3)),
+    Rename("self_attn.out_proj.{p}", "attention.proj.{p}"),
+    Rename("layer_norm1.{p}", "norm1.{p}"),
+    Rename("layer_norm2.{p}", "norm2.{p}"),
+    *_MLP,
+)
+# `encoder.layers.N` as the Hub's checkpoints have it; transformers 5.x writes `encoder.layer.N` for AltCLIP's
+# tower, renaming its text tower's layers.
+_TOWER_LAYER_ROWS = in_layers("encoder.layers.{n}.", _TOWER_LAYER) + in_layers(
+    "encoder.layer.{n}.", _TOWER_LAYER
+)
+TOWER_LAYERS = {"hub": _TOWER_LAYER_ROWS, "v5": _TOWER_LAYER_ROWS}
+_TOWER_EMBEDDINGS = (
+    Rename("embeddings.patch_embedding.{p}", "{backbone}embeddings.patch_embeddings.projection.{p}"),
+    Rename(
+        "embeddings.position_embedding.weight",
+        "{backbone}embeddings.position_embeddings",
+        transform=_as_table,
+    ),
+)
+_CLIP_EMBEDDINGS = (
+    *_TOWER_EMBEDDINGS,
+    Rename("embeddings.class_embedding", "{backbone}embeddings.cls_token", transform=_as_token),
+    Rename("pre_layrnorm.{p}", "{backbone}embeddings.pre_norm.{p}"),
+    Rename("pre_layernorm.{p}", "{backbone}embeddings.pre_norm.{p}"),  # OWL-ViT's spelling
+)
+_POST_NORM = Rename("post_layernorm.{p}", "{backbone}layernorm.{p}")
+# SigLIP's attention-pooling head; `_unpack_attention` splits nn.MultiheadAttention's packed [q; k; v] first.
+_SIGLIP_HEAD = (
+    Rename("head.probe", "{backbone}attention_pool.latent"),
+    Rename("head.attention.q.{p}", "{backbone}attention_pool.q.{p}"),
+    Rename("head.attention.kv.{p}", "{backbone}attention_pool.kv.{p}"),
+    Rename("head.attention.out_proj.{p}", "{backbone}attention_pool.proj.{p}"),
+    Rename("head.layernorm.{p}", "{backbone}attention_pool.norm.{p}"),
+    Rename("head.mlp.fc1.{p}", "{backbone}attention_pool.mlp.fc1.{p}"),
+    Rename("head.mlp.fc2.{p}", "{backbone}attention_pool.mlp.fc2.{p}"),
+)
+_TWO_TOWER = (
+    "the text tower and the projections into the joint image-text space; vitrail converts the vision tower"
+)
+_OTHER_TOWER = (
+    Drop("text_model.*", _TWO_TOWER),
+    Drop("text_projection.*", _TWO_TOWER),
+    Drop("visual_projection.*", _TWO_TOWER),
+    Drop("logit_scale", _TWO_TOWER),
+    Drop("logit_bias", _TWO_TOWER),
+)
+_UNREAD_POST_NORM = Drop(
+    "post_layernorm.{p}",
+    "CLIPForImageClassification's head reads the mean of the patch tokens before the post-LayerNorm, which serves "
+    "only the pooler; the converted model has no final norm (final_norm=False), as the head sees it",
+)
+_UNREAD_SIGLIP_HEAD = Drop(
+    "head.*",
+    "SiglipForImageClassification's head reads the mean of the tokens; the tower's attention-pooling head is not "
+    "used by it",
+)
+
+FAMILIES.update(
+    {
+        # CLIP, AltCLIP, Chinese-CLIP, MetaCLIP 2, OWL-ViT (v1, v2): a bias-free patch convolution, a class
+        # embedding, a LayerNorm before the encoder, and the post-LayerNorm on the pooled class token only.
+        "clip_vision": Family(TOWER_LAYERS, _CLIP_EMBEDDINGS + (_POST_NORM,), _OTHER_TOWER, "vision_model"),
+        "clip_head": Family(
+            TOWER_LAYERS, _CLIP_EMBEDDINGS + _CLASSIFIER, (*_OTHER_TOWER, _UNREAD_POST_NORM), "vision_model"
+        ),
+        # GIT's CLIP tower applies the post-LayerNorm to every token and has no pooler.
+        "git_vision": Family(TOWER_LAYERS, _CLIP_EMBEDDINGS + (_POST_NORM,), _OTHER_TOWER, "vision_model"),
+        # SigLIP: no class token, positions for the patches, the post-LayerNorm on every token, attention pooling.
+        "siglip_vision": Family(
+            TOWER_LAYERS, _TOWER_EMBEDDINGS + (_POST_NORM, *_SIGLIP_HEAD), _OTHER_TOWER, "vision_model"
+        ),
+        "siglip_head": Family(
+            TOWER_LAYERS,
+            _TOWER_EMBEDDINGS + (_POST_NORM, *_CLASSIFIER),
+            (*_OTHER_TOWER, _UNREAD_SIGLIP_HEAD),
+            "vision_model",
+        ),
+    }
+)
+# AIMv2: RMSNorm everywhere (also on the patch tokens), SwiGLU, biases as configured, no class token, and an
+# attention-pooling head that `_aimv2_head_as_map` writes in vitrail's MAP parameters.
+_AIMV2_LAYER = (
+    Rename("attention.q_proj.{p}", "attention.qkv.{p}", slot=(0, 3)),
+    Rename("attention.k_proj.{p}", "attention.qkv.{p}", slot=(1, 3)),
+    Rename("attention.v_proj.{p}", "attention.qkv.{p}", slot=(2, 3)),
+    Rename("attention.out_proj.{p}", "attention.proj.{p}"),
+    Rename("rms_norm1.weight", "norm1.weight"),
+    Rename("rms_norm2.weight", "norm2.weight"),
+    Rename("ffn.gate_proj.{p}", "mlp.fc1.{p}", slot=(0, 2)),
+    Rename("ffn.up_proj.{p}", "mlp.fc1.{p}", slot=(1, 2)),
+    Rename("ffn.down_proj.{p}", "mlp.fc2.{p}"),
+)
+_AIMV2_ROWS = in_layers("encoder.layers.{n}.", _AIMV2_LAYER) + in_layers("encoder.layer.{n}.", _AIMV2_LAYER)
+AIMV2_LAYERS = {"hub": _AIMV2_ROWS, "v5": _AIMV2_ROWS}
+_AIMV2_EMBEDDINGS = (
+    Rename("embeddings.patch_embed.{p}", "{backbone}embeddings.patch_embeddings.projection.{p}"),
+    Rename("embeddings.rms_norm.weight", "{backbone}embeddings.patch_embeddings.norm.weight"),
+    Rename(
+        "embeddings.position_embedding.weight",
+        "{backbone}embeddings.position_embeddings",
+        transform=_as_table,
+    ),
+    Rename("rms_norm.weight", "{backbone}layernorm.weight"),
+)
+_AIMV2_HEAD = (
+    Rename("head.cls_token", "{backbone}attention_pool.latent"),
+    Rename("head.output_proj.{p}", "{backbone}attention_pool.proj.{p}"),
+    *(
+        Rename(f"head.{part}.{{p}}", f"{{backbone}}attention_pool.{part}.{{p}}")
+        for part in ("q", "kv", "norm", "mlp.fc1", "mlp.fc2")
+    ),
+)
+FAMILIES["aimv2_vision"] = Family(AIMV2_LAYERS, _AIMV2_EMBEDDINGS + _AIMV2_HEAD, _OTHER_TOWER, "vision_model")
+TOWER_LAYER_TABLES = (TOWER_LAYERS, AIMV2_LAYERS)
+TOWER_FAMILIES = tuple(name for name, spec in FAMILIES.items() if spec.layers in TOWER_LAYER_TABLES)
+
+# model type -> the family its tower belongs to (a classification checkpoint's family ends in `_head`).
+TOWER_TYPES = {
+    **dict.fromkeys(
+        (
+            "clip_vision_model",
+            "clip",
+            "altclip_vision_model",
+            "altclip",
+            "chinese_clip_vision_model",
+            "chinese_clip",
+            "metaclip_2_vision_model",
+            "metaclip_2",
+            "owlvit_vision_model",
+            "owlv2_vision_model",
+        ),
+        "clip",
+    ),  # fmt: skip
+    "git_vision_model": "git",
+    **dict.fromkeys(("siglip_vision_model", "siglip"), "siglip"),
+    **dict.fromkeys(("aimv2_vision_model", "aimv2"), "aimv2"),
+}
 SUPPORTED_MODEL_TYPES = (
     "vit",
     "deit",
@@ -228,6 +392,7 @@ SUPPORTED_MODEL_TYPES = (
     "vit_mae",
     "vit_msn",
     "ijepa",
+    *TOWER_TYPES,
     TIMM_WRAPPER,
 )
 
@@ -242,7 +407,37 @@ REFUSED_MODEL_TYPES = {
     "yolos": "YOLOS's detection tokens with their own position table and its detection heads",
     "vitdet": "ViTDet's windowed attention with relative position tables, which vitrail's layers do not do",
     "sam_vision_model": "SAM's windowed encoder with relative positions and its convolutional neck",
-    "vitpose_backbone": "VitPose's mixture-of-experts MLP (one expert per dataset) and its padded patch convolution",
+    "vitpose_backbone": "VitPose's patch convolution padded by 2 pixels (patches straddle the border) and, in its "
+    "multi-dataset models, a mixture-of-experts MLP",
+    **dict.fromkeys(
+        ("siglip2_vision_model", "siglip2"),
+        "SigLIP 2's NaFlex inputs: images its processor cuts into patches at their own aspect ratio "
+        "((batch, patches, channels x patch x patch) with `spatial_shapes` and a padding mask), and a position table "
+        "resized to each image bilinearly with antialiasing, where vitrail takes images and resamples positions "
+        "bicubically",
+    ),
+    **dict.fromkeys(
+        ("blip_vision_model", "blip", "blip_2_vision_model", "blip-2"),
+        "BLIP's vision pooler, which applies the post-LayerNorm to the class token twice, where vitrail's pooling "
+        "normalises it once",
+    ),
+    **dict.fromkeys(
+        ("mlcd_vision_model", "mlcd"),
+        "MLCD's learned rotary angle for the class token (`class_pos_emb`); vitrail's 2D RoPE rotates patch tokens "
+        "only",
+    ),
+    **dict.fromkeys(
+        ("owlvit", "owlv2"),
+        "OWL-ViT's text tower and detection heads; vitrail converts its vision tower saved alone "
+        "(`OwlViTVisionModel` / `Owlv2VisionModel`)",
+    ),
+    "git": "GIT's text decoder (a captioning model); vitrail converts its vision tower saved alone (`GitVisionModel`)",
+    "dinov3_vit": "DINOv3's 2D rotary position embeddings, which need vitrail's `rope_type` options",
+    **dict.fromkeys(
+        ("beit", "data2vec-vision"),
+        "BEiT's relative position bias tables and query/value-only biases, which need vitrail's "
+        "`relative_position_bias` and `key_bias` options",
+    ),
 }
 
 
@@ -273,6 +468,11 @@ def family_of(hf_config, state=None) -> str:
     """The key of `FAMILIES` for a transformers config (and its tensors, which tell a distilled DeiT and a SimMIM
     model)."""
     model_type = getattr(hf_config, "model_type", None)
+    if model_type in TOWER_TYPES:
+        tower = TOWER_TYPES[model_type]
+        if tower in ("git", "aimv2"):  # no classification head in transformers
+            return f"{tower}_vision"
+        return f"{tower}_head" if _wants_head(hf_config, state) else f"{tower}_vision"
     if model_type not in FAMILIES:
         raise NotImplementedError(refusal(model_type))
     if model_type in ("vit", "deit") and _is_simmim(hf_config, state):
@@ -326,10 +526,68 @@ def _dinov2_mlp(hf_config) -> dict:
     return {"intermediate_size": hidden}
 
 
+def _tower_config(family: str, hf_config, state=None) -> VitrailConfig:
+    """The `VitrailConfig` of a CLIP-like or SigLIP vision tower (alone, or in its two-tower or classification
+    checkpoint, whose labels it takes)."""
+    vision = getattr(hf_config, "vision_config", None) or hf_config
+    names = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+             "image_size", "patch_size", "num_channels")  # fmt: skip
+    fields = {name: getattr(vision, name) for name in names}
+    if hasattr(vision, "layer_norm_eps"):
+        fields["layer_norm_eps"] = vision.layer_norm_eps
+    fields.update(
+        attention_probs_dropout_prob=vision.attention_dropout,
+        initializer_range=getattr(vision, "initializer_range", 0.02),
+        encoder_stride=height_width(vision.patch_size)[0],
+        position_interpolation="bicubic",  # their `interpolate_pos_encoding`
+        id2label={int(k): v for k, v in hf_config.id2label.items()},
+        label2id=dict(hf_config.label2id),
+    )
+    if family.startswith(("clip", "git")):
+        fields.update(use_cls_token=True, patch_embedding_bias=False, pre_norm=True)
+        if family == "clip_vision":  # pooler: the post-LayerNorm on the class token; tokens un-normed
+            fields.update(pooling="cls", use_fc_norm=True)
+        elif family == "clip_head":  # the head: the mean of the un-normed patch tokens
+            fields.update(pooling="mean", final_norm=False)
+    elif family == "aimv2_vision":
+        if vision.is_native:
+            raise NotImplementedError(
+                "AIMv2's native-resolution variant (`is_native=True`) computes sin-cos positions for each input with "
+                "frequencies 10000^(-i/d) over d = hidden_size // 4 slots, which vitrail's sin-cos positions do not "
+                "use (they spread the frequencies over d - 1 steps); convert a fixed-resolution AIMv2."
+            )
+        head = vision.use_head
+        fields.update(
+            layer_norm_eps=vision.rms_norm_eps,
+            norm_type="rmsnorm",
+            patch_embedding_norm=True,
+            use_cls_token=False,
+            prefix_position_embeddings="none",
+            mlp_type="swiglu",
+            qkv_bias=vision.qkv_bias,
+            proj_bias=vision.qkv_bias,
+            mlp_bias=vision.mlp_bias,
+            pooling="map" if head else "mean",
+            # AIMv2's pool has no MLP: vitrail's is written as one of width 1 whose output is zero.
+            map_intermediate_size=1 if head else None,
+        )
+    else:
+        head = state is None or "head.probe" in {k.removeprefix("vision_model.") for k in state}
+        pooled = (
+            "map"
+            if family == "siglip_vision" and getattr(vision, "vision_use_head", True) and head
+            else "mean"
+        )
+        fields.update(use_cls_token=False, pooling=pooled, prefix_position_embeddings="none")
+    return VitrailConfig(position_embedding_type="learned", **fields)
+
+
 def vitrail_config_from_hf(hf_config, state=None) -> VitrailConfig:
-    """The `VitrailConfig` that reproduces a transformers ViT, DeiT, DINOv2, MAE, MSN or I-JEPA config (see the
-    module docstring)."""
+    """The `VitrailConfig` that reproduces a transformers ViT, DeiT, DINOv2, MAE, MSN, I-JEPA, CLIP-like or SigLIP
+    config (see the module docstring)."""
     family = family_of(hf_config, state)
+    if FAMILIES[family].layers in TOWER_LAYER_TABLES:
+        return _tower_config(family, hf_config, state)
     fields = {name: getattr(hf_config, name) for name in _SHARED_CONFIG_FIELDS}
     for name in ("image_size", "patch_size"):
         if isinstance(fields[name], (list, tuple)):
@@ -404,17 +662,68 @@ def detect_hf_layout(keys) -> str:
     return "hub" if hub else "v5"
 
 
+def _unpack_attention(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`nn.MultiheadAttention`'s packed `in_proj_weight` / `in_proj_bias` (rows [q; k; v], SigLIP's pooling head)
+    split into `q.weight` (rows [q]) and `kv.weight` (rows [k; v]), the parts vitrail's attention pool has."""
+    out = {}
+    for name, tensor in state.items():
+        stem, _, kind = name.rpartition(".in_proj_")
+        if not stem or kind not in ("weight", "bias"):
+            out[name] = tensor
+            continue
+        query, key_value = tensor.split([len(tensor) // 3, 2 * len(tensor) // 3])
+        out[f"{stem}.q.{kind}"], out[f"{stem}.kv.{kind}"] = query, key_value
+        logger.info("Split %s (rows [q; k; v]) into %s.q.%s and %s.kv.%s.", name, stem, kind, stem, kind)
+    return out
+
+
+def _aimv2_head_as_map(state: dict[str, torch.Tensor], config: VitrailConfig) -> dict[str, torch.Tensor]:
+    """AIMv2's pooling head in the parameters of vitrail's MAP head, which computes the same: its learned query
+    attends through `k_proj` / `v_proj` (joined as `kv`, zero biases where it has none) and `output_proj`. The
+    parts AIMv2 lacks are written so that they change nothing: the query projection is the identity, and the
+    residual MLP (width 1) has a zero output layer, so `x + mlp(norm(x)) = x`."""
+    prefix = "vision_model.head." if "vision_model.head.cls_token" in state else "head."
+    if f"{prefix}cls_token" not in state:
+        return state
+    out = {
+        name: t for name, t in state.items() if not name.startswith((f"{prefix}k_proj", f"{prefix}v_proj"))
+    }
+    width = config.hidden_size
+    like = state[f"{prefix}cls_token"]
+    zeros = like.new_zeros(width)
+    key, value = state[f"{prefix}k_proj.weight"], state[f"{prefix}v_proj.weight"]
+    out[f"{prefix}kv.weight"] = torch.cat([key, value])
+    biases = [state.get(f"{prefix}{name}_proj.bias", zeros) for name in ("k", "v")]
+    out[f"{prefix}kv.bias"] = torch.cat(biases)
+    out[f"{prefix}q.weight"], out[f"{prefix}q.bias"] = torch.eye(width, dtype=like.dtype), zeros.clone()
+    out[f"{prefix}norm.weight"] = like.new_ones(width)
+    out[f"{prefix}mlp.fc1.weight"], out[f"{prefix}mlp.fc1.bias"] = like.new_zeros(1, width), like.new_zeros(1)
+    out[f"{prefix}mlp.fc2.weight"], out[f"{prefix}mlp.fc2.bias"] = like.new_zeros(width, 1), zeros.clone()
+    logger.info(
+        "AIMv2's pooling head written as vitrail's attention pool: k_proj and v_proj joined into kv, the query "
+        "projection the identity, the pool's residual MLP (width 1) with a zero output, so nothing is added."
+    )
+    return out
+
+
 def _plan(state: dict[str, torch.Tensor], hf_config) -> Plan:
-    family, layout = family_of(hf_config, state), detect_hf_layout(state)
+    family = family_of(hf_config, state)
+    config = vitrail_config_from_hf(hf_config, state)
+    if family == "aimv2_vision":
+        state, layout = _aimv2_head_as_map(state, config), "hub"
+    elif FAMILIES[family].layers is TOWER_LAYERS:
+        state, layout = _unpack_attention(state), "hub"  # one layout
+    else:
+        layout = detect_hf_layout(state)
     return Plan(
         state,
-        vitrail_config_from_hf(hf_config, state),
+        config,
         head=_wants_head(hf_config, state),
         masked_image_modeling=family.endswith("_mim"),
         rows=hf_rename_rows(family, layout),
         drops=FAMILIES[family].drops,
         strip_prefix=f"{FAMILIES[family].prefix}.",
-        source_name=f"{family} checkpoint ({layout} layout)",
+        source_name=f"{family} checkpoint" + ("" if family in TOWER_FAMILIES else f" ({layout} layout)"),
     )
 
 
@@ -500,18 +809,28 @@ _PROCESSOR_FIELDS = (
     "image_mean",
     "image_std",
 )
-# Fields whose default is what vitrail does anyway.
-_PROCESSOR_NO_OPS = {"image_processor_type", "processor_class", "do_convert_rgb"}
+# Fields whose default is what vitrail does anyway (BEiT's `do_reduce_labels` concerns segmentation masks only).
+_PROCESSOR_NO_OPS = {"image_processor_type", "processor_class", "do_convert_rgb", "do_reduce_labels"}
+# Processors that rescale to [0, 1] before resizing, so they resize floats where vitrail resizes 8-bit levels.
+_RESIZE_FLOATS = ("DINOv3ViTImageProcessor",)
 
 
 def image_processor_from_hf(preprocessor_config: dict):
-    """A `VitrailImageProcessor` doing what a transformers ViT / DeiT / DINOv2 `preprocessor_config.json` says."""
+    """A `VitrailImageProcessor` doing what a transformers `preprocessor_config.json` says (ViT, DeiT, BiT for
+    DINOv2, CLIP, SigLIP, BEiT, DINOv3 processors: resize, center crop, rescale, normalize)."""
     from ..image_processing_vitrail import VitrailImageProcessor
 
-    kwargs = {k: preprocessor_config[k] for k in _PROCESSOR_FIELDS if k in preprocessor_config}
-    ignored = sorted(set(preprocessor_config) - set(kwargs) - _PROCESSOR_NO_OPS)
+    kwargs = {k: preprocessor_config[k] for k in _PROCESSOR_FIELDS if preprocessor_config.get(k) is not None}
+    ignored = sorted(set(preprocessor_config) - set(kwargs) - set(_PROCESSOR_FIELDS) - _PROCESSOR_NO_OPS)
     if ignored:
         logger.info("Preprocessor fields not carried over: %s.", ignored)
+    kind = preprocessor_config.get("image_processor_type") or ""
+    if kind.removesuffix("Fast") in _RESIZE_FLOATS:
+        logger.warning(
+            "%s rescales to [0, 1] before resizing and VitrailImageProcessor resizes the 8-bit image: pixels can "
+            "differ by one 8-bit level where the resized value rounds the other way.",
+            kind,
+        )
     return VitrailImageProcessor(**kwargs)
 
 
@@ -535,6 +854,8 @@ def open_source(path: str | Path, *, allow_pickle: bool = False) -> Converted:
         # timm resamples its position table at run time when built with `dynamic_img_size=True`.
         options = {"model_args": {**(hf_config.model_args or {}), "dynamic_img_size": True}}
     reference_model = getattr(transformers, architecture).from_pretrained(folder, **options).eval()
+    if not hasattr(model, "classifier") and hasattr(reference_model, "vision_model"):
+        reference_model = reference_model.vision_model  # the tower of an image-text model
     native = model.config.image_hw
 
     def reference(pixels: torch.Tensor) -> torch.Tensor:
