@@ -85,6 +85,38 @@ def test_a_converted_dinov2_backbone_gives_what_dinov2_gives(cls_name, kwargs, r
     assert chosen.out_features == ["stage2"] and chosen(pixels).feature_maps[0].ndim == 3
 
 
+def dinov3_backbone(**kwargs):
+    config = transformers.DINOv3ViTConfig(
+        image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=37, num_register_tokens=2, out_indices=[1, 3], **kwargs,
+    )  # fmt: skip
+    return randomise(transformers.DINOv3ViTBackbone(config), seed=4)
+
+
+def test_a_converted_dinov3_backbone_gives_what_dinov3_gives(tmp_path, pixels):
+    """DINOv3ViTBackbone (RoPE, registers): its checkpoint opens as a VitrailBackbone with the same stages and
+    feature maps, at any size."""
+    reference = dinov3_backbone()
+    reference.save_pretrained(tmp_path)
+    backbone = VitrailBackbone.from_pretrained(tmp_path)
+    assert backbone.out_indices == [1, 3] and backbone.config.rope_type == "axial"
+    for size in [(32, 32), (24, 40)]:
+        other = torch.nn.functional.interpolate(pixels, size=size)
+        with torch.no_grad():
+            got, want = backbone(other).feature_maps, reference(other).feature_maps
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("option", [{"reshape_hidden_states": False}, {"apply_layernorm": False}])
+def test_dinov3_backbone_outputs_vitrail_does_not_give_are_refused(option, tmp_path):
+    """DINOv3ViTBackbone's token sequences leave the prefix tokens out, and without `apply_layernorm` it still
+    norms the last stage: both differ from Dinov2Backbone's contract, which VitrailBackbone keeps."""
+    dinov3_backbone(**option).save_pretrained(tmp_path)
+    with pytest.raises(NotImplementedError, match="VitrailBackbone follows Dinov2Backbone"):
+        VitrailBackbone.from_pretrained(tmp_path)
+
+
 # ---- heads that read tokens, against the DINOv2 backbone -----------------------------------------------------------
 
 DPT_HEAD = dict(neck_hidden_sizes=[8, 16, 24, 32], fusion_hidden_size=16, reassemble_factors=[4, 2, 1, 0.5])

@@ -22,6 +22,7 @@ from vitrail import (
 from vitrail.convert import (
     REFUSED_MODEL_TYPES,
     SUPPORTED_MODEL_TYPES,
+    convert_hf_state_dict,
     load_hf_checkpoint,
     load_image_processor,
 )
@@ -68,6 +69,7 @@ class Case:
     pooler: bool = False  # compare `pooler_output` too (the reference's own pooling)
     # SimMIM in transformers reshapes to a square grid: square there; None where the source takes one size only
     other_size: tuple[int, int] | None = (38, 26)
+    resamples: bool = False  # the reference takes any size by itself (no `interpolate_pos_encoding` argument)
 
 
 def _hf(cls_name: str, config_name: str, **kwargs):
@@ -243,6 +245,74 @@ TOWER_CASES.update(
 )
 CASES.update(TOWER_CASES)
 
+# ---- positions inside attention: BEiT's relative position tables, DINOv3's 2D RoPE ------------------------------
+
+BEIT = dict(key_bias=False, layer_scale_init_value=0.1, relative_position_bias="table")
+CASES.update(
+    {
+        "beit": Case(
+            _hf("BeitModel", "BeitConfig", use_relative_position_bias=True),
+            VitrailModel,
+            "last_hidden_state",
+            config=dict(BEIT, pooling="mean", use_fc_norm=True, position_embedding_type="none"),
+            pooler=True,
+        ),
+        "beit-head-shared-absolute": Case(
+            _hf("BeitForImageClassification", "BeitConfig", use_shared_relative_position_bias=True,
+                use_absolute_position_embeddings=True, **LABELS),
+            VitrailForImageClassification,
+            "logits",
+            config=dict(BEIT, relative_position_bias_shared=True, position_embedding_type="learned"),
+        ),
+        "beit-cls-no-layerscale": Case(
+            _hf("BeitModel", "BeitConfig", use_relative_position_bias=True, use_mean_pooling=False,
+                layer_scale_init_value=0.0),
+            VitrailModel,
+            "last_hidden_state",
+            config=dict(pooling="cls", use_fc_norm=False, layer_scale_init_value=None),
+            pooler=True,
+        ),
+        "data2vec-vision-head": Case(
+            _hf("Data2VecVisionForImageClassification", "Data2VecVisionConfig", use_relative_position_bias=True,
+                **LABELS),
+            VitrailForImageClassification,
+            "logits",
+            config=BEIT,
+        ),
+    }
+)  # fmt: skip
+DINOV3 = dict(rope_type="axial", rope_coordinates="centered", rope_layout="half", position_embedding_type="none",
+              dynamic_image_size=True)  # fmt: skip
+CASES.update(
+    {
+        "dinov3_vit": Case(
+            _hf("DINOv3ViTModel", "DINOv3ViTConfig", num_register_tokens=2, layerscale_value=0.5),
+            VitrailModel,
+            "last_hidden_state",
+            config=dict(DINOV3, key_bias=False, num_register_tokens=2, layer_scale_init_value=0.5),
+            pooler=True,
+            resamples=True,
+        ),
+        "dinov3_vit-gated-key-bias": Case(
+            _hf("DINOv3ViTModel", "DINOv3ViTConfig", use_gated_mlp=True, hidden_act="silu", key_bias=True,
+                rope_theta=10.0),
+            VitrailModel,
+            "last_hidden_state",
+            config=dict(DINOV3, key_bias=True, mlp_type="swiglu", rope_theta=10.0),
+            pooler=True,
+            resamples=True,
+        ),
+        "dinov3_vit-no-biases": Case(
+            _hf("DINOv3ViTModel", "DINOv3ViTConfig", query_bias=False, value_bias=False, proj_bias=False,
+                mlp_bias=False),
+            VitrailModel,
+            "last_hidden_state",
+            config=dict(DINOV3, qkv_bias=False, proj_bias=False, mlp_bias=False),
+            resamples=True,
+        ),
+    }
+)  # fmt: skip
+
 
 def reference_output(case: Case, model, pixels, **kwargs) -> torch.Tensor:
     with torch.no_grad():
@@ -290,7 +360,9 @@ def test_parity_at_the_native_size_and_another(name, layout, tmp_path, pixels):
     other = torch.randn(2, 3, *case.other_size, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         got = getattr(model(other, interpolate_pos_encoding=True), case.output)
-    want = reference_output(case, reference, other, interpolate_pos_encoding=True)
+    want = reference_output(
+        case, reference, other, **({} if case.resamples else {"interpolate_pos_encoding": True})
+    )
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
@@ -309,6 +381,8 @@ def test_from_pretrained_opens_each_type_as_each_class(name, tmp_path, pixels):
             want_tokens = mae_encoder(reference, pixels)
         elif name.startswith("clip-head"):  # the tokens before the post-LayerNorm, which the head skips
             want_tokens = vision_tower(reference, pixels)
+        elif name.startswith("dinov3"):
+            want_tokens = reference(pixels).last_hidden_state
         else:
             want_tokens = getattr(reference, "vision_model", reference.base_model)(pixels).last_hidden_state
     torch.testing.assert_close(got, reference_output(case, reference, pixels), atol=1e-5, rtol=0)
@@ -356,6 +430,26 @@ def test_a_simmim_checkpoint_opens_as_a_classifier_without_its_decoder(tmp_path,
     with torch.no_grad():
         want = reference.vit(pixels).last_hidden_state
         torch.testing.assert_close(model.vitrail(pixels).last_hidden_state, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "cls_name, reason",
+    [
+        ("BeitForMaskedImageModeling", "predicts the ids of a visual tokenizer"),
+        ("BeitForSemanticSegmentation", "semantic-segmentation heads"),
+    ],
+)
+def test_beit_heads_vitrail_lacks_are_refused_by_name(cls_name, reason, tmp_path):
+    # Four layers: BEiT's segmentation model reads four stages.
+    config = transformers.BeitConfig(**{**SHAPE, "num_hidden_layers": 4}, out_indices=[1, 2, 3, 4], **LABELS)
+    model = getattr(transformers, cls_name)(config)
+    model.save_pretrained(tmp_path)
+    for load in (load_hf_checkpoint, VitrailModel.from_pretrained):
+        with pytest.raises(NotImplementedError, match=reason):
+            load(tmp_path)
+    # Without the config's word for it, the head's tensors say it too.
+    with pytest.raises(NotImplementedError, match=reason):
+        convert_hf_state_dict(model.state_dict(), transformers.BeitConfig(**SHAPE))
 
 
 # ---- timm models saved through transformers' TimmWrapper ---------------------------------------------------------

@@ -28,6 +28,7 @@ from .common import Converted, Drop, Rename, read_weights, rename_state_dict, un
 from .hf import (
     REFUSED_MODEL_TYPES,
     SUPPORTED_MODEL_TYPES,
+    check_architectures,
     convert_hf_state_dict,
     detect_hf_layout,
     image_processor_from_hf,
@@ -130,6 +131,7 @@ def load_foreign_pretrained(cls, path_or_repo, config_dict: dict, *model_args, *
     if config_dict.get("format") == "npz":
         source = load_npz_checkpoint(path_or_repo)
     elif timm or config_dict.get("model_type") in SUPPORTED_MODEL_TYPES:
+        check_architectures(config_dict.get("architectures"))  # a head vitrail lacks, before reading weights
         folder = resolve_folder(path_or_repo, allow_pickle=allow_pickle, **hub)
         check_weight_files(weight_files(folder, allow_pickle=allow_pickle))
         # timm folders, saved by timm or through transformers' TimmWrapper classes (tensors under `timm_model.`)

@@ -1,6 +1,6 @@
 """transformers checkpoints into vitrail: ViT, DeiT (plain and distilled), DINOv2 (with and without registers),
-MAE, MSN, I-JEPA, SimMIM models, the vision towers of CLIP and its kin, SigLIP and AIMv2, and timm models saved
-through transformers' TimmWrapper classes.
+MAE, MSN, I-JEPA, SimMIM models, BEiT and data2vec-vision, DINOv3, the vision towers of CLIP and its kin, SigLIP and
+AIMv2, and timm models saved through transformers' TimmWrapper classes.
 
 A transformers checkpoint comes in one of two key layouts:
 
@@ -41,6 +41,12 @@ How each family maps onto vitrail's config:
   token, normalises every token and pools by attention (`pooling="map"`, its packed [q; k; v] split into `q` and
   `kv`); its classifier reads the token mean. AIMv2: RMSNorm (also on the patch tokens), SwiGLU, biases as
   configured, and an attention-pooling head written in MAP's parameters (see `_aimv2_head_as_map`).
+- BEiT, data2vec-vision: query and value biases only (`key_bias=False`), LayerScale, a relative position bias table
+  per layer or shared (`relative_position_bias="table"`), an optional absolute table, and mean pooling through
+  `pooler.layernorm` (`use_fc_norm`) or the normed class token. Their masked-image-modeling and segmentation heads
+  are refused by name.
+- DINOv3: 2D RoPE on centred coordinates (`rope_type="axial"`, `rope_layout="half"`), no position table,
+  registers, LayerScale, SwiGLU and biases as configured; it takes any size (`dynamic_image_size=True`).
 - Position resampling follows the source (`position_interpolation`): plain bicubic for ViT, DeiT, DINOv2, MAE, MSN
   and I-JEPA, antialiased bicubic for DINOv2 with registers, so a converted model matches its source at every
   resolution.
@@ -66,11 +72,13 @@ from .common import (
     Converted,
     Drop,
     Plan,
+    Refuse,
     Rename,
     height_width,
     in_layers,
     model_outputs,
     read_weights,
+    refuse,
     unnest,
     weight_files,
 )
@@ -384,6 +392,129 @@ TOWER_TYPES = {
     **dict.fromkeys(("siglip_vision_model", "siglip"), "siglip"),
     **dict.fromkeys(("aimv2_vision_model", "aimv2"), "aimv2"),
 }
+# ---- BEiT and data2vec-vision: relative position bias tables, query/value-only biases, LayerScale ---------------
+
+_BEIT_HUB = (
+    Rename("attention.attention.query.weight", "attention.qkv.weight", slot=(0, 3)),
+    Rename("attention.attention.key.weight", "attention.qkv.weight", slot=(1, 3)),
+    Rename("attention.attention.value.weight", "attention.qkv.weight", slot=(2, 3)),
+    Rename("attention.attention.query.bias", "attention.q_bias"),
+    Rename("attention.attention.value.bias", "attention.v_bias"),
+    Rename(
+        "attention.attention.relative_position_bias.relative_position_bias_table",
+        "attention.relative_position_bias.table",
+    ),
+    Rename("attention.output.dense.{p}", "attention.proj.{p}"),
+    Rename("intermediate.dense.{p}", "mlp.fc1.{p}"),
+    Rename("output.dense.{p}", "mlp.fc2.{p}"),
+)
+_BEIT_V5 = (
+    Rename("attention.q_proj.weight", "attention.qkv.weight", slot=(0, 3)),
+    Rename("attention.k_proj.weight", "attention.qkv.weight", slot=(1, 3)),
+    Rename("attention.v_proj.weight", "attention.qkv.weight", slot=(2, 3)),
+    Rename("attention.q_proj.bias", "attention.q_bias"),
+    Rename("attention.v_proj.bias", "attention.v_bias"),
+    Rename("relative_position_bias.relative_position_bias_table", "attention.relative_position_bias.table"),
+    Rename("attention.o_proj.{p}", "attention.proj.{p}"),
+    *_MLP,
+)
+_BEIT_BLOCK = (
+    *_VIT_NORMS,
+    Rename("lambda_1", "layer_scale1.scale"),
+    Rename("lambda_2", "layer_scale2.scale"),
+)
+BEIT_LAYERS = {
+    "hub": in_layers("encoder.layer.{n}.", _BEIT_HUB + _BEIT_BLOCK),
+    "v5": in_layers("layers.{n}.", _BEIT_V5 + _BEIT_BLOCK),
+}
+_BEIT_ROWS = (
+    *_EMBEDDINGS,  # class token, patch convolution, the absolute position table where there is one, final norm
+    Rename("pooler.layernorm.{p}", "{backbone}layernorm.{p}"),  # the norm of mean pooling (use_fc_norm)
+    Rename(
+        "encoder.relative_position_bias.relative_position_bias_table",
+        "{backbone}encoder.relative_position_bias.table",
+    ),
+    Rename(
+        "shared_position_bias.relative_position_bias_table", "{backbone}encoder.relative_position_bias.table"
+    ),
+    *_CLASSIFIER,
+)
+# Heads other than the classifier read more than vitrail has: refused by name.
+_BEIT_MIM_HEAD = "BEiT's masked-image-modeling head, which predicts the ids of a visual tokenizer"
+_BEIT_SEGMENTATION_HEADS = (
+    "BEiT's semantic-segmentation heads (UperNet decode head, FPNs); put VitrailBackbone under transformers' "
+    "UperNetForSemanticSegmentation instead"
+)
+BEIT_REFUSED = (Refuse("lm_head.*", _BEIT_MIM_HEAD), Refuse("decode_head.*", _BEIT_SEGMENTATION_HEADS))
+FAMILIES.update(
+    {
+        "beit": Family(BEIT_LAYERS, _BEIT_ROWS, (_UNUSED_MASK_TOKEN,), "beit"),
+        "data2vec-vision": Family(BEIT_LAYERS, _BEIT_ROWS, (_UNUSED_MASK_TOKEN,), "data2vec_vision"),
+    }
+)
+
+
+# ---- DINOv3: 2D RoPE, registers, LayerScale, optional SwiGLU and key bias --------------------------------------
+
+
+def _dinov3_layers(gated: bool, fused_bias: bool) -> dict[str, tuple[Rename, ...]]:
+    """DINOv3's layer rows, under the names it saves (`layer.N`) and holds in memory (`model.layer.N`): its MLP plain
+    (`up_proj`, `down_proj`) or gated (`gate_proj`, `up_proj`, `down_proj`); its biases query and value only
+    (`key_bias=False`) or all three (one fused `qkv` bias)."""
+    if fused_bias:
+        biases = tuple(
+            Rename(f"attention.{name}_proj.bias", "attention.qkv.bias", slot=(index, 3))
+            for index, name in enumerate("qkv")
+        )
+    else:
+        biases = (
+            Rename("attention.q_proj.bias", "attention.q_bias"),
+            Rename("attention.v_proj.bias", "attention.v_bias"),
+        )
+    if gated:
+        mlp = (
+            Rename("mlp.gate_proj.{p}", "mlp.fc1.{p}", slot=(0, 2)),
+            Rename("mlp.up_proj.{p}", "mlp.fc1.{p}", slot=(1, 2)),
+        )
+    else:
+        mlp = (Rename("mlp.up_proj.{p}", "mlp.fc1.{p}"),)
+    rows = (
+        *(
+            Rename(f"attention.{name}_proj.weight", "attention.qkv.weight", slot=(i, 3))
+            for i, name in enumerate("qkv")
+        ),
+        *biases,
+        Rename("attention.o_proj.{p}", "attention.proj.{p}"),
+        Rename("norm1.{p}", "norm1.{p}"),
+        Rename("norm2.{p}", "norm2.{p}"),
+        Rename("layer_scale1.lambda1", "layer_scale1.scale"),
+        Rename("layer_scale2.lambda1", "layer_scale2.scale"),
+        *mlp,
+        Rename("mlp.down_proj.{p}", "mlp.fc2.{p}"),
+    )
+    table = in_layers("layer.{n}.", rows) + in_layers("model.layer.{n}.", rows)
+    return {"hub": table, "v5": table}
+
+
+_DINOV3_ROWS = (
+    Rename("embeddings.cls_token", "{backbone}embeddings.cls_token"),
+    Rename("embeddings.register_tokens", "{backbone}embeddings.register_tokens"),
+    Rename("embeddings.patch_embeddings.{p}", "{backbone}embeddings.patch_embeddings.projection.{p}"),
+    Rename("norm.{p}", "{backbone}layernorm.{p}"),
+)
+_DINOV3_MASK_TOKEN = Drop(
+    "embeddings.mask_token",
+    "DINOv3's mask token serves only its self-supervised pre-training; VitrailModel carries a mask token only "
+    "for SimMIM (VitrailForMaskedImageModeling)",
+)
+for _gated in (False, True):
+    for _fused in (False, True):
+        FAMILIES["dinov3_vit" + "_gated" * _gated + "_qkv_bias" * _fused] = Family(
+            _dinov3_layers(_gated, _fused), _DINOV3_ROWS, (_DINOV3_MASK_TOKEN,), "dinov3_vit"
+        )
+ONE_LAYOUT = (*(FAMILIES[name].layers for name in FAMILIES if name.startswith("dinov3_vit")),)
+
+
 SUPPORTED_MODEL_TYPES = (
     "vit",
     "deit",
@@ -393,6 +524,9 @@ SUPPORTED_MODEL_TYPES = (
     "vit_msn",
     "ijepa",
     *TOWER_TYPES,
+    "beit",
+    "data2vec-vision",
+    "dinov3_vit",
     TIMM_WRAPPER,
 )
 
@@ -432,13 +566,25 @@ REFUSED_MODEL_TYPES = {
         "(`OwlViTVisionModel` / `Owlv2VisionModel`)",
     ),
     "git": "GIT's text decoder (a captioning model); vitrail converts its vision tower saved alone (`GitVisionModel`)",
-    "dinov3_vit": "DINOv3's 2D rotary position embeddings, which need vitrail's `rope_type` options",
+}
+
+
+# transformers head classes over a converted backbone whose heads vitrail cannot reproduce, and what they are.
+REFUSED_ARCHITECTURES = {
+    **dict.fromkeys(("BeitForMaskedImageModeling", "Data2VecVisionForMaskedImageModeling"), _BEIT_MIM_HEAD),
     **dict.fromkeys(
-        ("beit", "data2vec-vision"),
-        "BEiT's relative position bias tables and query/value-only biases, which need vitrail's "
-        "`relative_position_bias` and `key_bias` options",
+        ("BeitForSemanticSegmentation", "Data2VecVisionForSemanticSegmentation"), _BEIT_SEGMENTATION_HEADS
     ),
 }
+
+
+def check_architectures(architectures) -> None:
+    """Refuse, before any weight is read, a checkpoint whose head class `REFUSED_ARCHITECTURES` names."""
+    for name in architectures or ():
+        if name in REFUSED_ARCHITECTURES:
+            raise NotImplementedError(
+                f"vitrail does not convert {name} checkpoints: they hold {REFUSED_ARCHITECTURES[name]}."
+            )
 
 
 def _is_distilled(hf_config, state=None) -> bool:
@@ -468,11 +614,20 @@ def family_of(hf_config, state=None) -> str:
     """The key of `FAMILIES` for a transformers config (and its tensors, which tell a distilled DeiT and a SimMIM
     model)."""
     model_type = getattr(hf_config, "model_type", None)
+    check_architectures(getattr(hf_config, "architectures", None))
     if model_type in TOWER_TYPES:
         tower = TOWER_TYPES[model_type]
         if tower in ("git", "aimv2"):  # no classification head in transformers
             return f"{tower}_vision"
         return f"{tower}_head" if _wants_head(hf_config, state) else f"{tower}_vision"
+    if model_type == "dinov3_vit":
+        biases = (hf_config.query_bias, hf_config.key_bias, hf_config.value_bias)
+        if biases not in ((True, False, True), (True, True, True), (False, False, False)):
+            raise NotImplementedError(
+                f"DINOv3 with (query, key, value) biases {biases}: vitrail's attention has all three, none, or the "
+                "query's and value's only (`key_bias=False`)."
+            )
+        return "dinov3_vit" + "_gated" * hf_config.use_gated_mlp + "_qkv_bias" * all(biases)
     if model_type not in FAMILIES:
         raise NotImplementedError(refusal(model_type))
     if model_type in ("vit", "deit") and _is_simmim(hf_config, state):
@@ -582,12 +737,94 @@ def _tower_config(family: str, hf_config, state=None) -> VitrailConfig:
     return VitrailConfig(position_embedding_type="learned", **fields)
 
 
+def _backbone_fields(hf_config) -> dict:
+    """A backbone config's choices (Dinov2Backbone, DINOv3ViTBackbone): its stages, named as vitrail's, and what its
+    feature maps are."""
+    if not getattr(
+        hf_config, "stage_names", None
+    ):  # not a backbone config (data2vec-vision's out_indices index
+        return {}  # its segmentation heads' hidden states)
+    return dict(
+        out_indices=list(hf_config.out_indices),
+        apply_layernorm=getattr(hf_config, "apply_layernorm", True),
+        reshape_hidden_states=getattr(hf_config, "reshape_hidden_states", True),
+    )
+
+
+def _beit_config(hf_config) -> VitrailConfig:
+    """BEiT / data2vec-vision: q/v biases, LayerScale, a relative position bias table per layer or shared, an
+    optional absolute position table, and mean pooling through `pooler.layernorm` (vitrail's `use_fc_norm`) or the
+    normed class token."""
+    fields = {name: getattr(hf_config, name) for name in _SHARED_CONFIG_FIELDS if name != "qkv_bias"}
+    relative = hf_config.use_relative_position_bias or hf_config.use_shared_relative_position_bias
+    mean = hf_config.use_mean_pooling
+    fields.update(
+        intermediate_size=hf_config.intermediate_size,
+        encoder_stride=height_width(hf_config.patch_size)[0],
+        drop_path_rate=hf_config.drop_path_rate,
+        layer_scale_init_value=hf_config.layer_scale_init_value or None,  # 0 or less: no LayerScale
+        key_bias=False,
+        position_embedding_type="learned" if hf_config.use_absolute_position_embeddings else "none",
+        relative_position_bias="table" if relative else "none",
+        relative_position_bias_shared=hf_config.use_shared_relative_position_bias,
+        pooling="mean" if mean else "cls",
+        use_fc_norm=mean,
+        position_interpolation="bicubic",
+        id2label={int(k): v for k, v in hf_config.id2label.items()},
+        label2id=dict(hf_config.label2id),
+        **_backbone_fields(hf_config),
+    )
+    return VitrailConfig(**fields)
+
+
+def _dinov3_config(hf_config) -> VitrailConfig:
+    """DINOv3: 2D RoPE on centred coordinates (theta `rope_theta`, pairs `(i, i + d/2)`), no position table,
+    registers, LayerScale, biases and gated MLP as configured; it takes any input size, as transformers' does."""
+    names = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+             "layer_norm_eps", "image_size", "patch_size", "num_channels", "initializer_range", "drop_path_rate",
+             "num_register_tokens", "proj_bias", "mlp_bias")  # fmt: skip
+    fields = {name: getattr(hf_config, name) for name in names}
+    fields.update(
+        attention_probs_dropout_prob=hf_config.attention_dropout,
+        encoder_stride=height_width(hf_config.patch_size)[0],
+        layer_scale_init_value=hf_config.layerscale_value,
+        qkv_bias=hf_config.query_bias,
+        key_bias=hf_config.key_bias,
+        mlp_type="swiglu" if hf_config.use_gated_mlp else "mlp",
+        position_embedding_type="none",
+        prefix_position_embeddings="none",
+        rope_type="axial",
+        rope_theta=hf_config.rope_theta,
+        rope_coordinates="centered",
+        rope_layout="half",
+        rope_train_shift=hf_config.pos_embed_shift,
+        rope_train_jitter=hf_config.pos_embed_jitter,
+        rope_train_rescale=hf_config.pos_embed_rescale,
+        dynamic_image_size=True,
+        pooling="cls",
+        out_indices=list(hf_config.out_indices),
+    )
+    backbone = "DINOv3ViTBackbone" in (hf_config.architectures or [])
+    if backbone and not (hf_config.reshape_hidden_states and hf_config.apply_layernorm):
+        raise NotImplementedError(
+            "This DINOv3ViTBackbone gives token sequences without the prefix tokens (`reshape_hidden_states=False`) "
+            "or un-normed stages but a normed last one (`apply_layernorm=False`); VitrailBackbone follows "
+            "Dinov2Backbone there (every token; the norm on all stages or none). Save it with "
+            "`reshape_hidden_states=True` and `apply_layernorm=True`, then choose vitrail's options when loading."
+        )
+    return VitrailConfig(**fields)
+
+
 def vitrail_config_from_hf(hf_config, state=None) -> VitrailConfig:
     """The `VitrailConfig` that reproduces a transformers ViT, DeiT, DINOv2, MAE, MSN, I-JEPA, CLIP-like or SigLIP
     config (see the module docstring)."""
     family = family_of(hf_config, state)
     if FAMILIES[family].layers in TOWER_LAYER_TABLES:
         return _tower_config(family, hf_config, state)
+    if family in ("beit", "data2vec-vision"):
+        return _beit_config(hf_config)
+    if family.startswith("dinov3_vit"):
+        return _dinov3_config(hf_config)
     fields = {name: getattr(hf_config, name) for name in _SHARED_CONFIG_FIELDS}
     for name in ("image_size", "patch_size"):
         if isinstance(fields[name], (list, tuple)):
@@ -618,12 +855,7 @@ def vitrail_config_from_hf(hf_config, state=None) -> VitrailConfig:
             dynamic_image_size=True,
             position_interpolation="bicubic_antialias" if family == "dinov2_with_registers" else "bicubic",
         )
-        # A Dinov2Backbone's choices: its stages (named alike) and what its feature maps are.
-        fields.update(
-            out_indices=list(hf_config.out_indices),
-            apply_layernorm=hf_config.apply_layernorm,
-            reshape_hidden_states=hf_config.reshape_hidden_states,
-        )
+        fields.update(_backbone_fields(hf_config))
     else:
         fields.update(
             intermediate_size=hf_config.intermediate_size,
@@ -713,8 +945,19 @@ def _plan(state: dict[str, torch.Tensor], hf_config) -> Plan:
         state, layout = _aimv2_head_as_map(state, config), "hub"
     elif FAMILIES[family].layers is TOWER_LAYERS:
         state, layout = _unpack_attention(state), "hub"  # one layout
+    elif FAMILIES[family].layers in ONE_LAYOUT:
+        layout = "hub"  # its rows hold every naming transformers uses
+        empty = [
+            name for name, tensor in state.items() if name.endswith("register_tokens") and not tensor.numel()
+        ]
+        state = {name: tensor for name, tensor in state.items() if name not in empty}
+        for name in empty:  # DINOv3 keeps a (1, 0, D) tensor when it has no registers
+            logger.info("Dropped %s: it holds no register token (num_register_tokens=0).", name)
     else:
         layout = detect_hf_layout(state)
+    if family in ("beit", "data2vec-vision"):
+        prefix = f"{FAMILIES[family].prefix}."
+        refuse((name.removeprefix(prefix) for name in state), BEIT_REFUSED, f"{family} checkpoint")
     return Plan(
         state,
         config,
@@ -723,7 +966,10 @@ def _plan(state: dict[str, torch.Tensor], hf_config) -> Plan:
         rows=hf_rename_rows(family, layout),
         drops=FAMILIES[family].drops,
         strip_prefix=f"{FAMILIES[family].prefix}.",
-        source_name=f"{family} checkpoint" + ("" if family in TOWER_FAMILIES else f" ({layout} layout)"),
+        source_name=f"{family} checkpoint"
+        + (
+            "" if family in TOWER_FAMILIES or FAMILIES[family].layers in ONE_LAYOUT else f" ({layout} layout)"
+        ),
     )
 
 
@@ -875,10 +1121,12 @@ def open_source(path: str | Path, *, allow_pickle: bool = False) -> Converted:
 __all__ = [
     "DINOV2_LAYERS",
     "FAMILIES",
+    "REFUSED_ARCHITECTURES",
     "REFUSED_MODEL_TYPES",
     "SUPPORTED_MODEL_TYPES",
     "TIMM_WRAPPER",
     "VIT_LAYERS",
+    "check_architectures",
     "convert_hf_state_dict",
     "detect_hf_layout",
     "family_of",
