@@ -511,8 +511,10 @@ def test_timm_wrapper_tensors_without_the_prefix_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["vit_mae-pretraining", "ijepa-head", "vit-simmim", "timm_wrapper", "clip", "siglip_vision_model"]
-)
+    "name",
+    ["vit_mae-pretraining", "ijepa-head", "vit-simmim", "timm_wrapper", "clip", "siglip_vision_model",
+     "beit-head-shared-absolute", "dinov3_vit"],
+)  # fmt: skip
 def test_script_compares_each_type_with_transformers(name, tmp_path, capsys):
     """`convert_checkpoint.py --from hf` runs transformers' own model beside the converted one: MAE's encoder
     without masking, SimMIM's reconstruction, a TimmWrapper through timm, the vision tower of an image-text model;

@@ -100,12 +100,12 @@ class VitrailConfig(BackboneConfigMixin, PreTrainedConfig):
             output). Defaults to the last stage. transformers' backbone API, as in `Dinov2Config`.
         out_indices (`list[int]`, *optional*): the same stages by index into `stage_names` (negative ones count
             from the end); give either, the other follows.
-        apply_layernorm (`bool`, defaults to `True`): `VitrailBackbone` applies the final LayerNorm to its feature
-            maps (as `Dinov2Backbone` does; with `use_fc_norm=True` that norm was trained on pooled vectors).
         reshape_hidden_states (`bool`, defaults to `True`): `VitrailBackbone`'s feature maps are NCHW maps of the
             patch tokens; `False` gives each stage's whole token sequence `(batch, tokens, hidden_size)` instead,
             prefix tokens included (after the final LayerNorm when `apply_layernorm`), as `Dinov2Backbone` does
             for the heads that read tokens (DPT, Depth Anything, VitPose).
+        apply_layernorm (`bool`, defaults to `True`): `VitrailBackbone` applies the final LayerNorm to its feature
+            maps (as `Dinov2Backbone` does; with `use_fc_norm=True` that norm was trained on pooled vectors).
 
     Example:
 
@@ -147,8 +147,8 @@ class VitrailConfig(BackboneConfigMixin, PreTrainedConfig):
     position_interpolation: str = "bicubic_antialias"
     _out_features: list[str] | None = None
     _out_indices: list[int] | None = None
-    apply_layernorm: bool = True
     reshape_hidden_states: bool = True
+    apply_layernorm: bool = True
 
     def __post_init__(self, **kwargs):
         if self.prefix_position_embeddings is None:

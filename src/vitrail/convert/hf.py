@@ -387,11 +387,13 @@ TOWER_TYPES = {
             "owlv2_vision_model",
         ),
         "clip",
-    ),  # fmt: skip
+    ),
     "git_vision_model": "git",
     **dict.fromkeys(("siglip_vision_model", "siglip"), "siglip"),
     **dict.fromkeys(("aimv2_vision_model", "aimv2"), "aimv2"),
 }
+
+
 # ---- BEiT and data2vec-vision: relative position bias tables, query/value-only biases, LayerScale ---------------
 
 _BEIT_HUB = (
@@ -507,11 +509,15 @@ _DINOV3_MASK_TOKEN = Drop(
     "DINOv3's mask token serves only its self-supervised pre-training; VitrailModel carries a mask token only "
     "for SimMIM (VitrailForMaskedImageModeling)",
 )
-for _gated in (False, True):
-    for _fused in (False, True):
-        FAMILIES["dinov3_vit" + "_gated" * _gated + "_qkv_bias" * _fused] = Family(
-            _dinov3_layers(_gated, _fused), _DINOV3_ROWS, (_DINOV3_MASK_TOKEN,), "dinov3_vit"
+FAMILIES.update(
+    {
+        "dinov3_vit" + "_gated" * gated + "_qkv_bias" * fused: Family(
+            _dinov3_layers(gated, fused), _DINOV3_ROWS, (_DINOV3_MASK_TOKEN,), "dinov3_vit"
         )
+        for gated in (False, True)
+        for fused in (False, True)
+    }
+)
 ONE_LAYOUT = (*(FAMILIES[name].layers for name in FAMILIES if name.startswith("dinov3_vit")),)
 
 
@@ -537,7 +543,8 @@ REFUSED_MODEL_TYPES = {
         "a video transformer (tubelet or divided space-time attention); vitrail is an image model",
     ),
     "vit_hybrid": "a hybrid model whose tokens come from a BiT convolutional stem, not from a patch convolution",
-    "dpt": "DPT's own ViT-hybrid encoder and depth head; vitrail serves as a DPT backbone instead (VitrailBackbone)",
+    "dpt": "a depth or segmentation model (DPT's neck and head on its own encoder); vitrail serves as DPT's "
+    "backbone instead (VitrailBackbone with reshape_hidden_states=False)",
     "yolos": "YOLOS's detection tokens with their own position table and its detection heads",
     "vitdet": "ViTDet's windowed attention with relative position tables, which vitrail's layers do not do",
     "sam_vision_model": "SAM's windowed encoder with relative positions and its convolutional neck",
@@ -1106,8 +1113,14 @@ def open_source(path: str | Path, *, allow_pickle: bool = False) -> Converted:
 
     def reference(pixels: torch.Tensor) -> torch.Tensor:
         kwargs = {}
-        # DINOv2 resamples its table to every input, timm models as built above; the others only when asked.
-        if tuple(pixels.shape[-2:]) != native and not model_type.startswith(("dinov2", TIMM_WRAPPER)):
+        # DINOv2 and DINOv3 take any size, timm models as built above; the others resample only when asked, and
+        # AIMv2 cannot.
+        other_size = tuple(pixels.shape[-2:]) != native
+        if other_size and model_type.startswith("aimv2"):
+            raise ValueError(
+                "transformers' AIMv2 takes its native size only: there is no reference for a resampled model."
+            )
+        if other_size and not model_type.startswith(("dinov2", "dinov3", TIMM_WRAPPER)):
             kwargs["interpolate_pos_encoding"] = True
         if model_type == "vit_mae":
             (rows, cols), count = model.config.patch_hw, len(pixels)
