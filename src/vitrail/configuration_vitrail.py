@@ -117,6 +117,10 @@ class VitrailConfig(BackboneConfigMixin, PreTrainedConfig):
             output). Defaults to the last stage. transformers' backbone API, as in `Dinov2Config`.
         out_indices (`list[int]`, *optional*): the same stages by index into `stage_names` (negative ones count
             from the end); give either, the other follows.
+        reshape_hidden_states (`bool`, defaults to `True`): `VitrailBackbone`'s feature maps are NCHW maps of the
+            patch tokens; `False` gives each stage's whole token sequence `(batch, tokens, hidden_size)` instead,
+            prefix tokens included (after the final LayerNorm when `apply_layernorm`), as `Dinov2Backbone` does
+            for the heads that read tokens (DPT, Depth Anything, VitPose).
         apply_layernorm (`bool`, defaults to `True`): `VitrailBackbone` applies the final LayerNorm to its feature
             maps (as `Dinov2Backbone` does; with `use_fc_norm=True` that norm was trained on pooled vectors).
         norm_type (`str`, defaults to `"layernorm"`): the kind of every norm in the model (the layers', the final
@@ -214,6 +218,7 @@ class VitrailConfig(BackboneConfigMixin, PreTrainedConfig):
     position_interpolation: str = "bicubic_antialias"
     _out_features: list[str] | None = None
     _out_indices: list[int] | None = None
+    reshape_hidden_states: bool = True
     apply_layernorm: bool = True
     # Options of other ViT families (CLIP, SigLIP, EVA-02, AIMv2, ...); the defaults are the layout described above.
     norm_type: str = "layernorm"
