@@ -211,8 +211,9 @@ json.dump({"printed": printed}, open(sys.argv[-1], "w"))
 
 
 def test_model_card_examples_run_as_written_without_vitrail(hub, tmp_path):
-    """A card's "How to use" (model_cards/vitrail_image_classification.md, as `render_model_card` fills it): both
-    examples run unchanged where vitrail is not installed, on the repo the card names, with an `example.jpg`."""
+    """A card's "How to use" (vitrail/model_cards/vitrail_image_classification.md, as `render_model_card` fills
+    it): both examples run unchanged where vitrail is not installed, on the repo the card names, with an
+    `example.jpg`."""
     from vitrail.model_card import render_model_card
 
     from .test_reporting import CARD_ARGS

@@ -777,10 +777,12 @@ def push(output: Path, training_args: TrainingArguments, metrics: dict, split: s
     logger.info("Hub: %s", commit.commit_url if commit else "unchanged, no new commit")
 
 
-def parse_args(argv: list[str] | None = None):
+def parse_args(argv: list[str] | None = None, **parser_options):
+    """The three argument dataclasses from `argv` (or one JSON file); `parser_options` go to the parser
+    (`prog`, `description`, ...)."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, VitrailTrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, VitrailTrainingArguments), **parser_options)
     if argv and len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
     return parser.parse_args_into_dataclasses(args=argv)
