@@ -112,14 +112,15 @@ def test_the_wheel_carries_the_package_data_the_license_and_the_command(installe
 
 
 def test_the_installed_command_trains_and_predicts_from_another_folder(installed, tmp_path):
-    """`vitrail info`, then `vitrail train` on the embedded digits for two steps and `vitrail predict` on what it
-    wrote, each run from a folder outside the checkout by the console script of the fresh environment."""
+    """`python -m vitrail info`, then `vitrail train` on the embedded digits for two steps and `vitrail predict`
+    on what it wrote (the console script), each run in the fresh environment from a folder outside the checkout."""
     wheel, bin_dir, env = installed
     vitrail = str(bin_dir / "vitrail")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
 
-    report = json.loads(run([vitrail, "info", "--json"], elsewhere, env))
+    python = str(bin_dir / "python")
+    report = json.loads(run([python, "-m", "vitrail", "info", "--json"], elsewhere, env))
     assert report["vitrail"] == wheel.name.split("-")[1]
     location = Path(report["location"]).resolve()
     assert location.is_relative_to(bin_dir.parent.resolve()), (
