@@ -102,8 +102,8 @@ def train(argv: list[str] | None = None) -> dict:
     (a Hub dataset, when online). Other models: `--model_name_or_path CKPT` fine-tunes a checkpoint (a new label
     set re-initialises the head, `--image_size` resamples positions), `--variant S/16 [--config_overrides ...]`
     trains from scratch. Every `TrainingArguments` flag works (`--bf16`, `--resume_from_checkpoint`,
-    `--push_to_hub`, ...). Several processes: `accelerate launch --multi_gpu --num_processes N scripts/train.py ...`
-    (the same job as a file a launcher can run).
+    `--push_to_hub`, ...). Several processes: `accelerate launch --multi_gpu --num_processes N -m vitrail train ...`
+    (or `scripts/train.py ...` in place of `-m vitrail train` in a checkout).
 
     Rerun in the same `--output_dir`, it resumes from the newest complete checkpoint, or prints the results of the
     finished run; with other settings it stops and names them (`--overwrite_output_dir` starts again).
