@@ -8,13 +8,12 @@ STAMP   := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# Re-installs only when pyproject.toml changes. torch/torchvision are pinned to the releases that lie on this
-# machine kind's disk (pip takes them from there in ~1.5 min instead of downloading several GB).
-$(STAMP): pyproject.toml
+# Re-installs only when pyproject.toml or constraints.txt changes. constraints.txt pins the tested releases
+# (torch/torchvision: the ones that lie on this machine kind's disk, ~1.5 min instead of downloading several GB).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 test: setup
@@ -43,7 +42,7 @@ DIGITS_RECIPE := --config_overrides $(DIGITS_MODEL) \
 OUTPUT_DIR    ?= runs/digits
 
 train: setup
-	$(BIN)/python scripts/train.py --output_dir $(OUTPUT_DIR) $(DIGITS_RECIPE) $(ARGS)
+	$(BIN)/vitrail train --output_dir $(OUTPUT_DIR) $(DIGITS_RECIPE) $(ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

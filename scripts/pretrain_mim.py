@@ -1,27 +1,14 @@
 #!/usr/bin/env python
-"""SimMIM masked-image-modeling pretraining of a vitrail encoder on unlabeled images.
+"""`vitrail pretrain` as a file, for launchers that run one (`accelerate launch scripts/pretrain_mim.py ...`).
 
-    python scripts/pretrain_mim.py --output_dir runs/mim --config_overrides image_size=8,patch_size=2,\
-encoder_stride=2,num_channels=1,hidden_size=128,num_hidden_layers=4,num_attention_heads=4,intermediate_size=512 \
-        --num_train_epochs 20 --learning_rate 1e-3 --per_device_train_batch_size 128 --use_cpu
-    python scripts/train.py --model_name_or_path runs/mim --output_dir runs/mim-ft ...
+    python scripts/pretrain_mim.py --output_dir runs/mim --config_overrides ... --use_cpu true
 
-Data as for train.py: `--train_dir` (an image folder; labels are ignored), `--dataset_name`, or the embedded digits.
-The masked L1 loss is logged; the output folder is a complete vitrail checkpoint (weights, config, processor,
-code). Runs under `accelerate launch` unchanged.
+SimMIM masked-image-modeling pretraining on unlabeled images; `vitrail pretrain --help` lists every flag.
 """
 
-import logging
 import sys
 
-from transformers import HfArgumentParser
-
-from vitrail.pretraining import PretrainArguments, pretrain
-from vitrail.training import DataArguments, VitrailTrainingArguments
+from vitrail.cli import pretrain as main
 
 if __name__ == "__main__":
-    parser = HfArgumentParser((PretrainArguments, DataArguments, VitrailTrainingArguments))
-    args, data_args, training_args = parser.parse_args_into_dataclasses(args=sys.argv[1:])
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    metrics = pretrain(args, data_args, training_args)
-    print(f"train_loss={metrics['train_loss']:.4f} output_dir={training_args.output_dir}")
+    main(sys.argv[1:])

@@ -1,50 +1,16 @@
 #!/usr/bin/env python
-"""Fine-tune or train a vitrail image classifier with transformers' Trainer.
+"""`vitrail train` as a file, for launchers that run one (`accelerate launch`, `torchrun`): same flags, same job.
 
-The main job (`make train`) trains from scratch on the embedded digits (scikit-learn's 1,797 real 8x8 scans, split
-70/10/20 stratified, seed 0) and reports accuracy on the held-out 20% test split:
+    python scripts/train.py --output_dir runs/digits  <recipe flags: see DIGITS_RECIPE in the Makefile>
+    accelerate launch --multi_gpu --num_processes 2 scripts/train.py --output_dir runs/ddp ... --use_cpu true
 
-    python scripts/train.py --output_dir runs/digits  <recipe flags: see RECIPE in the Makefile>
-
-Other data: `--train_dir DIR [--validation_dir DIR]` (image folders, <dir>/<class>/<image>) or `--dataset_name`
-(a Hub dataset, when online). Other models: `--model_name_or_path CKPT` fine-tunes a checkpoint (a new label set
-re-initialises the head, `--image_size` resamples positions), `--variant S/16 [--config_overrides ...]` trains from
-scratch. Every `TrainingArguments` flag works (`--bf16`, `--resume_from_checkpoint`, `--push_to_hub`, ...), and the
-same command runs under `accelerate launch [--cpu] [--num_processes N] scripts/train.py ...`.
-
-Rerun in the same `--output_dir`, it resumes from the newest complete checkpoint, or prints the results of the
-finished run (and, with `--push_to_hub`, pushes it: after a failed push, rerun the same command); with other
-settings it stops and names them (`--overwrite_output_dir` starts again).
-
-Output folder: model.safetensors, config.json, preprocessor_config.json, the code files (opens with
-`trust_remote_code=True` without vitrail), all_results.json (with test_accuracy and train_runtime),
-README.md (model card), training_curves.png, confusion_matrix.png, run_settings.json, data_split.json, and with
---push_to_hub hub_push.json (whether the push landed).
+The main job trains from scratch on the embedded digits in under 2 minutes on a 2-core CPU and reaches about
+97.5% test accuracy (README, "Training"). `vitrail train --help` lists every flag.
 """
 
-import logging
 import sys
 
-from transformers.utils import logging as hf_logging
-
-from vitrail.training import parse_args, train
-
-
-def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, training_args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    hf_logging.set_verbosity_warning()
-    metrics = train(model_args, data_args, training_args)
-    if training_args.process_index == 0:
-        # With --test_size 0 the report is on the validation split, and without one there is none.
-        accuracy = next(
-            (f"{k}={metrics[k]:.4f} " for k in ("test_accuracy", "eval_accuracy") if k in metrics), ""
-        )
-        print(
-            f"{accuracy}train_runtime={metrics['train_runtime']:.1f}s output_dir={training_args.output_dir}"
-        )
-    return metrics
-
+from vitrail.cli import train as main
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -143,7 +143,7 @@ def test_script_fails_on_a_mismatch(onnx_fixed, tmp_path, monkeypatch, capsys):
     script = load_script("scripts/export_onnx.py")
     other = tmp_path / "other"
     randomise(VitrailForImageClassification(tiny_config(num_labels=5)), seed=7).save_pretrained(other)
-    monkeypatch.setattr(script, "export_onnx", lambda model, path, dynamic_size: onnx_fixed)
+    monkeypatch.setattr("vitrail.export.export_onnx", lambda model, path, dynamic_size: onnx_fixed)
     assert script.main(["--model", str(other), "--output", str(tmp_path / "unused.onnx")]) == 1
     measured = float(re.search(r"max abs logit difference: (\S+)", capsys.readouterr().out).group(1))
     assert measured > 0.1

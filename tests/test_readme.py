@@ -211,8 +211,9 @@ json.dump({"printed": printed}, open(sys.argv[-1], "w"))
 
 
 def test_model_card_examples_run_as_written_without_vitrail(hub, tmp_path):
-    """A card's "How to use" (model_cards/vitrail_image_classification.md, as `render_model_card` fills it): both
-    examples run unchanged where vitrail is not installed, on the repo the card names, with an `example.jpg`."""
+    """A card's "How to use" (vitrail/model_cards/vitrail_image_classification.md, as `render_model_card` fills
+    it): both examples run unchanged where vitrail is not installed, on the repo the card names, with an
+    `example.jpg`."""
     from vitrail.model_card import render_model_card
 
     from .test_reporting import CARD_ARGS
@@ -240,14 +241,15 @@ def test_model_card_examples_run_as_written_without_vitrail(hub, tmp_path):
 
 # ---- commands ------------------------------------------------------------------------------------------------
 
-COMMAND_START = ("python ", "make ", "accelerate ", "torchrun ")
+COMMAND_START = ("python ", "make ", "accelerate ", "torchrun ", "vitrail ", "pip ")
 SCRIPT = re.compile(r"\b((?:scripts|benchmarks)/\w+\.py)")
 FLAG = re.compile(r"(?<![\w-])(--[A-Za-z][\w-]*)")
 
 
 def readme_commands(text: str) -> list[str]:
     """Every command line a README shows: shell blocks (continuations joined, comments cut), and inline code that
-    starts with python, make, accelerate or torchrun, or names a script with flags (`scripts/train.py --seed`)."""
+    starts with python, make, accelerate, torchrun, vitrail or pip, or names a script with flags
+    (`scripts/train.py --seed`)."""
     commands = []
     for language, body in FENCED.findall(text):
         if language not in ("bash", "sh", "console"):
@@ -280,13 +282,59 @@ def script_help(script: str) -> str:
     return out.getvalue()
 
 
+def command_help(name: str) -> str:
+    """What `vitrail <name> --help` prints."""
+    from vitrail.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        main([name, "--help"])
+    assert exit_info.value.code == 0, f"vitrail {name} --help exited with {exit_info.value.code}"
+    return out.getvalue()
+
+
+def vitrail_problems(command: str, helps: dict[str, str]) -> list[str]:
+    """What is wrong with a `vitrail ...` command: a subcommand that does not exist, a flag it does not take."""
+    from vitrail.cli import COMMANDS
+
+    name, *rest = command.split()[1:] or ["--help"]
+    if name.startswith("-"):
+        return [] if name in ("--version", "--help", "-h") else [f"{command}: vitrail takes no {name}"]
+    if name.isupper():  # a placeholder: `vitrail COMMAND --help`
+        return []
+    if name not in COMMANDS:
+        return [f"{command}: no vitrail command {name!r}"]
+    key = f"vitrail {name}"
+    if key not in helps:
+        helps[key] = command_help(name)
+    return [
+        f"{command}: {key} takes no {flag}"
+        for flag in FLAG.findall(" ".join(rest))
+        if not takes(helps[key], flag)
+    ]
+
+
+def extras_problems(command: str) -> list[str]:
+    """A `pip install "vitrail[extra]"` naming an extra that pyproject.toml does not declare."""
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    section = pyproject.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
+    declared = set(re.findall(r"^([\w-]+) = \[", section, re.MULTILINE))
+    return [
+        f"{command}: vitrail has no extra {extra!r}"
+        for group in re.findall(r"vitrail\[([\w,-]+)\]", command)
+        for extra in group.split(",")
+        if extra not in declared
+    ]
+
+
 def takes(help_text: str, flag: str) -> bool:
     return re.search(rf"(?<![\w-]){flag}(?![\w-])", help_text) is not None
 
 
 def command_problems(commands: list[str], helps: dict[str, str]) -> list[str]:
-    """What is wrong with `commands`: a make target or variable the Makefile lacks, a script that does not exist,
-    a flag its `--help` (or `accelerate launch --help`) does not list. `helps` caches each script's help."""
+    """What is wrong with `commands`: a make target or variable the Makefile lacks, a script or `vitrail` command
+    that does not exist, a flag its `--help` (or `accelerate launch --help`) does not list, an extra pyproject.toml
+    does not declare. `helps` caches each script's and command's help."""
     from accelerate.commands.launch import launch_command_parser
 
     makefile = (ROOT / "Makefile").read_text()
@@ -302,6 +350,12 @@ def command_problems(commands: list[str], helps: dict[str, str]) -> list[str]:
                     problems.append(f"{command}: the Makefile reads no {variable}")
                 elif re.fullmatch(r"[\w-]+", word) and word not in targets:
                     problems.append(f"{command}: no make target {word!r}")
+            continue
+        if command.startswith(("vitrail ", "python -m vitrail")):
+            problems += vitrail_problems(command.removeprefix("python -m "), helps)
+            continue
+        if command.startswith("pip "):
+            problems += extras_problems(command)
             continue
         script = SCRIPT.search(command)
         if command.startswith("accelerate "):
@@ -338,6 +392,7 @@ def test_readme_commands_name_scripts_flags_and_targets_that_exist():
     helps: dict[str, str] = {}
     assert command_problems(commands, helps) == []
     assert {"scripts/train.py", "scripts/predict.py", "scripts/push_to_hub.py"} <= set(helps)
+    assert {"vitrail train", "vitrail predict", "vitrail info"} <= set(helps)
 
 
 def test_the_command_check_catches_what_does_not_exist():
@@ -346,12 +401,18 @@ def test_the_command_check_catches_what_does_not_exist():
         "```bash\nmake train OUTPUT=runs/x\npython scripts/train.py \\\n  --output_dir o --epochs 3\n```\n"
         "`accelerate launch --gpus 2 scripts/train.py`, `accelerate launch --cpus 2` and `python scripts/nothing.py`"
         " (not `scripts/old.py`, which is named, not run)\n"
+        "```bash\nvitrail predict x.png --model DIR --topk 3\nvitrail fit --output_dir o\nvitrail --verbose\n"
+        'pip install "vitrail[train,gpu]"\n```\n'
     )
     commands = readme_commands(text)
     assert commands[:2] == ["make train OUTPUT=runs/x", "python scripts/train.py --output_dir o --epochs 3"]
     assert command_problems(commands, {}) == [
         "make train OUTPUT=runs/x: the Makefile reads no OUTPUT",
         "python scripts/train.py --output_dir o --epochs 3: scripts/train.py takes no --epochs",
+        "vitrail predict x.png --model DIR --topk 3: vitrail predict takes no --topk",
+        "vitrail fit --output_dir o: no vitrail command 'fit'",
+        "vitrail --verbose: vitrail takes no --verbose",
+        "pip install \"vitrail[train,gpu]\": vitrail has no extra 'gpu'",
         "python scripts/predict.py x.png --model DIR --topk 3: scripts/predict.py takes no --topk",
         "make tests: no make target 'tests'",
         "accelerate launch --gpus 2 scripts/train.py: accelerate launch takes no --gpus",

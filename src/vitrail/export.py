@@ -2,7 +2,7 @@
 
 The batch size is always dynamic; height and width are too when the config has `dynamic_image_size=True` (any
 size from two patches a side, padded to whole patches as in PyTorch), fixed at `config.image_size` otherwise.
-`torch.onnx.export(dynamo=True)` needs `onnx` and `onnxscript`, checking needs `onnxruntime` (vitrail's dev extra).
+`torch.onnx.export(dynamo=True)` needs `onnx` and `onnxscript`, checking needs `onnxruntime` (the `export` extra).
 """
 
 from __future__ import annotations

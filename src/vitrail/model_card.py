@@ -1,6 +1,6 @@
 """Model cards for fine-tuned vitrail image classifiers.
 
-`render_model_card` fills the Jinja template `model_cards/vitrail_image_classification.md` through
+`render_model_card` fills the Jinja template `vitrail/model_cards/vitrail_image_classification.md` through
 `huggingface_hub.ModelCard.from_template` and writes `README.md`. The metadata block carries what the Hub
 indexes: `library_name`, `pipeline_tag`, tags, datasets, base model, and a `model-index` with the measured
 results, built from `EvalResult`s so that it has the shape the Hub expects.
@@ -28,11 +28,9 @@ __all__ = ["DEFAULT_TEMPLATE_PATH", "render_model_card"]
 
 logger = logging.getLogger(__name__)
 
-# The template lives beside the package in the repository (model_cards/), not inside it: installs from a wheel
-# must pass `template_path`.
-DEFAULT_TEMPLATE_PATH = (
-    Path(__file__).resolve().parents[2] / "model_cards" / "vitrail_image_classification.md"
-)
+# Package data: the wheel carries it, so a card is written wherever vitrail is installed.
+DEFAULT_TEMPLATE_PATH = Path(__file__).resolve().parent / "model_cards" / "vitrail_image_classification.md"
+
 
 TAGS = ["vitrail", "vision-transformer", "image-classification"]
 
@@ -96,8 +94,8 @@ def render_model_card(
     template_path = Path(template_path) if template_path is not None else DEFAULT_TEMPLATE_PATH
     if not template_path.is_file():
         raise FileNotFoundError(
-            f"Model card template not found at {template_path}. It ships in the vitrail repository "
-            "(model_cards/), not in the wheel: pass template_path=..."
+            f"Model card template not found at {template_path}. The default one is package data of vitrail "
+            "(vitrail/model_cards/): reinstall vitrail if it is missing, or pass template_path=... to use another."
         )
 
     measured = _select_split(metrics, dataset_split)

@@ -2,7 +2,7 @@
 
 Figures are drawn on `matplotlib.figure.Figure` with an explicit Agg canvas, never through `pyplot`: that works
 on machines without a display, and leaves alone whatever backend a notebook or script has already chosen.
-matplotlib is imported inside the functions because it is an optional dependency (the `dev` extra).
+matplotlib is imported inside the functions because it is an optional dependency (the `train` extra).
 """
 
 from collections.abc import Sequence

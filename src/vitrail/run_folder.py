@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import safe_open
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
@@ -79,6 +80,25 @@ def read_json(path: Path) -> Any:
 
 
 # ---- checking -------------------------------------------------------------------------------------------------
+
+
+def check_model_source(source: str, flag: str = "--model_name_or_path") -> None:
+    """A local path must exist; anything else must look like a Hub repo id. (Without this, a mistyped folder
+    reaches the Hub client and comes back as "Repo id must be in the form ...".)"""
+    path = Path(source).expanduser()
+    if path.exists():
+        return
+    try:
+        validate_repo_id(source)
+        # "runs/digitz" is a valid repo id too; a first component that is a local folder says it is a path.
+        is_repo_id = not path.parent.is_dir() or path.parent == Path(".")
+    except HFValidationError:
+        is_repo_id = False
+    if not is_repo_id:
+        raise ValueError(
+            f"{flag} {source}: no such file or folder. Give a saved checkpoint folder or a Hub repo id "
+            "(namespace/name)."
+        )
 
 
 def check_output_dir(output_dir: str | os.PathLike) -> Path:

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from datasets import Image, load_dataset
-from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 from transformers.trainer_callback import DefaultFlowCallback
@@ -46,6 +45,7 @@ from .run_folder import (
     RESULTS,
     RunStart,
     check_foreign_files,
+    check_model_source,
     check_output_dir,
     model_settings,
     schedule_settings,
@@ -221,25 +221,6 @@ def check_split_fractions(data_args: DataArguments) -> None:
         raise ValueError(
             f"--test_size {data_args.test_size} and --validation_size {data_args.validation_size} leave no data "
             "to train on: make their sum less than 1."
-        )
-
-
-def check_model_source(source: str, flag: str = "--model_name_or_path") -> None:
-    """A local path must exist; anything else must look like a Hub repo id. (Without this, a mistyped folder
-    reaches the Hub client and comes back as "Repo id must be in the form ...".)"""
-    path = Path(source).expanduser()
-    if path.exists():
-        return
-    try:
-        validate_repo_id(source)
-        # "runs/digitz" is a valid repo id too; a first component that is a local folder says it is a path.
-        is_repo_id = not path.parent.is_dir() or path.parent == Path(".")
-    except HFValidationError:
-        is_repo_id = False
-    if not is_repo_id:
-        raise ValueError(
-            f"{flag} {source}: no such file or folder. Give a saved checkpoint folder or a Hub repo id "
-            "(namespace/name)."
         )
 
 
@@ -930,10 +911,12 @@ def push(output: Path, training_args: TrainingArguments, metrics: dict, split: s
     logger.info("Hub: %s", commit.commit_url if commit else "unchanged, no new commit")
 
 
-def parse_args(argv: list[str] | None = None):
+def parse_args(argv: list[str] | None = None, **parser_options):
+    """The three argument dataclasses from `argv` (or one JSON file); `parser_options` go to the parser
+    (`prog`, `description`, ...)."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, VitrailTrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, VitrailTrainingArguments), **parser_options)
     if argv and len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
     return parser.parse_args_into_dataclasses(args=argv)
