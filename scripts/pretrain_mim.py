@@ -17,11 +17,12 @@ import sys
 from transformers import HfArgumentParser
 
 from vitrail.pretraining import PretrainArguments, pretrain
-from vitrail.training import DataArguments, VitrailTrainingArguments
+from vitrail.training import DataArguments, VitrailTrainingArguments, closing_process_group
 
 if __name__ == "__main__":
-    parser = HfArgumentParser((PretrainArguments, DataArguments, VitrailTrainingArguments))
-    args, data_args, training_args = parser.parse_args_into_dataclasses(args=sys.argv[1:])
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    metrics = pretrain(args, data_args, training_args)
+    with closing_process_group():  # every rank ends the process group of a multi-process launch
+        parser = HfArgumentParser((PretrainArguments, DataArguments, VitrailTrainingArguments))
+        args, data_args, training_args = parser.parse_args_into_dataclasses(args=sys.argv[1:])
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+        metrics = pretrain(args, data_args, training_args)
     print(f"train_loss={metrics['train_loss']:.4f} output_dir={training_args.output_dir}")

@@ -25,14 +25,16 @@ import sys
 
 from transformers.utils import logging as hf_logging
 
-from vitrail.training import parse_args, train
+from vitrail.training import closing_process_group, parse_args, train
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, training_args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    hf_logging.set_verbosity_warning()
-    metrics = train(model_args, data_args, training_args)
+    # Parsing the arguments already forms the process group of a multi-process launch; every rank ends it.
+    with closing_process_group():
+        model_args, data_args, training_args = parse_args(argv)
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+        hf_logging.set_verbosity_warning()
+        metrics = train(model_args, data_args, training_args)
     if training_args.process_index == 0:
         # With --test_size 0 the report is on the validation split, and without one there is none.
         accuracy = next(

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -239,9 +240,9 @@ def check_model_source(source: str, flag: str = "--model_name_or_path") -> None:
 
 
 def check_process_group(training_args: TrainingArguments) -> None:
-    """Refuse a launch whose processes did not join one process group. torchrun, or `accelerate launch --multi_gpu`,
-    on a machine without GPUs and without `--use_cpu true` starts N processes that each train alone, all writing
-    the same output folder."""
+    """Refuse a launch whose processes did not join one process group, or that asks for FSDP where Accelerate
+    would not shard. torchrun, or `accelerate launch --multi_gpu`, on a machine without GPUs and without
+    `--use_cpu true` starts N processes that each train alone, all writing the same output folder."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and training_args.world_size != launched:
         raise RuntimeError(
@@ -249,6 +250,52 @@ def check_process_group(training_args: TrainingArguments) -> None:
             f"process group (the Trainer sees {training_args.world_size}). Without GPUs, add `--use_cpu true` so "
             "that they train together over gloo (README, 'Several processes')."
         )
+    check_fsdp(training_args)
+
+
+def check_fsdp(training_args: TrainingArguments) -> None:
+    """Refuse an FSDP request that Accelerate would drop without a word. Accelerate shards only a launch on GPUs
+    (or other accelerators): on CPUs it trains plain DDP, every process holding the whole model and optimizer
+    state, which is not what a user asking for FSDP has the memory for; in a process that no launcher started, it
+    trains one unsharded model (transformers refuses its own `--fsdp` flag there, not Accelerate's variable)."""
+    from accelerate.utils import DistributedType, parse_flag_from_env
+
+    asked = []
+    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        asked.append(
+            "`accelerate launch --use_fsdp` or an FSDP `accelerate config` (ACCELERATE_USE_FSDP=true)"
+        )
+    if training_args.fsdp:
+        asked.append("the Trainer flag `--fsdp`")
+    state = training_args.distributed_state
+    unsharded = (DistributedType.NO, DistributedType.MULTI_CPU)
+    if not asked or state is None or state.distributed_type not in unsharded:
+        return
+    if state.distributed_type == DistributedType.MULTI_CPU:
+        instead = (
+            "runs on CPUs, where it would train plain DDP over gloo, each process holding the whole model"
+        )
+    else:
+        instead = "is one process that no launcher started, which it would train unsharded"
+    raise RuntimeError(
+        f"FSDP was asked for ({' and '.join(asked)}), but Accelerate shards only a multi-process launch on GPUs, "
+        f"and this job {instead}. On CPUs, drop the FSDP flags: `accelerate launch --multi_gpu --num_processes N "
+        "scripts/train.py ... --use_cpu true` trains with DDP (README, 'Several processes'). To shard, launch on "
+        "GPUs with `accelerate launch --use_fsdp ...`."
+    )
+
+
+@contextmanager
+def closing_process_group():
+    """Destroy the default process group, if one was formed, when the block ends, on success or error. A process
+    that exits with its gloo group still open can abort at interpreter shutdown ("terminate called without an
+    active exception", exit status -6) after its work is done, and its launcher then reports the job as failed.
+    Every rank leaves the block after its own last collective, so no rank waits on another here."""
+    try:
+        yield
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def check_arguments(model_args: ModelArguments) -> None:
@@ -792,6 +839,7 @@ __all__ = [
     "VitrailTrainer",
     "VitrailTrainingArguments",
     "build_model",
+    "closing_process_group",
     "parameter_groups",
     "train",
 ]
