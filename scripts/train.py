@@ -10,7 +10,8 @@ Other data: `--train_dir DIR [--validation_dir DIR]` (image folders, <dir>/<clas
 (a Hub dataset, when online). Other models: `--model_name_or_path CKPT` fine-tunes a checkpoint (a new label set
 re-initialises the head, `--image_size` resamples positions), `--variant S/16 [--config_overrides ...]` trains from
 scratch. Every `TrainingArguments` flag works (`--bf16`, `--resume_from_checkpoint`, `--push_to_hub`, ...), and the
-same command runs under `accelerate launch [--cpu] [--num_processes N] scripts/train.py ...`.
+same command runs under `accelerate launch --multi_gpu --num_processes N scripts/train.py ...` (add
+`--use_cpu true` on CPUs; FSDP is refused there, see the README's "Several processes").
 
 Rerun in the same `--output_dir`, it resumes from the newest complete checkpoint, or prints the results of the
 finished run; with other settings it stops and names them (`--overwrite_output_dir` starts again).

@@ -1,17 +1,20 @@
 """Fine-tuning and training from scratch with transformers' Trainer; `scripts/train.py` is the command line.
 
-Runs unchanged as `python scripts/train.py ...` and `accelerate launch [--num_processes N] scripts/train.py ...`:
-the Trainer takes its distributed setup (DDP, FSDP, DeepSpeed) from Accelerate.
+Runs unchanged as `python scripts/train.py ...` and `accelerate launch --multi_gpu --num_processes N
+scripts/train.py ...`: the Trainer takes its distributed setup from Accelerate (DDP; FSDP only on GPUs, and
+`check_fsdp` refuses it where Accelerate would drop it).
 """
 
 from __future__ import annotations
 
 import copy
+import gc
 import hashlib
 import json
 import logging
 import os
 import time
+import traceback
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
@@ -287,15 +290,21 @@ def check_fsdp(training_args: TrainingArguments) -> None:
 
 @contextmanager
 def closing_process_group():
-    """Destroy the default process group, if one was formed, when the block ends, on success or error. A process
-    that exits with its gloo group still open can abort at interpreter shutdown ("terminate called without an
-    active exception", exit status -6) after its work is done, and its launcher then reports the job as failed.
-    Every rank leaves the block after its own last collective, so no rank waits on another here."""
+    """End the default process group, if one was formed, when the block ends, on success or error, so that its
+    gloo worker threads are joined while the interpreter is still alive. A thread still alive at exit can be freeing
+    the last collective's buffers when the interpreter shuts down; it aborts the process after all its work is done
+    ("terminate called without an active exception", status -6), and the launcher reports the job as failed.
+    The group goes only when nothing else holds it: after an error, the failed frames' locals (a Trainer, its DDP
+    model and through it the group) are cleared from the traceback, which still prints in full."""
     try:
         yield
+    except BaseException as error:
+        traceback.clear_frames(error.__traceback__)
+        raise
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+            gc.collect()  # a reference cycle may be what still holds the group
 
 
 def check_arguments(model_args: ModelArguments) -> None:
