@@ -535,6 +535,7 @@ FIELD_VALUES = {
     | st.lists(st.sampled_from(["stem", "stage1", "stage2", "stage9"]), max_size=3),
     "_out_indices": st.none() | st.lists(st.integers(-4, 4), max_size=3),
     "apply_layernorm": st.booleans(),
+    "reshape_hidden_states": st.booleans(),
     # options of other ViT families: norms, biases, attention pooling
     "norm_type": st.sampled_from(["layernorm", "rmsnorm", "batchnorm"]),
     "patch_embedding_bias": st.booleans(),

@@ -1,9 +1,6 @@
 """Training: short real runs of scripts/train.py and scripts/pretrain_mim.py, not the full job."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -210,95 +207,6 @@ def test_mim_pretraining_then_fine_tuning(tmp_path):
                           "--num_train_epochs", "2", "--save_strategy", "no", name="ft")  # fmt: skip
     assert 0.0 <= fine["test_accuracy"] <= 1.0
     assert len(json.loads((out / "config.json").read_text())["id2label"]) == 10
-
-
-# Runs scripts/train.py as it is, after two hooks that record what each process did: the Trainer's view of the
-# process group, and the index of every training sample the process fetched.
-DRIVER = """
-import json, os, runpy, sys
-from vitrail import training
-
-seen, group = [], {}
-fetch = training.ProcessedSplit.__getitem__
-
-
-def record(self, index):
-    if getattr(self, "record", False):
-        seen.append(int(index))
-    return fetch(self, index)
-
-
-trainer_init = training.VitrailTrainer.__init__
-
-
-def init(self, *args, **kwargs):
-    trainer_init(self, *args, **kwargs)
-    if kwargs.get("train_dataset") is not None:
-        kwargs["train_dataset"].record = True
-        state = self.accelerator.state
-        group.update(world_size=self.args.world_size, distributed_type=str(state.distributed_type),
-                     backend=state.backend, per_device=self.args.per_device_train_batch_size)
-
-
-training.ProcessedSplit.__getitem__ = record
-training.VitrailTrainer.__init__ = init
-train_py, out = sys.argv[1], sys.argv[2]
-sys.argv = [train_py, *sys.argv[3:]]
-runpy.run_path(train_py, run_name="__main__")
-rank = int(os.environ.get("RANK", 0))
-with open(os.path.join(out, f"rank{rank}.json"), "w") as file:
-    json.dump({"rank": rank, "indices": seen, **group}, file)
-"""
-
-
-def test_two_process_training_is_one_ddp_job(tmp_path):
-    """The README's multi-process command really runs two ranks in one gloo group: total batch 2 x per-device,
-    disjoint samples per rank covering the data once per epoch, one set of outputs and one printout."""
-    out, records = tmp_path / "ddp", tmp_path / "records"
-    records.mkdir()
-    (tmp_path / "driver.py").write_text(DRIVER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(tmp_path / "driver.py"),
-        str(ROOT / "scripts" / "train.py"), str(records),
-        "--output_dir", str(out), "--config_overrides", TINY, *QUIET, "--num_train_epochs", "1",
-        "--per_device_train_batch_size", "32", "--save_strategy", "no", "--max_train_samples", "256",
-        "--max_eval_samples", "64",
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((records / f"rank{r}.json").read_text()) for r in (0, 1)]
-    for rank in ranks:
-        assert rank["world_size"] == 2 and rank["per_device"] == 32
-        assert rank["distributed_type"] == "DistributedType.MULTI_CPU" and rank["backend"] == "gloo"
-    first, second = (set(rank["indices"]) for rank in ranks)
-    assert len(first) == len(second) == 128 and not first & second  # each rank its own half of the data
-    assert first | second == set(range(256))
-    state = json.loads((out / "trainer_state.json").read_text())
-    assert state["global_step"] == 4  # 256 samples / (2 ranks x 32) in one epoch
-    assert OUTPUTS <= {p.name for p in out.iterdir()}
-    matrix = json.loads((out / "confusion_matrix.json").read_text())["matrix"]
-    assert sum(map(sum, matrix)) == 64  # the test predictions of both ranks, gathered once, none twice
-    assert result.stdout.count("test_accuracy=") == 1  # printed once, by rank 0
-
-
-def test_a_launch_that_forms_no_process_group_is_refused(tmp_path):
-    """`--multi_gpu` on a machine without GPUs and without `--use_cpu true` starts two unrelated single-process
-    runs writing one folder; vitrail stops them with the fix instead."""
-    at = QUIET.index("--use_cpu")
-    quiet = QUIET[:at] + QUIET[at + 2 :]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "CUDA_VISIBLE_DEVICES": ""}
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(ROOT / "scripts" / "train.py"), "--output_dir", str(tmp_path / "out"), "--config_overrides", TINY,
-        *quiet, "--max_steps", "1",
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-    assert result.returncode != 0
-    assert "WORLD_SIZE=2" in result.stderr and "--use_cpu true" in result.stderr
-    assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
 def test_batch_augment_is_exact_where_it_should_be():

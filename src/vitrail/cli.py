@@ -103,7 +103,8 @@ def train(argv: list[str] | None = None) -> dict:
     set re-initialises the head, `--image_size` resamples positions), `--variant S/16 [--config_overrides ...]`
     trains from scratch. Every `TrainingArguments` flag works (`--bf16`, `--resume_from_checkpoint`,
     `--push_to_hub`, ...). Several processes: `accelerate launch --multi_gpu --num_processes N -m vitrail train ...`
-    (or `scripts/train.py ...` in place of `-m vitrail train` in a checkout).
+    (or `scripts/train.py ...` in place of `-m vitrail train` in a checkout); add `--use_cpu true` on CPUs, where
+    FSDP is refused (see the README's "Several processes").
 
     Rerun in the same `--output_dir`, it resumes from the newest complete checkpoint, or prints the results of the
     finished run (and, with `--push_to_hub`, pushes it: after a failed push, rerun the same command); with other
@@ -119,12 +120,14 @@ def train(argv: list[str] | None = None) -> dict:
 
     from . import training
 
-    model_args, data_args, training_args = training.parse_args(
-        argv, **_parser_options("train", train, _HfHelpFormatter)
-    )
-    logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
-    hf_logging.set_verbosity_warning()
-    metrics = training.train(model_args, data_args, training_args)
+    # Parsing the arguments already forms the process group of a multi-process launch; every rank ends it.
+    with training.closing_process_group():
+        model_args, data_args, training_args = training.parse_args(
+            argv, **_parser_options("train", train, _HfHelpFormatter)
+        )
+        logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
+        hf_logging.set_verbosity_warning()
+        metrics = training.train(model_args, data_args, training_args)
     if training_args.process_index == 0:
         print(_result_line(metrics, training_args.output_dir))
     return metrics
@@ -148,15 +151,16 @@ def pretrain(argv: list[str] | None = None) -> dict:
 
     from .pretraining import PretrainArguments
     from .pretraining import pretrain as run_pretraining
-    from .training import DataArguments, VitrailTrainingArguments
+    from .training import DataArguments, VitrailTrainingArguments, closing_process_group
 
-    parser = HfArgumentParser(
-        (PretrainArguments, DataArguments, VitrailTrainingArguments),
-        **_parser_options("pretrain", pretrain, _HfHelpFormatter),
-    )
-    args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
-    metrics = run_pretraining(args, data_args, training_args)
+    with closing_process_group():  # every rank ends the process group of a multi-process launch
+        parser = HfArgumentParser(
+            (PretrainArguments, DataArguments, VitrailTrainingArguments),
+            **_parser_options("pretrain", pretrain, _HfHelpFormatter),
+        )
+        args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+        logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
+        metrics = run_pretraining(args, data_args, training_args)
     print(f"train_loss={metrics['train_loss']:.4f} output_dir={training_args.output_dir}")
     return metrics
 

@@ -1,17 +1,21 @@
 """Fine-tuning and training from scratch with transformers' Trainer; `scripts/train.py` is the command line.
 
-Runs unchanged as `python scripts/train.py ...` and `accelerate launch [--num_processes N] scripts/train.py ...`:
-the Trainer takes its distributed setup (DDP, FSDP, DeepSpeed) from Accelerate.
+Runs unchanged as `python scripts/train.py ...` and `accelerate launch --multi_gpu --num_processes N
+scripts/train.py ...`: the Trainer takes its distributed setup from Accelerate (DDP; FSDP only on GPUs, and
+`check_fsdp` refuses it where Accelerate would drop it).
 """
 
 from __future__ import annotations
 
 import copy
+import gc
 import hashlib
 import json
 import logging
 import os
 import time
+import traceback
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -225,9 +229,9 @@ def check_split_fractions(data_args: DataArguments) -> None:
 
 
 def check_process_group(training_args: TrainingArguments) -> None:
-    """Refuse a launch whose processes did not join one process group. torchrun, or `accelerate launch --multi_gpu`,
-    on a machine without GPUs and without `--use_cpu true` starts N processes that each train alone, all writing
-    the same output folder."""
+    """Refuse a launch whose processes did not join one process group, or that asks for FSDP where Accelerate
+    would not shard. torchrun, or `accelerate launch --multi_gpu`, on a machine without GPUs and without
+    `--use_cpu true` starts N processes that each train alone, all writing the same output folder."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and training_args.world_size != launched:
         raise RuntimeError(
@@ -235,6 +239,58 @@ def check_process_group(training_args: TrainingArguments) -> None:
             f"process group (the Trainer sees {training_args.world_size}). Without GPUs, add `--use_cpu true` so "
             "that they train together over gloo (README, 'Several processes')."
         )
+    check_fsdp(training_args)
+
+
+def check_fsdp(training_args: TrainingArguments) -> None:
+    """Refuse an FSDP request that Accelerate would drop without a word. Accelerate shards only a launch on GPUs
+    (or other accelerators): on CPUs it trains plain DDP, every process holding the whole model and optimizer
+    state, which is not what a user asking for FSDP has the memory for; in a process that no launcher started, it
+    trains one unsharded model (transformers refuses its own `--fsdp` flag there, not Accelerate's variable)."""
+    from accelerate.utils import DistributedType, parse_flag_from_env
+
+    asked = []
+    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        asked.append(
+            "`accelerate launch --use_fsdp` or an FSDP `accelerate config` (ACCELERATE_USE_FSDP=true)"
+        )
+    if training_args.fsdp:
+        asked.append("the Trainer flag `--fsdp`")
+    state = training_args.distributed_state
+    unsharded = (DistributedType.NO, DistributedType.MULTI_CPU)
+    if not asked or state is None or state.distributed_type not in unsharded:
+        return
+    if state.distributed_type == DistributedType.MULTI_CPU:
+        instead = (
+            "runs on CPUs, where it would train plain DDP over gloo, each process holding the whole model"
+        )
+    else:
+        instead = "is one process that no launcher started, which it would train unsharded"
+    raise RuntimeError(
+        f"FSDP was asked for ({' and '.join(asked)}), but Accelerate shards only a multi-process launch on GPUs, "
+        f"and this job {instead}. On CPUs, drop the FSDP flags: `accelerate launch --multi_gpu --num_processes N "
+        "scripts/train.py ... --use_cpu true` trains with DDP (README, 'Several processes'). To shard, launch on "
+        "GPUs with `accelerate launch --use_fsdp ...`."
+    )
+
+
+@contextmanager
+def closing_process_group():
+    """End the default process group, if one was formed, when the block ends, on success or error, so that its
+    gloo worker threads are joined while the interpreter is still alive. A thread still alive at exit can be freeing
+    the last collective's buffers when the interpreter shuts down; it aborts the process after all its work is done
+    ("terminate called without an active exception", status -6), and the launcher reports the job as failed.
+    The group goes only when nothing else holds it: after an error, the failed frames' locals (a Trainer, its DDP
+    model and through it the group) are cleared from the traceback, which still prints in full."""
+    try:
+        yield
+    except BaseException as error:
+        traceback.clear_frames(error.__traceback__)
+        raise
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+            gc.collect()  # a reference cycle may be what still holds the group
 
 
 def check_overrides(overrides: dict[str, Any], **flags) -> None:
@@ -928,6 +984,7 @@ __all__ = [
     "VitrailTrainer",
     "VitrailTrainingArguments",
     "build_model",
+    "closing_process_group",
     "parameter_groups",
     "train",
 ]
