@@ -6,7 +6,8 @@
         --image-size 384
 
 Sources (`--input`, local; the Hub is not reachable here):
-- `hf`: a transformers ViT, DeiT (plain or distilled) or DINOv2 (with or without registers) folder;
+- `hf`: a transformers ViT, DeiT (plain or distilled), DINOv2 (with or without registers), MAE, MSN, I-JEPA or
+  SimMIM folder, or a timm model saved through transformers' TimmWrapper classes;
 - `timm`: a timm folder (config.json + model.safetensors, as timm's Hub repos are laid out) or a bare
   `.safetensors` file (then pass `--architecture`, timm's name for it);
 - `npz`: a JAX `.npz` of google-research/vision_transformer or big_vision.
@@ -113,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         "--source-image-size", type=_size, help="npz without a stored position table: its training resolution"
     )
     args = parser.parse_args(argv)
+    if not args.input.exists():  # local only: a missing path would otherwise be looked up as a Hub repo id
+        parser.error(
+            f"--input {args.input}: no such file or folder. Give a checkpoint folder or file on this disk."
+        )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     options = {
         "hf": {"allow_pickle": args.allow_pickle},

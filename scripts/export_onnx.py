@@ -18,6 +18,7 @@ import sys
 
 from vitrail import VitrailForImageClassification
 from vitrail.export import check_inputs, export_onnx, onnx_max_difference
+from vitrail.training import check_model_source
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest logit difference accepted")
     args = parser.parse_args(argv)
+    try:
+        check_model_source(args.model, "--model")
+    except ValueError as error:
+        parser.error(str(error))
     logging.basicConfig(format="%(message)s")
     logging.getLogger("vitrail").setLevel(logging.INFO)  # our per-input differences, not onnxscript's passes
 

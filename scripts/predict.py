@@ -21,6 +21,7 @@ import sys
 from transformers.utils import logging as hf_logging
 
 from vitrail.predict import run
+from vitrail.training import check_model_source
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(
@@ -38,6 +39,12 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be positive")
+    try:
+        check_model_source(
+            args.model, "--model"
+        )  # a missing folder, named before transformers reads it as a repo id
+    except ValueError as error:
+        parser.error(str(error))
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     hf_logging.disable_progress_bar()  # "Loading weights" bars would mix with the failures on stderr
     sys.exit(

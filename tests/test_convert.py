@@ -559,3 +559,19 @@ def test_dinov2_processor_translates_and_matches_on_a_photo(tmp_path):
     photo = load_sample_images().images[1]
     want = theirs(photo, return_tensors="pt").pixel_values
     torch.testing.assert_close(ours(photo, return_tensors="pt").pixel_values, want, atol=1e-5, rtol=0)
+
+
+def test_script_names_a_missing_input_with_status_2(tmp_path, capsys):
+    """A missing --input is named before anything is read (transformers would take it for a malformed Hub repo id;
+    the converter reads local files only)."""
+    script = load_script("scripts/convert_checkpoint.py")
+    for source, missing in (
+        ("hf", tmp_path / "nope"),
+        ("timm", tmp_path / "nope.safetensors"),
+        ("npz", "x.npz"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            script.main(["--from", source, "--input", str(missing), "--output", str(tmp_path / "out")])
+        assert exit_.value.code == 2
+        assert f"--input {missing}: no such file or folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -158,3 +158,13 @@ def test_script_refuses_dynamic_size_for_a_fixed_size_checkpoint(models, tmp_pat
     error = capsys.readouterr().err
     assert "dynamic_image_size=True" in error and "30x30" in error
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_script_names_a_missing_model_folder(tmp_path, capsys):
+    missing = tmp_path / "runs" / "nope"
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("scripts/export_onnx.py").main(
+            ["--model", str(missing), "--output", str(tmp_path / "m.onnx")]
+        )
+    assert exit_info.value.code == 2
+    assert f"--model {missing}: no such file or folder" in capsys.readouterr().err

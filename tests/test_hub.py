@@ -903,6 +903,60 @@ def test_a_stalled_file_download_times_out(hub, checkpoints, monkeypatch, tmp_pa
     assert leftovers(tmp_path) == []
 
 
+OWN_CLIENT_PULL = """
+import json, sys
+import httpx2 as httpx
+from huggingface_hub import get_session, set_client_factory
+from vitrail.hub import pull_checkpoint
+
+timeouts = []  # the time-out each request went out with, as the client's response hook saw it
+set_client_factory(lambda: httpx.Client(
+    follow_redirects=True,
+    timeout=None,
+    event_hooks={"response": [lambda response: timeouts.append(response.request.extensions["timeout"])]},
+))
+client = get_session()
+pull_checkpoint(sys.argv[1], local_dir=sys.argv[2], timeout=7)
+during, timeouts[:] = list(timeouts), []
+get_session().get(sys.argv[3])
+report = {
+    "same_client": get_session() is client,
+    "during": during,
+    "after": timeouts,
+    "request_hooks_after": len(get_session().event_hooks["request"]),
+}
+json.dump(report, open(sys.argv[-1], "w"))
+"""
+
+
+def test_time_outs_keep_the_users_client(hub, checkpoints, tmp_path, repo_id):
+    """A client huggingface_hub was given with `set_client_factory` (a proxy, certificates) serves the pull: every
+    request goes out with the pull's time-out, and afterwards the client is the user's as it was."""
+    push_checkpoint(checkpoints["v1"], repo_id)
+    report = tmp_path / "report.json"
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            OWN_CLIENT_PULL,
+            repo_id,
+            tmp_path / "out",
+            f"{hub.url}/api/models/{repo_id}",
+            report,
+        ],
+        env=client_env(hub, tmp_path / "home", dict(os.environ)),
+        check=True,
+        timeout=300,
+    )
+    report = json.loads(report.read_text())
+    assert report["same_client"]
+    seven = {"connect": 7.0, "read": 7.0, "write": 7.0, "pool": 7.0}
+    assert len(report["during"]) >= 4 and all(timeout == seven for timeout in report["during"])
+    assert report["after"] == [{"connect": None, "read": None, "write": None, "pool": None}]
+    assert report["request_hooks_after"] == 0
+    assert same_weights(tmp_path / "out", checkpoints["v1"])
+
+
 SIGTERM_PULL = "import sys\nfrom vitrail.hub import pull_checkpoint\npull_checkpoint(sys.argv[1], local_dir=sys.argv[2])\n"
 
 

@@ -323,6 +323,79 @@ def test_read_only_images_raise_no_warning():
         VitrailImageProcessor(do_resize=False)(image)
 
 
+VIEWS = {
+    "bgr-to-rgb": lambda image: image[..., ::-1],
+    "fliplr": np.fliplr,
+    "flipud": lambda image: image[::-1],
+    "rot90": np.rot90,
+    "every-other-row": lambda image: image[::-2],
+    "channels-first-flipped": lambda image: np.moveaxis(image, -1, 0)[:, :, ::-1],
+}
+
+
+@pytest.mark.parametrize("resample", [PIL.Image.Resampling.BILINEAR, PIL.Image.Resampling.BICUBIC])
+@pytest.mark.parametrize("view", list(VIEWS))
+def test_views_with_negative_strides_read_as_their_copy(view, resample):
+    """Flips and BGR -> RGB slices are numpy views with negative strides, which torch cannot take: they give the
+    pixel values of their contiguous copy, resized or not, as uint8 and as float."""
+    for image in (rgb_array(46, height=30, width=20), rgb_array(47, height=30, width=20) / np.float32(255)):
+        flipped = VIEWS[view](image)
+        assert any(stride < 0 for stride in flipped.strides)
+        for processor in (
+            VitrailImageProcessor(size={"height": 9, "width": 7}, resample=resample),
+            VitrailImageProcessor(do_resize=False),
+        ):
+            np.testing.assert_allclose(
+                run(processor, flipped), run(processor, np.ascontiguousarray(flipped)), rtol=0, atol=1e-5
+            )
+
+
+@pytest.mark.parametrize(
+    ("dtype", "values"),
+    [
+        (">u2", np.random.default_rng(48).integers(0, 65536, (H, W, 3))),
+        (">i2", np.random.default_rng(49).integers(0, 256, (H, W, 3))),
+        (">i4", np.random.default_rng(50).integers(0, 256, (H, W, 3))),
+        (">f2", np.random.default_rng(51).random((H, W, 3))),
+        (">f4", np.random.default_rng(52).random((H, W, 3))),
+        (">f8", np.random.default_rng(53).random((H, W, 3)) * 255),
+    ],
+)
+def test_big_endian_arrays_read_by_value(dtype, values):
+    """A big-endian array (as read from a big-endian file) holds the same numbers as its native twin and gives
+    the same pixel values: `>u2` is a 16-bit image, not an integer image out of the 8-bit range."""
+    swapped = values.astype(dtype)
+    native = values.astype(np.dtype(dtype).newbyteorder("="))
+    assert not swapped.dtype.isnative and np.array_equal(swapped, native)
+    for processor in (
+        VitrailImageProcessor(size={"height": 5, "width": 7}),
+        VitrailImageProcessor(do_resize=False),
+    ):
+        np.testing.assert_array_equal(run(processor, swapped), run(processor, native))
+    # And flipped at once: both rules together.
+    np.testing.assert_array_equal(
+        run(VitrailImageProcessor(do_resize=False), swapped[::-1, ::-1]),
+        run(VitrailImageProcessor(do_resize=False), native[::-1, ::-1].copy()),
+    )
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_unusual_array_and_tensor_kinds_read_by_value(tmp_path, identity):
+    """A numpy subclass (`np.matrix`), a sparse tensor and a `pathlib` path are read as the plain array, dense
+    tensor and path string; a complex tensor and a meta tensor are refused by name."""
+    gray = rgb_array(54)[..., 0]
+    np.testing.assert_array_equal(run(identity, np.matrix(gray)), run(identity, gray))
+    rgb = torch.from_numpy(rgb_array(55))
+    np.testing.assert_array_equal(run(identity, rgb.to_sparse()), run(identity, rgb))
+    path = tmp_path / "image.png"
+    PIL.Image.fromarray(rgb_array(56)).save(path)
+    np.testing.assert_array_equal(run(identity, path), run(identity, str(path)))
+    with pytest.raises(TypeError, match="dtype complex64 are not supported"):
+        identity(rgb.to(torch.complex64).conj())
+    with pytest.raises(ValueError, match="meta device, which holds no values"):
+        identity(torch.empty(H, W, 3, device="meta"))
+
+
 @pytest.mark.parametrize("factor", [0, -1 / 255, float("inf"), float("nan"), True])
 def test_rescale_factor_must_be_positive(factor):
     """The rescale factor divides the statistics into 8-bit levels: zero, negative or infinite factors are refused."""
@@ -409,13 +482,18 @@ def test_bool_arrays_match_pil_bilevel(identity):
         (np.full((H, W, 3), 300.0, np.float32), r"300..300 fit neither"),
         (np.full((H, W, 3), np.nan, np.float32), "NaN or infinite"),
         (
+            np.full((H, W, 3), 1e300, np.float64),
+            r"NaN or infinite values \(or values beyond float32's range\)",
+        ),
+        (
             np.full((H, W, 3), 256, np.int64),
             r"Integer pixel values must lie in 0..255 \(8-bit\), got 256..256",
         ),
         (np.full((H, W, 3), -1, np.int8), r"got -1..-1 \(int8\)"),
     ],
-    ids=["negative-float", "float-above-255", "nan", "int-above-255", "negative-int"],
+    ids=["negative-float", "float-above-255", "nan", "beyond-float32", "int-above-255", "negative-int"],
 )
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # no overflow warning on the way
 def test_out_of_range_values_are_refused(image, fragment):
     """Values that fit no pixel scale are refused, never read as something else."""
     with pytest.raises(ValueError, match=fragment):
@@ -606,6 +684,10 @@ def test_unreadable_sources_name_them(tmp_path):
     text.write_text("not pixels")
     with pytest.raises(ValueError, match=r"Cannot read an image from '.*notes\.png'"):
         VitrailImageProcessor()(str(text))
+    if hasattr(os, "mkfifo"):  # a named pipe called like an image: opening it would wait for a writer
+        os.mkfifo(tmp_path / "pipe.png")
+        with pytest.raises(ValueError, match=r"'.*pipe\.png' is not a regular file \(a named pipe"):
+            VitrailImageProcessor()(tmp_path / "pipe.png")
 
 
 def test_base64_and_data_uri(identity):
@@ -616,6 +698,18 @@ def test_base64_and_data_uri(identity):
     expected = run(identity, rgb_array(36))
     np.testing.assert_array_equal(run(identity, encoded), expected)
     np.testing.assert_array_equal(run(identity, f"data:image/png;base64,{encoded}"), expected)
+
+
+def test_base64_keeps_alpha_and_depth(identity):
+    """Base64 data opens in its own mode like a path: an RGBA PNG is composited over white and a 16-bit one keeps
+    its levels (a loader that converts to RGB first would show the colours under transparent pixels)."""
+    rgba = np.random.default_rng(38).integers(0, 256, (H, W, 4), dtype=np.uint8)
+    deep = np.random.default_rng(39).integers(0, 65536, (H, W), dtype=np.uint16)
+    for image in (PIL.Image.fromarray(rgba, "RGBA"), PIL.Image.fromarray(deep)):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        encoded = base64.b64encode(buffer.getvalue()).decode()
+        np.testing.assert_array_equal(run(identity, encoded), run(identity, image))
 
 
 def test_urls(tmp_path, identity, monkeypatch):

@@ -1,6 +1,8 @@
 """scripts/predict.py and vitrail.predict: classify files and folders, report unreadable files by name."""
 
 import json
+import logging
+import os
 import runpy
 import subprocess
 import sys
@@ -210,3 +212,56 @@ def test_bad_flags_exit_with_status_2(checkpoint, images, monkeypatch, capsys):
         runpy.run_path(script, run_name="__main__")
     assert exit_.value.code == 2
     assert "--top-k and --batch-size must be positive" in capsys.readouterr().err
+
+
+def test_missing_model_folder_is_named_with_status_2(images, tmp_path, monkeypatch, capsys):
+    """A folder that does not exist is named, not handed to transformers as a malformed Hub repo id."""
+    script = str(ROOT / "scripts" / "predict.py")
+    missing = tmp_path / "runs" / "nope"
+    monkeypatch.setattr(sys, "argv", [script, str(images), "--model", str(missing)])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(script, run_name="__main__")
+    assert exit_.value.code == 2
+    assert f"--model {missing}: no such file or folder" in capsys.readouterr().err
+
+
+def test_symlinked_folders_are_followed_and_a_link_cycle_ends(images, tmp_path, caplog):
+    """A symlinked subfolder is walked as training walks symlinked class folders; a link back up the tree is
+    walked once and named, not followed forever."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(outside / "e.png")
+    (images / "linked").symlink_to(outside, target_is_directory=True)
+    (images / "sub" / "up").symlink_to(images, target_is_directory=True)
+    with caplog.at_level(logging.WARNING, logger="vitrail.predict"):
+        files, failures = find_images([str(images)])
+    assert files == [
+        str(images / name) for name in ("a.png", "b.JPG", "broken.jpg", "linked/e.png", "sub/c.png")
+    ]
+    assert not failures
+    assert (
+        f"skipped 1 folder(s) already walked, reached again through a symbolic link, e.g. {images / 'sub' / 'up'}"
+        in caplog.text
+    )
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes need os.mkfifo (POSIX)")
+def test_what_is_no_image_file_is_named(images, tmp_path, caplog):
+    """A named pipe called like an image (reading it would wait forever) and a dangling link are skipped by name
+    in a folder walk, and are failures when named on the command line."""
+    os.mkfifo(images / "sub" / "pipe.png")
+    (images / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with caplog.at_level(logging.WARNING, logger="vitrail.predict"):
+        files, failures = find_images(
+            [str(images), str(images / "sub" / "pipe.png"), str(images / "gone.png")]
+        )
+    assert files == [str(images / name) for name in ("a.png", "b.JPG", "broken.jpg", "sub/c.png")]
+    assert (
+        f"skipped 1 entries that are no regular file (named pipes, sockets, devices), e.g. {images / 'sub' / 'pipe.png'}"
+        in caplog.text
+    )
+    assert f"skipped 1 symbolic link(s) to a missing target, e.g. {images / 'gone.png'}" in caplog.text
+    assert [(f.file, f.reason) for f in failures] == [
+        (str(images / "sub" / "pipe.png"), "not a regular file (a named pipe, socket or device)"),
+        (str(images / "gone.png"), f"symbolic link to a missing target ({tmp_path / 'nowhere.png'})"),
+    ]

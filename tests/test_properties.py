@@ -5,6 +5,7 @@ Examples are derandomized so that every run checks the same cases; `VITRAIL_HYPO
 tests/test_properties.py` draws new ones (and ten times as many).
 """
 
+import dataclasses
 import os
 import traceback
 
@@ -16,6 +17,7 @@ from huggingface_hub.errors import StrictDataclassError
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from transformers.activations import ACT2FN
 
 from vitrail import (
     VitrailConfig,
@@ -272,6 +274,48 @@ def test_processor_batches_and_lists(data, kwargs):
     run_processor(images, kwargs, None if not expected or None in expected else expected)
 
 
+@st.composite
+def views(draw, array: np.ndarray) -> np.ndarray:
+    """`array` seen another way, holding the same or a subset of its values: in a byte order (native or
+    swapped), C or Fortran memory order, then sliced with steps of either sign along each axis (flips as
+    `image[..., ::-1]` or `np.fliplr` make them) and possibly with its axes reversed."""
+    order = draw(st.sampled_from(["=", "<", ">"]))
+    view = array.astype(array.dtype.newbyteorder(order), order=draw(st.sampled_from(["C", "F"])))
+    steps = [draw(st.sampled_from([1, 1, -1, 2, -2])) for _ in range(view.ndim)]
+    view = view[tuple(slice(None, None, step) for step in steps)]
+    return view.T if draw(st.booleans()) else view
+
+
+def outcome(processor: VitrailImageProcessor, image):
+    """The pixel values, or the refusal (type and message) of vitrail's own checks."""
+    try:
+        return processor(image, return_tensors="np")["pixel_values"]
+    except (ValueError, TypeError) as error:
+        assert raised_in(error, "image_processing_vitrail.py"), "".join(traceback.format_exception(error))
+        return type(error), str(error)
+
+
+@examples(200)
+@given(data=st.data(), kwargs=processor_settings())
+def test_views_and_byte_orders_read_as_their_native_copy(data, kwargs):
+    """Any view of an array (flipped, strided, transposed, Fortran-ordered) in any byte order gives the pixel values
+    of its contiguous copy in native byte order, or the same refusal."""
+    image = as_numpy(
+        data.draw(
+            array_images(kwargs["num_channels"], data.draw(st.integers(1, 7)), data.draw(st.integers(1, 7)))
+        )
+    )
+    view = data.draw(views(image))
+    copy = np.ascontiguousarray(view).astype(view.dtype.newbyteorder("="))
+    processor = VitrailImageProcessor(**kwargs)
+    expected, got = outcome(processor, copy), outcome(processor, view)
+    if isinstance(expected, tuple):
+        assert got == expected
+    else:
+        assert not isinstance(got, tuple), got
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
 @examples(200)
 @given(
     channels=st.integers(1, 5),
@@ -424,3 +468,190 @@ def test_configs_the_property_test_found(overrides, fragment):
     KeyError when building the MLP; a LayerNorm shape error in the forward pass)."""
     with pytest.raises(StrictDataclassError, match=fragment):
         VitrailConfig(**overrides)
+
+
+# ---- every config field ----------------------------------------------------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+
+
+def probabilities():
+    return st.floats(-0.5, 1.5) | st.sampled_from([0, 1, 0.0, 0.999, 1.0, NAN, INF, -INF])
+
+
+def positive_floats(high: float):
+    """The usual range, with zero, negatives, NaN and infinities among the draws."""
+    return st.floats(1e-12, high) | st.sampled_from([0.0, -1e-6, -1.0, NAN, INF, -INF])
+
+
+def sizes(low: int, high: int):
+    """An image or patch size: an int, or a pair as a list or tuple, with wrong lengths and non-positive sides."""
+    side = st.integers(low, high)
+    return (
+        side
+        | st.lists(side, min_size=1, max_size=3)
+        | st.tuples(side, side)
+        | st.sampled_from([[4, 4.0], True])
+    )
+
+
+def label_names(ids):
+    return st.dictionaries(ids, st.text("abc", min_size=1, max_size=2), max_size=4)
+
+
+# Every field of VitrailConfig (transformers' inherited fields included), with what the generic property test
+# draws for it: usual values and values the validators must refuse (wrong type, out of range, NaN, unknown
+# choice). A field without a row fails `test_every_config_field_has_a_strategy`: add one with the field.
+# Magnitudes stay where float32 does not overflow (a LayerScale of 1e30 overflows whatever the config says).
+FIELD_VALUES = {
+    "hidden_size": st.integers(-4, 24) | st.just(8.0),
+    "num_hidden_layers": st.integers(-1, 3),
+    "num_attention_heads": st.integers(-1, 6),
+    "intermediate_size": st.integers(-1, 40),
+    "hidden_act": st.sampled_from([*sorted(ACT2FN), "not_an_activation"]),
+    "mlp_type": st.sampled_from(["mlp", "swiglu", "moe"]),
+    "hidden_dropout_prob": probabilities(),
+    "attention_probs_dropout_prob": probabilities(),
+    "initializer_range": positive_floats(10.0),
+    "layer_norm_eps": positive_floats(10.0),
+    "image_size": sizes(-1, 12),
+    "patch_size": sizes(-1, 5),
+    "num_channels": st.integers(-1, 4),
+    "qkv_bias": st.booleans() | st.just(1),
+    "encoder_stride": st.integers(-1, 5),
+    "pooling": st.sampled_from(["cls", "mean", "cls_mean", "map", "max"]),
+    "use_cls_token": st.booleans(),
+    "use_distillation_token": st.booleans(),
+    "num_register_tokens": st.integers(-1, 3),
+    "position_embedding_type": st.sampled_from(["learned", "sincos2d", "none", "rope"]),
+    "prefix_position_embeddings": st.sampled_from([None, "cls", "all", "none", "some"]),
+    "use_fc_norm": st.booleans(),
+    "drop_path_rate": probabilities(),
+    "layer_scale_init_value": st.none() | positive_floats(10.0),
+    "qk_norm": st.booleans(),
+    "dynamic_image_size": st.booleans(),
+    "position_interpolation": st.sampled_from(["bicubic_antialias", "bicubic", "area"]),
+    "_out_features": st.none()
+    | st.lists(st.sampled_from(["stem", "stage1", "stage2", "stage9"]), max_size=3),
+    "_out_indices": st.none() | st.lists(st.integers(-4, 4), max_size=3),
+    "apply_layernorm": st.booleans(),
+    # options of other ViT families: norms, biases, attention pooling
+    "norm_type": st.sampled_from(["layernorm", "rmsnorm", "batchnorm"]),
+    "patch_embedding_bias": st.booleans(),
+    "patch_embedding_norm": st.booleans(),
+    "pre_norm": st.booleans(),
+    "final_norm": st.booleans(),
+    "attention_norm": st.booleans(),
+    "mlp_norm": st.booleans(),
+    "proj_bias": st.booleans(),
+    "mlp_bias": st.booleans(),
+    "map_intermediate_size": st.none() | st.integers(-1, 12),
+    "map_num_heads": st.none() | st.integers(-1, 4),
+    # positions inside attention
+    "key_bias": st.booleans(),
+    "rope_type": st.sampled_from(["none", "axial", "mixed", "mrope"]),
+    "rope_theta": positive_floats(1e4),
+    "rope_coordinates": st.sampled_from(["index", "centered", "polar"]),
+    "rope_offset": st.floats(-2.0, 2.0) | st.sampled_from([NAN, INF]),
+    "rope_reference_grid": st.none() | sizes(-1, 6),
+    "rope_axis_order": st.sampled_from(["yx", "xy", "zz"]),
+    "rope_layout": st.sampled_from(["interleaved", "half", "quarter"]),
+    "rope_train_shift": st.none() | positive_floats(2.0),
+    "rope_train_jitter": st.none() | st.floats(0.5, 3.0) | st.sampled_from([NAN, INF]),
+    "rope_train_rescale": st.none() | st.floats(0.5, 3.0) | st.sampled_from([NAN, INF]),
+    "relative_position_bias": st.sampled_from(["none", "table", "mlp", "swin"]),
+    "relative_position_bias_shared": st.booleans(),
+    "relative_position_bias_hidden_size": st.integers(-1, 16),
+    # transformers' PreTrainedConfig fields
+    "transformers_version": st.sampled_from([None, "5.0.0"]),
+    "architectures": st.sampled_from([None, ["VitrailForImageClassification"], ["SomethingElse"]]),
+    "output_hidden_states": st.booleans(),
+    "return_dict": st.booleans(),
+    "dtype": st.sampled_from([None, "float32", "bfloat16", "float16"]),
+    "chunk_size_feed_forward": st.integers(-1, 4),
+    "is_encoder_decoder": st.booleans(),
+    "id2label": label_names(st.integers(-1, 4)),
+    "label2id": st.dictionaries(st.text("abc", min_size=1, max_size=2), st.integers(-1, 4), max_size=4),
+    "problem_type": st.sampled_from(
+        [None, "single_label_classification", "multi_label_classification", "regression", "multiclass"]
+    ),
+}
+
+
+def test_every_config_field_has_a_strategy():
+    """The generic test below draws every field; one added to VitrailConfig needs its row in FIELD_VALUES."""
+    fields = {field.name for field in dataclasses.fields(VitrailConfig)}
+    assert not fields - FIELD_VALUES.keys(), (
+        f"add these fields to FIELD_VALUES: {sorted(fields - FIELD_VALUES.keys())}"
+    )
+    assert not FIELD_VALUES.keys() - fields, f"no such fields: {sorted(FIELD_VALUES.keys() - fields)}"
+
+
+def head_labels(config: VitrailConfig, batch: int) -> torch.Tensor:
+    """Labels of the kind the config's `problem_type` trains on (single-label when unset)."""
+    if config.problem_type == "regression":
+        return torch.randn(batch, config.num_labels)
+    if config.problem_type == "multi_label_classification":
+        return (torch.rand(batch, config.num_labels) < 0.5).float()
+    return torch.randint(0, config.num_labels, (batch,))
+
+
+@st.composite
+def valid_config_kwargs(draw):
+    """A small config that the validators accept, with the options that interact drawn too."""
+    heads, patch = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    use_cls_token = draw(st.booleans())
+    return {
+        "hidden_size": heads * draw(st.sampled_from([4, 8])),
+        "num_attention_heads": heads,
+        "num_hidden_layers": draw(st.integers(1, 2)),
+        "intermediate_size": draw(st.integers(1, 12)),
+        "patch_size": patch,
+        "encoder_stride": patch,
+        "image_size": patch * draw(st.integers(1, 3)),
+        "use_cls_token": use_cls_token,
+        "pooling": draw(st.sampled_from(["cls", "mean", "cls_mean"])) if use_cls_token else "mean",
+        "num_register_tokens": draw(st.integers(0, 2)),
+        "layer_scale_init_value": draw(st.sampled_from([None, 1e-4])),
+        "qk_norm": draw(st.booleans()),
+        "layer_norm_eps": 1e-6,
+    }
+
+
+@pytest.mark.parametrize("field", sorted(FIELD_VALUES))
+@examples(6)
+@given(data=st.data(), base=valid_config_kwargs(), seed=st.integers(0, 2**16))
+def test_every_field_value_is_refused_by_name_or_runs(field, data, base, seed):
+    """Each field of a valid tiny config set to a value of FIELD_VALUES, together with up to two other fields: the
+    config is either refused at construction by an error that names one of the changed fields, or gives a
+    classifier whose outputs are finite in evaluation and whose loss and gradients are finite in training."""
+    others = data.draw(
+        st.lists(st.sampled_from(sorted(FIELD_VALUES)), max_size=2, unique=True), label="others"
+    )
+    changes = {name: data.draw(FIELD_VALUES[name], label=name) for name in dict.fromkeys([field, *others])}
+    kwargs = {**base, "id2label": {0: "a", 1: "b", 2: "c"}}
+    # The backbone's stages are fields `_out_features` / `_out_indices`, passed as `out_features=` / `out_indices=`.
+    kwargs.update({name.lstrip("_"): value for name, value in changes.items()})
+    try:
+        config = VitrailConfig(**kwargs)
+    except (StrictDataclassError, ValueError, TypeError) as error:
+        event("refused")
+        cause = error.__cause__ if isinstance(error, StrictDataclassError) else error
+        assert isinstance(cause, (ValueError, TypeError)), repr(cause)
+        named = [name for name in changes if name.lstrip("_") in str(error)]
+        assert named, f"the refusal of {changes} names none of them: {error}"
+        return
+    event("built")
+    torch.manual_seed(seed)
+    model = VitrailForImageClassification(config)
+    pixels = torch.randn(2, config.num_channels, *config.image_hw)
+    with torch.no_grad():
+        output = model.eval()(pixel_values=pixels)
+    logits = output[0] if isinstance(output, tuple) else output.logits
+    assert logits.shape == (2, config.num_labels or config.pooled_size)
+    assert torch.isfinite(logits).all()
+    if config.num_labels:
+        loss = model.train()(pixel_values=pixels, labels=head_labels(config, 2), return_dict=True).loss
+        assert torch.isfinite(loss)
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -11,6 +11,7 @@ if int(transformers.__version__.split(".")[0]) < 5:  # the imports below exist i
         f"vitrail's checkpoint code needs transformers >= 5.0, not {transformers.__version__}: run "
         'pip install -U "transformers>=5".'
     )
+import math
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
@@ -116,6 +117,10 @@ class VitrailConfig(BackboneConfigMixin, PreTrainedConfig):
             output). Defaults to the last stage. transformers' backbone API, as in `Dinov2Config`.
         out_indices (`list[int]`, *optional*): the same stages by index into `stage_names` (negative ones count
             from the end); give either, the other follows.
+        reshape_hidden_states (`bool`, defaults to `True`): `VitrailBackbone`'s feature maps are NCHW maps of the
+            patch tokens; `False` gives each stage's whole token sequence `(batch, tokens, hidden_size)` instead,
+            prefix tokens included (after the final LayerNorm when `apply_layernorm`), as `Dinov2Backbone` does
+            for the heads that read tokens (DPT, Depth Anything, VitPose).
         apply_layernorm (`bool`, defaults to `True`): `VitrailBackbone` applies the final LayerNorm to its feature
             maps (as `Dinov2Backbone` does; with `use_fc_norm=True` that norm was trained on pooled vectors).
         norm_type (`str`, defaults to `"layernorm"`): the kind of every norm in the model (the layers', the final
@@ -213,6 +218,7 @@ class VitrailConfig(BackboneConfigMixin, PreTrainedConfig):
     position_interpolation: str = "bicubic_antialias"
     _out_features: list[str] | None = None
     _out_indices: list[int] | None = None
+    reshape_hidden_states: bool = True
     apply_layernorm: bool = True
     # Options of other ViT families (CLIP, SigLIP, EVA-02, AIMv2, ...); the defaults are the layout described above.
     norm_type: str = "layernorm"
@@ -504,15 +510,43 @@ class VitrailConfig(BackboneConfigMixin, PreTrainedConfig):
                 "which gives every prefix token no bias."
             )
 
+    def validate_labels(self):
+        # `num_labels` is `len(id2label)` and the head's outputs are numbered 0..num_labels-1: other keys would
+        # leave an output without a name (a KeyError in predictions) and a name without an output.
+        ids = sorted(self.id2label or {})
+        if ids != list(range(len(ids))):
+            raise ValueError(
+                f"`id2label` must number the classes 0..{len(ids) - 1} (one per output of the head), got ids "
+                f"{ids[:10]}{' ...' if len(ids) > 10 else ''}; renumber them from 0 without gaps."
+            )
+        problem_types = ("regression", "single_label_classification", "multi_label_classification")
+        if self.problem_type is not None and self.problem_type not in problem_types:
+            raise ValueError(
+                f"Unknown `problem_type` {self.problem_type!r}; choose one of {problem_types}, or leave it unset to "
+                "infer it from the labels."
+            )
+
     def validate_regularisation(self):
+        # Every comparison below fails for NaN, so NaN is refused with the rest.
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"`{name}` is a probability in [0, 1), got {value}.")
-        if self.layer_scale_init_value is not None and self.layer_scale_init_value <= 0:
+        if self.layer_scale_init_value is not None and not 0.0 < self.layer_scale_init_value < math.inf:
             raise ValueError(
-                f"`layer_scale_init_value` must be positive (or None to disable LayerScale), "
-                f"got {self.layer_scale_init_value}."
+                "`layer_scale_init_value` must be a positive finite number (e.g. 1e-5; or None to disable "
+                f"LayerScale), got {self.layer_scale_init_value}."
+            )
+        if not 0.0 < self.layer_norm_eps < math.inf:
+            raise ValueError(
+                "`layer_norm_eps` is added to the variance before dividing by its square root, so it must be a "
+                f"positive finite number (1e-12 or 1e-6 are usual), got {self.layer_norm_eps}; zero or a negative "
+                "value gives NaN outputs."
+            )
+        if not 0.0 < self.initializer_range < math.inf:
+            raise ValueError(
+                "`initializer_range` is the standard deviation of the initial weights, so it must be a positive "
+                f"finite number (0.02 is usual), got {self.initializer_range}."
             )
 
     def validate_layout_options(self):

@@ -106,7 +106,7 @@ def scan_image_folder(path: str | Path, role: str) -> dict[str, list[Path]]:
 
     Fails early and by name on a missing or empty folder, images outside class folders or nested deeper than
     one level, and class folders with no image; logs every file it leaves out (unsupported formats, dangling
-    symlinks, hidden files), with a count.
+    symlinks, hidden files, named pipes and other entries that are no regular file), with a count.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -121,6 +121,8 @@ def scan_image_folder(path: str | Path, role: str) -> dict[str, list[Path]]:
             skipped.append(f"{file.relative_to(folder)} (dangling symlink)")
         elif file.suffix.lower() not in IMAGE_EXTENSIONS:
             skipped.append(f"{file.relative_to(folder)} (unsupported format)")
+        elif not file.is_file():  # reading a named pipe would wait for a writer forever
+            skipped.append(f"{file.relative_to(folder)} (not a regular file)")
         else:
             images.append(file)
 
@@ -176,6 +178,8 @@ def mode_problem(mode: str) -> str | None:
 
 def image_problem(path: str | Path) -> str | None:
     """Why PIL cannot fully decode the image at `path` into something the image processor takes, or None."""
+    if not Path(path).is_file():  # a named pipe would block the read
+        return "not a regular file"
     try:
         with PIL.Image.open(path) as image:
             image.load()  # decodes every pixel: `verify()` passes a truncated JPEG

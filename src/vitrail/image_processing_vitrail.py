@@ -74,6 +74,8 @@ class VitrailImageProcessorKwargs(ImagesKwargs, total=False):
 def open_image_source(source: str) -> PIL.Image.Image:
     """A path, an http(s) URL, or base64 image data (optionally as a `data:image/...` URI) -> a PIL image, in
     its own mode (alpha and bit depth kept; the processor converts later)."""
+    # Not transformers' `load_image`: it converts to RGB (alpha and 16-bit depth lost before the rules below see
+    # them), reads a URL without checking its HTTP status, and takes a missing path for bad base64 data.
     if source.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(source, timeout=30) as response:
@@ -85,6 +87,10 @@ def open_image_source(source: str) -> PIL.Image.Image:
         return _open_pil(source, source)
     if os.path.isdir(source):
         raise ValueError(f"{source!r} is a folder; pass the path of an image file.")
+    if os.path.exists(source):  # reading a named pipe would wait for a writer
+        raise ValueError(
+            f"{source!r} is not a regular file (a named pipe, socket or device); pass an image file."
+        )
     payload = source.partition(",")[2] if source.startswith("data:image/") else source
     try:
         data = base64.b64decode(payload, validate=True)
@@ -159,12 +165,31 @@ def sixteen_to_eight_bit(array: np.ndarray) -> np.ndarray:
 
 
 def to_numpy(image) -> np.ndarray:
-    """A numpy array, or a torch tensor on any device and of any real dtype, -> a numpy array."""
+    """A numpy array (or a subclass: `np.matrix`, a masked array, whose mask is ignored), or a torch tensor on any
+    device, in any layout and of any real dtype, -> a plain numpy array."""
     if isinstance(image, torch.Tensor):
+        if image.is_meta:
+            raise ValueError(
+                "The image is a tensor on the meta device, which holds no values; pass real pixels."
+            )
         image = image.detach().cpu()
+        if image.layout != torch.strided:  # sparse tensors
+            image = image.to_dense()
         if image.is_floating_point() and image.dtype not in (torch.float16, torch.float32, torch.float64):
             image = image.float()  # bfloat16 and float8 have no numpy dtype
-        image = image.numpy()
+        # A lazily conjugated or negated view cannot become numpy as it is; complex values are refused later.
+        image = image.resolve_conj().resolve_neg().numpy()
+    return np.asarray(image)
+
+
+def native_layout(image: np.ndarray) -> np.ndarray:
+    """Read any view of an image by value, as its contiguous copy: a non-native byte order (`>u2`, `>f4`, as
+    big-endian files are read) becomes the native one, and negative strides (`image[..., ::-1]` from BGR to RGB,
+    `np.fliplr`, `np.rot90`), which torch cannot take, are copied. Other arrays pass untouched."""
+    if not image.dtype.isnative:
+        image = image.astype(image.dtype.newbyteorder("="))
+    if any(stride < 0 for stride in image.strides):
+        image = np.ascontiguousarray(image)
     return image
 
 
@@ -228,9 +253,13 @@ def to_levels(image: np.ndarray, do_rescale: bool = True) -> np.ndarray:
             "in 0..255, or floats."
         )
     if kind == "f":
-        image = image.astype(np.float32, copy=False)
+        with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, refused next
+            image = image.astype(np.float32, copy=False)
         if not np.isfinite(image).all():
-            raise ValueError("The image holds NaN or infinite values; pass finite pixel values.")
+            raise ValueError(
+                "The image holds NaN or infinite values (or values beyond float32's range); pass finite pixel "
+                "values."
+            )
     if not do_rescale:
         if kind == "f" or image.dtype == np.uint8:
             return image
@@ -479,12 +508,12 @@ class VitrailImageProcessor(PilBackend):
             )
 
     def fetch_images(self, image_url_or_urls):
-        """Open path/URL/base64 strings as PIL images in their own mode (transformers' `load_image` would force
-        RGB, dropping alpha); pass images through; refuse anything else by name."""
+        """Open path/URL/base64 strings and `pathlib` paths as PIL images in their own mode (transformers'
+        `load_image` would force RGB, dropping alpha); pass images through; refuse anything else by name."""
         if isinstance(image_url_or_urls, (list, tuple)):
             return [self.fetch_images(item) for item in image_url_or_urls]
-        if isinstance(image_url_or_urls, str):
-            return open_image_source(image_url_or_urls)
+        if isinstance(image_url_or_urls, (str, os.PathLike)):
+            return open_image_source(os.fsdecode(image_url_or_urls))
         if not isinstance(image_url_or_urls, (PIL.Image.Image, np.ndarray, torch.Tensor)):
             raise TypeError(
                 f"Unsupported image type {type(image_url_or_urls).__name__}: pass PIL images, numpy arrays, "
@@ -527,7 +556,7 @@ class VitrailImageProcessor(PilBackend):
             image = upright(image)
             check_not_empty(image.height, image.width, (image.height, image.width))
             return pil_to_array(image, num_channels)
-        image = to_numpy(image)
+        image = native_layout(to_numpy(image))
         shape = tuple(image.shape)
         image = channels_first(image, num_channels, input_data_format)
         check_not_empty(*image.shape[-2:], shape)

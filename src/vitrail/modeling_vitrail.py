@@ -1117,8 +1117,9 @@ class VitrailBackbone(BackboneMixin, VitrailPreTrainedModel):
     vitrail as a backbone for dense tasks (detection, segmentation, depth), in transformers' backbone API: the
     stages named by `config.out_features` / `config.out_indices` (`"stem"` for the embeddings, `"stage{i}"` for
     layer i's output) come back as `feature_maps`, each `(batch, hidden_size, rows, cols)` over the patch grid of
-    the input (prefix tokens left out, final LayerNorm applied when `config.apply_layernorm`). Only the layers up
-    to the last stage any output needs are run. It has `VitrailModel`'s parameters, so any vitrail checkpoint
+    the input (prefix tokens left out, final LayerNorm applied when `config.apply_layernorm`), or with
+    `config.reshape_hidden_states=False` each `(batch, tokens, hidden_size)`, every token, prefix tokens first (as
+    `Dinov2Backbone` gives DPT and Depth Anything). Only the layers up to the last stage any output needs are run. It has `VitrailModel`'s parameters, so any vitrail checkpoint
     (a classifier's or MIM model's head left out) loads into it.
 
     Args:
@@ -1177,6 +1178,8 @@ class VitrailBackbone(BackboneMixin, VitrailPreTrainedModel):
     def _feature_map(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         if self.config.apply_layernorm and self.layernorm is not None:
             tokens = self.layernorm(tokens)
+        if not self.config.reshape_hidden_states:
+            return tokens  # (B, N, D), prefix tokens first: what DPT, Depth Anything and VitPose read
         patches = tokens[:, self.config.num_prefix_tokens :]
         return patches.transpose(1, 2).reshape(patches.shape[0], -1, *grid)  # (B, r * c, D) -> (B, D, r, c)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -49,32 +50,63 @@ class Failure:
 
 
 def find_images(inputs: Iterable[str]) -> tuple[list[str], list[Failure]]:
-    """Files named as they are, folders walked (recursively, sorted) for files with an `IMAGE_EXTENSIONS` suffix.
-    A path that does not exist, or a folder holding no image file, is a failure; other files skipped in a folder
-    are logged."""
+    """Files named as they are; folders walked recursively (sorted, symlinked folders followed) for files with an
+    `IMAGE_EXTENSIONS` suffix. A path that does not exist or is no regular file (a named pipe, a device), or a
+    folder holding no image file, is a failure; whatever a walk leaves out is logged by name (`walk_folder`)."""
     files, failures = [], []
     for name in inputs:
         path = Path(name)
         if path.is_file():
             files.append(name)
         elif path.is_dir():
-            found, skipped = [], []
-            for child in sorted(p for p in path.rglob("*") if p.is_file()):
-                (found if child.suffix.lower() in IMAGE_EXTENSIONS else skipped).append(child)
-            if skipped:
-                logger.warning(
-                    "%s: skipped %d file(s) without an image extension (%s), e.g. %s",
-                    name,
-                    len(skipped),
-                    " ".join(IMAGE_EXTENSIONS),
-                    skipped[0],
-                )
+            found, skipped = walk_folder(path)
+            for reason, paths in skipped.items():
+                logger.warning("%s: skipped %d %s, e.g. %s", name, len(paths), reason, paths[0])
             if not found:
                 failures.append(Failure(name, f"folder holds no image file ({' '.join(IMAGE_EXTENSIONS)})"))
             files.extend(str(p) for p in found)
+        elif path.is_symlink() and not path.exists():
+            failures.append(Failure(name, f"symbolic link to a missing target ({path.readlink()})"))
+        elif path.exists():
+            failures.append(Failure(name, "not a regular file (a named pipe, socket or device)"))
         else:
             failures.append(Failure(name, "no such file or folder"))
     return files, failures
+
+
+def walk_folder(folder: Path) -> tuple[list[Path], dict[str, list[str]]]:
+    """The image files under `folder`, sorted, and what the walk left out, by reason. Symlinked folders are
+    followed, as training follows symlinked class folders; each real folder is read once, so a link back up the
+    tree (a cycle) ends the walk there and is named, as are files without an image suffix, dangling links,
+    entries that are no regular file (reading a named pipe would wait forever) and folders that cannot be read."""
+    found: list[Path] = []
+    skipped: dict[str, list[str]] = {}
+    seen: set[tuple[int, int]] = set()
+
+    def skip(reason: str, path) -> None:
+        skipped.setdefault(reason, []).append(str(path))
+
+    def unreadable(error: OSError) -> None:
+        skip(f"folder(s) that cannot be read ({error.strerror})", error.filename)
+
+    for root, folders, names in os.walk(folder, onerror=unreadable, followlinks=True):
+        status = os.stat(root)
+        if (status.st_dev, status.st_ino) in seen:
+            folders.clear()
+            skip("folder(s) already walked, reached again through a symbolic link", root)
+            continue
+        seen.add((status.st_dev, status.st_ino))
+        for name in names:
+            child = Path(root, name)
+            if child.suffix.lower() not in IMAGE_EXTENSIONS:
+                skip(f"file(s) without an image extension ({' '.join(IMAGE_EXTENSIONS)})", child)
+            elif not child.exists():
+                skip("symbolic link(s) to a missing target", child)
+            elif not child.is_file():
+                skip("entries that are no regular file (named pipes, sockets, devices)", child)
+            else:
+                found.append(child)
+    return sorted(found), skipped
 
 
 def load_classifier(model_path: str, device: str | torch.device = "cpu"):

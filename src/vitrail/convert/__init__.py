@@ -1,7 +1,8 @@
 """Checkpoints of other Vision Transformer implementations into vitrail, checked tensor by tensor.
 
-- `vitrail.convert.hf`: transformers ViT, DeiT (plain and distilled), DINOv2 (with and without registers), in
-  both key layouts transformers writes;
+- `vitrail.convert.hf`: transformers ViT, DeiT (plain and distilled), DINOv2 (with and without registers), MAE,
+  MSN, I-JEPA and SimMIM models, in both key layouts transformers writes, and timm models saved through
+  transformers' TimmWrapper classes; other ViT-like transformers types are refused naming what is missing;
 - `vitrail.convert.timm`: timm checkpoints (Hub folders and state dicts), read from the model timm builds for
   their architecture, with their preprocessing;
 - `vitrail.convert.npz`: JAX `.npz` files of google-research/vision_transformer and big_vision.
@@ -25,11 +26,15 @@ from transformers.utils import cached_file
 from ..configuration_vitrail import VitrailConfig
 from .common import Converted, Drop, Rename, read_weights, rename_state_dict, unnest, weight_files
 from .hf import (
+    REFUSED_MODEL_TYPES,
     SUPPORTED_MODEL_TYPES,
+    check_architectures,
     convert_hf_state_dict,
     detect_hf_layout,
     image_processor_from_hf,
     load_hf_checkpoint,
+    load_timm_wrapper_checkpoint,
+    refusal,
     vitrail_config_from_hf,
 )
 from .npz import load_npz_checkpoint, read_npz
@@ -95,7 +100,8 @@ def load_foreign_pretrained(cls, path_or_repo, config_dict: dict, *model_args, *
     initialised head (warned). The weight files are checked first (`check_weight_files`) and the result after
     (`check_loaded_weights`: NaN or inf refused by name). Keyword arguments: the Hub ones of `from_pretrained`,
     `allow_pickle`, `attn_implementation`, `dtype`, `ignore_mismatched_sizes` (as in `fit_to_class`), and
-    VitrailConfig fields (e.g. `drop_path_rate`, `dynamic_image_size`); anything else raises `TypeError`.
+    VitrailConfig fields (e.g. `drop_path_rate`, `dynamic_image_size`, the backbone's `out_indices`); anything
+    else raises `TypeError`.
     """
     if model_args:
         raise TypeError(
@@ -113,7 +119,8 @@ def load_foreign_pretrained(cls, path_or_repo, config_dict: dict, *model_args, *
         )
     if kwargs.pop("weights_only", True) is False:
         raise ValueError("Converted checkpoints' pickles are read with `weights_only=True` only.")
-    fields = set(VitrailConfig.__dataclass_fields__)
+    # The backbone's stages are set by name, as for vitrail checkpoints (the fields themselves are private).
+    fields = set(VitrailConfig.__dataclass_fields__) | {"out_features", "out_indices"}
     unknown = sorted(set(kwargs) - fields)
     if unknown:
         raise TypeError(
@@ -124,11 +131,16 @@ def load_foreign_pretrained(cls, path_or_repo, config_dict: dict, *model_args, *
     if config_dict.get("format") == "npz":
         source = load_npz_checkpoint(path_or_repo)
     elif timm or config_dict.get("model_type") in SUPPORTED_MODEL_TYPES:
+        check_architectures(config_dict.get("architectures"))  # a head vitrail lacks, before reading weights
         folder = resolve_folder(path_or_repo, allow_pickle=allow_pickle, **hub)
         if timm:  # what vitrail cannot reproduce is refused by name before the weights are opened
             check_timm_config(config_dict)
         check_weight_files(weight_files(folder, allow_pickle=allow_pickle))
-        source = (load_timm_checkpoint if timm else load_hf_checkpoint)(folder, allow_pickle=allow_pickle)
+        # timm folders, saved by timm or through transformers' TimmWrapper classes (tensors under `timm_model.`)
+        load = load_timm_wrapper_checkpoint if timm else load_hf_checkpoint
+        source = load(folder, allow_pickle=allow_pickle)
+    elif config_dict.get("model_type") in REFUSED_MODEL_TYPES:
+        raise NotImplementedError(f"{path_or_repo}: {refusal(config_dict['model_type'])}")
     else:
         raise ValueError(
             f"{path_or_repo} holds a {config_dict.get('model_type')!r} checkpoint. vitrail opens its own "
@@ -138,7 +150,10 @@ def load_foreign_pretrained(cls, path_or_repo, config_dict: dict, *model_args, *
     logger.info("Converted %s (%s) into %s.", path_or_repo, type(source).__name__, cls.__name__)
     config = source.config
     if kwargs or attn_implementation:
-        config = VitrailConfig(**{**config.to_dict(), **kwargs})
+        fields = config.to_dict()
+        if {"out_features", "out_indices"} & set(kwargs):  # stages asked for by one name replace both
+            fields.pop("out_features", None), fields.pop("out_indices", None)
+        config = VitrailConfig(**{**fields, **kwargs})
     if attn_implementation:
         config._attn_implementation = attn_implementation
     model = fit_to_class(source, cls, config, ignore_mismatched_sizes=ignore_mismatched_sizes)
@@ -222,6 +237,14 @@ def fit_to_class(source, cls, config=None, ignore_mismatched_sizes: bool = False
     elif has_head:
         logger.info("%s has no classification head: the checkpoint's head is not loaded.", cls.__name__)
     target = model.state_dict()
+    if hasattr(source, "decoder") and hasattr(model, "decoder"):
+        state.update({name: t for name, t in source.state_dict().items() if name.startswith("decoder.")})
+    elif hasattr(source, "decoder"):
+        logger.info(
+            "%s has no masked-image-modeling decoder: the checkpoint's decoder and mask token are not loaded.",
+            cls.__name__,
+        )
+        state.pop(f"{prefix}embeddings.mask_token", None)
     resized = sorted(name for name, t in state.items() if name in target and t.shape != target[name].shape)
     if resized and not ignore_mismatched_sizes:
         raise ValueError(
@@ -246,6 +269,7 @@ __all__ = [
     "Drop",
     "Rename",
     "HUB_KWARGS",
+    "REFUSED_MODEL_TYPES",
     "SUPPORTED_MODEL_TYPES",
     "check_weight_files",
     "convert_hf_state_dict",
@@ -257,6 +281,7 @@ __all__ = [
     "load_hf_checkpoint",
     "load_image_processor",
     "load_npz_checkpoint",
+    "load_timm_wrapper_checkpoint",
     "load_timm_checkpoint",
     "processor_output_hw",
     "read_npz",

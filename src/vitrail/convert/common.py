@@ -28,7 +28,12 @@ from safetensors.torch import load_file
 from transformers.utils import cached_file
 
 from ..configuration_vitrail import VitrailConfig
-from ..modeling_vitrail import VitrailForImageClassification, VitrailModel
+from ..modeling_vitrail import (
+    VitrailForImageClassification,
+    VitrailForMaskedImageModeling,
+    VitrailModel,
+    VitrailPreTrainedModel,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -238,8 +243,9 @@ class Plan:
     """What a source format works out about one checkpoint, and all that the conversion needs.
 
     `state` is the source's tensors, `config` the `VitrailConfig` they fit, `head` whether the model has a
-    classification head (`VitrailForImageClassification`, else `VitrailModel`), `rows` and `drops` the format's
-    tables; `strip_prefix` and `source_name` as in `rename_state_dict`.
+    classification head (`VitrailForImageClassification`, else `VitrailModel`), `masked_image_modeling` whether it
+    is a SimMIM model instead (`VitrailForMaskedImageModeling`: mask token and decoder), `rows` and `drops` the
+    format's tables; `strip_prefix` and `source_name` as in `rename_state_dict`.
     """
 
     state: Mapping[str, torch.Tensor]
@@ -249,9 +255,12 @@ class Plan:
     drops: Sequence[Drop] = ()
     strip_prefix: str = ""
     source_name: str = "checkpoint"
+    masked_image_modeling: bool = False
 
     @property
-    def model_class(self) -> type[VitrailForImageClassification] | type[VitrailModel]:
+    def model_class(self) -> type[VitrailPreTrainedModel]:
+        if self.masked_image_modeling:
+            return VitrailForMaskedImageModeling
         return VitrailForImageClassification if self.head else VitrailModel
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -271,12 +280,12 @@ class Plan:
             self.rows,
             expected,
             drops=self.drops,
-            backbone=f"{target.base_model_prefix}." if self.head else "",
+            backbone="" if target is VitrailModel else f"{target.base_model_prefix}.",
             strip_prefix=self.strip_prefix,
             source_name=self.source_name,
         )
 
-    def load(self) -> VitrailForImageClassification | VitrailModel:
+    def load(self) -> VitrailPreTrainedModel:
         """The converted vitrail model, every tensor loaded strictly, in eval mode."""
         model = self.model_class(self.config)
         model.load_state_dict(self.state_dict(), strict=True)
@@ -383,8 +392,11 @@ class Converted:
 
 
 def model_outputs(model, pixels: torch.Tensor, **forward_kwargs) -> torch.Tensor:
-    """The tensor conversions are compared on: logits for classifiers, the last hidden state for backbones."""
+    """The tensor conversions are compared on: logits for classifiers, the reconstruction for masked image
+    modeling, the last hidden state for backbones."""
     with torch.no_grad():
         out = model(pixel_values=pixels, **forward_kwargs)
-    logits = getattr(out, "logits", None)
-    return logits if logits is not None else out.last_hidden_state
+    for name in ("logits", "reconstruction"):
+        if getattr(out, name, None) is not None:
+            return getattr(out, name)
+    return out.last_hidden_state
