@@ -1,9 +1,10 @@
-"""Fine-tuning checkpoints of other ViT families with `scripts/train.py --model_name_or_path`: a shrunk CLIP tower
-(pre-norm, bias-free patch embedding, quick GELU, CLIP's mean and std) and a shrunk SigLIP one (attention-pooling
-head, tanh GELU, no class token, mean and std 0.5), saved with random weights in timm's Hub layout. Each is
-converted on load, gets a head for the digits' ten classes, trains a few steps, and ends as a vitrail checkpoint
-that keeps the source's architecture options and preprocessing, pushes to the loopback Hub, and opens where vitrail
-is not installed with the same logits."""
+"""Fine-tuning checkpoints of other ViT families with `scripts/train.py --model_name_or_path`: shrunk CLIP towers
+(pre-norm, bias-free patch embedding, quick GELU, CLIP's mean and std) and SigLIP towers (attention-pooling head,
+tanh GELU, no class token, mean and std 0.5), with random weights, each as timm saves it (`save_for_hf`) and as
+transformers saves its `CLIPVisionModel` / `SiglipVisionModel` (`save_pretrained`, with its image processor).
+Each is converted on load, gets a head for the digits' ten classes, trains a few steps at another image size, and
+ends as a vitrail checkpoint that keeps the source's architecture options and preprocessing, pushes to the loopback
+Hub, and opens where vitrail is not installed with the same logits."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+import transformers
 from safetensors.torch import save_file
 
-timm = pytest.importorskip("timm", reason="the CLIP and SigLIP sources are timm models saved by timm")
+timm = pytest.importorskip("timm", reason="two of the sources are timm models saved by timm")
 from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: E402
 from timm.models import save_for_hf  # noqa: E402
 
@@ -49,18 +51,38 @@ class Family(NamedTuple):
     card_rows: tuple[str, ...]
 
 
+def perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with every parameter moved off its initialisation (a fresh model's unit norms and zero biases would
+    hide a misplaced tensor)."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
 def timm_source(architecture: str) -> Callable[[Path], Path]:
-    """Writes a shrunk `architecture` with every parameter perturbed (a fresh model's unit norms and zero biases
-    would hide a misplaced tensor) with timm's own `save_for_hf`: config.json (architecture, model_args,
-    pretrained_cfg) and model.safetensors."""
+    """Writes a shrunk, perturbed `architecture` with timm's own `save_for_hf`: config.json (architecture,
+    model_args, pretrained_cfg) and model.safetensors."""
 
     def save(folder: Path) -> Path:
-        model = timm.create_model(architecture, pretrained=False, **SHRUNK)
-        generator = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for parameter in model.parameters():
-                parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+        model = perturbed(timm.create_model(architecture, pretrained=False, **SHRUNK))
         save_for_hf(model, folder, safe_serialization=True)
+        return folder
+
+    return save
+
+
+def transformers_source(model_class: str, processor_class: str, **processor_args) -> Callable[[Path], Path]:
+    """Writes a shrunk, perturbed transformers vision tower (no head) with `save_pretrained`, and its image
+    processor for the tower's 32 px."""
+
+    def save(folder: Path) -> Path:
+        config_class = getattr(transformers, model_class).config_class
+        config = config_class(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                              num_attention_heads=4, intermediate_size=37)  # fmt: skip
+        perturbed(getattr(transformers, model_class)(config)).save_pretrained(folder)
+        getattr(transformers, processor_class)(**processor_args).save_pretrained(folder)
         return folder
 
     return save
@@ -79,6 +101,22 @@ FAMILIES = {
         timm_source("vit_so400m_patch16_siglip_256"),
         kept=dict(pooling="map", use_cls_token=False, hidden_act="gelu_pytorch_tanh", pre_norm=False,
                   map_intermediate_size=37),
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        card_rows=("| Pooling | map |", "| Hidden act | gelu_pytorch_tanh |"),
+    ),
+    "transformers-clip": Family(
+        transformers_source("CLIPVisionModel", "CLIPImageProcessor", size={"shortest_edge": 32},
+                            crop_size={"height": 32, "width": 32}),
+        kept=dict(pre_norm=True, patch_embedding_bias=False, hidden_act="quick_gelu", pooling="cls",
+                  use_fc_norm=True, layer_norm_eps=1e-5),
+        mean=OPENAI_CLIP_MEAN,
+        std=OPENAI_CLIP_STD,
+        card_rows=("| Pre norm | True |", "| Patch embedding bias | False |", "| Use fc norm | True |"),
+    ),
+    "transformers-siglip": Family(
+        transformers_source("SiglipVisionModel", "SiglipImageProcessor", size={"height": 32, "width": 32}),
+        kept=dict(pooling="map", use_cls_token=False, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
         card_rows=("| Pooling | map |", "| Hidden act | gelu_pytorch_tanh |"),
@@ -148,8 +186,9 @@ def test_fine_tuned_family_trains_pushes_and_loads_without_vitrail(hub, tmp_path
     assert preprocessing["image_processor_type"] == "VitrailImageProcessor"
     assert preprocessing["image_mean"] == pytest.approx(mean)
     assert preprocessing["image_std"] == pytest.approx(std)
-    assert preprocessing["crop_size"] == {"height": SIZE, "width": SIZE}
-    assert preprocessing["num_channels"] == 3
+    assert (
+        preprocessing["num_channels"] == 3 and preprocessing["resample"] == 3
+    )  # bicubic, as all four have it
     card = (out / "README.md").read_text()
     assert f"Fine-tuned from `{source}`" in card
     assert [row for row in FAMILIES[family].card_rows if row not in card] == []
@@ -169,6 +208,7 @@ def test_fine_tuned_family_trains_pushes_and_loads_without_vitrail(hub, tmp_path
     image.save(tmp_path / "image.png")
     inputs = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     pixels = VitrailImageProcessor.from_pretrained(out)(image, return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 3, SIZE, SIZE)
     with torch.no_grad():
         reference = {"inputs": inputs, "logits": model(inputs).logits, "pixels": pixels,
                      "image_logits": model(pixels).logits}  # fmt: skip
