@@ -63,8 +63,9 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "A checkpoint (folder or Hub id) to fine-tune: vitrail's, or a transformers ViT/DeiT/DINOv2 or "
-            "timm one, converted on load."
+            "help": "A checkpoint (folder or Hub id) to fine-tune: vitrail's, or any transformers or timm one "
+            "vitrail converts (ViT, DeiT, DINOv2, CLIP, SigLIP, EVA-02, ...), converted on load with its "
+            "architecture options and preprocessing."
         },
     )
     variant: str | None = field(
