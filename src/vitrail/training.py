@@ -30,7 +30,7 @@ from transformers.trainer_callback import DefaultFlowCallback
 from transformers.trainer_utils import speed_metrics
 
 from .configuration_vitrail import VitrailConfig
-from .convert import fit_processor_to, load_image_processor
+from .convert import fit_processor_to, load_image_processor, processor_output_hw
 from .data import (
     SAMPLE_ID,
     AugmentationConfig,
@@ -67,8 +67,9 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "A checkpoint (folder or Hub id) to fine-tune: vitrail's, or a transformers ViT/DeiT/DINOv2 or "
-            "timm one, converted on load."
+            "help": "A checkpoint (folder or Hub id) to fine-tune: vitrail's, or any transformers or timm one "
+            "vitrail converts (ViT, DeiT, DINOv2, CLIP, SigLIP, EVA-02, ...), converted on load with its "
+            "architecture options and preprocessing."
         },
     )
     variant: str | None = field(
@@ -453,7 +454,7 @@ def prepare_splits(splits, processor, data_args: DataArguments) -> None:
             "labels": batch[label_col],
         }
 
-    height, width = processor.size["height"], processor.size["width"]
+    height, width = processor_output_hw(processor)
     for key in ("train", "validation", "test"):
         split = splits.get(key)
         if split is None:
@@ -521,10 +522,13 @@ def build_model(model_args: ModelArguments, labels: list[str]):
 
 
 def no_decay(name: str, param: torch.nn.Parameter) -> bool:
-    """Biases, norms, positions and learned tokens are not weights to shrink (timm's `no_weight_decay`)."""
+    """Biases, norms, positions and learned tokens are not weights to shrink (timm's `no_weight_decay`): among
+    them the MAP head's query `latent`, learned RoPE frequencies and relative position bias tables, as timm's
+    Eva and BEiT exempt them."""
     return param.ndim <= 1 or name.endswith(
-        ("cls_token", "distillation_token", "register_tokens", "mask_token", "position_embeddings", "latent")
-    )
+        ("cls_token", "distillation_token", "register_tokens", "mask_token", "position_embeddings", "latent",
+         "rope_freqs", "relative_position_bias.table")
+    )  # fmt: skip
 
 
 def layer_id(name: str, depth: int) -> int:
@@ -928,10 +932,19 @@ def _recipe(model_args, training_args) -> str:
     )
 
 
+# Architecture options the card names only where a checkpoint departs from the default (a converted CLIP tower
+# shows its pre-norm, bias-free patch embedding and quick GELU).
+CARD_OPTIONS = ("hidden_act", "norm_type", "pre_norm", "patch_embedding_bias", "patch_embedding_norm", "final_norm",
+                "use_fc_norm", "qkv_bias", "key_bias", "qk_norm", "proj_bias", "mlp_bias", "attention_norm",
+                "mlp_norm", "mlp_type", "layer_scale_init_value", "rope_type", "relative_position_bias")  # fmt: skip
+
+
 def _config_summary(config: VitrailConfig) -> dict:
     keep = ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
             "intermediate_size", "pooling", "use_cls_token", "position_embedding_type", "num_register_tokens")  # fmt: skip
-    return {k: getattr(config, k) for k in keep}
+    defaults = {f.name: f.default for f in fields(VitrailConfig)}
+    options = {k: getattr(config, k) for k in CARD_OPTIONS if getattr(config, k) != defaults[k]}
+    return {**{k: getattr(config, k) for k in keep}, **options}
 
 
 def push(output: Path, training_args: TrainingArguments, metrics: dict, split: str | None) -> None:

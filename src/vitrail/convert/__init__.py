@@ -183,14 +183,22 @@ def load_image_processor(path_or_repo, **hub_kwargs):
     return None
 
 
+def _crops(processor) -> bool:
+    return bool(getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None))
+
+
+def processor_output_hw(processor) -> tuple[int, int]:
+    """The (height, width) of the images `processor` outputs: its crop when it center-crops, else its resize."""
+    out = processor.crop_size if _crops(processor) else processor.size
+    if "height" not in out:  # resizing by shortest edge with no crop: square outputs only
+        return out["shortest_edge"], out["shortest_edge"]
+    return out["height"], out["width"]
+
+
 def fit_processor_to(processor, image_hw: tuple[int, int]) -> None:
     """Make `processor` output `image_hw` pixels, keeping its resize-to-crop ratio (e.g. 256 -> 224 becomes
     439 -> 384 for a 384-px model)."""
-    crops = bool(getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None))
-    out = processor.crop_size if crops else processor.size
-    if "height" not in out:  # resizing by shortest edge with no crop: square outputs only
-        out = {"height": out["shortest_edge"], "width": out["shortest_edge"]}
-    old_hw = (out["height"], out["width"])
+    old_hw = processor_output_hw(processor)
     if old_hw == tuple(image_hw):
         return
     size = dict(processor.size)
@@ -202,7 +210,7 @@ def fit_processor_to(processor, image_hw: tuple[int, int]) -> None:
             "width": round(size["width"] * image_hw[1] / old_hw[1]),
         }
     processor.size = size
-    if crops:
+    if _crops(processor):
         processor.crop_size = {"height": image_hw[0], "width": image_hw[1]}
 
 
@@ -275,6 +283,7 @@ __all__ = [
     "load_npz_checkpoint",
     "load_timm_wrapper_checkpoint",
     "load_timm_checkpoint",
+    "processor_output_hw",
     "read_npz",
     "read_weights",
     "rename_state_dict",
