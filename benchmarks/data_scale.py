@@ -5,7 +5,7 @@
 
 The photos are made from the two that ship in scikit-learn (random crops, resized to 320-500 px, re-encoded).
 Both trainers run ViT-Ti/16 at 224 px, batch 32; each step's time is taken by an optimizer hook that
-`sitecustomize` installs in the child process, so both are timed the same way. transformers' example is not
+a small module installs in the child process, so both are timed the same way. transformers' example is not
 part of its wheel: pass the path of `examples/pytorch/image-classification/run_image_classification.py`.
 """
 
@@ -69,7 +69,10 @@ def timed_run(command: list[str], work: Path, batch: int) -> dict:
     """Run `command`; the seconds from launch to the first optimizer step, and the images per second after it."""
     hook = work / "hook"
     hook.mkdir(exist_ok=True)
-    (hook / "sitecustomize.py").write_text(HOOK)
+    (hook / "step_hook.py").write_text(HOOK)
+    # The hook is installed first, then the script runs as __main__ (a sitecustomize may be shadowed by the venv's).
+    launch = "import sys, runpy, step_hook; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    command = [command[0], "-c", launch, *command[1:]]
     log = work / "steps.log"
     log.unlink(missing_ok=True)
     env = {**os.environ, "STEP_LOG": str(log), "PYTHONPATH": f"{hook}:{os.environ.get('PYTHONPATH', '')}",
@@ -122,7 +125,7 @@ def main() -> None:
         row = {"photos": size, "data_path_img_s_core": data_path_rate(folder)}
         common = ["--max_steps", str(args.steps), "--per_device_train_batch_size", "32", "--save_strategy", "no",
                   "--eval_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "50"]  # fmt: skip
-        ours = [sys.executable, "-m", "vitrail", "train", "--train_dir", str(folder), "--variant", "Ti/16",
+        ours = [sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "train.py"), "--train_dir", str(folder), "--variant", "Ti/16",
                 "--image_size", "224", "--test_size", "0", "--validation_size", "0",
                 "--output_dir", str(args.work / f"ours-{size}"), "--overwrite_output_dir", "true", *common]  # fmt: skip
         row["vitrail"] = timed_run(ours, args.work, 32)
