@@ -188,12 +188,42 @@ def image_problem(path: str | Path) -> str | None:
         return f"{type(error).__name__}: {error}"
 
 
+# The last bytes of a whole file: a JPEG ends with its EOI marker, a PNG with its IEND chunk. A file cut short
+# (a partial download or copy) lacks them, which `PIL.Image.open` and `verify()` do not notice.
+END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+# How far from the end a marker may sit (some writers pad a file, or append a little data after the image).
+END_WINDOW = 64 * 1024
+
+
+def header_problem(path: str | Path) -> str | None:
+    """Why the image at `path` is unusable, judged from its header and its last bytes without decoding pixels,
+    or None. A truncated JPEG or PNG is caught by its missing end marker; pixels that fail to decode in a whole
+    file are caught later, where they are decoded (`training.decode_images`)."""
+    path = Path(path)
+    if not path.is_file():  # a named pipe would block the read
+        return "not a regular file"
+    try:
+        with PIL.Image.open(path) as image:  # reads the header only
+            problem, kind = mode_problem(image.mode), image.format
+        if problem or kind not in END_MARKERS:
+            return problem
+        with open(path, "rb") as file:
+            size = file.seek(0, 2)
+            file.seek(max(0, size - END_WINDOW))
+            tail = file.read()
+        if END_MARKERS[kind] not in tail:
+            return f"the {kind} file has no end marker: it is cut short (truncated)"
+        return None
+    except Exception as error:  # PIL raises many types for bad files; all mean the same here
+        return f"{type(error).__name__}: {error}"
+
+
 def check_images(folder: Path, classes: dict[str, list[Path]], role: str, skip_bad: bool) -> dict[str, str]:
-    """Decode every image; drop the bad ones from `classes` and return them (name -> reason) when `skip_bad`,
-    else raise naming them."""
+    """Check the header (and end marker) of every image, without decoding pixels; drop the bad ones from
+    `classes` and return them (name -> reason) when `skip_bad`, else raise naming them."""
     files = [file for images in classes.values() for file in images]
-    with ThreadPoolExecutor() as pool:  # decoding releases the GIL
-        problems = dict(zip(files, pool.map(image_problem, files), strict=True))
+    with ThreadPoolExecutor() as pool:  # file reads release the GIL
+        problems = dict(zip(files, pool.map(header_problem, files), strict=True))
     bad = {file: problem for file, problem in problems.items() if problem}
     if bad and not skip_bad:
         if len(bad) == 1:
@@ -219,14 +249,65 @@ def check_images(folder: Path, classes: dict[str, list[Path]], role: str, skip_b
             raise ValueError(
                 f"--{role}_dir {folder}: every image of class(es) {_listing(emptied)} is unreadable."
             )
-    return {f"{folder.name}/{file.relative_to(folder).as_posix()}": problem for file, problem in bad.items()}
+    return {folder_name(folder, file): problem for file, problem in bad.items()}
+
+
+def check_files(files: list[str], names: list[str], skip_bad: bool, where: str) -> dict[str, str]:
+    """Check the header of each file (`header_problem`); return the bad ones (name -> reason) when `skip_bad`,
+    else raise naming them. `names` are how records name the files; `where` says where they come from."""
+    with ThreadPoolExecutor() as pool:  # file reads release the GIL
+        problems = list(pool.map(header_problem, files))
+    bad = {
+        (name, file): problem for name, file, problem in zip(names, files, problems, strict=True) if problem
+    }
+    if bad and not skip_bad:
+        if len(bad) == 1:
+            (((_, file), problem),) = bad.items()
+            described = f"Cannot read image {file}: {problem}."
+        else:
+            named = [f"{name} ({problem})" for (name, _), problem in bad.items()]
+            described = f"Cannot read {len(bad)} of {len(files)} images {where}: {_listing(named)}."
+        raise ValueError(
+            f"{described} Remove or replace them, or pass --skip_bad_images to train without them (they are then "
+            "listed in all_results.json and the model card)."
+        )
+    if bad:
+        logger.warning("--skip_bad_images: left out %d unreadable images %s", len(bad), where)
+    return {name: problem for (name, _), problem in bad.items()}
+
+
+def tar_labels(files: list[str], extension: str) -> list[int]:
+    """The distinct integer labels held in the `<key>.<extension>` members of WebDataset tar shards, read from
+    the tar headers and those small members only (image members are skipped over, not read)."""
+    import tarfile
+
+    labels = set()
+    for path in files:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith(f".{extension}"):
+                    text = tar.extractfile(member).read().decode().strip()
+                    try:
+                        labels.add(int(text))
+                    except ValueError:
+                        raise ValueError(
+                            f"{path}: {member.name} holds {text[:40]!r}, not a class number; give class names "
+                            "with --class_names_file and numbers in the label members."
+                        ) from None
+    return sorted(labels)
+
+
+def folder_name(folder: Path, file: Path) -> str:
+    """How records name an image of an image folder: the folder's name and the file's path inside it."""
+    return f"{folder.name}/{file.relative_to(folder).as_posix()}"
 
 
 def image_folder_dataset(
-    train_dir: str, validation_dir: str | None = None, skip_bad_images: bool = False
+    train_dir: str, validation_dir: str | None = None, skip_bad_images: bool = False, check: bool = True
 ) -> tuple[DatasetDict, dict[str, str]]:
     """Image folders `<dir>/<class>/<image>` as datasets with `image`, `label` and `sample_id` (the file's path
-    in its folder) columns, after checking every file; also returns the images left out by `skip_bad_images`.
+    in its folder) columns, after checking every file's header (`check`; without it the listing alone is read);
+    also returns the images left out by `skip_bad_images`.
 
     Class names are the training folder's subfolders, sorted (as datasets' `imagefolder` does); a validation
     folder may lack classes, but not add any.
@@ -244,7 +325,8 @@ def image_folder_dataset(
     splits, skipped = {}, {}
     for role, classes in scanned.items():
         folder = Path(folders[role])
-        skipped |= check_images(folder, classes, role, skip_bad_images)
+        if check:
+            skipped |= check_images(folder, classes, role, skip_bad_images)
         rows = [(file, names.index(name)) for name, files in classes.items() for file in files]
         splits[role] = Dataset.from_dict(
             {

@@ -76,7 +76,7 @@ def evaluate_checkpoint(args: EvaluateArguments, data_args: DataArguments) -> di
     processor = VitrailImageProcessor.from_pretrained(args.model)
     data = load_splits(data_args)
     splits = data.splits
-    labels = splits["train"].features[data_args.label_column_name].names
+    labels = data.labels
     expected = [model.config.id2label[i] for i in range(model.config.num_labels)]
     if labels != expected:
         raise ValueError(
@@ -89,7 +89,7 @@ def evaluate_checkpoint(args: EvaluateArguments, data_args: DataArguments) -> di
         )
     check_split(args, data.record)
     prepared = {args.split: splits[args.split]}
-    prepare_splits(prepared, processor, data_args)
+    prepare_splits(prepared, processor, data_args, data.image_column, data.label_column)
     output = Path(args.output_dir or Path(args.model) / f"eval_{args.split}")
     output.mkdir(parents=True, exist_ok=True)
     trainer = VitrailTrainer(

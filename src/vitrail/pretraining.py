@@ -97,11 +97,11 @@ def pretrain(args: PretrainArguments, data_args: DataArguments, training_args: T
             push(output, training_args, start.finished, None)
         return start.finished
     processor = new_processor(config)
-    prepare_splits(data.splits, processor, data_args)
+    prepare_splits(data.splits, processor, data_args, data.image_column, data.label_column, training_args)
     trainer = VitrailTrainer(
         model=VitrailForMaskedImageModeling(config),
         # The masks play the part of labels: with them named so, evaluation computes the masked loss.
-        args=trainer_arguments(training_args, label_names=["bool_masked_pos"]),
+        args=trainer_arguments(training_args, data.splits, label_names=["bool_masked_pos"]),
         train_dataset=data.splits["train"],
         eval_dataset=data.splits["validation"],
         data_collator=MaskingCollator(config.grid_size, args.mask_ratio, block),

@@ -288,14 +288,15 @@ def _delete_run(folder: Path) -> None:
         logger.warning("--overwrite_output_dir: deleted %s", ", ".join(p.name for p in checkpoints + files))
 
 
-def start_run(training_args, settings: dict, split: dict) -> RunStart:
+def start_run(training_args, settings: dict, split: dict, check=None) -> RunStart:
     """Decide how a run starts in `training_args.output_dir` (made by `check_output_dir`), and record its settings
     there.
 
     `settings` (model config, data, schedule) and `split` (the data split record) are compared with those of the
     run already in the folder. The same: resume from the newest complete checkpoint, or return the results of a
     finished run. Different, or unknown (checkpoints without a record): refuse with a `ValueError` naming the
-    differences and the ways out. `--overwrite_output_dir` deletes the old run first. An explicit
+    differences and the ways out. `--overwrite_output_dir` deletes the old run first. `check()`, when given, runs
+    once the run is known to need training, before its records are written (a check of the data). An explicit
     `--resume_from_checkpoint` is the user's call: it must be complete and hold the same model config; other
     differences are only logged. In a multi-process run the main process decides and writes first.
     """
@@ -308,6 +309,7 @@ def start_run(training_args, settings: dict, split: dict) -> RunStart:
             overwrite=getattr(training_args, "overwrite_output_dir", False),
             resume_from_checkpoint=training_args.resume_from_checkpoint,
             should_save=training_args.should_save,
+            check=check,
         )
     if start.finished is not None:
         logger.warning(
@@ -335,6 +337,7 @@ def _decide(
     overwrite: bool,
     resume_from_checkpoint: str | None,
     should_save: bool,
+    check=None,
 ) -> RunStart:
     folder = Path(output_dir)
     old_settings, old_split = read_json(folder / RUN_SETTINGS), read_json(folder / DATA_SPLIT)
@@ -386,6 +389,8 @@ def _decide(
         return RunStart(finished=results)
     else:
         start = RunStart(checkpoint=find_resume_checkpoint(folder))
+    if check is not None:
+        check()
     if should_save:
         # The results (and push) of an earlier run are stale from here on. The run record goes last: a folder
         # with one is a run's (`check_foreign_files`), and a kill before it leaves a folder that starts afresh.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import glob
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from datasets import Image, load_dataset
+from datasets import Dataset, Image, load_dataset
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 from transformers.trainer_callback import DefaultFlowCallback
@@ -37,10 +38,12 @@ from .data import (
     BatchAugment,
     black_level,
     check_columns,
+    check_files,
     digits_dataset,
     image_folder_dataset,
     mode_problem,
     split_dataset,
+    tar_labels,
 )
 from .image_processing_vitrail import VitrailImageProcessor
 from .modeling_vitrail import VitrailForImageClassification
@@ -98,12 +101,42 @@ class DataArguments:
         metadata={"help": f"A Hub dataset (needs network). Default: {DEFAULT_DATASET}, embedded."},
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's config name."})
+    train_files: str | None = field(
+        default=None,
+        metadata={
+            "help": "Training files for --dataset_name's loader, a glob, e.g. --dataset_name webdataset "
+            "--train_files 'data/train-*.tar'."
+        },
+    )
+    validation_files: str | None = field(
+        default=None,
+        metadata={"help": "Held-out files for --dataset_name's loader (a glob), for evaluation."},
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Read --dataset_name as a stream: no download or pass over the data before training; needs "
+            "--max_steps. Each process of a multi-process run reads its own share."
+        },
+    )
+    class_names_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "A text file with one class name a line (line i names label i), for data whose labels are "
+            "numbers without names."
+        },
+    )
     train_dir: str | None = field(
         default=None, metadata={"help": "Image folder <dir>/<class>/<image> to train on."}
     )
     validation_dir: str | None = field(default=None, metadata={"help": "Image folder for validation."})
-    image_column_name: str = field(default="image", metadata={"help": "Column holding the images."})
-    label_column_name: str = field(default="label", metadata={"help": "Column holding the class labels."})
+    image_column_name: str = field(
+        default="image",
+        metadata={"help": "Column holding the images (default: 'image', else jpg, jpeg, png or webp)."},
+    )
+    label_column_name: str = field(
+        default="label", metadata={"help": "Column holding the class labels (default: 'label', else cls)."}
+    )
     test_size: float = field(
         default=0.2, metadata={"help": "Held-out test fraction when the data has no test split."}
     )
@@ -133,8 +166,8 @@ class DataArguments:
     skip_bad_images: bool = field(
         default=False,
         metadata={
-            "help": "Leave out images of --train_dir/--validation_dir that cannot be decoded (listed in "
-            "all_results.json and the model card) instead of stopping."
+            "help": "Leave out images that cannot be read or decoded (listed in all_results.json and the model "
+            "card) instead of stopping."
         },
     )
 
@@ -148,6 +181,19 @@ class VitrailTrainingArguments(TrainingArguments):
         metadata={
             "help": "Delete the checkpoints and results of an earlier run in --output_dir before training; "
             "without it a rerun resumes that run, and only if its settings match."
+        },
+    )
+    dataloader_num_workers: int = field(
+        default=-1,
+        metadata={
+            "help": "Processes that decode, resize and augment images beside training. -1 (default): the CPUs "
+            "available to each training process when images are processed on the fly, none for cached pixels."
+        },
+    )
+    dataloader_persistent_workers: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Keep the data workers between epochs and evaluations (default: yes, when there are any)."
         },
     )
 
@@ -324,26 +370,114 @@ def check_arguments(model_args: ModelArguments) -> None:
 
 @dataclass
 class LoadedData:
-    """The splits of a run, the dataset's readable name, the split record (`data_split.json`), and the images
-    `--skip_bad_images` left out (name -> reason)."""
+    """The splits of a run, the dataset's readable name, the split record (`data_split.json`), the images
+    `--skip_bad_images` left out (name -> reason), the image and label columns, and the class names."""
 
     splits: dict
     name: str
     record: dict
     skipped_images: dict[str, str]
+    image_column: str = "image"
+    label_column: str = "label"
+    labels: list[str] = field(default_factory=list)
+
+
+# Where images and labels are found when the named columns are missing (WebDataset members are named by extension).
+IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp")
+LABEL_COLUMNS = ("cls",)
+
+
+def find_column(columns: list[str], given: str, default: str, conventions: tuple, kind: str) -> str:
+    """`given` if the data has it; for the default name, else the first conventional one it has."""
+    if given in columns:
+        return given
+    found = next((name for name in conventions if name in columns), None) if given == default else None
+    if found is None:
+        raise ValueError(
+            f"The dataset has no {kind} column {given!r} (columns: {columns}); pass --{kind}_column_name."
+        )
+    return found
+
+
+def class_names(split, label_col: str, data_args: DataArguments, files: list[str]) -> list[str]:
+    """The class names: the label column's ClassLabel names, else `--class_names_file`, else the numbers the
+    data holds (for tar shards read from their label members, for other data from the label column)."""
+    from datasets import ClassLabel, IterableDataset
+
+    feature = (split.features or {}).get(label_col)
+    if data_args.class_names_file:
+        names = [line.strip() for line in Path(data_args.class_names_file).read_text().splitlines()]
+        names = [name for name in names if name]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(
+                f"--class_names_file {data_args.class_names_file}: give one distinct class name a line."
+            )
+        return names
+    if isinstance(feature, ClassLabel):
+        return list(feature.names)
+    if isinstance(split, IterableDataset):
+        tars = [file for file in files if file.endswith(".tar") and Path(file).is_file()]
+        if not tars or len(tars) != len(files):
+            raise ValueError(
+                f"Column {label_col!r} is {feature}, not a ClassLabel, and a stream's labels cannot be listed "
+                "without reading it: pass --class_names_file (one class name a line, line i naming label i)."
+            )
+        numbers = tar_labels(tars, label_col)
+    else:
+        numbers = sorted(set(split[label_col]))
+    if not numbers or numbers[0] < 0 or any(not isinstance(n, int) for n in numbers):
+        raise ValueError(
+            f"Column {label_col!r} is {feature}, not a ClassLabel, and holds {numbers[:5]}, not class numbers "
+            f"0, 1, ...: cast it first (`dataset.class_encode_column({label_col!r})`) or pass --class_names_file."
+        )
+    return [str(number) for number in range(numbers[-1] + 1)]
+
+
+def data_files(data_args: DataArguments) -> dict[str, list[str]]:
+    """`--train_files` / `--validation_files`, each a glob: the files that match, sorted (a Hub pattern as given)."""
+    files = {}
+    for key, pattern in (("train", data_args.train_files), ("validation", data_args.validation_files)):
+        if pattern:
+            found = sorted(glob.glob(os.path.expanduser(pattern)))
+            if not found and not pattern.startswith(("hf://", "http://", "https://")):
+                raise FileNotFoundError(f"--{key}_files {pattern}: no file matches.")
+            files[key] = found or [pattern]
+    return files
+
+
+def _files_summary(files: list[str]) -> dict:
+    """Names and sizes of data files (a listing, nothing read), hashed."""
+    listing = "\n".join(
+        f"{Path(name).name} {Path(name).stat().st_size if Path(name).is_file() else ''}" for name in files
+    )
+    return {"files": len(files), "sha256": hashlib.sha256(listing.encode()).hexdigest()}
 
 
 def load_splits(data_args: DataArguments) -> LoadedData:
-    """train / validation / test splits from the Hub, image folders, or the embedded default."""
-    skipped: dict[str, str] = {}
+    """train / validation / test splits from the Hub, data files, image folders, or the embedded default.
+
+    Only listings are read here (file names, never pixels), so that a finished or resumed run is recognised
+    without reading any image: image folders get their header check in `begin_run`, and images are decoded
+    where they are processed."""
+    from datasets import ClassLabel, IterableDataset
+
+    files: dict[str, list[str]] = {}
+    if data_args.streaming and not data_args.dataset_name:
+        raise ValueError("--streaming reads --dataset_name (with --train_files for local files): give it.")
     if data_args.train_dir:
-        splits, skipped = image_folder_dataset(
-            data_args.train_dir, data_args.validation_dir, data_args.skip_bad_images
+        splits, _ = image_folder_dataset(
+            data_args.train_dir, data_args.validation_dir, data_args.skip_bad_images, check=False
         )
         # By name, not path: the record travels with the checkpoint, and the sample hashes below identify the data.
         name = source = Path(data_args.train_dir).resolve().name
     elif data_args.dataset_name:
-        splits = load_dataset(data_args.dataset_name, data_args.dataset_config_name)
+        files = data_files(data_args)
+        splits = load_dataset(
+            data_args.dataset_name,
+            data_args.dataset_config_name,
+            data_files=files or None,
+            streaming=data_args.streaming,
+        )
         name = source = data_args.dataset_name
         if data_args.dataset_config_name:
             source += f":{data_args.dataset_config_name}"
@@ -353,7 +487,16 @@ def load_splits(data_args: DataArguments) -> LoadedData:
     splits = dict(splits)
     if "train" not in splits:
         raise ValueError(f"The dataset has no 'train' split (it has {sorted(splits)}).")
-    check_columns(splits["train"], data_args.image_column_name, data_args.label_column_name)
+    columns = list(splits["train"].column_names or [])
+    image_col = find_column(columns, data_args.image_column_name, "image", IMAGE_COLUMNS, "image")
+    label_col = find_column(columns, data_args.label_column_name, "label", LABEL_COLUMNS, "label")
+    labels = class_names(splits["train"], label_col, data_args, files.get("train", []))
+    if isinstance(splits["train"], IterableDataset):
+        return _stream_splits(splits, name, source, files, data_args, image_col, label_col, labels)
+    if not isinstance(splits["train"].features[label_col], ClassLabel):
+        for key in splits:
+            splits[key] = splits[key].cast_column(label_col, ClassLabel(names=labels))
+    check_columns(splits["train"], image_col, label_col)
     for key, split in splits.items():
         if SAMPLE_ID not in split.column_names:  # rows are named by their place in the split they came in
             splits[key] = split.add_column(SAMPLE_ID, [f"{key}:{i}" for i in range(len(split))])
@@ -361,7 +504,7 @@ def load_splits(data_args: DataArguments) -> LoadedData:
     if carved:
         parts = split_dataset(
             splits.pop("train"),
-            data_args.label_column_name,
+            label_col,
             test_size=0.0 if "test" in splits else data_args.test_size,
             validation_size=0.0 if "validation" in splits else data_args.validation_size,
             seed=data_args.split_seed,
@@ -388,7 +531,32 @@ def load_splits(data_args: DataArguments) -> LoadedData:
         "max_eval_samples": data_args.max_eval_samples,
         **{key: _split_summary(splits.get(key)) for key in ("train", "validation", "test")},
     }
-    return LoadedData(splits, name, record, skipped)
+    return LoadedData(splits, name, record, {}, image_col, label_col, labels)
+
+
+def _stream_splits(splits, name, source, files, data_args, image_col, label_col, labels) -> LoadedData:
+    """The splits of a stream, as given (a stream has no length to carve held-out splits from), truncated by
+    `--max_*_samples`; the record names the files (names and sizes) or the Hub dataset."""
+    for key, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples),
+                       ("test", data_args.max_eval_samples)):  # fmt: skip
+        if limit is not None and splits.get(key) is not None:
+            splits[key] = splits[key].take(limit)
+    for key in ("validation", "test"):
+        splits.setdefault(key, None)
+    if splits["validation"] is None and splits["test"] is None:
+        logger.warning(
+            "The stream has no held-out split: training runs without evaluation. Give --validation_files (or a "
+            "dataset with a validation split) to evaluate."
+        )
+    record = {
+        "source": source,
+        "streaming": True,
+        "max_train_samples": data_args.max_train_samples,
+        "max_eval_samples": data_args.max_eval_samples,
+        **{key: _files_summary(paths) for key, paths in files.items()},
+        "splits": sorted(key for key, split in splits.items() if split is not None),
+    }
+    return LoadedData(splits, name, record, {}, image_col, label_col, labels)
 
 
 def _split_summary(split) -> dict | None:
@@ -405,6 +573,7 @@ class ProcessedSplit(torch.utils.data.Dataset):
 
     def __init__(self, pixel_values: torch.Tensor, labels: torch.Tensor):
         self.pixel_values, self.labels = pixel_values, labels
+        self.skipped: dict[str, str] = {}  # images that failed to decode, left out (`--skip_bad_images`)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -413,68 +582,237 @@ class ProcessedSplit(torch.utils.data.Dataset):
         return {"pixel_values": self.pixel_values[index], "labels": self.labels[index]}
 
 
-def decode_images(batch: dict, image_col: str, feature: Image | None) -> list:
-    """The batch's images, decoded here rather than inside datasets so that a file that fails is named."""
-    if feature is None:
-        return batch[image_col]
+def sample_names(batch: dict, image_col: str) -> list[str]:
+    """How records name the samples of a batch: the file's path, its sample id, or a stream's shard and key."""
     values = batch[image_col]
-    images = []
-    for value, sample in zip(values, batch.get(SAMPLE_ID) or [None] * len(values), strict=True):
+    ids = batch.get(SAMPLE_ID) or [None] * len(values)
+    keys = batch.get("__key__") or [None] * len(values)
+    urls = batch.get("__url__") or [None] * len(values)
+    names = []
+    for value, sample, key, url in zip(values, ids, keys, urls, strict=True):
+        path = value.get("path") if isinstance(value, dict) else None
+        if key is not None:
+            names.append(f"{Path(url).name}/{key}" if url else str(key))
+        else:
+            names.append(path or sample or "in memory")
+    return names
+
+
+def decode_images(
+    batch: dict, image_col: str, feature: Image | None, skip_bad: bool = False
+) -> tuple[list, dict[int, tuple[str, str]]]:
+    """The batch's images, decoded here rather than inside datasets so that a file that fails is named; with
+    `skip_bad`, the ones that fail are left out and returned by place in the batch (name, reason)."""
+    if feature is None:
+        return batch[image_col], {}
+    images, bad = [], {}
+    for index, (value, name) in enumerate(zip(batch[image_col], sample_names(batch, image_col), strict=True)):
         try:
             image = feature.decode_example(value)
             problem = mode_problem(image.mode)
         except Exception as error:  # PIL and datasets raise many types; all mean the same here
             problem = f"{type(error).__name__}: {error}"
-        if problem:
+        if problem and not skip_bad:
             raise ValueError(
-                f"Cannot read image {value.get('path') or sample or 'in memory'}: {problem}. Remove or replace it."
+                f"Cannot read image {name}: {problem}. Remove or replace it, or pass --skip_bad_images to train "
+                "without it (it is then listed in all_results.json and the model card)."
             )
-        images.append(image)
-    return images
+        if problem:
+            bad[index] = (name, problem)
+        else:
+            images.append(image)
+    return images, bad
 
 
-def prepare_splits(splits, processor, data_args: DataArguments) -> None:
+class BatchProcessor:
+    """Turns a batch of rows into `pixel_values` and `labels` with the image processor (and RandAugment when
+    asked); runs in the data workers. Rows whose image cannot be read are kept with black pixels and named in
+    `bad_image` when `--skip_bad_images` is on (`SkippingCollator` leaves them out of the batch), so that the
+    names reach the training process."""
+
+    def __init__(self, processor, image_col, label_col, feature, skip_bad: bool, rand_augment=None):
+        self.processor, self.image_col, self.label_col, self.feature = (
+            processor,
+            image_col,
+            label_col,
+            feature,
+        )
+        self.skip_bad, self.rand_augment = skip_bad, rand_augment
+
+    def __call__(self, batch: dict) -> dict:
+        images, bad = decode_images(batch, self.image_col, self.feature, self.skip_bad)
+        if self.rand_augment is not None:
+            images = [
+                self.rand_augment(im if im.mode in ("L", "RGB") else im.convert("RGB")) for im in images
+            ]
+        rows = len(batch[self.image_col])
+        pixels = self.processor(images, return_tensors="pt")["pixel_values"] if images else None
+        if bad:
+            height, width = processor_output_hw(self.processor)
+            full = torch.zeros(rows, self.processor.num_channels, height, width)
+            good = [i for i in range(rows) if i not in bad]
+            if good:
+                full[good] = pixels
+            pixels = full
+        return {
+            "pixel_values": pixels,
+            "labels": batch[self.label_col],
+            "bad_image": [bad[i][0] if i in bad else "" for i in range(rows)],
+            "bad_reason": [bad[i][1] if i in bad else "" for i in range(rows)],
+        }
+
+
+class SkippingCollator:
+    """Collates the rows `BatchProcessor` made whole with `collate`, leaving out those of unreadable images and
+    naming them in the batch's `bad_images` (name -> reason), which `VitrailTrainer` records."""
+
+    def __init__(self, collate=default_data_collator):
+        self.collate = collate
+
+    def __call__(self, rows: list[dict]) -> dict:
+        bad = {row["bad_image"]: row["bad_reason"] for row in rows if row.get("bad_image")}
+        good = [{k: v for k, v in row.items() if k not in ("bad_image", "bad_reason")} for row in rows]
+        good = [row for row, original in zip(good, rows, strict=True) if not original.get("bad_image")]
+        if not good:
+            raise ValueError(
+                f"Every image of a batch is unreadable: {', '.join(sorted(bad))}. Check the data; with so many bad "
+                "images --skip_bad_images would train on little."
+            )
+        batch = self.collate(good)
+        if bad:
+            batch["bad_images"] = bad
+        return batch
+
+
+def held_out(stream, processor_fn) -> Dataset:
+    """A held-out stream as an indexable dataset: its rows (encoded bytes, never decoded here) read once, so that
+    evaluation covers each sample once in any number of processes; images are processed as batches are drawn."""
+    from datasets import Dataset
+
+    rows = list(stream)
+    if not rows:
+        raise ValueError("A held-out stream is empty: check --validation_files.")
+    split = Dataset.from_list(rows, features=stream.features)
+    split.set_transform(processor_fn)
+    return split
+
+
+def check_image_files(data: LoadedData, data_args: DataArguments) -> None:
+    """Check the header (and end marker) of every image of image-folder splits, without decoding pixels; leave
+    the bad ones out (`--skip_bad_images`, recorded in `data.skipped_images`) or raise naming them."""
+    roots = {"train": data_args.train_dir, "validation": data_args.validation_dir or data_args.train_dir}
+    for key, split in data.splits.items():
+        if split is None or not isinstance(split, Dataset):
+            continue
+        folder = Path(roots.get(key) or data_args.train_dir)
+        files = [
+            value["path"]
+            for value in split.cast_column(data.image_column, Image(decode=False))[data.image_column]
+        ]
+        names = [f"{folder.name}/{sample}" for sample in split[SAMPLE_ID]]
+        where = f"in --{'validation' if key == 'validation' and data_args.validation_dir else 'train'}_dir {folder}"
+        bad = check_files(files, names, data_args.skip_bad_images, where)
+        if bad:
+            data.skipped_images.update(bad)
+            data.splits[key] = split.select([i for i, name in enumerate(names) if name not in bad])
+            left = set(data.splits[key][data.label_column])
+            emptied = [data.labels[i] for i in sorted(set(split[data.label_column]) - left)]
+            if emptied or len(data.splits[key]) == 0:
+                raise ValueError(f"The {key} split: every image of class(es) {emptied} is unreadable.")
+
+
+def prepare_splits(
+    splits, processor, data_args: DataArguments, image_col: str | None = None, label_col: str | None = None,
+    training_args: TrainingArguments | None = None,
+) -> None:  # fmt: skip
     """Turn images into `pixel_values` with the image processor (the evaluation transform). When the processed
-    data is small (`--cache_pixels`, default: up to 1 GiB) it is computed once, not every epoch; RandAugment needs
-    the images themselves and keeps training on the fly. Geometric augmentation comes later, per batch."""
-    image_col, label_col = data_args.image_column_name, data_args.label_column_name
+    data is small (`--cache_pixels`, default: up to 1 GiB) it is computed once, not every epoch, in the same
+    pass that decodes each image the first time; RandAugment needs the images themselves and keeps training on
+    the fly. Streams are processed as they are read, the training stream shuffled (a buffer) and shared out
+    among the processes of a multi-process run. Geometric augmentation comes later, per batch."""
+    from datasets import IterableDataset
+    from datasets.distributed import split_dataset_by_node
+
+    image_col = image_col or data_args.image_column_name
+    label_col = label_col or data_args.label_column_name
     rand_augment = None
     # RandAugment (Cubuk et al. 2020) works on PIL images, so it runs before the processor.
     if data_args.rand_augment:
         from torchvision.transforms import v2
 
         rand_augment = v2.RandAugment()
-
-    def process(batch, feature: Image | None, augment: bool = False):
-        images = decode_images(batch, image_col, feature)
-        if augment:
-            images = [rand_augment(im if im.mode in ("L", "RGB") else im.convert("RGB")) for im in images]
-        return {
-            "pixel_values": processor(images, return_tensors="pt")["pixel_values"],
-            "labels": batch[label_col],
-        }
-
     height, width = processor_output_hw(processor)
     for key in ("train", "validation", "test"):
         split = splits.get(key)
         if split is None:
             continue
-        feature = split.features[image_col]
+        feature = (split.features or {}).get(image_col)
         if isinstance(feature, Image) and feature.decode:
             split = split.cast_column(image_col, Image(decode=False))
         else:
             feature = None
         on_the_fly = key == "train" and rand_augment is not None
+        process = BatchProcessor(
+            processor,
+            image_col,
+            label_col,
+            feature,
+            data_args.skip_bad_images,
+            rand_augment if on_the_fly else None,
+        )
+        if isinstance(split, IterableDataset):
+            if key == "train":
+                seed = training_args.seed if training_args is not None else 0
+                split = split.shuffle(seed=seed, buffer_size=1000)
+                if training_args is not None and training_args.world_size > 1:
+                    split = split_dataset_by_node(
+                        split, rank=training_args.process_index, world_size=training_args.world_size
+                    )
+                columns = list(split.column_names or [])
+                splits[key] = split.map(process, batched=True, batch_size=64, remove_columns=columns)
+            else:
+                splits[key] = held_out(split, process)
+            continue
         cache = data_args.cache_pixels
         if cache is None:
             cache = len(split) * processor.num_channels * height * width * 4 <= 2**30
         if cache and not on_the_fly:
-            chunks = [process(split[start : start + 256], feature) for start in range(0, len(split), 256)]
-            pixels = torch.cat([chunk["pixel_values"] for chunk in chunks])
-            splits[key] = ProcessedSplit(pixels, torch.tensor(split[label_col]))
+            splits[key] = cached_split(split, process)
         else:
-            split.set_transform(partial(process, feature=feature, augment=on_the_fly))
+            split.set_transform(process)
             splits[key] = split
+
+
+def cached_split(split, process: BatchProcessor) -> ProcessedSplit:
+    """Process every image once, in threads (decoding releases the GIL), into one tensor; images that fail to
+    decode are left out under `--skip_bad_images` (and returned in `ProcessedSplit.skipped`)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    starts = range(0, len(split), 256)
+    with ThreadPoolExecutor(max(1, available_cpus())) as pool:
+        chunks = list(pool.map(lambda start: process(split[start : start + 256]), starts))
+    pixels, labels, skipped = [], [], {}
+    for chunk in chunks:
+        keep = [i for i, name in enumerate(chunk["bad_image"]) if not name]
+        skipped.update(
+            {name: why for name, why in zip(chunk["bad_image"], chunk["bad_reason"], strict=True) if name}
+        )
+        if keep:
+            pixels.append(chunk["pixel_values"][keep])
+            labels.extend(chunk["labels"][i] for i in keep)
+    if skipped:
+        logger.warning("--skip_bad_images: left out %d images that failed to decode", len(skipped))
+    result = ProcessedSplit(torch.cat(pixels), torch.tensor(labels))
+    result.skipped = skipped
+    return result
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 # ---- model --------------------------------------------------------------------------------------------------
@@ -627,7 +965,9 @@ class VitrailTrainer(Trainer):
         cutmix_alpha: float = 0.0,
         **kwargs,
     ):
+        kwargs["data_collator"] = SkippingCollator(kwargs.get("data_collator") or default_data_collator)
         super().__init__(*args, **kwargs)
+        self.skipped_images: dict[str, str] = {}  # named by the batches (`SkippingCollator`)
         # Right after the default flow: its on_step_end decides what to save, and the stop comes before the
         # progress bar and reporting callbacks start.
         callbacks = self.callback_handler.callbacks
@@ -656,8 +996,49 @@ class VitrailTrainer(Trainer):
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
+    def record_skipped(self, inputs) -> dict:
+        """The batch without its `bad_images`, which are recorded (and logged the first time)."""
         inputs = dict(inputs)  # the batch stays as the data loader gave it
+        for name, reason in (inputs.pop("bad_images", None) or {}).items():
+            if name not in self.skipped_images:
+                logger.warning("--skip_bad_images: left out %s: %s", name, reason)
+                self.skipped_images[name] = reason
+        return inputs
+
+    def get_train_dataloader(self):
+        """A stream already shared out among processes (`split_dataset_by_node`) is read as it is: accelerate's
+        own sharding would share it out a second time."""
+        from datasets import IterableDataset
+
+        dataset = self.train_dataset
+        if not (isinstance(dataset, IterableDataset) and self.args.world_size > 1):
+            return super().get_train_dataloader()
+        from accelerate.data_loader import prepare_data_loader
+
+        args = self.args
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=self._train_batch_size,
+            collate_fn=self.data_collator,
+            num_workers=args.dataloader_num_workers,
+            pin_memory=args.dataloader_pin_memory,
+            persistent_workers=args.dataloader_persistent_workers,
+            prefetch_factor=args.dataloader_prefetch_factor,
+        )
+        return prepare_data_loader(
+            loader,
+            self.args.device,
+            num_processes=1,
+            process_index=0,
+            put_on_device=True,
+            dispatch_batches=False,
+        )
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        return super().prediction_step(model, self.record_skipped(inputs), prediction_loss_only, ignore_keys)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        inputs = self.record_skipped(inputs)
         if self.augment is not None:
             inputs["pixel_values"] = self.augment(inputs["pixel_values"])
         if self.mix is not None:
@@ -696,7 +1077,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
 
     check_arguments(model_args)
     output, data = open_run(data_args, training_args)
-    labels = data.splits["train"].features[data_args.label_column_name].names
+    labels = data.labels
     model, processor = build_model(model_args, labels)
     source = {
         "model_name_or_path": _source_id(model_args.model_name_or_path),
@@ -713,10 +1094,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
             )
             push(output, training_args, start.finished, split)
         return start.finished
-    prepare_splits(data.splits, processor, data_args)
+    prepare_splits(data.splits, processor, data_args, data.image_column, data.label_column, training_args)
     trainer = VitrailTrainer(
         model=model,
-        args=trainer_arguments(training_args),
+        args=trainer_arguments(training_args, data.splits),
         train_dataset=data.splits["train"],
         eval_dataset=data.splits["validation"],
         data_collator=default_data_collator,
@@ -734,12 +1115,24 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     if split == "test":  # the validation metrics are in already
         metrics.update(prediction.metrics)
     trainer.log_metrics("all", metrics)
+    collect_skipped(trainer, data)
     results = {**metrics, "skipped_images": data.skipped_images} if data.skipped_images else metrics
     report = partial(
         write_report, output, trainer, metrics, split, prediction, data, model_args, data_args, training_args
     )
     save_run(trainer, output, training_args, results, split, report)
     return results
+
+
+def collect_skipped(trainer: VitrailTrainer, data: LoadedData) -> None:
+    """Add the images left out while caching or training, in every process, to `data.skipped_images`."""
+    from accelerate.utils import gather_object
+
+    found = dict(trainer.skipped_images)
+    for split in data.splits.values():
+        found.update(getattr(split, "skipped", None) or {})
+    for name, reason in gather_object(sorted(found.items())):
+        data.skipped_images.setdefault(name, reason)
 
 
 def reported_split(splits: dict) -> str | None:
@@ -753,6 +1146,10 @@ def open_run(data_args: DataArguments, training_args: TrainingArguments) -> tupl
     check_process_group(training_args)
     check_schedule(training_args)
     check_split_fractions(data_args)
+    if data_args.streaming and training_args.max_steps <= 0:
+        raise ValueError(
+            "--streaming: a stream's length is unknown, so --num_train_epochs cannot end it; give --max_steps."
+        )
     output = check_output_dir(training_args.output_dir)
     # Trainer users may pass transformers' TrainingArguments, which lacks the flag.
     check_foreign_files(output, overwrite=getattr(training_args, "overwrite_output_dir", False))
@@ -770,7 +1167,8 @@ def begin_run(script: str, model: dict, data: LoadedData, data_args, training_ar
         "data": data_settings(data_args),
         "schedule": {**schedule_settings(training_args), **schedule},
     }
-    return start_run(training_args, settings, data.record)
+    check = partial(check_image_files, data, data_args) if data_args.train_dir else None
+    return start_run(training_args, settings, data.record, check)
 
 
 def data_settings(data_args: DataArguments) -> dict:
@@ -778,8 +1176,12 @@ def data_settings(data_args: DataArguments) -> dict:
     and through its hashes `--max_*_samples` and `--skip_bad_images`); `--cache_pixels` changes only speed."""
     left_out = {"dataset_name", "dataset_config_name", "train_dir", "validation_dir", "test_size",
                 "validation_size", "split_seed", "max_train_samples", "max_eval_samples", "skip_bad_images",
-                "cache_pixels"}  # fmt: skip
-    return {k: v for k, v in asdict(data_args).items() if k not in left_out}
+                "cache_pixels", "train_files", "validation_files"}  # fmt: skip
+    values = {k: v for k, v in asdict(data_args).items() if k not in left_out}
+    for name in ("streaming", "class_names_file"):  # recorded when used, so that older records match
+        if not values[name]:
+            values.pop(name)
+    return values
 
 
 def _source_id(source: str | None) -> str | None:
@@ -789,7 +1191,9 @@ def _source_id(source: str | None) -> str | None:
     return source
 
 
-def trainer_arguments(training_args: TrainingArguments, **changes) -> TrainingArguments:
+def trainer_arguments(
+    training_args: TrainingArguments, splits: dict | None = None, **changes
+) -> TrainingArguments:
     """The Trainer's copy of `training_args`, with `changes`; the caller's arguments stay as given (they are what
     `training_args.json` records). The copy keeps the raw image column, which `set_transform` reads, and does not
     push: the Trainer's push would upload training_args.bin (a pickle) and its own card before ours exists, so
@@ -797,6 +1201,19 @@ def trainer_arguments(training_args: TrainingArguments, **changes) -> TrainingAr
     args = copy.copy(training_args)  # not dataclasses.replace: that would run __post_init__ a second time
     args.remove_unused_columns = False
     args.push_to_hub = False
+    if getattr(args, "dataloader_num_workers", 0) < 0:  # the default: by how `splits` are processed
+        on_the_fly = any(
+            split is not None and not isinstance(split, ProcessedSplit) for split in (splits or {}).values()
+        )
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        args.dataloader_num_workers = max(1, available_cpus() // local) if on_the_fly else 0
+    if args.use_cpu or not torch.cuda.is_available():  # pinned memory serves copies to a GPU only
+        args.dataloader_pin_memory = False
+    if getattr(args, "dataloader_persistent_workers", False) is None:
+        args.dataloader_persistent_workers = args.dataloader_num_workers > 0
+    args.dataloader_persistent_workers = bool(
+        args.dataloader_persistent_workers and args.dataloader_num_workers
+    )
     for name, value in changes.items():
         setattr(args, name, value)
     return args

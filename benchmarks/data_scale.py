@@ -1,0 +1,146 @@
+"""Time to the first optimizer step and steady images per second on folders of JPEG photos, beside transformers'
+`run_image_classification.py`, plus the data path alone (decode + resize + augment, images per second per core).
+
+    python benchmarks/data_scale.py --sizes 1000 5000 20000 [--transformers-example PATH] [--steps 20]
+
+The photos are made from the two that ship in scikit-learn (random crops, resized to 320-500 px, re-encoded).
+Both trainers run ViT-Ti/16 at 224 px, batch 32; each step's time is taken by an optimizer hook that
+a small module installs in the child process, so both are timed the same way. transformers' example is not
+part of its wheel: pass the path of `examples/pytorch/image-classification/run_image_classification.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HOOK = """
+import json, os, time, torch
+_log = os.environ["STEP_LOG"]
+def _hook(optimizer, args, kwargs):
+    with open(_log, "a") as f:
+        f.write(json.dumps(time.time()) + "\\n")
+torch.optim.optimizer.register_optimizer_step_post_hook(_hook)
+"""
+
+
+def make_photos(folder: Path, count: int, seed: int = 0) -> Path:
+    """`count` JPEGs in 4 class folders, random crops of scikit-learn's sample photos at 320-500 px."""
+    import PIL.Image
+    from sklearn.datasets import load_sample_images
+
+    if folder.is_dir() and sum(1 for _ in folder.rglob("*.jpg")) == count:
+        return folder
+    photos = [PIL.Image.fromarray(array) for array in load_sample_images().images]
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        photo = photos[index % 2]
+        width, height = photo.size
+        side = int(rng.integers(200, 420))
+        left, top = int(rng.integers(0, width - side)), int(rng.integers(0, height - side))
+        size = int(rng.integers(320, 501))
+        crop = photo.crop((left, top, left + side, top + side)).resize((size, size))
+        target = folder / f"class{index % 4}" / f"{index:06d}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        crop.save(target, quality=90)
+    return folder
+
+
+def tiny_vit(folder: Path) -> Path:
+    """A transformers ViT-Ti/16 checkpoint (random weights) for transformers' example, which needs a model path."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    config = ViTConfig(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768)
+    ViTForImageClassification(config).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 224, "width": 224}).save_pretrained(folder)
+    return folder
+
+
+def timed_run(command: list[str], work: Path, batch: int) -> dict:
+    """Run `command`; the seconds from launch to the first optimizer step, and the images per second after it."""
+    hook = work / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "step_hook.py").write_text(HOOK)
+    # The hook is installed first, then the script runs as __main__ (a sitecustomize may be shadowed by the venv's).
+    launch = "import sys, runpy, step_hook; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    command = [command[0], "-c", launch, *command[1:]]
+    log = work / "steps.log"
+    log.unlink(missing_ok=True)
+    env = {**os.environ, "STEP_LOG": str(log), "PYTHONPATH": f"{hook}:{os.environ.get('PYTHONPATH', '')}",
+           "HF_DATASETS_CACHE": str(work / "datasets-cache"), "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    started = time.time()
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=work)
+    if result.returncode != 0:
+        raise RuntimeError(f"{command[:4]} failed:\n{result.stderr[-3000:]}")
+    steps = [json.loads(line) for line in log.read_text().splitlines()]
+    steady = (len(steps) - 2) * batch / (steps[-1] - steps[1]) if len(steps) > 3 else float("nan")
+    return {"first_step_s": steps[0] - started, "steady_img_s": steady}
+
+
+def data_path_rate(folder: Path, count: int = 256) -> float:
+    """Images per second on one core: decode, resize to 224 with vitrail's processor, augment a batch."""
+    import PIL.Image
+    import torch
+
+    from vitrail.data import AugmentationConfig, BatchAugment
+    from vitrail.image_processing_vitrail import VitrailImageProcessor
+
+    torch.set_num_threads(1)
+    files = sorted(folder.rglob("*.jpg"))[:count]
+    processor = VitrailImageProcessor(size={"height": 224, "width": 224})
+    augment = BatchAugment(AugmentationConfig(crop_scale=0.5, hflip=0.5))
+    started = time.perf_counter()
+    for start in range(0, len(files), 32):
+        images = [PIL.Image.open(file).convert("RGB") for file in files[start : start + 32]]
+        augment(processor(images, return_tensors="pt")["pixel_values"])
+    return len(files) / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000])
+    parser.add_argument("--transformers-example", type=Path, default=None)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vitrail-data-scale")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
+        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")),
+        platform.processor())  # fmt: skip
+    print(f"CPU: {cpu}, {len(os.sched_getaffinity(0))} cores; {time.strftime('%Y-%m-%d')}")
+    if args.transformers_example is None:
+        print("transformers' example not given: pass --transformers-example PATH for the comparison.")
+    rows = []
+    for size in args.sizes:
+        folder = make_photos(args.work / f"photos-{size}", size)
+        row = {"photos": size, "data_path_img_s_core": data_path_rate(folder)}
+        common = ["--max_steps", str(args.steps), "--per_device_train_batch_size", "32", "--save_strategy", "no",
+                  "--eval_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "50"]  # fmt: skip
+        ours = [sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "train.py"), "--train_dir", str(folder), "--variant", "Ti/16",
+                "--image_size", "224", "--test_size", "0", "--validation_size", "0",
+                "--output_dir", str(args.work / f"ours-{size}"), "--overwrite_output_dir", "true", *common]  # fmt: skip
+        row["vitrail"] = timed_run(ours, args.work, 32)
+        if args.transformers_example is not None:
+            model = args.work / "vit-ti16"
+            if not model.is_dir():
+                tiny_vit(model)
+            theirs = [sys.executable, str(args.transformers_example.resolve()), "--train_dir", str(folder),
+                      "--model_name_or_path", str(model), "--ignore_mismatched_sizes", "true", "--do_train",
+                      "--train_val_split", "0", "--remove_unused_columns", "false", "--trust_remote_code", "false",
+                      "--output_dir", str(args.work / f"theirs-{size}"), *common]  # fmt: skip
+            row["transformers_example"] = timed_run(theirs, args.work, 32)
+        rows.append(row)
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
