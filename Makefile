@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.installed
 setup: $(STAMP)
 
 # Re-installs only when pyproject.toml or constraints.txt changes. constraints.txt pins the tested releases
-# (torch/torchvision: the ones that lie on this machine kind's disk, ~1.5 min instead of downloading several GB).
+# (torch/torchvision: the releases CI tests with; its package index serves them from local disk).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
