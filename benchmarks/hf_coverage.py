@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the references live beside the tests that also use them
 
 from tests.hf_references import TYPE_CASES, reference_output  # noqa: E402
+
 from vitrail import VitrailModel  # noqa: E402
 from vitrail.convert import REFUSED_MODEL_TYPES, SUPPORTED_MODEL_TYPES, load_hf_checkpoint  # noqa: E402
 
@@ -50,7 +51,9 @@ OUTPUT = ROOT / "docs" / "coverage_transformers.md"
 
 def _declares(config_class, names) -> bool:
     fields = (
-        {f.name for f in dataclasses.fields(config_class)} if dataclasses.is_dataclass(config_class) else set()
+        {f.name for f in dataclasses.fields(config_class)}
+        if dataclasses.is_dataclass(config_class)
+        else set()
     )
     return set(names) <= fields
 

@@ -134,6 +134,7 @@ TOWER_CASES = {
         ("metaclip_2_vision_model", "MetaClip2VisionModel", "MetaClip2VisionConfig"),
         ("owlvit_vision_model", "OwlViTVisionModel", "OwlViTVisionConfig"),
         ("owlv2_vision_model", "Owlv2VisionModel", "Owlv2VisionConfig"),
+        ("clipseg_vision_model", "CLIPSegVisionModel", "CLIPSegVisionConfig"),
     ]
 }  # fmt: skip
 TOWER_CASES.update(
