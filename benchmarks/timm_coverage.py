@@ -231,7 +231,8 @@ def table(architectures: dict[str, list[str]], results) -> str:
         f"pooled vector) within {TOLERANCE:g}, at the native size and, where timm resamples positions at run "
         f"time, at a {SECOND_GRID[0]} x {SECOND_GRID[1]} patch grid. Parity is checked on these shrunk random "
         "copies of each architecture, not on the published weights. Counts are pretrained tags "
-        "(`timm.list_pretrained()`), each counted with its architecture.",
+        "(`timm.list_pretrained()`), each counted with its architecture. transformers model types: "
+        "[coverage_transformers.md](coverage_transformers.md).",
         "",
         f"**{kinds['parity']} of {len(by_tag)} tags load with parity**; {kinds['refused']} are refused naming the "
         f"features vitrail lacks; {kinds['differ']} load with different outputs; {kinds['misleading']} fail with "

@@ -34,7 +34,7 @@ How each family maps onto vitrail's config:
 - TimmWrapper: timm's config.json and timm's tensors under `timm_model.`; the prefix is taken off and the timm
   converter (`vitrail.convert.timm`) does the rest.
 - Vision towers (alone, or read out of the full image-text checkpoint, whose text tower and projections are
-  dropped with their reason): CLIP, AltCLIP, Chinese-CLIP, MetaCLIP 2 and OWL-ViT have a bias-free patch
+  dropped with their reason): CLIP, AltCLIP, Chinese-CLIP, MetaCLIP 2, OWL-ViT and CLIPSeg have a bias-free patch
   convolution, a class embedding, a LayerNorm before the encoder (`pre_norm`) and the post-LayerNorm on the pooled
   class token only (`use_fc_norm`, class-token pooling); their classification heads read the mean of the un-normed
   patch tokens (`pooling="mean"`, `final_norm=False`). GIT's tower normalises every token. SigLIP has no class
@@ -385,6 +385,7 @@ TOWER_TYPES = {
             "metaclip_2",
             "owlvit_vision_model",
             "owlv2_vision_model",
+            "clipseg_vision_model",  # CLIPSeg's tower, CLIP's saved alone
         ),
         "clip",
     ),
@@ -536,6 +537,11 @@ SUPPORTED_MODEL_TYPES = (
     TIMM_WRAPPER,
 )
 
+_SAM = "SAM's windowed encoder with relative positions and its convolutional neck"
+_BLIP = (
+    "BLIP's vision pooler, which applies the post-LayerNorm to the class token twice, where vitrail's pooling "
+    "normalises it once"
+)
 # transformers model types with a Vision Transformer inside that vitrail does not convert, and what is missing.
 REFUSED_MODEL_TYPES = {
     **dict.fromkeys(
@@ -547,7 +553,7 @@ REFUSED_MODEL_TYPES = {
     "backbone instead (VitrailBackbone with reshape_hidden_states=False)",
     "yolos": "YOLOS's detection tokens with their own position table and its detection heads",
     "vitdet": "ViTDet's windowed attention with relative position tables, which vitrail's layers do not do",
-    "sam_vision_model": "SAM's windowed encoder with relative positions and its convolutional neck",
+    "sam_vision_model": _SAM,
     "vitpose_backbone": "VitPose's patch convolution padded by 2 pixels (patches straddle the border) and, in its "
     "multi-dataset models, a mixture-of-experts MLP",
     **dict.fromkeys(
@@ -559,8 +565,7 @@ REFUSED_MODEL_TYPES = {
     ),
     **dict.fromkeys(
         ("blip_vision_model", "blip", "blip_2_vision_model", "blip-2"),
-        "BLIP's vision pooler, which applies the post-LayerNorm to the class token twice, where vitrail's pooling "
-        "normalises it once",
+        _BLIP,
     ),
     **dict.fromkeys(
         ("mlcd_vision_model", "mlcd"),
@@ -573,6 +578,69 @@ REFUSED_MODEL_TYPES = {
         "(`OwlViTVisionModel` / `Owlv2VisionModel`)",
     ),
     "git": "GIT's text decoder (a captioning model); vitrail converts its vision tower saved alone (`GitVisionModel`)",
+    # Vision encoders that transformers configures as Vision Transformers (`image_size`, `patch_size`, ...).
+    **dict.fromkeys(
+        (
+            "sam_hq_vision_model",
+            "deepseek_ocr2_sam_vision_model",
+            "unlimited_ocr_sam_vision_model",
+            "got_ocr2_vision",
+        ),
+        _SAM,
+    ),
+    **dict.fromkeys(("instructblip_vision_model", "instructblipvideo_vision_model"), _BLIP),
+    **dict.fromkeys(
+        ("lw_detr_vit", "rf_detr_dinov2", "sam3_vit_model"),
+        "attention within windows of patches in some layers (a detection or segmentation backbone), which "
+        "vitrail's layers do not do",
+    ),
+    **dict.fromkeys(
+        ("eomt", "eomt_dinov3"),
+        "EoMT's segmentation queries, which join the tokens in the encoder's last layers, and its mask head",
+    ),
+    "xclip_vision_model": "X-CLIP's video encoder (cross-frame message tokens and a multi-frame integration "
+    "transformer); vitrail is an image model",
+    "videomt": "a video segmentation model (queries inside the encoder and mask heads); vitrail is an image model",
+    "groupvit_vision_model": "GroupViT's group tokens and grouping blocks, which merge patch tokens between stages",
+    "mgp-str": "MGP-STR's scene-text recognition heads (character, BPE and WordPiece readouts)",
+    "seggpt": "SegGPT's in-context segmentation (prompt and input images encoded together) and its pixel decoder",
+    "vilt": "ViLT's single-stream image-text encoder (text tokens and patches in one sequence)",
+    "radio": "RADIO's several class tokens and its position table made for `max_img_size` and cut to each input",
+    "pixio": "Pixio's several class tokens (`n_cls_tokens`), where vitrail has one",
+    "sapiens2": "Sapiens 2's grouped-query attention (`num_key_value_heads_per_layer`) and its layers that do not "
+    "attend over the whole image (full attention only in the first and last layers)",
+    "tipsv2_vision_model": "TIPSv2's vision tower, which vitrail has no conversion table for",
+    "flava_image_model": "FLAVA's image encoder, which vitrail has no conversion table for",
+    **dict.fromkeys(
+        (
+            "idefics2_vision",
+            "idefics3_vision",
+            "smolvlm_vision",
+            "granite_docling_vision",
+            "minicpm_ocr_vision",
+            "minicpmv4_6_vision",
+            "minicpmv4_7_vision",
+            "minimax_m3_vl_vision",
+            "molmo2_vision",
+            "ovis2_vision",
+            "ovis2_5_vision",
+            "paddleocr_vl_vision",
+            "phi4_multimodal_vision",
+            "pixtral",
+            "pp_chart2table_vision",
+            "pp_formulanet_vision",
+            "qianfan_ocr_vision",
+            "slanext_vision",
+            "step3p5_vision",
+            "unlimited_ocr_vision_encoder",
+            "llama4_vision_model",
+            "janus_vision_model",
+            "internvl_vision",
+            "kosmos_2_vision_model",
+        ),
+        "a vision-language model's own vision encoder, made for that model's inputs and language side, which "
+        "vitrail has no conversion table for (vitrail converts the CLIP, SigLIP and AIMv2 towers)",
+    ),
 }
 
 
@@ -995,8 +1063,13 @@ def load_hf_checkpoint(path: str | Path, allow_pickle: bool = False) -> VitrailP
     (`ViTForMaskedImageModeling`, `DeiTForMaskedImageModeling`) `VitrailForMaskedImageModeling`, backbones
     `VitrailModel`. A timm model saved through transformers' `TimmWrapper*` classes goes to the timm converter
     (`load_timm_wrapper_checkpoint`). `pytorch_model.bin` is read only with `allow_pickle=True`."""
-    if is_timm_config(json.loads((Path(path) / "config.json").read_text())):
+    config_dict = json.loads((Path(path) / "config.json").read_text())
+    if is_timm_config(config_dict):
         return load_timm_wrapper_checkpoint(path, allow_pickle=allow_pickle)
+    # What vitrail cannot convert is refused by name before any weight is read (a config alone is enough).
+    if config_dict.get("model_type") in REFUSED_MODEL_TYPES:
+        raise NotImplementedError(f"{path}: {refusal(config_dict['model_type'])}")
+    check_architectures(config_dict.get("architectures"))
     return _plan(read_weights(path, allow_pickle), AutoConfig.from_pretrained(path)).load()
 
 
