@@ -220,9 +220,9 @@ def predict(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be positive")
-    _check_model(parser, args.model)
     if args.attention_map:
         require("predict --attention-map", "train", only=["matplotlib"])
+    _check_model(parser, args.model)
     from transformers.utils import logging as hf_logging
 
     from .predict import run
@@ -466,8 +466,8 @@ def export(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest logit difference accepted")
     args = parser.parse_args(argv)
-    _check_model(parser, args.model)
     require("export", "export")
+    _check_model(parser, args.model)
     from . import export as exporting
     from .modeling_vitrail import VitrailForImageClassification
 
