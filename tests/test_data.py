@@ -4,29 +4,18 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
-import numpy as np
-import PIL.Image
 import pytest
 
 from vitrail.data import scan_image_folder
 
+from .test_training_reliability import gray_folder
+
 pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes need os.mkfifo (POSIX)")
 
 
-def image_folder(root: Path, classes=("cat", "dog"), per_class=3) -> Path:
-    rng = np.random.default_rng(0)
-    for index, name in enumerate(classes):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            array = (rng.integers(0, 60, (8, 8)) + 80 * index).astype(np.uint8)
-            PIL.Image.fromarray(array).save(root / name / f"{i}.png")
-    return root
-
-
 def test_named_pipe_is_skipped_with_the_other_files(tmp_path, caplog):
-    data = image_folder(tmp_path / "data")
+    data = gray_folder(tmp_path / "data", classes=("cat", "dog"), per_class=3)
     os.mkfifo(data / "cat" / "x.png")
     (data / "dog" / "notes.txt").write_text("labels")
     classes = scan_image_folder(data, "train")
@@ -39,7 +28,7 @@ def test_named_pipe_is_skipped_with_the_other_files(tmp_path, caplog):
 def test_data_check_of_a_folder_with_a_named_pipe_finishes(tmp_path):
     """The whole check (scan, then decode every image) in a child process with a time limit: reading a named pipe
     waits for a writer that never comes, so a check that opens one would never return."""
-    data = image_folder(tmp_path / "data")
+    data = gray_folder(tmp_path / "data", classes=("cat", "dog"), per_class=3)
     os.mkfifo(data / "cat" / "x.png")
     code = textwrap.dedent(
         """
