@@ -24,12 +24,13 @@ from pathlib import Path
 import numpy as np
 
 HOOK = """
-import json, os, time, torch
+import json, os, time
+from torch.optim.optimizer import register_optimizer_step_post_hook
 _log = os.environ["STEP_LOG"]
 def _hook(optimizer, args, kwargs):
     with open(_log, "a") as f:
         f.write(json.dumps(time.time()) + "\\n")
-torch.optim.optimizer.register_optimizer_step_post_hook(_hook)
+register_optimizer_step_post_hook(_hook)
 """
 
 
