@@ -1,12 +1,14 @@
-"""benchmarks/peers.py: its quick mode prints the table it promises, and bad arguments are refused by name.
-Nothing here asserts a timing: the numbers depend on the machine."""
+"""benchmarks/peers.py: its quick mode prints the table it promises, and bad arguments are refused by name;
+benchmarks/data_scale.py runs. Nothing here asserts a timing: the numbers depend on the machine."""
 
 import collections
+import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -317,3 +319,29 @@ def test_training_step_uses_the_trainers_default_optimizer(tmp_path):
     before = model.weight.detach().clone()
     calls["vitrail"]()
     assert not torch.equal(before, model.weight)
+
+
+def test_data_scale_times_a_run_of_ours(tmp_path):
+    """benchmarks/data_scale.py on 64 photos, 3 steps: it reports a first-step time and a data-path rate (its step
+    hook once failed to import, which only a run shows); the transformers side needs the example's path."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "data_scale.py"),
+            "--sizes",
+            "64",
+            "--steps",
+            "3",
+            "--work",
+            str(tmp_path),
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("CPU: ") and "--transformers-example PATH" in lines[1]
+    row = json.loads(lines[-1])
+    assert row["photos"] == 64 and row["data_path_img_s_core"] > 0
+    assert row["vitrail"]["first_step_s"] > 0
