@@ -14,11 +14,10 @@ from .image_processing_vitrail import VitrailImageProcessor
 from .metrics import confusion_matrix, first_array, make_compute_metrics
 from .modeling_vitrail import VitrailForImageClassification
 from .plots import plot_confusion_matrix
-from .run_folder import DATA_SPLIT, differences, read_json, write_json_atomic
+from .run_folder import DATA_SPLIT, check_model_source, differences, read_json, write_json_atomic
 from .training import (
     DataArguments,
     VitrailTrainer,
-    check_model_source,
     check_split_fractions,
     load_splits,
     prepare_splits,

@@ -66,6 +66,12 @@ class Rename:
     note: str | None = None
 
 
+def fused_qkv(query: str, key: str, value: str, target: str = "attention.qkv.{p}") -> tuple[Rename, ...]:
+    """The rows for separate query, key and value projections, which fill blocks 0, 1 and 2 of vitrail's fused
+    `qkv` in that order."""
+    return tuple(Rename(name, target, slot=(index, 3)) for index, name in enumerate((query, key, value)))
+
+
 @dataclass(frozen=True)
 class Drop:
     """Source tensors matching `source` (a `Rename` pattern) have no vitrail counterpart; each is dropped with

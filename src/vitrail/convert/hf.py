@@ -74,6 +74,7 @@ from .common import (
     Plan,
     Refuse,
     Rename,
+    fused_qkv,
     height_width,
     in_layers,
     model_outputs,
@@ -93,15 +94,13 @@ TIMM_WRAPPER = "timm_wrapper"
 # ---- layer rows, inside layer N ------------------------------------------------------------------------------
 
 _HUB_ATTENTION = (
-    Rename("attention.attention.query.{p}", "attention.qkv.{p}", slot=(0, 3)),
-    Rename("attention.attention.key.{p}", "attention.qkv.{p}", slot=(1, 3)),
-    Rename("attention.attention.value.{p}", "attention.qkv.{p}", slot=(2, 3)),
+    *fused_qkv(
+        "attention.attention.query.{p}", "attention.attention.key.{p}", "attention.attention.value.{p}"
+    ),
     Rename("attention.output.dense.{p}", "attention.proj.{p}"),
 )
 _V5_ATTENTION = (
-    Rename("attention.q_proj.{p}", "attention.qkv.{p}", slot=(0, 3)),
-    Rename("attention.k_proj.{p}", "attention.qkv.{p}", slot=(1, 3)),
-    Rename("attention.v_proj.{p}", "attention.qkv.{p}", slot=(2, 3)),
+    *fused_qkv("attention.q_proj.{p}", "attention.k_proj.{p}", "attention.v_proj.{p}"),
     Rename("attention.o_proj.{p}", "attention.proj.{p}"),
 )
 _VIT_NORMS = (Rename("layernorm_before.{p}", "norm1.{p}"), Rename("layernorm_after.{p}", "norm2.{p}"))
@@ -252,9 +251,7 @@ def _as_table(tensor: torch.Tensor) -> torch.Tensor:
 
 
 _TOWER_LAYER = (
-    Rename("self_attn.q_proj.{p}", "attention.qkv.{p}", slot=(0, 3)),
-    Rename("self_attn.k_proj.{p}", "attention.qkv.{p}", slot=(1, 3)),
-    Rename("self_attn.v_proj.{p}", "attention.qkv.{p}", slot=(2, 3)),
+    *fused_qkv("self_attn.q_proj.{p}", "self_attn.k_proj.{p}", "self_attn.v_proj.{p}"),
     Rename("self_attn.out_proj.{p}", "attention.proj.{p}"),
     Rename("layer_norm1.{p}", "norm1.{p}"),
     Rename("layer_norm2.{p}", "norm2.{p}"),
@@ -337,9 +334,7 @@ FAMILIES.update(
 # AIMv2: RMSNorm everywhere (also on the patch tokens), SwiGLU, biases as configured, no class token, and an
 # attention-pooling head that `_aimv2_head_as_map` writes in vitrail's MAP parameters.
 _AIMV2_LAYER = (
-    Rename("attention.q_proj.{p}", "attention.qkv.{p}", slot=(0, 3)),
-    Rename("attention.k_proj.{p}", "attention.qkv.{p}", slot=(1, 3)),
-    Rename("attention.v_proj.{p}", "attention.qkv.{p}", slot=(2, 3)),
+    *fused_qkv("attention.q_proj.{p}", "attention.k_proj.{p}", "attention.v_proj.{p}"),
     Rename("attention.out_proj.{p}", "attention.proj.{p}"),
     Rename("rms_norm1.weight", "norm1.weight"),
     Rename("rms_norm2.weight", "norm2.weight"),
@@ -398,9 +393,12 @@ TOWER_TYPES = {
 # ---- BEiT and data2vec-vision: relative position bias tables, query/value-only biases, LayerScale ---------------
 
 _BEIT_HUB = (
-    Rename("attention.attention.query.weight", "attention.qkv.weight", slot=(0, 3)),
-    Rename("attention.attention.key.weight", "attention.qkv.weight", slot=(1, 3)),
-    Rename("attention.attention.value.weight", "attention.qkv.weight", slot=(2, 3)),
+    *fused_qkv(
+        "attention.attention.query.weight",
+        "attention.attention.key.weight",
+        "attention.attention.value.weight",
+        "attention.qkv.weight",
+    ),
     Rename("attention.attention.query.bias", "attention.q_bias"),
     Rename("attention.attention.value.bias", "attention.v_bias"),
     Rename(
@@ -412,9 +410,12 @@ _BEIT_HUB = (
     Rename("output.dense.{p}", "mlp.fc2.{p}"),
 )
 _BEIT_V5 = (
-    Rename("attention.q_proj.weight", "attention.qkv.weight", slot=(0, 3)),
-    Rename("attention.k_proj.weight", "attention.qkv.weight", slot=(1, 3)),
-    Rename("attention.v_proj.weight", "attention.qkv.weight", slot=(2, 3)),
+    *fused_qkv(
+        "attention.q_proj.weight",
+        "attention.k_proj.weight",
+        "attention.v_proj.weight",
+        "attention.qkv.weight",
+    ),
     Rename("attention.q_proj.bias", "attention.q_bias"),
     Rename("attention.v_proj.bias", "attention.v_bias"),
     Rename("relative_position_bias.relative_position_bias_table", "attention.relative_position_bias.table"),

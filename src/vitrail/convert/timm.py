@@ -34,7 +34,7 @@ from torch import nn
 
 from ..configuration_vitrail import VitrailConfig
 from ..modeling_vitrail import VitrailForImageClassification, VitrailModel
-from .common import Converted, Plan, Rename, describe, in_layers, read_weights
+from .common import Converted, Plan, Rename, describe, fused_qkv, in_layers, read_weights
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +57,7 @@ TIMM_RENAMES: tuple[Rename, ...] = (
             Rename("norm1.{p}", "norm1.{p}"),
             Rename("norm2.{p}", "norm2.{p}"),
             Rename("attn.qkv.{p}", "attention.qkv.{p}"),
-            Rename("attn.q_proj.{p}", "attention.qkv.{p}", slot=(0, 3)),
-            Rename("attn.k_proj.{p}", "attention.qkv.{p}", slot=(1, 3)),
-            Rename("attn.v_proj.{p}", "attention.qkv.{p}", slot=(2, 3)),
+            *fused_qkv("attn.q_proj.{p}", "attn.k_proj.{p}", "attn.v_proj.{p}"),
             Rename("attn.q_bias", "attention.q_bias"),
             Rename("attn.rope_freqs", "attention.rope_freqs"),
             Rename("attn.relative_position_bias_table", "attention.relative_position_bias.table"),
