@@ -157,7 +157,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000])
     parser.add_argument("--transformers-example", type=Path, default=None)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=1, help="runs of each trainer per size; medians reported")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs of each trainer per size; medians reported"
+    )
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vitrail-data-scale")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -177,12 +179,34 @@ def main() -> None:
     for size in args.sizes:
         folder = make_photos(args.work / f"photos-{size}", size)
         commands = {
-            "vitrail": [sys.executable, str(root / "scripts" / "train.py"), "--train_dir", str(folder),
-                        "--variant", "Ti/16", "--image_size", "224", "--test_size", "0", "--validation_size", "0",
-                        "--output_dir", str(args.work / f"ours-{size}"), "--overwrite_output_dir", "true",
-                        *common],  # fmt: skip
-            "baseline": [sys.executable, str(root / "benchmarks" / "imagefolder_trainer.py"), "--train_dir",
-                         str(folder), "--output_dir", str(args.work / f"baseline-{size}"), *common],  # fmt: skip
+            "vitrail": [
+                sys.executable,
+                str(root / "scripts" / "train.py"),
+                "--train_dir",
+                str(folder),
+                "--variant",
+                "Ti/16",
+                "--image_size",
+                "224",
+                "--test_size",
+                "0",
+                "--validation_size",
+                "0",
+                "--output_dir",
+                str(args.work / f"ours-{size}"),
+                "--overwrite_output_dir",
+                "true",
+                *common,
+            ],  # fmt: skip
+            "baseline": [
+                sys.executable,
+                str(root / "benchmarks" / "imagefolder_trainer.py"),
+                "--train_dir",
+                str(folder),
+                "--output_dir",
+                str(args.work / f"baseline-{size}"),
+                *common,
+            ],  # fmt: skip
         }
         commands["baseline_workers"] = [*commands["baseline"], "--dataloader_num_workers", str(workers)]
         if args.transformers_example is not None:

@@ -59,7 +59,9 @@ def main() -> None:
     side = data_flags.image_size
     processor = ViTImageProcessor(size={"height": side, "width": side})
     normalize = Normalize(mean=processor.image_mean, std=processor.image_std)
-    train_transform = Compose([RandomResizedCrop((side, side)), RandomHorizontalFlip(), ToTensor(), normalize])
+    train_transform = Compose(
+        [RandomResizedCrop((side, side)), RandomHorizontalFlip(), ToTensor(), normalize]
+    )
     eval_transform = Compose([Resize((side, side)), CenterCrop((side, side)), ToTensor(), normalize])
 
     def transformed(transform):
