@@ -1,12 +1,23 @@
-"""Time to the first optimizer step and steady images per second on folders of JPEG photos, beside transformers'
-`run_image_classification.py`, plus the data path alone (decode + resize + augment, images per second per core).
+"""Time to the first optimizer step and steady images per second on folders of JPEG photos: vitrail beside a
+baseline that follows transformers' image-classification example, plus the data path alone (decode + resize +
+augment, images per second on one core).
 
-    python benchmarks/data_scale.py --sizes 1000 5000 20000 [--transformers-example PATH] [--steps 20]
+    python benchmarks/data_scale.py --sizes 1000 5000 20000 --repeats 3 [--transformers-example PATH] [--steps 20]
 
-The photos are made from the two that ship in scikit-learn (random crops, resized to 320-500 px, re-encoded).
-Both trainers run ViT-Ti/16 at 224 px, batch 32; each step's time is taken by an optimizer hook that
-a small module installs in the child process, so both are timed the same way. transformers' example is not
-part of its wheel: pass the path of `examples/pytorch/image-classification/run_image_classification.py`.
+About 4 minutes a size and repeat on 2 cores (20 steps of each trainer). The photos are made from the two that
+ship in scikit-learn (random crops, resized to 320-500 px, re-encoded at JPEG quality 90), in 4 class folders.
+Every trainer runs ViT-Ti/16 at 224 px from random weights, batch 32, on the same photos:
+
+- vitrail: `scripts/train.py --train_dir PHOTOS --variant Ti/16`, its defaults otherwise (data workers: the CPUs);
+- the baseline: `benchmarks/imagefolder_trainer.py`, transformers' Trainer on `load_dataset("imagefolder")` with
+  torchvision transforms, step for step as `run_image_classification.py` does it, with the Trainer's default of
+  0 data workers, and again with as many workers as vitrail uses;
+- transformers' `examples/pytorch/image-classification/run_image_classification.py` itself when its path is
+  given (it is not part of transformers' wheel or sdist).
+
+Each step's time is taken by an optimizer hook that a small module installs in the child process, so all are
+timed alike; the runs of a size are interleaved, and each starts with an empty datasets cache. Figures are
+medians over `--repeats` runs with their range, and the 1-minute load average as each run started.
 """
 
 from __future__ import annotations
