@@ -123,6 +123,13 @@ def load_average() -> str:
     return f"{os.getloadavg()[0]:.2f}"
 
 
+def wait_for_quiet(max_load: float | None, patience: float = 180.0) -> None:
+    """On a shared machine, wait (at most `patience` seconds) until the 1-minute load average is under `max_load`."""
+    deadline = time.time() + patience
+    while max_load is not None and os.getloadavg()[0] >= max_load and time.time() < deadline:
+        time.sleep(5)
+
+
 def median_row(runs: list[dict]) -> dict:
     """The median of each figure over repeated runs, with its range and the load each run started under."""
     row = {}
@@ -170,6 +177,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument(
         "--repeats", type=int, default=1, help="runs of each trainer per size; medians reported"
+    )
+    parser.add_argument(
+        "--max-load",
+        type=float,
+        default=None,
+        help="before each run, wait (up to 3 min) for a lower load average",
     )
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vitrail-data-scale")
     args = parser.parse_args()
@@ -235,6 +248,7 @@ def main() -> None:
             for key, command in commands.items():
                 # A fresh datasets cache per run: every run starts from the photos alone.
                 shutil.rmtree(args.work / "datasets-cache", ignore_errors=True)
+                wait_for_quiet(args.max_load)
                 runs[key].append({"load": load_average(), **timed_run(command, args.work, 32)})
         row = {"photos": size, "data_path_img_s_core": data_path_rate(folder)}
         row.update({key: median_row(found) for key, found in runs.items()})
