@@ -605,11 +605,9 @@ def recorded_stream(
     )
     record = stream_record(data_args, source, files, earlier["splits"])
     known = {key: earlier.get(key) for key in ("class_names", "image_column", "label_column")}
-    if (
-        None in known.values() or earlier.keys() != record.keys() | known.keys()
-    ):  # e.g. files of another split
-        return None
-    if any(earlier[key] != value for key, value in record.items()):
+    # The same keys (not, say, the files of one more split) with the same values.
+    same = earlier.keys() == record.keys() | known.keys() and all(earlier[k] == v for k, v in record.items())
+    if None in known.values() or not same:
         return None
     splits = {key: UNOPENED if key in record["splits"] else None for key in ("train", "validation", "test")}
     labels = list(known["class_names"])
@@ -1114,7 +1112,7 @@ class VitrailTrainer(Trainer):
             # A forward and backward of one black image, times zero: DDP reduces gradients as after a real batch.
             config = self.model.config
             black = torch.zeros(1, config.num_channels, *config.image_hw, device=self.args.device)
-            self.accelerator.backward(model(pixel_values=black).logits.sum() * 0)
+            self.accelerator.backward(model(pixel_values=black)[0].sum() * 0)
         return torch.zeros((), device=self.args.device)
 
     def get_train_dataloader(self):
