@@ -1215,14 +1215,24 @@ class VitrailTrainer(Trainer):
 PREFIX = {"test": "test", "validation": "eval"}
 
 
+def compute_metrics(num_labels: int):
+    """The Trainer's `compute_metrics` (`vitrail.metrics.make_compute_metrics`), imported at the first evaluation:
+    `vitrail.metrics` imports `evaluate`, about a second here, which the first training step need not wait for."""
+
+    def compute(prediction) -> dict:
+        from .metrics import make_compute_metrics
+
+        return make_compute_metrics(num_labels)(prediction)
+
+    return compute
+
+
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
     """Train, evaluate on validation and the held-out test split, and write a shareable checkpoint folder.
 
     Returns what the folder's `all_results.json` holds. A rerun of a finished run with the same settings
     returns it without training; see `vitrail.run_folder.start_run` for resuming and refusing.
     """
-    from .metrics import make_compute_metrics  # here, not at the top: it imports `evaluate`, which is slow
-
     check_arguments(model_args)
     output, data = open_run(data_args, training_args)
     labels = data.labels
@@ -1250,7 +1260,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         eval_dataset=data.splits["validation"],
         data_collator=default_data_collator,
         processing_class=processor,
-        compute_metrics=make_compute_metrics(len(labels)),
+        compute_metrics=compute_metrics(len(labels)),
         layer_decay=model_args.layer_decay,
         augment=batch_augment(data_args, processor),
         mixup_alpha=data_args.mixup_alpha,
