@@ -1,12 +1,23 @@
-"""Time to the first optimizer step and steady images per second on folders of JPEG photos, beside transformers'
-`run_image_classification.py`, plus the data path alone (decode + resize + augment, images per second per core).
+"""Time to the first optimizer step and steady images per second on folders of JPEG photos: vitrail beside a
+baseline that follows transformers' image-classification example, plus the data path alone (decode + resize +
+augment, images per second on one core).
 
-    python benchmarks/data_scale.py --sizes 1000 5000 20000 [--transformers-example PATH] [--steps 20]
+    python benchmarks/data_scale.py --sizes 1000 5000 20000 --repeats 3 [--transformers-example PATH] [--steps 20]
 
-The photos are made from the two that ship in scikit-learn (random crops, resized to 320-500 px, re-encoded).
-Both trainers run ViT-Ti/16 at 224 px, batch 32; each step's time is taken by an optimizer hook that
-a small module installs in the child process, so both are timed the same way. transformers' example is not
-part of its wheel: pass the path of `examples/pytorch/image-classification/run_image_classification.py`.
+About 4 minutes a size and repeat on 2 cores (20 steps of each trainer). The photos are made from the two that
+ship in scikit-learn (random crops, resized to 320-500 px, re-encoded at JPEG quality 90), in 4 class folders.
+Every trainer runs ViT-Ti/16 at 224 px from random weights, batch 32, on the same photos:
+
+- vitrail: `scripts/train.py --train_dir PHOTOS --variant Ti/16`, its defaults otherwise (data workers: the CPUs);
+- the baseline: `benchmarks/imagefolder_trainer.py`, transformers' Trainer on `load_dataset("imagefolder")` with
+  torchvision transforms, step for step as `run_image_classification.py` does it, with the Trainer's default of
+  0 data workers, and again with as many workers as vitrail uses;
+- transformers' `examples/pytorch/image-classification/run_image_classification.py` itself when its path is
+  given (it is not part of transformers' wheel or sdist).
+
+Each step's time is taken by an optimizer hook that a small module installs in the child process, so all are
+timed alike; the runs of a size are interleaved, and each starts with an empty datasets cache. Figures are
+medians over `--repeats` runs with their range, and the 1-minute load average as each run started.
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -106,41 +118,143 @@ def data_path_rate(folder: Path, count: int = 256) -> float:
     return len(files) / (time.perf_counter() - started)
 
 
+def load_average() -> str:
+    """The 1-minute load average, beside the core count: the machine may be shared."""
+    return f"{os.getloadavg()[0]:.2f}"
+
+
+def wait_for_quiet(max_load: float | None, patience: float = 180.0) -> None:
+    """On a shared machine, wait (at most `patience` seconds) until the 1-minute load average is under `max_load`."""
+    deadline = time.time() + patience
+    while max_load is not None and os.getloadavg()[0] >= max_load and time.time() < deadline:
+        time.sleep(5)
+
+
+def median_row(runs: list[dict]) -> dict:
+    """The median of each figure over repeated runs, with its range and the load each run started under."""
+    row = {}
+    for key in ("first_step_s", "steady_img_s"):
+        values = sorted(run[key] for run in runs)
+        row[key] = float(np.median(values))
+        row[f"{key}_range"] = [values[0], values[-1]]
+    row["load"] = [run["load"] for run in runs]
+    return row
+
+
+# The trainers each size is timed with: (key, label in the table).
+LABELS = {
+    "vitrail": "vitrail (`scripts/train.py`)",
+    "baseline": "transformers Trainer + imagefolder, the example's pipeline (0 data workers, its default)",
+    "baseline_workers": "the same, with as many data workers as vitrail uses",
+    "transformers_example": "transformers' `run_image_classification.py`",
+}
+
+
+def markdown(rows: list[dict], workers: int) -> str:
+    """The table of medians [min-max] per size and trainer."""
+    lines = [
+        "| photos | trainer | time to first step, s | steady rate, img/s |",
+        "|---:|---|---:|---:|",
+    ]
+    for row in rows:
+        for key, label in LABELS.items():
+            if key in row:
+                run = row[key]
+                low, high = run["first_step_s_range"]
+                slow, shigh = run["steady_img_s_range"]
+                label = label.replace("as many data workers as vitrail uses", f"{workers} data workers")
+                lines.append(
+                    f"| {row['photos']:,} | {label} | {run['first_step_s']:.1f} [{low:.1f}–{high:.1f}] "
+                    f"| {run['steady_img_s']:.1f} [{slow:.1f}–{shigh:.1f}] |"
+                )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000])
     parser.add_argument("--transformers-example", type=Path, default=None)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs of each trainer per size; medians reported"
+    )
+    parser.add_argument(
+        "--max-load",
+        type=float,
+        default=None,
+        help="before each run, wait (up to 3 min) for a lower load average",
+    )
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vitrail-data-scale")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
         ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")),
         platform.processor())  # fmt: skip
-    print(f"CPU: {cpu}, {len(os.sched_getaffinity(0))} cores; {time.strftime('%Y-%m-%d')}")
+    cores = len(os.sched_getaffinity(0))
+    print(f"CPU: {cpu}, {cores} cores; {time.strftime('%Y-%m-%d')}; load {load_average()}")
     if args.transformers_example is None:
-        print("transformers' example not given: pass --transformers-example PATH for the comparison.")
+        print("transformers' example not given: pass --transformers-example PATH to time it too.")
+    root = Path(__file__).resolve().parents[1]
+    # vitrail's default data workers for images processed on the fly: every CPU of the process.
+    workers = max(1, cores)
+    common = ["--max_steps", str(args.steps), "--per_device_train_batch_size", "32", "--save_strategy", "no",
+              "--eval_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "50"]  # fmt: skip
     rows = []
     for size in args.sizes:
         folder = make_photos(args.work / f"photos-{size}", size)
-        row = {"photos": size, "data_path_img_s_core": data_path_rate(folder)}
-        common = ["--max_steps", str(args.steps), "--per_device_train_batch_size", "32", "--save_strategy", "no",
-                  "--eval_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "50"]  # fmt: skip
-        ours = [sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "train.py"), "--train_dir", str(folder), "--variant", "Ti/16",
-                "--image_size", "224", "--test_size", "0", "--validation_size", "0",
-                "--output_dir", str(args.work / f"ours-{size}"), "--overwrite_output_dir", "true", *common]  # fmt: skip
-        row["vitrail"] = timed_run(ours, args.work, 32)
+        commands = {
+            "vitrail": [
+                sys.executable,
+                str(root / "scripts" / "train.py"),
+                "--train_dir",
+                str(folder),
+                "--variant",
+                "Ti/16",
+                "--image_size",
+                "224",
+                "--test_size",
+                "0",
+                "--validation_size",
+                "0",
+                "--output_dir",
+                str(args.work / f"ours-{size}"),
+                "--overwrite_output_dir",
+                "true",
+                *common,
+            ],  # fmt: skip
+            "baseline": [
+                sys.executable,
+                str(root / "benchmarks" / "imagefolder_trainer.py"),
+                "--train_dir",
+                str(folder),
+                "--output_dir",
+                str(args.work / f"baseline-{size}"),
+                *common,
+            ],  # fmt: skip
+        }
+        commands["baseline_workers"] = [*commands["baseline"], "--dataloader_num_workers", str(workers)]
         if args.transformers_example is not None:
             model = args.work / "vit-ti16"
             if not model.is_dir():
                 tiny_vit(model)
-            theirs = [sys.executable, str(args.transformers_example.resolve()), "--train_dir", str(folder),
-                      "--model_name_or_path", str(model), "--ignore_mismatched_sizes", "true", "--do_train",
-                      "--train_val_split", "0", "--remove_unused_columns", "false", "--trust_remote_code", "false",
-                      "--output_dir", str(args.work / f"theirs-{size}"), *common]  # fmt: skip
-            row["transformers_example"] = timed_run(theirs, args.work, 32)
+            commands["transformers_example"] = [
+                sys.executable, str(args.transformers_example.resolve()), "--train_dir", str(folder),
+                "--model_name_or_path", str(model), "--ignore_mismatched_sizes", "true", "--do_train",
+                "--train_val_split", "0", "--remove_unused_columns", "false", "--trust_remote_code", "false",
+                "--output_dir", str(args.work / f"theirs-{size}"), *common,
+            ]  # fmt: skip
+        runs: dict[str, list[dict]] = {key: [] for key in commands}
+        for _ in range(args.repeats):  # interleaved, so that a change in load touches every trainer alike
+            for key, command in commands.items():
+                # A fresh datasets cache per run: every run starts from the photos alone.
+                shutil.rmtree(args.work / "datasets-cache", ignore_errors=True)
+                wait_for_quiet(args.max_load)
+                runs[key].append({"load": load_average(), **timed_run(command, args.work, 32)})
+        row = {"photos": size, "data_path_img_s_core": data_path_rate(folder)}
+        row.update({key: median_row(found) for key, found in runs.items()})
         rows.append(row)
-        print(json.dumps(row))
+        print(json.dumps(row), flush=True)
+    print(markdown(rows, workers))
 
 
 if __name__ == "__main__":

@@ -321,9 +321,11 @@ def test_training_step_uses_the_trainers_default_optimizer(tmp_path):
     assert not torch.equal(before, model.weight)
 
 
-def test_data_scale_times_a_run_of_ours(tmp_path):
-    """benchmarks/data_scale.py on 64 photos, 3 steps: it reports a first-step time and a data-path rate (its step
-    hook once failed to import, which only a run shows); the transformers side needs the example's path."""
+def test_data_scale_times_a_run_of_ours_and_the_baseline(tmp_path):
+    """benchmarks/data_scale.py on 64 photos, 3 steps: it times vitrail and the baseline that always runs
+    (transformers' Trainer on an `imagefolder` dataset, the example's pipeline, with 0 and with vitrail's data
+    workers), reports a first-step time, a steady rate and a data-path rate for each (its step hook once failed
+    to import, which only a run shows), and prints the table; transformers' own example needs its path."""
     result = subprocess.run(
         [
             sys.executable,
@@ -331,17 +333,21 @@ def test_data_scale_times_a_run_of_ours(tmp_path):
             "--sizes",
             "64",
             "--steps",
-            "3",
+            "4",
             "--work",
             str(tmp_path),
         ],  # fmt: skip
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert lines[0].startswith("CPU: ") and "--transformers-example PATH" in lines[1]
-    row = json.loads(lines[-1])
+    row = json.loads(lines[2])
     assert row["photos"] == 64 and row["data_path_img_s_core"] > 0
-    assert row["vitrail"]["first_step_s"] > 0
+    assert row.keys() >= {"vitrail", "baseline", "baseline_workers"} and "transformers_example" not in row
+    for key in ("vitrail", "baseline", "baseline_workers"):
+        assert row[key]["first_step_s"] > 0 and row[key]["steady_img_s"] > 0
+    table = [line for line in lines if line.startswith("| 64 |")]
+    assert len(table) == 3 and "the example's pipeline (0 data workers" in table[1]

@@ -580,6 +580,38 @@ def test_an_image_read_later_is_named(tmp_path, cache):
         )  # fmt: skip
 
 
+@pytest.mark.parametrize("cache", ["true", "false"])
+def test_an_image_that_fails_to_decode_is_skipped_and_named(tmp_path, monkeypatch, cache):
+    """Under --skip_bad_images, an image that fails to decode when it is first read, by the pixel cache (which
+    fills as training reads images, so that no more than the first batches are decoded before the first step) or on
+    the fly, is left out of every batch and named in the results."""
+    data = gray_folder(tmp_path / "hub-like")
+    truncated_jpeg(data / "dog" / "cut.jpg")
+    events = []
+    decode, step = training.decode_images, training.VitrailTrainer.training_step
+
+    def record_decode(batch, image_col, feature, skip_bad=False):
+        events.extend(["decode"] * len(batch[image_col]))
+        return decode(batch, image_col, feature, skip_bad)
+
+    def record_step(self, model, inputs, num_items_in_batch=None):
+        events.append("step")
+        return step(self, model, inputs, num_items_in_batch)
+
+    monkeypatch.setattr(training, "decode_images", record_decode)
+    monkeypatch.setattr(training.VitrailTrainer, "training_step", record_step)
+    metrics, _ = run_train(
+        tmp_path, "--dataset_name", str(data), "--cache_pixels", cache, "--num_train_epochs", "2",
+        "--per_device_train_batch_size", "4", "--save_strategy", "no", "--test_size", "0.25",
+        "--validation_size", "0", "--skip_bad_images", "true", "--dataloader_num_workers", "0",
+    )  # fmt: skip
+    (name,) = metrics["skipped_images"]
+    assert name.endswith("dog/cut.jpg") and "truncated" in metrics["skipped_images"][name]
+    assert events.index("step") <= 8  # two batches: accelerate's loader reads one ahead
+    if cache == "true":  # each image decoded once, though read in two epochs and one evaluation
+        assert events.count("decode") == 25
+
+
 def test_folder_layouts_are_followed_or_named(tmp_path, caplog):
     data = gray_folder(tmp_path / "data")
     gray_folder(tmp_path / "elsewhere", classes=("bat",))

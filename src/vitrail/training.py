@@ -48,6 +48,7 @@ from .data import (
 from .image_processing_vitrail import VitrailImageProcessor
 from .modeling_vitrail import VitrailForImageClassification
 from .run_folder import (
+    DATA_SPLIT,
     PUSH_RECORD,
     RESULTS,
     RunStart,
@@ -55,6 +56,7 @@ from .run_folder import (
     check_model_source,
     check_output_dir,
     model_settings,
+    read_json,
     schedule_settings,
     start_run,
     write_json_atomic,
@@ -380,6 +382,16 @@ class LoadedData:
     image_column: str = "image"
     label_column: str = "label"
     labels: list[str] = field(default_factory=list)
+    reopen: Any = None  # for a stream recognised from its run's record: what opens it (`open`)
+
+    def open(self) -> None:
+        """Open the splits of a stream that was recognised from its run's record without being read."""
+        if self.reopen is not None:
+            self.splits, self.reopen = self.reopen().splits, None
+
+
+# Stands for a split of a stream that is not opened yet (`LoadedData.open`).
+UNOPENED = "a stream, not opened yet"
 
 
 # Where images and labels are found when the named columns are missing (WebDataset members are named by extension).
@@ -453,17 +465,27 @@ def _files_summary(files: list[str]) -> dict:
     return {"files": len(files), "sha256": hashlib.sha256(listing.encode()).hexdigest()}
 
 
-def load_splits(data_args: DataArguments) -> LoadedData:
+def load_splits(
+    data_args: DataArguments, earlier: dict | None = None, labels: list[str] | None = None
+) -> LoadedData:
     """train / validation / test splits from the Hub, data files, image folders, or the embedded default.
 
     Only listings are read here (file names, never pixels), so that a finished or resumed run is recognised
     without reading any image: image folders get their header check in `begin_run`, and images are decoded
-    where they are processed."""
+    where they are processed. A stream of local files that `earlier` (the split record of the run in the output
+    folder) describes, file names and sizes alike, is not even opened: its class names and columns come from
+    that record, and it opens when the run trains (`LoadedData.open`). `labels`, when given, are the class
+    names (not read from the data)."""
     from datasets import ClassLabel, IterableDataset
 
     files: dict[str, list[str]] = {}
     if data_args.streaming and not data_args.dataset_name:
         raise ValueError("--streaming reads --dataset_name (with --train_files for local files): give it.")
+    if data_args.streaming:
+        files = data_files(data_args)
+        known = recorded_stream(data_args, files, earlier)
+        if known is not None:
+            return known
     if data_args.train_dir:
         splits, _ = image_folder_dataset(
             data_args.train_dir, data_args.validation_dir, data_args.skip_bad_images, check=False
@@ -471,7 +493,7 @@ def load_splits(data_args: DataArguments) -> LoadedData:
         # By name, not path: the record travels with the checkpoint, and the sample hashes below identify the data.
         name = source = Path(data_args.train_dir).resolve().name
     elif data_args.dataset_name:
-        files = data_files(data_args)
+        files = files or data_files(data_args)
         splits = load_dataset(
             data_args.dataset_name,
             data_args.dataset_config_name,
@@ -490,7 +512,7 @@ def load_splits(data_args: DataArguments) -> LoadedData:
     columns = list(splits["train"].column_names or [])
     image_col = find_column(columns, data_args.image_column_name, "image", IMAGE_COLUMNS, "image")
     label_col = find_column(columns, data_args.label_column_name, "label", LABEL_COLUMNS, "label")
-    labels = class_names(splits["train"], label_col, data_args, files.get("train", []))
+    labels = labels or class_names(splits["train"], label_col, data_args, files.get("train", []))
     if isinstance(splits["train"], IterableDataset):
         return _stream_splits(splits, name, source, files, data_args, image_col, label_col, labels)
     if not isinstance(splits["train"].features[label_col], ClassLabel):
@@ -548,15 +570,58 @@ def _stream_splits(splits, name, source, files, data_args, image_col, label_col,
             "The stream has no held-out split: training runs without evaluation. Give --validation_files (or a "
             "dataset with a validation split) to evaluate."
         )
-    record = {
+    record = stream_record(
+        data_args, source, files, [key for key, split in splits.items() if split is not None]
+    )
+    # What a rerun needs to recognise the run without reading the stream (`recorded_stream`).
+    record.update(class_names=labels, image_column=image_col, label_column=label_col)
+    return LoadedData(splits, name, record, {}, image_col, label_col, labels)
+
+
+def stream_record(
+    data_args: DataArguments, source: str, files: dict[str, list[str]], splits: list[str]
+) -> dict:
+    """The split record of a stream: its source, files (names and sizes) and splits, and the sample limits."""
+    return {
         "source": source,
         "streaming": True,
         "max_train_samples": data_args.max_train_samples,
         "max_eval_samples": data_args.max_eval_samples,
         **{key: _files_summary(paths) for key, paths in files.items()},
-        "splits": sorted(key for key, split in splits.items() if split is not None),
+        "splits": sorted(splits),
     }
-    return LoadedData(splits, name, record, {}, image_col, label_col, labels)
+
+
+def recorded_stream(
+    data_args: DataArguments, files: dict[str, list[str]], earlier: dict | None
+) -> LoadedData | None:
+    """The splits of a stream of local files that `earlier` records (same source, file names and sizes, limits),
+    unopened, with the class names and columns of the record; None for any other stream."""
+    local = files and all(Path(path).is_file() for paths in files.values() for path in paths)
+    if not local or not isinstance(earlier, dict) or not isinstance(earlier.get("splits"), list):
+        return None
+    source = data_args.dataset_name + (
+        f":{data_args.dataset_config_name}" if data_args.dataset_config_name else ""
+    )
+    record = stream_record(data_args, source, files, earlier["splits"])
+    known = {key: earlier.get(key) for key in ("class_names", "image_column", "label_column")}
+    # The same keys (not, say, the files of one more split) with the same values.
+    same = earlier.keys() == record.keys() | known.keys() and all(earlier[k] == v for k, v in record.items())
+    if None in known.values() or not same:
+        return None
+    splits = {key: UNOPENED if key in record["splits"] else None for key in ("train", "validation", "test")}
+    labels = list(known["class_names"])
+    data = LoadedData(
+        splits,
+        data_args.dataset_name,
+        {**record, **known},
+        {},
+        known["image_column"],
+        known["label_column"],
+        labels,
+    )
+    data.reopen = partial(load_splits, data_args, labels=labels)
+    return data
 
 
 def _split_summary(split) -> dict | None:
@@ -565,21 +630,6 @@ def _split_summary(split) -> dict | None:
         return None
     names = "\n".join(sorted(str(name) for name in split[SAMPLE_ID]))
     return {"size": len(split), "sha256": hashlib.sha256(names.encode()).hexdigest()}
-
-
-class ProcessedSplit(torch.utils.data.Dataset):
-    """A split whose images are already processed, held as one `(N, C, H, W)` tensor: fetching a batch is a few
-    tensor indexings, where a `datasets` row format costs about 1 ms an image here."""
-
-    def __init__(self, pixel_values: torch.Tensor, labels: torch.Tensor):
-        self.pixel_values, self.labels = pixel_values, labels
-        self.skipped: dict[str, str] = {}  # images that failed to decode, left out (`--skip_bad_images`)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> dict:
-        return {"pixel_values": self.pixel_values[index], "labels": self.labels[index]}
 
 
 def sample_names(batch: dict, image_col: str) -> list[str]:
@@ -664,37 +714,111 @@ class BatchProcessor:
 
 class SkippingCollator:
     """Collates the rows `BatchProcessor` made whole with `collate`, leaving out those of unreadable images and
-    naming them in the batch's `bad_images` (name -> reason), which `VitrailTrainer` records."""
+    naming them (name -> reason) in the batch's `bad_images`, which `VitrailTrainer` records, or, when given, to
+    `record` in the collating process. Rows of a stream (`StreamProcessor`) carry the names of the unreadable
+    images left out before them; a placeholder row only carries names. A batch with no readable image is a batch
+    of `bad_images` alone, which `VitrailTrainer` skips."""
 
-    def __init__(self, collate=default_data_collator):
-        self.collate = collate
+    def __init__(self, collate=default_data_collator, record=None):
+        self.collate, self.record = collate, record
 
     def __call__(self, rows: list[dict]) -> dict:
         bad = {row["bad_image"]: row["bad_reason"] for row in rows if row.get("bad_image")}
-        good = [{k: v for k, v in row.items() if k not in ("bad_image", "bad_reason")} for row in rows]
-        good = [row for row, original in zip(good, rows, strict=True) if not original.get("bad_image")]
-        if not good:
-            raise ValueError(
-                f"Every image of a batch is unreadable: {', '.join(sorted(bad))}. Check the data; with so many bad "
-                "images --skip_bad_images would train on little."
-            )
-        batch = self.collate(good)
-        if bad:
+        for row in rows:
+            bad.update(dict(row.get("skipped") or []))
+        extra = ("bad_image", "bad_reason", "skipped", "placeholder")
+        good = [
+            {k: v for k, v in row.items() if k not in extra}
+            for row in rows
+            if not row.get("bad_image") and not row.get("placeholder")
+        ]
+        batch = self.collate(good) if good else {}
+        if bad and self.record is not None:
+            self.record(bad)
+        elif bad:
             batch["bad_images"] = bad
         return batch
 
 
-def held_out(stream, processor_fn) -> Dataset:
-    """A held-out stream as an indexable dataset: its rows (encoded bytes, never decoded here) read once, so that
-    evaluation covers each sample once in any number of processes; images are processed as batches are drawn."""
-    from datasets import Dataset
+class StreamProcessor:
+    """`BatchProcessor` for a stream (`IterableDataset.map`): the rows of unreadable images leave the stream here,
+    their names travelling on the next row (`skipped`), so that batches are made of readable images only. When
+    every image of a mapped chunk is unreadable, one placeholder row carries their names."""
 
-    rows = list(stream)
-    if not rows:
-        raise ValueError("A held-out stream is empty: check --validation_files.")
-    split = Dataset.from_list(rows, features=stream.features)
-    split.set_transform(processor_fn)
-    return split
+    def __init__(self, process: BatchProcessor):
+        self.process = process
+
+    def __call__(self, batch: dict) -> dict:
+        processed = self.process(batch)
+        bad = [
+            [name, why]
+            for name, why in zip(processed["bad_image"], processed["bad_reason"], strict=True)
+            if name
+        ]
+        good = [i for i, name in enumerate(processed["bad_image"]) if not name]
+        if not good:  # (1, C, H, W) of black, labelled as ignored
+            return {"pixel_values": processed["pixel_values"][:1], "labels": [-100], "skipped": [bad],
+                    "placeholder": [True]}  # fmt: skip
+        return {
+            "pixel_values": processed["pixel_values"][good],
+            "labels": [processed["labels"][i] for i in good],
+            "skipped": [bad] + [[] for _ in good[1:]],
+            "placeholder": [False] * len(good),
+        }
+
+
+class ProcessedSplit(torch.utils.data.Dataset):
+    """A split whose images are processed once, held as one `(N, C, H, W)` tensor: fetching a batch is a few
+    tensor indexings, where a `datasets` row format costs about 1 ms an image here.
+
+    Made with `ProcessedSplit.on_first_read`, the tensor fills as the images are first read: a batch's missing
+    images are processed together, in the process that reads them, so that nothing is decoded before the first
+    step and no image twice. An image that fails to decode under `--skip_bad_images` stays out of every batch,
+    named in its row (`bad_image`, `bad_reason`) for `SkippingCollator`."""
+
+    def __init__(self, pixel_values: torch.Tensor | None, labels: torch.Tensor):
+        self.pixel_values, self.labels = pixel_values, labels
+        self.source, self.process = None, None  # what fills `pixel_values`, for `on_first_read`
+        self.done = torch.ones(len(labels), dtype=torch.bool)
+        self.bad: dict[int, tuple[str, str]] = {}
+
+    @classmethod
+    def on_first_read(cls, split, process: BatchProcessor) -> ProcessedSplit:
+        """A cache of `split` (undecoded images) that `process` fills batch by batch as it is read."""
+        result = cls(None, torch.tensor(split[process.label_col]))
+        result.source, result.process = split, process
+        result.done = torch.zeros(len(split), dtype=torch.bool)
+        return result
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def fill(self, indices: list[int]) -> None:
+        """Process the images at `indices` that are not in the tensor yet, as one batch."""
+        missing = [index for index in indices if not self.done[index]]
+        if not missing:
+            return
+        chunk = self.process(self.source[missing])
+        if self.pixel_values is None:  # allocated on first use; pages untouched stay unused memory
+            self.pixel_values = torch.empty(
+                (len(self), *chunk["pixel_values"].shape[1:]), dtype=torch.float32
+            )
+        self.pixel_values[missing] = chunk["pixel_values"]
+        for place, index in enumerate(missing):
+            if chunk["bad_image"][place]:
+                self.bad[index] = (chunk["bad_image"][place], chunk["bad_reason"][place])
+        self.done[missing] = True
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        self.fill(list(indices))
+        return [self[index] for index in indices]
+
+    def __getitem__(self, index: int) -> dict:
+        self.fill([int(index)])
+        row = {"pixel_values": self.pixel_values[index], "labels": self.labels[index]}
+        if int(index) in self.bad:
+            row["bad_image"], row["bad_reason"] = self.bad[int(index)]
+        return row
 
 
 def check_image_files(data: LoadedData, data_args: DataArguments) -> None:
@@ -726,10 +850,11 @@ def prepare_splits(
     training_args: TrainingArguments | None = None,
 ) -> None:  # fmt: skip
     """Turn images into `pixel_values` with the image processor (the evaluation transform). When the processed
-    data is small (`--cache_pixels`, default: up to 1 GiB) it is computed once, not every epoch, in the same
-    pass that decodes each image the first time; RandAugment needs the images themselves and keeps training on
-    the fly. Streams are processed as they are read, the training stream shuffled (a buffer) and shared out
-    among the processes of a multi-process run. Geometric augmentation comes later, per batch."""
+    data is small (`--cache_pixels`, default: up to 1 GiB) each image is processed once, not every epoch, when
+    it is first read (`ProcessedSplit`): nothing is decoded before the first step. RandAugment needs the images
+    themselves and keeps training on the fly. Streams are processed as they are read, unreadable images leaving
+    them there (`StreamProcessor`), the training stream shuffled (a buffer) and shared out among the processes of
+    a multi-process run. Geometric augmentation comes later, per batch."""
     from datasets import IterableDataset
     from datasets.distributed import split_dataset_by_node
 
@@ -768,43 +893,20 @@ def prepare_splits(
                     split = split_dataset_by_node(
                         split, rank=training_args.process_index, world_size=training_args.world_size
                     )
-                columns = list(split.column_names or [])
-                splits[key] = split.map(process, batched=True, batch_size=64, remove_columns=columns)
-            else:
-                splits[key] = held_out(split, process)
+            # Held-out streams are read in order, as evaluation draws its batches: nothing is read beforehand.
+            columns = list(split.column_names or [])
+            splits[key] = split.map(
+                StreamProcessor(process), batched=True, batch_size=64, remove_columns=columns
+            )
             continue
         cache = data_args.cache_pixels
         if cache is None:
             cache = len(split) * processor.num_channels * height * width * 4 <= 2**30
         if cache and not on_the_fly:
-            splits[key] = cached_split(split, process)
+            splits[key] = ProcessedSplit.on_first_read(split, process)
         else:
             split.set_transform(process)
             splits[key] = split
-
-
-def cached_split(split, process: BatchProcessor) -> ProcessedSplit:
-    """Process every image once, in threads (decoding releases the GIL), into one tensor; images that fail to
-    decode are left out under `--skip_bad_images` (and returned in `ProcessedSplit.skipped`)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    starts = range(0, len(split), 256)
-    with ThreadPoolExecutor(max(1, available_cpus())) as pool:
-        chunks = list(pool.map(lambda start: process(split[start : start + 256]), starts))
-    pixels, labels, skipped = [], [], {}
-    for chunk in chunks:
-        keep = [i for i, name in enumerate(chunk["bad_image"]) if not name]
-        skipped.update(
-            {name: why for name, why in zip(chunk["bad_image"], chunk["bad_reason"], strict=True) if name}
-        )
-        if keep:
-            pixels.append(chunk["pixel_values"][keep])
-            labels.extend(chunk["labels"][i] for i in keep)
-    if skipped:
-        logger.warning("--skip_bad_images: left out %d images that failed to decode", len(skipped))
-    result = ProcessedSplit(torch.cat(pixels), torch.tensor(labels))
-    result.skipped = skipped
-    return result
 
 
 def available_cpus() -> int:
@@ -999,11 +1101,19 @@ class VitrailTrainer(Trainer):
     def record_skipped(self, inputs) -> dict:
         """The batch without its `bad_images`, which are recorded (and logged the first time)."""
         inputs = dict(inputs)  # the batch stays as the data loader gave it
-        for name, reason in (inputs.pop("bad_images", None) or {}).items():
-            if name not in self.skipped_images:
-                logger.warning("--skip_bad_images: left out %s: %s", name, reason)
-                self.skipped_images[name] = reason
+        self.note_skipped(inputs.pop("bad_images", None) or {})
         return inputs
+
+    def skip_step(self, model) -> torch.Tensor:
+        """A training step for a batch with no readable image (`--skip_bad_images`): no gradient, so that the
+        optimizer leaves the weights as they are (parameters without a gradient are not updated). In a
+        multi-process run the other processes wait for this one's gradients: it adds zeros to them."""
+        if self.args.world_size > 1:
+            # A forward and backward of one black image, times zero: DDP reduces gradients as after a real batch.
+            config = self.model.config
+            black = torch.zeros(1, config.num_channels, *config.image_hw, device=self.args.device)
+            self.accelerator.backward(model(pixel_values=black)[0].sum() * 0)
+        return torch.zeros((), device=self.args.device)
 
     def get_train_dataloader(self):
         """A stream already shared out among processes (`split_dataset_by_node`) is read as it is: accelerate's
@@ -1034,11 +1144,49 @@ class VitrailTrainer(Trainer):
             dispatch_batches=False,
         )
 
+    def held_out_loader(self, dataset, batch_size: int):
+        """A held-out stream in a multi-process run: the main process reads it and hands each process its part of
+        every batch (Accelerate's dispatching, which evaluates each sample once); it collates in that process,
+        with no data workers, so that the names of unreadable images are recorded there, not sent in batches."""
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            collate_fn=SkippingCollator(self.data_collator.collate, record=self.note_skipped),
+        )
+        return self.accelerator.prepare(loader)
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        from datasets import IterableDataset
+
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(dataset, IterableDataset) and self.args.world_size > 1:
+            return self.held_out_loader(dataset, self.args.per_device_eval_batch_size)
+        return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        from datasets import IterableDataset
+
+        if isinstance(test_dataset, IterableDataset) and self.args.world_size > 1:
+            return self.held_out_loader(test_dataset, self.args.per_device_eval_batch_size)
+        return super().get_test_dataloader(test_dataset)
+
+    def note_skipped(self, bad: dict[str, str]) -> None:
+        """Record unreadable images left out of a batch (and log each the first time)."""
+        for name, reason in bad.items():
+            if name not in self.skipped_images:
+                logger.warning("--skip_bad_images: left out %s: %s", name, reason)
+                self.skipped_images[name] = reason
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        return super().prediction_step(model, self.record_skipped(inputs), prediction_loss_only, ignore_keys)
+        inputs = self.record_skipped(inputs)
+        if "pixel_values" not in inputs:  # every image of the batch was unreadable (`--skip_bad_images`)
+            return None, None, None
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         inputs = self.record_skipped(inputs)
+        if "pixel_values" not in inputs:
+            return self.skip_step(model)
         if self.augment is not None:
             inputs["pixel_values"] = self.augment(inputs["pixel_values"])
         if self.mix is not None:
@@ -1067,14 +1215,24 @@ class VitrailTrainer(Trainer):
 PREFIX = {"test": "test", "validation": "eval"}
 
 
+def compute_metrics(num_labels: int):
+    """The Trainer's `compute_metrics` (`vitrail.metrics.make_compute_metrics`), imported at the first evaluation:
+    `vitrail.metrics` imports `evaluate`, about a second here, which the first training step need not wait for."""
+
+    def compute(prediction) -> dict:
+        from .metrics import make_compute_metrics
+
+        return make_compute_metrics(num_labels)(prediction)
+
+    return compute
+
+
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
     """Train, evaluate on validation and the held-out test split, and write a shareable checkpoint folder.
 
     Returns what the folder's `all_results.json` holds. A rerun of a finished run with the same settings
     returns it without training; see `vitrail.run_folder.start_run` for resuming and refusing.
     """
-    from .metrics import make_compute_metrics  # here, not at the top: it imports `evaluate`, which is slow
-
     check_arguments(model_args)
     output, data = open_run(data_args, training_args)
     labels = data.labels
@@ -1102,7 +1260,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         eval_dataset=data.splits["validation"],
         data_collator=default_data_collator,
         processing_class=processor,
-        compute_metrics=make_compute_metrics(len(labels)),
+        compute_metrics=compute_metrics(len(labels)),
         layer_decay=model_args.layer_decay,
         augment=batch_augment(data_args, processor),
         mixup_alpha=data_args.mixup_alpha,
@@ -1125,12 +1283,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
 
 
 def collect_skipped(trainer: VitrailTrainer, data: LoadedData) -> None:
-    """Add the images left out while caching or training, in every process, to `data.skipped_images`."""
+    """Add the images left out while training and evaluating, in every process, to `data.skipped_images`."""
     from accelerate.utils import gather_object
 
     found = dict(trainer.skipped_images)
-    for split in data.splits.values():
-        found.update(getattr(split, "skipped", None) or {})
     for name, reason in gather_object(sorted(found.items())):
         data.skipped_images.setdefault(name, reason)
 
@@ -1153,7 +1309,10 @@ def open_run(data_args: DataArguments, training_args: TrainingArguments) -> tupl
     output = check_output_dir(training_args.output_dir)
     # Trainer users may pass transformers' TrainingArguments, which lacks the flag.
     check_foreign_files(output, overwrite=getattr(training_args, "overwrite_output_dir", False))
-    data = load_splits(data_args)
+    # The split record of a run already in the folder, which may spare reading a stream (`load_splits`).
+    overwrite = getattr(training_args, "overwrite_output_dir", False)
+    earlier = None if overwrite else read_json(output / DATA_SPLIT)
+    data = load_splits(data_args, earlier)
     set_seed(training_args.seed)
     return output, data
 
@@ -1167,7 +1326,12 @@ def begin_run(script: str, model: dict, data: LoadedData, data_args, training_ar
         "data": data_settings(data_args),
         "schedule": {**schedule_settings(training_args), **schedule},
     }
-    check = partial(check_image_files, data, data_args) if data_args.train_dir else None
+
+    def check() -> None:  # once the run is known to need training
+        data.open()
+        if data_args.train_dir:
+            check_image_files(data, data_args)
+
     return start_run(training_args, settings, data.record, check)
 
 
