@@ -30,7 +30,7 @@ lint: setup
 	$(BIN)/ruff check src tests scripts benchmarks
 	$(BIN)/ruff format --check src tests scripts benchmarks
 
-# The main job: a ViT trained from scratch on the embedded digits (see README, "Training"). Extra flags: ARGS="...".
+# The main job: a ViT trained from scratch on the embedded digits (see docs/guides/training.md). Extra flags: ARGS="...".
 DIGITS_MODEL  := image_size=8,patch_size=2,encoder_stride=2,num_channels=1,hidden_size=64,num_hidden_layers=4,$\
                  num_attention_heads=4,intermediate_size=128,pooling=mean,use_cls_token=false,layer_norm_eps=1e-6
 DIGITS_RECIPE := --config_overrides $(DIGITS_MODEL) \

@@ -10,7 +10,7 @@
 # machines lent here, which have those and no network, it runs with it. Otherwise it makes .venv in the repository
 # (as `make` does) and installs vitrail with its dev extras from PyPI (torch, whose Linux wheels there are CUDA
 # builds). Budget: under 5 minutes on an H200, an install included (about 2 of them on a fast link); to stay
-# within it inference is compiled and training is not (add `--compile` for both). README.md ("Performance", GPU)
+# within it inference is compiled and training is not (add `--compile` for both). docs/benchmarks.md (GPU)
 # shows the table of the run on an H200 and how that machine got transformers 5.24.
 set -euo pipefail
 

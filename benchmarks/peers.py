@@ -24,7 +24,7 @@ without native bf16 (no `amx_bf16` or `avx512_bf16` flag) bf16 is emulated and i
 unless `--force-bf16`. `--quick` (2 rounds, fewer images) is a smoke run for tests.
 
 On the 2-core Xeon (AMX) here the default run takes about 15 minutes, and `--compile` added about 21 more in a
-run on a shared machine; README.md ("Performance") shows the table of a quiet run.
+run on a shared machine; docs/benchmarks.md shows the table of a quiet run.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The README's attention pictures ("Seeing inside"), remade from scratch.
+"""The attention pictures of docs/guides/inspect.md ("The pictures"), remade from scratch.
 
     make train                                   # the digits model, in runs/digits (under 2 minutes here)
     python scripts/attention_pictures.py --digits-model runs/digits --output docs

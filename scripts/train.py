@@ -5,7 +5,7 @@
     accelerate launch --multi_gpu --num_processes 2 scripts/train.py --output_dir runs/ddp ... --use_cpu true
 
 The main job trains from scratch on the embedded digits in under 2 minutes on a 2-core CPU and reaches about
-97.5% test accuracy (README, "Training"). `vitrail train --help` lists every flag.
+97.5% test accuracy (docs/guides/training.md). `vitrail train --help` lists every flag.
 """
 
 import sys

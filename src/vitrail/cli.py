@@ -104,7 +104,7 @@ def train(argv: list[str] | None = None) -> dict:
     trains from scratch. Every `TrainingArguments` flag works (`--bf16`, `--resume_from_checkpoint`,
     `--push_to_hub`, ...). Several processes: `accelerate launch --multi_gpu --num_processes N -m vitrail train ...`
     (or `scripts/train.py ...` in place of `-m vitrail train` in a checkout); add `--use_cpu true` on CPUs, where
-    FSDP is refused (see the README's "Several processes").
+    FSDP is refused (see docs/guides/training.md, "Several processes").
 
     Rerun in the same `--output_dir`, it resumes from the newest complete checkpoint, or prints the results of the
     finished run (and, with `--push_to_hub`, pushes it: after a failed push, rerun the same command); with other

@@ -6,7 +6,7 @@ layers (attention `softmax(QK^T / sqrt(d)) V`, then an MLP) -> final LayerNorm -
 This file travels to the Hub with every checkpoint: it imports only torch, transformers and
 `configuration_vitrail`, and knows nothing of the rest of vitrail (the package adds conversion, new image sizes
 and label sets on loading through `VitrailPreTrainedModel.pretrained_loader`). Parameter names are the checkpoint
-format; the README lists them.
+format; docs/reference/checkpoint-format.md lists them.
 
 Layout choices were measured on a 2-core CPU at ViT-B/16 shapes (`python scripts/benchmark_layout.py`): one fused
 `qkv` projection and three separate ones, and adding positions before or after the prefix tokens are

@@ -286,7 +286,7 @@ def check_process_group(training_args: TrainingArguments) -> None:
         raise RuntimeError(
             f"This job was launched as {launched} processes (WORLD_SIZE={launched}), but they did not join one "
             f"process group (the Trainer sees {training_args.world_size}). Without GPUs, add `--use_cpu true` so "
-            "that they train together over gloo (README, 'Several processes')."
+            "that they train together over gloo (docs/guides/training.md, 'Several processes')."
         )
     check_fsdp(training_args)
 
@@ -318,8 +318,8 @@ def check_fsdp(training_args: TrainingArguments) -> None:
     raise RuntimeError(
         f"FSDP was asked for ({' and '.join(asked)}), but Accelerate shards only a multi-process launch on GPUs, "
         f"and this job {instead}. On CPUs, drop the FSDP flags: `accelerate launch --multi_gpu --num_processes N "
-        "scripts/train.py ... --use_cpu true` trains with DDP (README, 'Several processes'). To shard, launch on "
-        "GPUs with `accelerate launch --use_fsdp ...`."
+        "scripts/train.py ... --use_cpu true` trains with DDP (docs/guides/training.md, 'Several processes'). "
+        "To shard, launch on GPUs with `accelerate launch --use_fsdp ...`."
     )
 
 
