@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup test test-all test-transformers lint train clean
+.PHONY: setup test test-all test-transformers lint docs train clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ lint: setup
 	$(BIN)/ruff check src tests scripts benchmarks
 	$(BIN)/ruff format --check src tests scripts benchmarks
 
+# The documentation site (mkdocs.yml) into site/; --strict: a broken link or API reference fails the build.
+docs: setup
+	$(BIN)/mkdocs build --strict -d site
+
 # The main job: a ViT trained from scratch on the embedded digits (see README, "Training"). Extra flags: ARGS="...".
 DIGITS_MODEL  := image_size=8,patch_size=2,encoder_stride=2,num_channels=1,hidden_size=64,num_hidden_layers=4,$\
                  num_attention_heads=4,intermediate_size=128,pooling=mean,use_cls_token=false,layer_norm_eps=1e-6
@@ -45,4 +49,4 @@ train: setup
 	$(BIN)/vitrail train --output_dir $(OUTPUT_DIR) $(DIGITS_RECIPE) $(ARGS)
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build dist site src/*.egg-info .pytest_cache

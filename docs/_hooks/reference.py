@@ -219,7 +219,9 @@ def _argument_rows(arguments: list[argparse.Action]) -> list[str]:
             name = ", ".join(code(option + value) for option in action.option_strings)
         else:
             name = code(action.metavar or action.dest)
-        meaning = action.help or ""
+        if not action.help:
+            raise DocsError(f"{name} has no help text: give its add_argument a help= in src/vitrail/cli.py")
+        meaning = action.help
         if action.choices:
             meaning += f" One of: {', '.join(code(choice) for choice in action.choices)}."
         if action.nargs in ("+", "*"):
@@ -231,13 +233,15 @@ def _argument_rows(arguments: list[argparse.Action]) -> list[str]:
 def _field_rows(fields: list[dataclasses.Field]) -> list[str]:
     rows = ["| Flag | Type | Default | Meaning |", "|---|---|---|---|"]
     for field in fields:
+        if not field.metadata.get("help"):
+            raise DocsError(f"--{field.name} has no help text: give its field a metadata={{'help': ...}}")
         default = _default(field)
         shown = (
             "required" if default is dataclasses.MISSING else ("" if default is None else code(repr(default)))
         )
         rows.append(
             f"| {code('--' + field.name)} | {cell(code(type_name(field.type)))} | {cell(shown)} "
-            f"| {cell(field.metadata.get('help', ''))} |"
+            f"| {cell(field.metadata['help'])} |"
         )
     return rows
 

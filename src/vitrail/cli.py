@@ -288,7 +288,13 @@ def _size(text: str) -> int | list[int]:
 
 def _convert_parser() -> CommandParser:
     parser = _parser("convert", convert)
-    parser.add_argument("--from", dest="source_format", required=True, choices=["hf", "timm", "npz"])
+    parser.add_argument(
+        "--from",
+        dest="source_format",
+        required=True,
+        choices=["hf", "timm", "npz"],
+        help="the source's format: a transformers folder, a timm folder or file, a JAX .npz",
+    )
     parser.add_argument("--input", required=True, type=Path, help="source checkpoint folder or file")
     parser.add_argument("--output", required=True, type=Path, help="vitrail folder to write")
     parser.add_argument(

@@ -1,21 +1,27 @@
-"""The README, run as written.
+"""The documentation, run as written: README.md and every page of docs/.
 
-Every Python example in README.md is executed, unchanged, in the order a reader meets it: in a scratch folder, with
-the few names the README leaves to the reader (`pil_image`, `image`, `pixel_values`) supplied, the "without
-vitrail installed" examples in a process that cannot import vitrail, and the Hub repos they name served by
-`tests/hub_server.py`, holding tiny stand-ins of the checkpoints (same formats, a few kilobytes). What the examples'
-comments promise (shapes, files written, two heads, a new image size) is asserted after them. The model card's
-examples run the same way. Every command the README shows names a script, flag or make target that exists.
+Every Python example of README.md and docs/**/*.md is executed, unchanged, by the test named for it (EXAMPLES: each
+example is found by a line only it has, in whichever file it lives): in a scratch folder, with the few names the
+text leaves to the reader (`pil_image`, `image`, `pixel_values`) supplied, the "without vitrail installed" examples
+in a process that cannot import vitrail, and the Hub repos they name served by `tests/hub_server.py`, holding tiny
+stand-ins of the checkpoints (same formats, a few kilobytes). What the examples' comments promise (shapes, files
+written, two heads, a new image size) is asserted after them. The model card's examples run the same way. Every
+command the pages show names a script, flag or make target that exists. The site builds with `mkdocs build
+--strict`, its generated reference pages list every command, flag and config field, and no page a user reads
+speaks of how the project was made.
 """
 
 from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
+import importlib.util
 import io
 import json
 import re
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,17 +32,24 @@ import torch
 from safetensors.torch import load_file
 from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher, Dinov2WithRegistersModel
 
-from vitrail import VitrailForImageClassification, VitrailImageProcessor, VitrailModel
+from vitrail import VitrailConfig, VitrailForImageClassification, VitrailImageProcessor, VitrailModel
 
 from .conftest import run_without_vitrail, tiny_config
 from .hub_server import client_env
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 FENCED = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
+README_MAX_LINES = 250
 
-# Each README Python example, by a line only it has.
+# Each Python example of the README and the docs, by a line only it has.
 EXAMPLES = {
+    # README.md
+    "readme push and pull": 'push_checkpoint("runs/pets", "your-name/vitrail-pets")',
+    "readme without vitrail": 'classify("photo.jpg", top_k=3)',
+    "readme conversion": 'load_image_processor(source).save_pretrained("vit-b16")',
+    # docs/
     "use": 'VitrailConfig.from_variant("S/16"',
     "use elsewhere": 'AutoModelForImageClassification.from_pretrained("my-vit", trust_remote_code=True)',
     "chosen layers": "output_attentions=[-1], output_hidden_states=[0, -1]",
@@ -48,21 +61,39 @@ EXAMPLES = {
 }
 
 
-def python_examples() -> list[str]:
-    return [body for language, body in FENCED.findall(README.read_text()) if language == "python"]
+def doc_files() -> list[Path]:
+    """The pages a reader sees: README.md and the Markdown of docs/ (the build hook's folder is code)."""
+    pages = sorted(path for path in DOCS.rglob("*.md") if "_hooks" not in path.parts)
+    return [README, *pages]
+
+
+def python_examples() -> list[tuple[str, str]]:
+    """`(file, code)` of every Python block of the README and the docs."""
+    return [
+        (str(path.relative_to(ROOT)), body)
+        for path in doc_files()
+        for language, body in FENCED.findall(path.read_text())
+        if language == "python"
+    ]
 
 
 def example(name: str) -> str:
-    found = [body for body in python_examples() if EXAMPLES[name] in body]
-    assert len(found) == 1, f"README has {len(found)} Python examples with {EXAMPLES[name]!r}, not one"
-    return found[0]
+    found = [(where, body) for where, body in python_examples() if EXAMPLES[name] in body]
+    assert len(found) == 1, (
+        f"{len(found)} Python examples of the README and docs have {EXAMPLES[name]!r} "
+        f"({', '.join(where for where, _ in found) or 'none'}), not one"
+    )
+    return found[0][1]
 
 
 def test_every_python_example_is_run_by_a_test():
-    """A new README example fails this until a test below runs it."""
-    for body in python_examples():
+    """A new example in the README or a page of docs/ fails this until a test below runs it; so does one that two
+    markers claim, and a marker whose example is gone."""
+    for where, body in python_examples():
         claimed = [name for name, marker in EXAMPLES.items() if marker in body]
-        assert len(claimed) == 1, f"this README example is run by {claimed or 'no test'}:\n{body}"
+        assert len(claimed) == 1, f"this example of {where} is run by {claimed or 'no test'}:\n{body}"
+    for name in EXAMPLES:
+        example(name)
 
 
 def photo() -> PIL.Image.Image:
@@ -71,16 +102,18 @@ def photo() -> PIL.Image.Image:
     return PIL.Image.fromarray(levels)
 
 
-# Runs a README example where vitrail cannot be imported (`run_without_vitrail`), in the folder given as first
-# argument, then uses what it made on an image.
+# Runs an example where vitrail cannot be imported (`run_without_vitrail`), in the folder given as first argument,
+# then uses what it made on an image; reports what the example printed too.
 ELSEWHERE = """
-import json, os, sys
+import contextlib, io, json, os, sys
 import numpy as np, PIL.Image
 os.chdir(sys.argv[1])
-namespace = {}
-exec(sys.argv[2], namespace)
+namespace, printed = {}, io.StringIO()
+with contextlib.redirect_stdout(printed):
+    exec(sys.argv[2], namespace)
 image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
 report = {"model": type(namespace["model"]).__module__, "top": namespace["classify"](image)}
+report["printed"] = printed.getvalue()
 if "features" in namespace:
     report["features"] = list(np.shape(namespace["features"](image)))
 json.dump(report, open(sys.argv[-1], "w"))
@@ -88,7 +121,8 @@ json.dump(report, open(sys.argv[-1], "w"))
 
 
 def test_use_examples_run_as_written(tmp_path, monkeypatch):
-    """The examples of "Use", "Chosen layers", "Features for dense tasks" and "Attention maps", in order."""
+    """The examples of getting-started.md ("use", "use elsewhere", "chosen layers"), then guides/dense.md's and
+    guides/inspect.md's on the same model, in order."""
     monkeypatch.chdir(tmp_path)
     namespace = {"pil_image": photo(), "image": photo()}
     exec(example("use"), namespace)
@@ -128,7 +162,7 @@ def test_use_examples_run_as_written(tmp_path, monkeypatch):
 
 
 def test_hub_examples_run_as_written(hub, tmp_path, monkeypatch):
-    """The Python example of "Sharing on the Hub", then the pushed repo opened where vitrail is not installed."""
+    """The Python example of guides/hub.md, then the pushed repo opened where vitrail is not installed."""
     monkeypatch.chdir(tmp_path)
     VitrailForImageClassification(tiny_config()).save_pretrained("runs/digits")
     VitrailImageProcessor(size={"height": 30, "width": 30}).save_pretrained("runs/digits")
@@ -147,12 +181,14 @@ def test_hub_examples_run_as_written(hub, tmp_path, monkeypatch):
 
 
 def _publish(hub, repo_id: str, folder: Path) -> None:
-    hub.create_repo(repo_id, private=False)
+    """The files of `folder` as a new commit of the public repo `repo_id` (created if this module's server lacks it)."""
+    if repo_id not in hub.repos:
+        hub.create_repo(repo_id, private=False)
     hub.put(repo_id, {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()})
 
 
 def test_conversion_examples_run_as_written(hub, tmp_path, monkeypatch):
-    """The example of "Converting checkpoints": each line opens a stand-in of the checkpoint it names, in that
+    """The example of guides/conversion.md: each line opens a stand-in of the checkpoint it names, in that
     checkpoint's own format (a transformers ViT, a distilled DeiT, DINOv2 with registers, a timm folder, a JAX
     file)."""
     pytest.importorskip("timm", reason="timm writes the timm stand-in (a dev dependency)")
@@ -180,7 +216,7 @@ def test_conversion_examples_run_as_written(hub, tmp_path, monkeypatch):
 
     namespace, opened = {}, []
     for statement in ast.parse(example("conversion")).body:  # what each line opened
-        exec(compile(ast.Module([statement], []), "README.md", "exec"), namespace)
+        exec(compile(ast.Module([statement], []), "guides/conversion.md", "exec"), namespace)
         if isinstance(statement, ast.Assign):
             opened.append(namespace[statement.targets[0].id])
     vit, deit, dinov2, timm_model, npz_model, resized = opened
@@ -193,6 +229,85 @@ def test_conversion_examples_run_as_written(hub, tmp_path, monkeypatch):
     assert timm_model.config.num_labels == TIMM_TINY["num_classes"]
     assert resized.config.image_size == 384 and resized.config.id2label == {0: "cat", 1: "dog"}
     assert resized.vitrail.embeddings.position_embeddings.shape[1] == 1 + (384 // SHAPE["patch_size"]) ** 2
+
+
+# ---- the README's examples -----------------------------------------------------------------------------------
+
+PETS = {0: "abyssinian", 1: "beagle", 2: "boxer", 3: "persian"}
+
+
+def test_readme_share_and_open_elsewhere_run_as_written(hub, tmp_path, monkeypatch):
+    """The README's push and pull of runs/pets, then its example that opens the pushed repo where vitrail is not
+    installed and prints the three best labels for photo.jpg."""
+    monkeypatch.chdir(tmp_path)
+    VitrailForImageClassification(tiny_config(id2label=PETS)).save_pretrained("runs/pets")
+    VitrailImageProcessor(size={"height": 30, "width": 30}).save_pretrained("runs/pets")
+    namespace = {}
+    exec(example("readme push and pull"), namespace)
+    assert "your-name/vitrail-pets" in hub.repos
+    pulled = Path(namespace["folder"])
+    assert pulled.resolve() == (tmp_path / "models" / "pets").resolve()
+    want, got = load_file("runs/pets/model.safetensors"), load_file(pulled / "model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+    photo().save(tmp_path / "photo.jpg")
+    env = client_env(hub, tmp_path / "elsewhere_home")
+    report = run_without_vitrail(
+        ELSEWHERE, tmp_path, example("readme without vitrail"), root=tmp_path, env=env
+    )
+    assert report["model"].startswith("transformers_modules.")  # the repo's own code, not vitrail's
+    top3 = ast.literal_eval(report["printed"].strip())
+    assert len(top3) == 3 and {row["label"] for row in top3} <= set(PETS.values())
+    assert [row["score"] for row in top3] == sorted((row["score"] for row in top3), reverse=True)
+
+
+# Opens a checkpoint folder (first argument) with transformers alone and reports its logits for an image file.
+OPEN_FOLDER = """
+import json, sys
+import PIL.Image, torch
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+model = AutoModelForImageClassification.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+processor = AutoImageProcessor.from_pretrained(sys.argv[1], trust_remote_code=True)
+with torch.no_grad():
+    logits = model(**processor(PIL.Image.open(sys.argv[2]), return_tensors="pt")).logits
+json.dump({"model": type(model).__module__, "logits": logits.tolist()}, open(sys.argv[-1], "w"))
+"""
+
+
+def test_readme_conversion_runs_as_written(hub, tmp_path, monkeypatch):
+    """The README's conversion of google/vit-base-patch16-224 (a stand-in in its format, with transformers' image
+    processor config): the folder it writes opens without vitrail and predicts what vitrail does."""
+    from transformers import ViTImageProcessor
+
+    from .test_convert import SHAPE, hf_vit
+
+    monkeypatch.chdir(tmp_path)
+    source = tmp_path / "stand_in"
+    hf_vit().save_pretrained(source)
+    side = SHAPE["image_size"]
+    ViTImageProcessor(size={"height": side, "width": side}).save_pretrained(source)
+    _publish(hub, "google/vit-base-patch16-224", source)
+    namespace = {}
+    exec(example("readme conversion"), namespace)
+    folder = tmp_path / "vit-b16"
+    code = {"configuration_vitrail.py", "modeling_vitrail.py", "image_processing_vitrail.py"}
+    assert {"model.safetensors", "config.json", "preprocessor_config.json", *code} <= {
+        path.name for path in folder.iterdir()
+    }
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "vitrail"
+
+    photo().save(tmp_path / "photo.png")
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "elsewhere_home"),
+        "TRANSFORMERS_VERBOSITY": "error",
+    }
+    report = run_without_vitrail(OPEN_FOLDER, folder, tmp_path / "photo.png", root=tmp_path, env=env)
+    assert report["model"].startswith("transformers_modules.")
+    processor = VitrailImageProcessor.from_pretrained(folder)
+    with torch.no_grad():
+        want = namespace["model"].eval()(**processor(PIL.Image.open("photo.png"), return_tensors="pt")).logits
+    torch.testing.assert_close(torch.tensor(report["logits"]), want, atol=1e-5, rtol=0)
 
 
 # Runs the Python examples of a model card (a JSON list, second argument) in the folder given first, where vitrail
@@ -246,8 +361,8 @@ SCRIPT = re.compile(r"\b((?:scripts|benchmarks)/\w+\.py)")
 FLAG = re.compile(r"(?<![\w-])(--[A-Za-z][\w-]*)")
 
 
-def readme_commands(text: str) -> list[str]:
-    """Every command line a README shows: shell blocks (continuations joined, comments cut), and inline code that
+def page_commands(text: str) -> list[str]:
+    """Every command line a page shows: shell blocks (continuations joined, comments cut), and inline code that
     starts with python, make, accelerate, torchrun, vitrail or pip, or names a script with flags
     (`scripts/train.py --seed`)."""
     commands = []
@@ -386,13 +501,19 @@ def command_problems(commands: list[str], helps: dict[str, str]) -> list[str]:
     return problems
 
 
-def test_readme_commands_name_scripts_flags_and_targets_that_exist():
-    commands = readme_commands(README.read_text())
-    assert len(commands) >= 30 and any(c.startswith("accelerate launch") for c in commands)  # still found
+def test_commands_of_the_readme_and_docs_name_scripts_flags_and_targets_that_exist():
     helps: dict[str, str] = {}
-    assert command_problems(commands, helps) == []
-    assert {"scripts/train.py", "scripts/predict.py", "scripts/push_to_hub.py"} <= set(helps)
-    assert {"vitrail train", "vitrail predict", "vitrail info"} <= set(helps)
+    found, problems = [], []
+    for path in doc_files():
+        commands = page_commands(path.read_text())
+        found += commands
+        problems += [f"{path.relative_to(ROOT)}: {problem}" for problem in command_problems(commands, helps)]
+    assert problems == []
+    assert len(found) >= 30 and any(c.startswith("accelerate launch") for c in found)  # still found
+    assert "scripts/train.py" in helps
+    assert {"vitrail train", "vitrail predict", "vitrail convert", "vitrail push", "vitrail pull"} <= set(
+        helps
+    )
 
 
 def test_the_command_check_catches_what_does_not_exist():
@@ -404,7 +525,7 @@ def test_the_command_check_catches_what_does_not_exist():
         "```bash\nvitrail predict x.png --model DIR --topk 3\nvitrail fit --output_dir o\nvitrail --verbose\n"
         'pip install "vitrail[train,gpu]"\n```\n'
     )
-    commands = readme_commands(text)
+    commands = page_commands(text)
     assert commands[:2] == ["make train OUTPUT=runs/x", "python scripts/train.py --output_dir o --epochs 3"]
     assert command_problems(commands, {}) == [
         "make train OUTPUT=runs/x: the Makefile reads no OUTPUT",
@@ -419,3 +540,185 @@ def test_the_command_check_catches_what_does_not_exist():
         "accelerate launch --cpus 2: accelerate launch takes no --cpus",
         "python scripts/nothing.py: runs no script of this repository",
     ]
+
+
+# ---- the site ----------------------------------------------------------------------------------------------------
+
+
+def reference_hook():
+    """docs/_hooks/reference.py, the mkdocs hook that writes the generated reference pages."""
+    path = DOCS / "_hooks" / "reference.py"
+    spec = importlib.util.spec_from_file_location("docs_reference_hook", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def mkdocs_build(config: Path, site: Path) -> subprocess.CompletedProcess:
+    pytest.importorskip("mkdocs", reason="mkdocs builds the site (the docs extra, part of dev)")
+    return subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(config), "-d", str(site)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_the_site_builds_strict_with_every_page(tmp_path):
+    """`mkdocs build --strict` (what `make docs` runs): no broken link, anchor or API reference, no page missing
+    from the nav; the generated pages, the API page and the changelog are in the site."""
+    from vitrail.cli import COMMANDS
+
+    site = tmp_path / "site"
+    result = mkdocs_build(ROOT / "mkdocs.yml", site)
+    assert result.returncode == 0, result.stderr[-5000:]
+    cli = (site / "reference" / "cli" / "index.html").read_text()
+    assert all(f'id="vitrail-{name}"' in cli for name in COMMANDS)
+    fields = (site / "reference" / "config-fields" / "index.html").read_text()
+    assert all(f'id="{field.name.lstrip("_")}"' in fields for field in dataclasses.fields(VitrailConfig))
+    api = (site / "reference" / "api" / "index.html").read_text()
+    for name in ("VitrailConfig", "VitrailModel", "VitrailForImageClassification", "VitrailImageProcessor"):
+        assert f'id="vitrail.{name}"' in api
+    assert 'id="vitrail.hub.push_checkpoint"' in api and 'id="vitrail.visualize.attention_maps"' in api
+    first_version = re.search(r"^## (.+)$", (ROOT / "CHANGELOG.md").read_text(), re.MULTILINE).group(1)
+    assert first_version in (site / "changelog" / "index.html").read_text()
+    assert not (site / "_hooks").exists()  # the hook is code, not a page
+
+
+# One page of a small site built with the project's mkdocs.yml; the control builds, each fault fails the build.
+FAULTS = {
+    "control": (
+        "[Home](index.md#home), [the config][vitrail.VitrailConfig]\n\n::: vitrail.VitrailConfig\n",
+        None,
+    ),
+    "missing page": ("[moved](guides/no-such-page.md)\n", "guides/no-such-page.md"),
+    "missing anchor": ("[a section](index.md#no-such-section)\n", "no-such-section"),
+    "missing object": ("::: vitrail.NoSuchClass\n", "vitrail.NoSuchClass"),
+    "unresolved reference": ("[the config][vitrail.NoSuchConfig]\n", "vitrail.NoSuchConfig"),
+}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_the_strict_build_fails_on_a_broken_link_or_reference(fault, tmp_path):
+    yaml = pytest.importorskip("yaml", reason="PyYAML comes with mkdocs")
+    text, named = FAULTS[fault]
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "index.md").write_text("# Home\n\nA page.\n")
+    (docs / "page.md").write_text(f"# Page\n\n{text}")
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    config.update(docs_dir=str(docs), nav=["index.md", "page.md"], hooks=[])
+    for plugin in config["plugins"]:
+        if isinstance(plugin, dict) and "mkdocstrings" in plugin:
+            plugin["mkdocstrings"]["handlers"]["python"]["paths"] = [str(ROOT / "src")]
+    (tmp_path / "mkdocs.yml").write_text(yaml.safe_dump(config))
+    result = mkdocs_build(tmp_path / "mkdocs.yml", tmp_path / "site")
+    if named is None:
+        assert result.returncode == 0, result.stderr[-5000:]
+    else:
+        assert result.returncode != 0 and named in result.stderr, result.stderr[-5000:]
+
+
+def page_sections(page: str) -> dict[str, str]:
+    """The CLI page's text under each `## vitrail NAME` heading."""
+    parts = re.split(r"^## vitrail (\w+)$", page, flags=re.MULTILINE)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def test_the_cli_page_lists_every_command_and_flag_with_its_help():
+    from transformers import TrainingArguments
+
+    from vitrail.cli import COMMANDS, build_parser
+
+    hook = reference_hook()
+    sections = page_sections(hook.cli_page())
+    assert list(sections) == list(COMMANDS)
+    for name, section in sections.items():
+        parser = build_parser(name)
+        if hasattr(parser, "dataclass_types"):  # train, pretrain, evaluate: transformers dataclasses
+            for kind in parser.dataclass_types:
+                for field in dataclasses.fields(kind):
+                    if field.init:
+                        assert f"`--{field.name}`" in section, f"vitrail {name}: --{field.name}"
+                if not issubclass(kind, TrainingArguments):
+                    assert all(hook.cell(f.metadata["help"]) in section for f in dataclasses.fields(kind))
+            continue
+        for action in parser.arguments:
+            if action.dest != "help":
+                shown = action.option_strings or [action.metavar or action.dest]
+                assert all(option in section for option in shown), f"vitrail {name}: {shown}"
+                assert hook.cell(action.help) in section, f"vitrail {name}: help of {shown}"
+    assert "--learning_rate" in sections["train"] and hook.TRAINING_ARGUMENTS_URL in sections["train"]
+
+
+def test_the_config_fields_page_has_every_field_with_type_default_and_meaning():
+    hook = reference_hook()
+    rows = {
+        match.group(1): match.group(0)
+        for match in re.finditer(r'^\| <span id="(\w+)"></span>.*$', hook.config_fields_page(), re.MULTILINE)
+    }
+    fields = dataclasses.fields(VitrailConfig)
+    assert len(rows) == len(fields) == 66
+    defaults = VitrailConfig.__dataclass_fields__
+    for field in fields:
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", rows[field.name.lstrip("_")])[1:-1]]
+        assert len(cells) == 4 and cells[3], field.name  # field, type, default, a meaning
+        assert cells[2] == hook.cell(f"`{defaults[field.name].default!r}`")
+    assert "depends on the offset between two patches" in rows["relative_position_bias"]
+    assert "`'cls'`" in rows["pooling"] and "the class token" in rows["pooling"]
+
+
+def test_the_config_fields_page_fails_naming_a_field_without_description(monkeypatch):
+    hook = reference_hook()
+    described = VitrailConfig.__doc__
+    without = re.sub(r"\n {8}qk_norm \(.*?(?=\n {8}\w)", "", described, flags=re.DOTALL)
+    assert without != described
+    monkeypatch.setattr(VitrailConfig, "__doc__", without)
+    with pytest.raises(hook.DocsError, match=r"does not describe the fields qk_norm: add"):
+        hook.config_fields_page()
+    stale = described.replace(
+        "\n        qk_norm (", "\n        qk_normalised (`bool`): gone.\n        qk_norm ("
+    )
+    monkeypatch.setattr(VitrailConfig, "__doc__", stale)
+    with pytest.raises(hook.DocsError, match=r"describes qk_normalised, which are not fields"):
+        hook.config_fields_page()
+
+
+def test_the_readme_is_short():
+    lines = len(README.read_text().splitlines())
+    assert lines <= README_MAX_LINES, (
+        f"README.md has {lines} lines; move details into docs/ (at most {README_MAX_LINES})"
+    )
+
+
+# Words that narrate how the project was made rather than what the software does.
+PROCESS_WORDS = re.compile(
+    r"\b(sessions?|issue \d+|issues? #\d+|lent|this machine kind|helpers?|borrowed machines?|work items?)\b",
+    re.IGNORECASE,
+)
+
+
+def test_no_page_a_user_reads_narrates_how_the_project_was_made():
+    """README.md, the docs (the generated pages included), pyproject.toml's description and the model-card
+    template speak of the software only."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    hook = reference_hook()
+    texts = {str(path.relative_to(ROOT)): path.read_text() for path in doc_files()}
+    texts["pyproject.toml description"] = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "description"
+    ]
+    for card in sorted((ROOT / "src" / "vitrail" / "model_cards").iterdir()):
+        texts[str(card.relative_to(ROOT))] = card.read_text()
+    texts[hook.CLI_PAGE] = hook.cli_page()
+    texts[hook.CONFIG_FIELDS_PAGE] = hook.config_fields_page()
+    found = [
+        f"{where}:{text.count(chr(10), 0, match.start()) + 1}: {match.group(0)!r}"
+        for where, text in texts.items()
+        for match in PROCESS_WORDS.finditer(text)
+    ]
+    assert found == []
+    narrated = "As asked in issue 2, this session's helper ran it on a lent H100 (this machine kind)."
+    assert [m.group(0) for m in PROCESS_WORDS.finditer(narrated)] == [
+        "issue 2", "session", "helper", "lent", "this machine kind"
+    ]  # fmt: skip
