@@ -611,7 +611,9 @@ def test_the_strict_build_fails_on_a_broken_link_or_reference(fault, tmp_path):
     config.update(docs_dir=str(docs), nav=["index.md", "page.md"], hooks=[])
     for plugin in config["plugins"]:
         if isinstance(plugin, dict) and "mkdocstrings" in plugin:
-            plugin["mkdocstrings"]["handlers"]["python"]["paths"] = [str(ROOT / "src")]
+            python = plugin["mkdocstrings"]["handlers"]["python"]
+            python["paths"] = [str(ROOT / "src")]
+            python["options"]["extensions"] = [str(ROOT / e) for e in python["options"]["extensions"]]
     (tmp_path / "mkdocs.yml").write_text(yaml.safe_dump(config))
     result = mkdocs_build(tmp_path / "mkdocs.yml", tmp_path / "site")
     if named is None:
@@ -663,8 +665,12 @@ def test_the_config_fields_page_has_every_field_with_type_default_and_meaning():
     defaults = VitrailConfig.__dataclass_fields__
     for field in fields:
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", rows[field.name.lstrip("_")])[1:-1]]
-        assert len(cells) == 4 and cells[3], field.name  # field, type, default, a meaning
-        assert cells[2] == hook.cell(f"`{defaults[field.name].default!r}`")
+        assert len(cells) == 2 and cells[1], field.name  # the field with its type and default, a meaning
+        kind, default = (
+            hook.cell(f"`{hook.type_name(field.type)}`"),
+            hook.cell(f"`{defaults[field.name].default!r}`"),
+        )
+        assert cells[0].endswith(f"<br>{kind}, default {default}"), cells[0]
     assert "depends on the offset between two patches" in rows["relative_position_bias"]
     assert "`'cls'`" in rows["pooling"] and "the class token" in rows["pooling"]
 
@@ -683,6 +689,27 @@ def test_the_config_fields_page_fails_naming_a_field_without_description(monkeyp
     monkeypatch.setattr(VitrailConfig, "__doc__", stale)
     with pytest.raises(hook.DocsError, match=r"describes qk_normalised, which are not fields"):
         hook.config_fields_page()
+
+
+def test_transformers_style_argument_docs_read_as_google_style():
+    """docs/_hooks/hf_docstrings.py, which the API page's docstrings go through: types without backticks, the
+    default after the whole description, transformers' `[`Name`]` links as code; other sections untouched."""
+    path = DOCS / "_hooks" / "hf_docstrings.py"
+    spec = importlib.util.spec_from_file_location("docs_hf_docstrings", path)
+    extension = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(extension)
+    written = (
+        "Run it on [`VitrailModel`].\n\nArgs:\n"
+        "    size (`int` or `(height, width)`, *optional*, defaults to 224): the side\n        of the image\n"
+        "    config ([`VitrailConfig`]): the config.\n    plain: no type.\n\n"
+        "Returns:\n    out (`int`, defaults to 1): kept."
+    )
+    assert extension.google_style(written) == (
+        "Run it on `VitrailModel`.\n\nArgs:\n"
+        "    size (int or (height, width)): the side\n        of the image. Defaults to 224.\n"
+        "    config (VitrailConfig): the config.\n    plain: no type.\n\n"
+        "Returns:\n    out (`int`, defaults to 1): kept."
+    )
 
 
 def test_the_readme_is_short():

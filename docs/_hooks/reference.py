@@ -133,13 +133,14 @@ def config_fields_page() -> str:
     common = {field.name for field in dataclasses.fields(PreTrainedConfig)}
 
     def table(names: list[str]) -> list[str]:
-        rows = ["| Field | Type | Default | Meaning |", "|---|---|---|---|"]
+        # Two columns: the name with its type and default on the line below, then the meaning (wide enough to read).
+        rows = ["| Field | Meaning |", "|---|---|"]
         for name in names:
             field = fields[name]
             meaning = re.sub(r"^\(`[^`]*`[^)]*\):\s*", "", described[name])
             rows.append(
-                f'| <span id="{name}"></span>`{name}` | {cell(code(type_name(field.type)))} '
-                f"| {cell(code(repr(_default(field))))} | {cell(meaning)} |"
+                f'| <span id="{name}"></span>`{name}`<br>{cell(code(type_name(field.type)))}, '
+                f"default {cell(code(repr(_default(field))))} | {cell(meaning)} |"
             )
         return rows
 

@@ -463,8 +463,8 @@ class VitrailImageProcessor(PilBackend):
             values are taken as they are.
         rescale_factor (`float`, defaults to 1/255): the factor `do_rescale` multiplies by.
         do_normalize (`bool`, defaults to `True`): normalise with `image_mean` and `image_std`.
-        image_mean (`float` or `list[float]`, defaults to 0.5 per channel, as in transformers' ViT): one value, or
-            one per channel.
+        image_mean (`float` or `list[float]`, defaults to 0.5 per channel): one value, or one per channel (0.5 as
+            in transformers' ViT).
         image_std (`float` or `list[float]`, defaults to 0.5 per channel): one value, or one per channel.
         num_channels (`int`, defaults to 3): channels of the output; 1 turns every input to grayscale; other
             counts than 1 and 3 pass images with exactly that many channels.
