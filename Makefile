@@ -30,10 +30,6 @@ lint: setup
 	$(BIN)/ruff check src tests scripts benchmarks
 	$(BIN)/ruff format --check src tests scripts benchmarks
 
-# The documentation site (mkdocs.yml) into site/; --strict: a broken link or API reference fails the build.
-docs: setup
-	$(BIN)/mkdocs build --strict -d site
-
 # The main job: a ViT trained from scratch on the embedded digits (see README, "Training"). Extra flags: ARGS="...".
 DIGITS_MODEL  := image_size=8,patch_size=2,encoder_stride=2,num_channels=1,hidden_size=64,num_hidden_layers=4,$\
                  num_attention_heads=4,intermediate_size=128,pooling=mean,use_cls_token=false,layer_norm_eps=1e-6
@@ -47,6 +43,10 @@ OUTPUT_DIR    ?= runs/digits
 
 train: setup
 	$(BIN)/vitrail train --output_dir $(OUTPUT_DIR) $(DIGITS_RECIPE) $(ARGS)
+
+# The documentation site (mkdocs.yml) into site/; --strict: a broken link or API reference fails the build.
+docs: setup
+	$(BIN)/mkdocs build --strict -d site
 
 clean:
 	rm -rf $(VENV) build dist site src/*.egg-info .pytest_cache
