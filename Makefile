@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup test test-all test-transformers lint train clean
+.PHONY: setup test test-all test-transformers lint docs train clean
 
 setup: $(STAMP)
 
@@ -44,5 +44,9 @@ OUTPUT_DIR    ?= runs/digits
 train: setup
 	$(BIN)/vitrail train --output_dir $(OUTPUT_DIR) $(DIGITS_RECIPE) $(ARGS)
 
+# The documentation site (mkdocs.yml) into site/; --strict: a broken link or API reference fails the build.
+docs: setup
+	$(BIN)/mkdocs build --strict -d site
+
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build dist site src/*.egg-info .pytest_cache

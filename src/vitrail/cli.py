@@ -75,8 +75,22 @@ def _parser_options(name: str, job: Callable, formatter=argparse.RawDescriptionH
     return {"prog": f"vitrail {name}", "description": inspect.getdoc(job), "formatter_class": formatter}
 
 
-def _parser(name: str, job: Callable) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(**_parser_options(name, job))
+class CommandParser(argparse.ArgumentParser):
+    """An `ArgumentParser` that keeps the arguments it was given, in order (`arguments`): the command-line
+    reference of the docs is made from them."""
+
+    def __init__(self, *args, **kwargs):
+        self.arguments: list[argparse.Action] = []  # before argparse's own __init__, which adds --help
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        self.arguments.append(action)
+        return action
+
+
+def _parser(name: str, job: Callable) -> CommandParser:
+    return CommandParser(**_parser_options(name, job))
 
 
 def _result_line(metrics: dict, output_dir: str) -> str:
@@ -88,6 +102,12 @@ def _result_line(metrics: dict, output_dir: str) -> str:
 
 
 # ---- jobs ------------------------------------------------------------------------------------------------------
+
+
+def _train_parser():
+    from .training import argument_parser
+
+    return argument_parser(**_parser_options("train", train, _HfHelpFormatter))
 
 
 def train(argv: list[str] | None = None) -> dict:
@@ -122,15 +142,25 @@ def train(argv: list[str] | None = None) -> dict:
 
     # Parsing the arguments already forms the process group of a multi-process launch; every rank ends it.
     with training.closing_process_group():
-        model_args, data_args, training_args = training.parse_args(
-            argv, **_parser_options("train", train, _HfHelpFormatter)
-        )
+        model_args, data_args, training_args = training.parse_args(argv, _train_parser())
         logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
         hf_logging.set_verbosity_warning()
         metrics = training.train(model_args, data_args, training_args)
     if training_args.process_index == 0:
         print(_result_line(metrics, training_args.output_dir))
     return metrics
+
+
+def _pretrain_parser():
+    from transformers import HfArgumentParser
+
+    from .pretraining import PretrainArguments
+    from .training import DataArguments, VitrailTrainingArguments
+
+    return HfArgumentParser(
+        (PretrainArguments, DataArguments, VitrailTrainingArguments),
+        **_parser_options("pretrain", pretrain, _HfHelpFormatter),
+    )
 
 
 def pretrain(argv: list[str] | None = None) -> dict:
@@ -147,22 +177,27 @@ def pretrain(argv: list[str] | None = None) -> dict:
     "train" extra.
     """
     require("pretrain", "train")
-    from transformers import HfArgumentParser
-
-    from .pretraining import PretrainArguments
     from .pretraining import pretrain as run_pretraining
-    from .training import DataArguments, VitrailTrainingArguments, closing_process_group
+    from .training import closing_process_group
 
     with closing_process_group():  # every rank ends the process group of a multi-process launch
-        parser = HfArgumentParser(
-            (PretrainArguments, DataArguments, VitrailTrainingArguments),
-            **_parser_options("pretrain", pretrain, _HfHelpFormatter),
-        )
+        parser = _pretrain_parser()
         args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
         logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
         metrics = run_pretraining(args, data_args, training_args)
     print(f"train_loss={metrics['train_loss']:.4f} output_dir={training_args.output_dir}")
     return metrics
+
+
+def _evaluate_parser():
+    from transformers import HfArgumentParser
+
+    from .evaluate_checkpoint import EvaluateArguments
+    from .training import DataArguments
+
+    return HfArgumentParser(
+        (EvaluateArguments, DataArguments), **_parser_options("evaluate", evaluate, _HfHelpFormatter)
+    )
 
 
 def evaluate(argv: list[str] | None = None) -> dict:
@@ -176,19 +211,28 @@ def evaluate(argv: list[str] | None = None) -> dict:
     on the digits. Needs the "train" extra.
     """
     require("evaluate", "train")
-    from transformers import HfArgumentParser
+    from .evaluate_checkpoint import evaluate_checkpoint
 
-    from .evaluate_checkpoint import EvaluateArguments, evaluate_checkpoint
-    from .training import DataArguments
-
-    parser = HfArgumentParser(
-        (EvaluateArguments, DataArguments), **_parser_options("evaluate", evaluate, _HfHelpFormatter)
-    )
+    parser = _evaluate_parser()
     args, data_args = parser.parse_args_into_dataclasses(args=argv)
     metrics = evaluate_checkpoint(args, data_args)
     for name, value in sorted(metrics.items()):
         print(f"{name} = {value:.4f}" if isinstance(value, float) else f"{name} = {value}")
     return metrics
+
+
+def _predict_parser() -> CommandParser:
+    parser = _parser("predict", predict)
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders")
+    parser.add_argument("--model", required=True, help="a classifier checkpoint: folder or Hub repo id")
+    parser.add_argument("--top-k", type=int, default=5, help="classes shown per image (default 5)")
+    parser.add_argument(
+        "--attention-map", metavar="OUT_DIR", help="write an attention-map PNG per image here"
+    )
+    parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    return parser
 
 
 def predict(argv: list[str] | None = None) -> int:
@@ -207,16 +251,7 @@ def predict(argv: list[str] | None = None) -> int:
     image processor prepares the images (transformers and timm checkpoints are converted on loading). A few
     seconds for the digits model here, most of it start-up.
     """
-    parser = _parser("predict", predict)
-    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders")
-    parser.add_argument("--model", required=True, help="a classifier checkpoint: folder or Hub repo id")
-    parser.add_argument("--top-k", type=int, default=5, help="classes shown per image (default 5)")
-    parser.add_argument(
-        "--attention-map", metavar="OUT_DIR", help="write an attention-map PNG per image here"
-    )
-    parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
-    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser = _predict_parser()
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be positive")
@@ -251,6 +286,38 @@ def _size(text: str) -> int | list[int]:
     return parts[0] if len(parts) == 1 else parts
 
 
+def _convert_parser() -> CommandParser:
+    parser = _parser("convert", convert)
+    parser.add_argument(
+        "--from",
+        dest="source_format",
+        required=True,
+        choices=["hf", "timm", "npz"],
+        help="the source's format: a transformers folder, a timm folder or file, a JAX .npz",
+    )
+    parser.add_argument("--input", required=True, type=Path, help="source checkpoint folder or file")
+    parser.add_argument("--output", required=True, type=Path, help="vitrail folder to write")
+    parser.add_argument(
+        "--image-size", type=_size, help="target resolution, N or HxW: the position table is resampled to it"
+    )
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read pickled weights (.bin/.pth) when no safetensors exist",
+    )
+    parser.add_argument(
+        "--num-heads", type=int, help="attention heads, when the source does not say (timm, npz)"
+    )
+    parser.add_argument(
+        "--global-pool", choices=["token", "avg"], help="timm: the pooling the model was built with"
+    )
+    parser.add_argument("--architecture", help="timm: the architecture, when no config.json names it")
+    parser.add_argument(
+        "--source-image-size", type=_size, help="npz without a stored position table: its training resolution"
+    )
+    return parser
+
+
 def convert(argv: list[str] | None = None) -> int:
     """Convert a foreign Vision Transformer checkpoint into a complete vitrail folder, and prove it predicts the same.
 
@@ -275,28 +342,7 @@ def convert(argv: list[str] | None = None) -> int:
     the source library is not installed the comparison with it is skipped and said so. Runtime: about 14 s for a
     ViT-B/16 with 1,000 classes on a 2-core CPU, 2 s for the tiny models of the tests.
     """
-    parser = _parser("convert", convert)
-    parser.add_argument("--from", dest="source_format", required=True, choices=["hf", "timm", "npz"])
-    parser.add_argument("--input", required=True, type=Path, help="source checkpoint folder or file")
-    parser.add_argument("--output", required=True, type=Path, help="vitrail folder to write")
-    parser.add_argument(
-        "--image-size", type=_size, help="target resolution, N or HxW: the position table is resampled to it"
-    )
-    parser.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="read pickled weights (.bin/.pth) when no safetensors exist",
-    )
-    parser.add_argument(
-        "--num-heads", type=int, help="attention heads, when the source does not say (timm, npz)"
-    )
-    parser.add_argument(
-        "--global-pool", choices=["token", "avg"], help="timm: the pooling the model was built with"
-    )
-    parser.add_argument("--architecture", help="timm: the architecture, when no config.json names it")
-    parser.add_argument(
-        "--source-image-size", type=_size, help="npz without a stored position table: its training resolution"
-    )
+    parser = _convert_parser()
     args = parser.parse_args(argv)
     if not args.input.exists():  # local only: a missing path would otherwise be looked up as a Hub repo id
         parser.error(
@@ -325,24 +371,8 @@ def convert(argv: list[str] | None = None) -> int:
     return 0
 
 
-def push(argv: list[str] | None = None):
-    """Check a vitrail checkpoint folder and push it to a Hugging Face Hub model repo, as one commit.
-
-        vitrail push runs/digits your-name/vitrail-digits                # main branch
-        vitrail push runs/digits your-name/vitrail-digits --revision v2 --private
-        vitrail push runs/digits your-name/vitrail-digits --include "*.txt" --timeout 30
-
-    The folder must be a complete checkpoint (model.safetensors or an index and its shards, config.json, the code
-    files, preprocessor_config.json; no pickle files, no symbolic links); it is loaded with its own code and run
-    once before anything is uploaded (a few seconds). Pushed: the weights, the two configs, the code files their
-    auto_map names, README.md and the PNGs it shows, the trainer's plots and result files. Everything else in the
-    folder is printed as "not pushed"; --include PATTERN (repeatable) adds top-level files on purpose. Files that
-    already match the branch are left out of the commit, and an unchanged folder makes no commit; weights of the
-    other layout on the branch are deleted in the same commit. The token comes from --token, HF_TOKEN or
-    `hf auth login`; HF_ENDPOINT selects another Hub. Prints the commit URL, or says that nothing changed; on an
-    error, prints it and exits with status 1.
-    """
-    from .hub import DEFAULT_TIMEOUT, CheckpointError, HubError, not_pushed, push_checkpoint
+def _push_parser() -> CommandParser:
+    from .hub import DEFAULT_TIMEOUT
 
     parser = _parser("push", push)
     parser.add_argument("folder", help="checkpoint folder, e.g. runs/digits")
@@ -364,6 +394,29 @@ def push(argv: list[str] | None = None):
         default=DEFAULT_TIMEOUT,
         help=f"seconds each request may wait for the Hub (default {DEFAULT_TIMEOUT:g})",
     )
+    return parser
+
+
+def push(argv: list[str] | None = None):
+    """Check a vitrail checkpoint folder and push it to a Hugging Face Hub model repo, as one commit.
+
+        vitrail push runs/digits your-name/vitrail-digits                # main branch
+        vitrail push runs/digits your-name/vitrail-digits --revision v2 --private
+        vitrail push runs/digits your-name/vitrail-digits --include "*.txt" --timeout 30
+
+    The folder must be a complete checkpoint (model.safetensors or an index and its shards, config.json, the code
+    files, preprocessor_config.json; no pickle files, no symbolic links); it is loaded with its own code and run
+    once before anything is uploaded (a few seconds). Pushed: the weights, the two configs, the code files their
+    auto_map names, README.md and the PNGs it shows, the trainer's plots and result files. Everything else in the
+    folder is printed as "not pushed"; --include PATTERN (repeatable) adds top-level files on purpose. Files that
+    already match the branch are left out of the commit, and an unchanged folder makes no commit; weights of the
+    other layout on the branch are deleted in the same commit. The token comes from --token, HF_TOKEN or
+    `hf auth login`; HF_ENDPOINT selects another Hub. Prints the commit URL, or says that nothing changed; on an
+    error, prints it and exits with status 1.
+    """
+    from .hub import CheckpointError, HubError, not_pushed, push_checkpoint
+
+    parser = _push_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
     try:
@@ -387,6 +440,29 @@ def push(argv: list[str] | None = None):
     return commit
 
 
+def _pull_parser() -> CommandParser:
+    from .hub import DEFAULT_TIMEOUT
+
+    parser = _parser("pull", pull)
+    parser.add_argument("repo_id", help="model repo, 'namespace/name'")
+    parser.add_argument("--revision", help="branch, tag or commit sha (default main)")
+    parser.add_argument("--local-dir", help="put the files here instead of the HF cache")
+    parser.add_argument("--token", help="Hub token, for private repos (default: HF_TOKEN or the saved login)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help=f"seconds each request may wait for the Hub (default {DEFAULT_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the files in --local-dir that a checkpoint would hold (README.md, results, plots, ...) "
+        "even where no checkpoint or earlier pull put them there; other files stay",
+    )
+    return parser
+
+
 def pull(argv: list[str] | None = None) -> str:
     """Download a vitrail checkpoint from a Hugging Face Hub model repo, every file checked.
 
@@ -408,25 +484,9 @@ def pull(argv: list[str] | None = None) -> str:
     trust_remote_code=True)`, with or without vitrail. On an error, prints it and exits with status 1.
     HF_ENDPOINT selects another Hub.
     """
-    from .hub import DEFAULT_TIMEOUT, HubError, pull_checkpoint
+    from .hub import HubError, pull_checkpoint
 
-    parser = _parser("pull", pull)
-    parser.add_argument("repo_id", help="model repo, 'namespace/name'")
-    parser.add_argument("--revision", help="branch, tag or commit sha (default main)")
-    parser.add_argument("--local-dir", help="put the files here instead of the HF cache")
-    parser.add_argument("--token", help="Hub token, for private repos (default: HF_TOKEN or the saved login)")
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT,
-        help=f"seconds each request may wait for the Hub (default {DEFAULT_TIMEOUT:g})",
-    )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace the files in --local-dir that a checkpoint would hold (README.md, results, plots, ...) "
-        "even where no checkpoint or earlier pull put them there; other files stay",
-    )
+    parser = _pull_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
     try:
@@ -444,6 +504,17 @@ def pull(argv: list[str] | None = None) -> str:
     return folder
 
 
+def _export_parser() -> CommandParser:
+    parser = _parser("export", export)
+    parser.add_argument("--model", required=True, help="checkpoint folder or Hub repo id")
+    parser.add_argument("--output", required=True, help="the .onnx file to write")
+    parser.add_argument(
+        "--dynamic-size", action="store_true", help="dynamic height and width as well as batch"
+    )
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest logit difference accepted")
+    return parser
+
+
 def export(argv: list[str] | None = None) -> int:
     """Export a vitrail classifier to ONNX and check it against PyTorch with onnxruntime.
 
@@ -458,13 +529,7 @@ def export(argv: list[str] | None = None) -> int:
     (1e-4). Needs the "export" extra (`onnx`, `onnxscript`, `onnxruntime`). About 15 s of CPU for a digits model
     on a 2-core CPU.
     """
-    parser = _parser("export", export)
-    parser.add_argument("--model", required=True, help="checkpoint folder or Hub repo id")
-    parser.add_argument("--output", required=True, help="the .onnx file to write")
-    parser.add_argument(
-        "--dynamic-size", action="store_true", help="dynamic height and width as well as batch"
-    )
-    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest logit difference accepted")
+    parser = _export_parser()
     args = parser.parse_args(argv)
     require("export", "export")
     _check_model(parser, args.model)
@@ -575,14 +640,19 @@ def collect_info() -> dict:
     }
 
 
+def _info_parser() -> CommandParser:
+    parser = _parser("info", info)
+    parser.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    return parser
+
+
 def info(argv: list[str] | None = None) -> dict:
     """Versions, CPU flags, GPUs and installed extras: what to paste into a bug report.
 
     vitrail info
     vitrail info --json
     """
-    parser = _parser("info", info)
-    parser.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    parser = _info_parser()
     args = parser.parse_args(argv)
     report = collect_info()
     if args.json:
@@ -635,6 +705,28 @@ COMMANDS: dict[str, Callable] = {
     "export": export,
     "info": info,
 }
+
+
+PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
+    "train": _train_parser,
+    "pretrain": _pretrain_parser,
+    "evaluate": _evaluate_parser,
+    "predict": _predict_parser,
+    "convert": _convert_parser,
+    "push": _push_parser,
+    "pull": _pull_parser,
+    "export": _export_parser,
+    "info": _info_parser,
+}
+
+
+def build_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of `vitrail NAME`, as the command builds it, without running anything: a `CommandParser`, or
+    for train, pretrain and evaluate a transformers `HfArgumentParser` whose `dataclass_types` hold the flags
+    (these three need the "train" extra)."""
+    if name not in PARSERS:
+        raise ValueError(f"no vitrail command {name!r}; the commands are {', '.join(PARSERS)}")
+    return PARSERS[name]()
 
 
 def _command_parser() -> argparse.ArgumentParser:

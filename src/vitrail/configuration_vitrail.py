@@ -166,10 +166,10 @@ class VitrailConfig(BackboneConfigMixin, PreTrainedConfig):
             the first axis turns the first half of the frequency slots; with `"mixed"`, `rope_freqs[0]` multiplies it.
         rope_layout (`str`, defaults to `"interleaved"`): which channels rotate together: `"interleaved"` (pairs
             `(2i, 2i + 1)`, EVA-02, timm's default) or `"half"` (pairs `(i, i + head_dim / 2)`, DINOv3).
-        rope_train_shift (`float`, *optional*), rope_train_jitter (`float`, *optional*), rope_train_rescale
-            (`float`, *optional*): in training only, move the coordinates of every forward pass by one random
-            transform, as DINOv3 trains: a shift drawn from [-shift, shift] per axis, a scale per axis drawn
-            log-uniformly from [1/jitter, jitter], then one scale for both from [1/rescale, rescale].
+        rope_train_shift (`float`, *optional*): in training only, move the rotary coordinates of every forward
+            pass by one random transform, as DINOv3 trains: first a shift drawn from [-shift, shift] per axis,
+        rope_train_jitter (`float`, *optional*): then a scale per axis drawn log-uniformly from [1/jitter, jitter],
+        rope_train_rescale (`float`, *optional*): then one scale for both axes drawn from [1/rescale, rescale].
         relative_position_bias (`str`, defaults to `"none"`): a learned bias added to the attention scores that
             depends on the offset between two patches: `"none"`, `"table"` (one entry per offset and head, plus
             three for the class token, BEiT; resampled bilinearly to other grids as transformers' BEiT does) or
@@ -177,6 +177,22 @@ class VitrailConfig(BackboneConfigMixin, PreTrainedConfig):
         relative_position_bias_shared (`bool`, defaults to `False`): one bias for all layers
             (`encoder.relative_position_bias`) instead of one per layer (`attention.relative_position_bias`).
         relative_position_bias_hidden_size (`int`, defaults to 128): hidden width of the `"mlp"` bias.
+        id2label (`dict[int, str]`, *optional*): class names by index; `num_labels` (the head's size) follows
+            from it. Defaults to two classes, `LABEL_0` and `LABEL_1`.
+        label2id (`dict[str, int]`, *optional*): the inverse of `id2label`.
+        problem_type (`str`, *optional*): the loss of `VitrailForImageClassification`:
+            `"single_label_classification"` (cross-entropy), `"multi_label_classification"` (binary cross-entropy
+            per class) or `"regression"` (mean squared error); inferred from `num_labels` and the labels' dtype
+            when unset.
+        output_hidden_states (`bool`, defaults to `False`): return every layer's hidden states by default.
+        return_dict (`bool`, defaults to `True`): return `ModelOutput`s rather than tuples.
+        dtype (`str`, *optional*): the dtype the weights were saved in; `from_pretrained(dtype="auto")` loads it.
+        architectures (`list[str]`, *optional*): the model classes this config was saved with.
+        transformers_version (`str`, *optional*): the transformers release that saved the config.
+        chunk_size_feed_forward (`int`, defaults to 0): transformers' feed-forward chunking; vitrail's layers
+            do not read it.
+        is_encoder_decoder (`bool`, defaults to `False`): transformers' flag for encoder-decoder models; vitrail's
+            models are encoders and do not read it.
 
     Example:
 

@@ -455,14 +455,17 @@ class VitrailImageProcessor(PilBackend):
     as already scaled. `pixel_values` are float32.
 
     Args:
-        size (`dict[str, int]`, defaults to `{"height": 224, "width": 224}`): output size.
+        size (`dict[str, int]`, defaults to 224 x 224): output size, `{"height": 224, "width": 224}`.
         resample (`PILImageResampling`, defaults to `BILINEAR`): resampling filter.
         crop_pct (`float`, *optional*): resize to `size / crop_pct` (shorter side for square outputs), then
             center-crop to `size`; 0.875 and 0.9 are common ImageNet evaluation ratios.
-        do_rescale (`bool`, defaults to `True`), rescale_factor (`float`, defaults to 1/255): scale 8-bit
-            levels to [0, 1]. With `do_rescale=False` pixel values are taken as they are.
-        do_normalize (`bool`, defaults to `True`), image_mean, image_std (defaults to 0.5 per channel, as in
-            transformers' ViT): normalisation; one value, or one per channel.
+        do_rescale (`bool`, defaults to `True`): scale 8-bit levels to [0, 1]. With `do_rescale=False` pixel
+            values are taken as they are.
+        rescale_factor (`float`, defaults to 1/255): the factor `do_rescale` multiplies by.
+        do_normalize (`bool`, defaults to `True`): normalise with `image_mean` and `image_std`.
+        image_mean (`float` or `list[float]`, defaults to 0.5 per channel): one value, or one per channel (0.5 as
+            in transformers' ViT).
+        image_std (`float` or `list[float]`, defaults to 0.5 per channel): one value, or one per channel.
         num_channels (`int`, defaults to 3): channels of the output; 1 turns every input to grayscale; other
             counts than 1 and 3 pass images with exactly that many channels.
         center_crop_rounding (`str`, defaults to `"floor"`): `"floor"` places a center crop with an odd margin as

@@ -1561,12 +1561,17 @@ def push(output: Path, training_args: TrainingArguments, metrics: dict, split: s
     logger.info("Hub: %s", commit.commit_url if commit else "unchanged, no new commit")
 
 
-def parse_args(argv: list[str] | None = None, **parser_options):
-    """The three argument dataclasses from `argv` (or one JSON file); `parser_options` go to the parser
-    (`prog`, `description`, ...)."""
+def argument_parser(**parser_options):
+    """The parser of the three argument dataclasses; `parser_options` go to it (`prog`, `description`, ...)."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, VitrailTrainingArguments), **parser_options)
+    return HfArgumentParser((ModelArguments, DataArguments, VitrailTrainingArguments), **parser_options)
+
+
+def parse_args(argv: list[str] | None = None, parser=None):
+    """The three argument dataclasses from `argv` (or one JSON file), read by `parser` (default:
+    `argument_parser()`)."""
+    parser = parser or argument_parser()
     if argv and len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
     return parser.parse_args_into_dataclasses(args=argv)
@@ -1577,6 +1582,7 @@ __all__ = [
     "ModelArguments",
     "VitrailTrainer",
     "VitrailTrainingArguments",
+    "argument_parser",
     "build_model",
     "closing_process_group",
     "parameter_groups",
