@@ -749,3 +749,39 @@ def test_no_page_a_user_reads_narrates_how_the_project_was_made():
     assert [m.group(0) for m in PROCESS_WORDS.finditer(narrated)] == [
         "issue 2", "session", "helper", "lent", "this machine kind"
     ]  # fmt: skip
+
+
+def api_objects() -> list[object]:
+    """Every object the API page renders (its `::: dotted.name` lines), imported."""
+    import importlib
+
+    found = []
+    for line in (ROOT / "docs" / "reference" / "api.md").read_text().splitlines():
+        if line.startswith(":::"):
+            module, _, name = line[3:].strip().rpartition(".")
+            found.append((line[3:].strip(), getattr(importlib.import_module(module), name)))
+    return found
+
+
+def test_docstring_examples_on_the_api_page_run():
+    """The `>>>` examples the API page shows (docstrings of its objects and their members, markdown fences
+    dropped) run and print what they say; a page with none found would mean the finder broke."""
+    import doctest
+    import inspect
+
+    parser, runner = doctest.DocTestParser(), doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    ran = []
+    for name, obj in api_objects():
+        members = [(name, obj)]
+        if inspect.isclass(obj):
+            members += [(f"{name}.{key}", value) for key, value in vars(obj).items()]
+        for label, member in members:
+            text = inspect.getdoc(member) if inspect.isclass(member) or callable(member) else None
+            if not text or ">>>" not in text:
+                continue
+            text = "\n".join(line for line in text.splitlines() if not line.strip().startswith("```"))
+            case = parser.get_doctest(text, {}, label, None, 0)
+            result = runner.run(case, out=lambda report: None)
+            assert result.failed == 0, f"the docstring example of {label} fails:\n{text}"
+            ran.append(label)
+    assert {"vitrail.VitrailConfig", "vitrail.VitrailBackbone"} <= set(ran), ran

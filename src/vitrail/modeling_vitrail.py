@@ -1128,11 +1128,14 @@ class VitrailBackbone(BackboneMixin, VitrailPreTrainedModel):
     Example:
 
     ```python
-    >>> from transformers import AutoBackbone
-    >>> # A Hub repo (transformers 5.24's AutoBackbone misses local folders); trust_remote_code=True without vitrail
-    >>> backbone = AutoBackbone.from_pretrained("you/my-vit", out_indices=[4, 8, 12])
-    >>> [tuple(m.shape) for m in backbone(pixel_values).feature_maps]  # 224 px, patch 16
-    [(1, 768, 14, 14), (1, 768, 14, 14), (1, 768, 14, 14)]
+    >>> import torch
+    >>> from vitrail import VitrailBackbone, VitrailConfig
+    >>> backbone = VitrailBackbone(VitrailConfig.from_variant("Ti/16", out_indices=[4, 8, 12]))
+    >>> [tuple(m.shape) for m in backbone(torch.zeros(1, 3, 224, 224)).feature_maps]  # 224 px, patch 16
+    [(1, 192, 14, 14), (1, 192, 14, 14), (1, 192, 14, 14)]
+
+    A checkpoint on the Hub opens the same way through `AutoBackbone.from_pretrained(repo, out_indices=...,
+    trust_remote_code=True)`, without vitrail installed.
     ```
     """
 
