@@ -612,6 +612,32 @@ def test_an_image_that_fails_to_decode_is_skipped_and_named(tmp_path, monkeypatc
         assert events.count("decode") == 25
 
 
+def test_with_data_workers_the_pixel_cache_is_filled_once_before_training(tmp_path, monkeypatch):
+    """Workers read the cache as the main process left it: asked for workers, the cache is filled in the main
+    process before the first step (one tensor the workers share, each image decoded once), not in each worker."""
+    data = gray_folder(tmp_path / "hub-like")
+    events = []
+    decode, step = training.decode_images, training.VitrailTrainer.training_step
+
+    def record_decode(batch, image_col, feature, skip_bad=False):
+        events.extend(["decode"] * len(batch[image_col]))
+        return decode(batch, image_col, feature, skip_bad)
+
+    def record_step(self, model, inputs, num_items_in_batch=None):
+        events.append("step")
+        return step(self, model, inputs, num_items_in_batch)
+
+    monkeypatch.setattr(training, "decode_images", record_decode)
+    monkeypatch.setattr(training.VitrailTrainer, "training_step", record_step)
+    run_train(
+        tmp_path, "--dataset_name", str(data), "--cache_pixels", "true", "--num_train_epochs", "2",
+        "--per_device_train_batch_size", "4", "--save_strategy", "no", "--test_size", "0.25",
+        "--validation_size", "0", "--dataloader_num_workers", "2",
+    )  # fmt: skip
+    images = sum(1 for path in data.rglob("*") if path.is_file())
+    assert events.count("decode") == images and "decode" not in events[events.index("step") :]
+
+
 def test_folder_layouts_are_followed_or_named(tmp_path, caplog):
     data = gray_folder(tmp_path / "data")
     gray_folder(tmp_path / "elsewhere", classes=("bat",))

@@ -809,6 +809,14 @@ class ProcessedSplit(torch.utils.data.Dataset):
                 self.bad[index] = (chunk["bad_image"][place], chunk["bad_reason"][place])
         self.done[missing] = True
 
+    def fill_all(self, chunk: int = 256) -> None:
+        """Process every image not in the tensor yet. DataLoader workers get the tensor as the main process left
+        it (their own copy-on-write pages), so with workers the cache is filled here first: one tensor that every
+        worker shares, each image decoded once."""
+        missing = torch.nonzero(~self.done).flatten().tolist()
+        for start in range(0, len(missing), chunk):
+            self.fill(missing[start : start + chunk])
+
     def __getitems__(self, indices: list[int]) -> list[dict]:
         self.fill(list(indices))
         return [self[index] for index in indices]
@@ -1371,6 +1379,12 @@ def trainer_arguments(
         )
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         args.dataloader_num_workers = max(1, available_cpus() // local) if on_the_fly else 0
+    if (
+        args.dataloader_num_workers > 0
+    ):  # workers share the pixel cache only if it is filled before they start
+        for split in (splits or {}).values():
+            if isinstance(split, ProcessedSplit):
+                split.fill_all()
     if args.use_cpu or not torch.cuda.is_available():  # pinned memory serves copies to a GPU only
         args.dataloader_pin_memory = False
     if getattr(args, "dataloader_persistent_workers", False) is None:
