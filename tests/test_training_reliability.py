@@ -580,13 +580,8 @@ def test_an_image_read_later_is_named(tmp_path, cache):
         )  # fmt: skip
 
 
-@pytest.mark.parametrize("cache", ["true", "false"])
-def test_an_image_that_fails_to_decode_is_skipped_and_named(tmp_path, monkeypatch, cache):
-    """Under --skip_bad_images, an image that fails to decode when it is first read, by the pixel cache (which
-    fills as training reads images, so that no more than the first batches are decoded before the first step) or on
-    the fly, is left out of every batch and named in the results."""
-    data = gray_folder(tmp_path / "hub-like")
-    truncated_jpeg(data / "dog" / "cut.jpg")
+def record_decodes_and_steps(monkeypatch) -> list[str]:
+    """A list that fills, in the main process, with "decode" for each image decoded and "step" for each step."""
     events = []
     decode, step = training.decode_images, training.VitrailTrainer.training_step
 
@@ -600,6 +595,17 @@ def test_an_image_that_fails_to_decode_is_skipped_and_named(tmp_path, monkeypatc
 
     monkeypatch.setattr(training, "decode_images", record_decode)
     monkeypatch.setattr(training.VitrailTrainer, "training_step", record_step)
+    return events
+
+
+@pytest.mark.parametrize("cache", ["true", "false"])
+def test_an_image_that_fails_to_decode_is_skipped_and_named(tmp_path, monkeypatch, cache):
+    """Under --skip_bad_images, an image that fails to decode when it is first read, by the pixel cache (which
+    fills as training reads images, so that no more than the first batches are decoded before the first step) or on
+    the fly, is left out of every batch and named in the results."""
+    data = gray_folder(tmp_path / "hub-like")
+    truncated_jpeg(data / "dog" / "cut.jpg")
+    events = record_decodes_and_steps(monkeypatch)
     metrics, _ = run_train(
         tmp_path, "--dataset_name", str(data), "--cache_pixels", cache, "--num_train_epochs", "2",
         "--per_device_train_batch_size", "4", "--save_strategy", "no", "--test_size", "0.25",
@@ -616,19 +622,7 @@ def test_with_data_workers_the_pixel_cache_is_filled_once_before_training(tmp_pa
     """Workers read the cache as the main process left it: asked for workers, the cache is filled in the main
     process before the first step (one tensor the workers share, each image decoded once), not in each worker."""
     data = gray_folder(tmp_path / "hub-like")
-    events = []
-    decode, step = training.decode_images, training.VitrailTrainer.training_step
-
-    def record_decode(batch, image_col, feature, skip_bad=False):
-        events.extend(["decode"] * len(batch[image_col]))
-        return decode(batch, image_col, feature, skip_bad)
-
-    def record_step(self, model, inputs, num_items_in_batch=None):
-        events.append("step")
-        return step(self, model, inputs, num_items_in_batch)
-
-    monkeypatch.setattr(training, "decode_images", record_decode)
-    monkeypatch.setattr(training.VitrailTrainer, "training_step", record_step)
+    events = record_decodes_and_steps(monkeypatch)
     run_train(
         tmp_path, "--dataset_name", str(data), "--cache_pixels", "true", "--num_train_epochs", "2",
         "--per_device_train_batch_size", "4", "--save_strategy", "no", "--test_size", "0.25",
