@@ -151,3 +151,28 @@ def test_fp8_conversion_keeps_the_state_dict_and_saves_a_plain_checkpoint(tmp_pa
     assert not any(type(module).__name__ == "Float8Linear" for module in plain.modules())
     for name, tensor in plain.state_dict().items():
         assert torch.equal(tensor, before[name]), name
+
+
+def test_fp8_training_writes_a_plain_checkpoint(tmp_path, monkeypatch):
+    """The whole `--fp8 true` path through the Trainer: the encoder's linear layers train in float8 and the saved
+    folder is a plain vitrail checkpoint. torch runs float8 matmuls on a CPU too (slowly, and this is no measure of
+    their accuracy), so with the GPU check off the path runs here; tests/test_cuda.py runs it on a GPU."""
+    pytest.importorskip("torchao", reason="the float8 conversion is torchao's: pip install torchao")
+    import json
+
+    from vitrail import training
+
+    monkeypatch.setattr(training, "check_fp8", lambda training_args: None)
+    out = tmp_path / "run"
+    argv = [
+        "--output_dir", str(out), "--config_overrides", TINY, "--report_to", "none", "--disable_tqdm", "true",
+        "--use_cpu", "true", "--bf16", "true", "--fp8", "true", "--max_steps", "4", "--save_strategy", "no",
+        "--per_device_train_batch_size", "32", "--dataloader_num_workers", "0",
+    ]  # fmt: skip
+    metrics = train(*parse_args(argv))
+    assert torch.isfinite(torch.tensor(metrics["train_loss"])) and 0 <= metrics["test_accuracy"] <= 1
+    settings = json.loads((out / "run_settings.json").read_text())
+    assert '"fp8": true' in json.dumps(settings)  # a rerun without --fp8 is another run
+    plain, info = VitrailForImageClassification.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    assert not any(type(module).__name__ == "Float8Linear" for module in plain.modules())
