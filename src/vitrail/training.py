@@ -403,7 +403,7 @@ def check_fp8(training_args: TrainingArguments) -> None:
 
 def fp8_layer(module: torch.nn.Module, name: str) -> bool:
     """Whether `convert_to_fp8` converts this layer: the encoder's linear layers whose sides are multiples of 16
-    (float8 GEMMs need them), never the classifier head, whose few outputs gain nothing and lose accuracy."""
+    (float8 GEMMs need them), never the classifier head: the logits stay in bf16."""
     return (
         isinstance(module, torch.nn.Linear)
         and ".encoder." in f".{name}."
