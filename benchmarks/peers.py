@@ -4,11 +4,14 @@ with the same architecture (random weights: speed does not depend on them), time
 
     python benchmarks/peers.py [--variant B/16] [--batch 8] [--dtype float32,bfloat16] [--device cpu|cuda]
         [--rounds 5] [--threads N] [--compile] [--sdpa-backends flash,math] [--baseline-processor FILE]
-        [--force-bf16] [--quick]
+        [--force-bf16] [--fp8] [--quick]
 
 Rows: inference (bf16 rows with bf16 weights) and a training step (forward, backward, AdamW; bf16 rows under
 autocast with fp32 weights) per `--dtype`; with `--sdpa-backends`, inference under each named SDPA backend; with
-`--compile`, the same under `torch.compile` plus the time of the first compiled call; the image processor on
+`--compile`, the same under `torch.compile` plus the time of the first compiled call; with `--fp8`, vitrail's
+bf16 training step with its encoder's linear layers in float8 (`vitrail train --fp8 true`'s conversion, torchao),
+eager and, with `--compile training`, compiled, on an NVIDIA GPU of compute capability 8.9 or later; the image
+processor on
 varied crops of scikit-learn's two sample photos (vitrail against transformers' `ViTImageProcessor`, its
 torchvision backend where torchvision is installed); `pipeline("image-classification")` end to end on a list of
 PIL images; `from_pretrained` time and peak memory of a checkpoint of the variant (ViT-B/16 by default) saved to a
@@ -16,6 +19,8 @@ temporary folder. Model rows give each model's achieved FLOP/s as a share of thi
 (a 2048 x 2048 matmul of the row's dtype); FLOPs are counted analytically (`forward_flops`). Their notes give the
 time of the kernels all three must run (every linear map's GEMMs and each layer's SDPA, `shared_kernels`), timed
 in the same rounds, and so the largest ratio an implementation running them could reach against each peer here.
+On a GPU whose dense bf16 peak `BF16_DENSE_PEAKS` holds, every model row's note adds model FLOP utilisation
+(MFU) against that peak, fp32 and fp8 rows included, so that all rows share one scale.
 
 Each round runs the three models one after another, the order rotated from round to round, so that a slow spell
 of a shared machine hits all of them; a cell is the median over rounds with the min-max spread; a ratio is the
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import gc
 import importlib.util
@@ -69,9 +75,11 @@ SDPA_BACKENDS = {
 }
 CPU_FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
 GEMM_SIZE = 2048
-# NVIDIA H200 SXM bf16 tensor-core peak without sparsity: 989 TFLOP/s (NVIDIA's H200 datasheet lists 1,979
-# TFLOPS "with sparsity", twice the dense rate). Model FLOP utilisation on an H200 is against this.
-H200_BF16_DENSE_PEAK = 989e12
+# bf16 tensor-core peaks without sparsity, by a part of the name torch gives the device, the more specific first.
+# NVIDIA's datasheets list the rates "with sparsity", twice the dense ones: H100 SXM and H200 1,979 TFLOPS, H100
+# NVL 1,671, H100 PCIe 1,513. Model FLOP utilisation (MFU) is against these.
+BF16_DENSE_PEAKS = {"H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12}
+FP8_MIN_CAPABILITY = (8, 9)  # float8 tensor cores: Ada (8.9), Hopper (9.0) and later
 NUM_LABELS = 1000
 FLOOR = "shared kernels"  # timed in the model rows' rounds beside the peers (`shared_kernels`)
 
@@ -452,10 +460,44 @@ def model_rows(args, config, peers: dict[str, Peer], dtype_name: str, gemm: floa
             training,
             lambda compiled: training_calls(compiled, x, targets, autocast, args.device),
         )
+    if autocast and args.fp8:
+        rows += fp8_rows(args, peers["vitrail"], x, targets, training)
     for peer in peers.values():
         peer.model.zero_grad(set_to_none=True)
         peer.model.eval()
     gc.collect()  # the optimizers' state
+    return rows
+
+
+def fp8_problem(device: str) -> str | None:
+    """Why float8 training cannot be measured here, or None."""
+    if device != "cuda" or torch.cuda.get_device_capability() < FP8_MIN_CAPABILITY:
+        return "not measurable: needs an NVIDIA GPU with compute capability >= 8.9"
+    if importlib.util.find_spec("torchao") is None:
+        return "not measurable: needs torchao (pip install torchao)"
+    return None
+
+
+def fp8_rows(args, vitrail: Peer, x: torch.Tensor, targets: torch.Tensor, bf16: Row) -> list[Row]:
+    """vitrail's bf16 training step with its encoder's linear layers in float8, converted as `vitrail train --fp8
+    true` converts them, on a copy of the model; with `--compile training`, compiled too. The peers have no such
+    switch; the note gives the speed-up over the bf16 step."""
+    label = "training step bf16, fp8 linear layers (torchao)"
+    problem = fp8_problem(args.device)
+    if problem:
+        return [unmeasurable(label, "ms/step", problem)]
+    from vitrail.training import convert_to_fp8
+
+    converted = {"vitrail": Peer(convert_to_fp8(copy.deepcopy(vitrail.model)), vitrail.logits)}
+    make_calls = functools.partial(training_calls, x=x, labels=targets, autocast=True, device=args.device)
+    row = Row(label, "ms/step", flops=bf16.flops, gemm=bf16.gemm)
+    row.missing = {name: "– (no fp8 switch)" for name in PEERS[1:]}
+    rows = [measure_row(row, make_calls(converted), args, synchronizer(args.device))]
+    if "vitrail" in row.values:
+        ratio = statistics.median(bf16.values["vitrail"]) / statistics.median(row.values["vitrail"])
+        row.note = "; ".join(filter(None, [row.note, f"speed-up over the bf16 step: {ratio:.2f}x"]))
+        if "training" in args.compile:
+            rows += compiled_rows(args, converted, row, make_calls)
     return rows
 
 
@@ -650,6 +692,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--baseline-processor", help="another image_processing_vitrail.py to time beside vitrail's"
     )
     parser.add_argument("--force-bf16", action="store_true", help="measure bf16 even where it is emulated")
+    parser.add_argument(
+        "--fp8",
+        action="store_true",
+        help="add vitrail's bf16 training step with fp8 linear layers (torchao; a GPU of compute capability 8.9+)",
+    )
     parser.add_argument("--quick", action="store_true", help="2 rounds, 1 call each, few images: a smoke run")
     args = parser.parse_args(argv)
 
@@ -692,6 +739,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def bf16_dense_peak(device_name: str) -> float | None:
+    """The dense bf16 peak of the GPU `device_name` names, if `BF16_DENSE_PEAKS` knows it."""
+    return next((peak for part, peak in BF16_DENSE_PEAKS.items() if part in device_name), None)
+
+
+def add_mfu(row: Row, peak: float) -> None:
+    """Append each measured peer's model FLOP utilisation against `peak` to `row`'s note."""
+    if not (row.flops and row.values):
+        return
+    mfu = ", ".join(
+        f"{name} {row.flops / statistics.median(values) / peak:.1%}" for name, values in row.values.items()
+    )
+    row.note = "; ".join(filter(None, [row.note, f"MFU: {mfu}"]))
+
+
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     if args.threads:
@@ -726,16 +788,13 @@ def main(argv: list[str] | None = None) -> str:
     rows = []
     for name in args.dtypes:
         rows += model_rows(args, config, peers, name, gemms.get(name), bf16_ok)
-    if "H200" in device_name:
+    peak = bf16_dense_peak(device_name)
+    if peak:
+        lines.append(
+            f"MFU: against the {device_name}'s dense bf16 peak, {peak / 1e12:,.0f} TFLOP/s, in every row"
+        )
         for row in rows:
-            if "bf16" in row.label and row.flops and row.values:
-                mfu = ", ".join(
-                    f"{name} {row.flops / statistics.median(values) / H200_BF16_DENSE_PEAK:.1%}"
-                    for name, values in row.values.items()
-                )
-                row.note = "; ".join(
-                    filter(None, [row.note, f"MFU vs the H200's 989 TFLOP/s bf16 peak: {mfu}"])
-                )
+            add_mfu(row, peak)
 
     size = {"height": args.image_size, "width": args.image_size}
     processors = {"vitrail": VitrailImageProcessor(size=size), "transformers": ViTImageProcessor(size=size)}

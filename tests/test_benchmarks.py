@@ -191,6 +191,66 @@ def test_emulated_bf16_rows_are_not_measured():
         assert row == ["not measurable: bf16 emulated"] * 3 + ["–", "–", ""]
 
 
+FP8_ROW = "training step bf16, fp8 linear layers (torchao), ms/step"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the row of a machine without CUDA")
+def test_fp8_row_on_a_cpu_says_it_is_not_measurable(process_settings):
+    """With --fp8 the bf16 rows end with vitrail's fp8 training step; on a CPU it names the GPU it needs."""
+    module = load_script("benchmarks/peers.py")
+    args = module.parse_args([*TINY, "--fp8", "--threads", "1"])
+    config, peers = module.build_peers(args)
+    rows = module.model_rows(args, config, peers, dtype_name="bfloat16", gemm=1e9, bf16_ok=True)
+    cells = table_rows(module.table(rows))
+    assert list(cells)[-1] == FP8_ROW
+    assert cells[FP8_ROW] == ["not measurable: needs an NVIDIA GPU with compute capability >= 8.9"] * 3 + [
+        "–",
+        "–",
+        "",
+    ]
+
+
+def test_fp8_row_times_the_converted_vitrail_where_fp8_runs(process_settings, monkeypatch):
+    """Where float8 runs, the row times vitrail's step with the layers `vitrail train --fp8 true` converts, on a
+    copy (the bf16 model is left as it was), and gives its speed-up over the bf16 step; the peers have no such
+    switch. torch runs float8 matmuls on a CPU too (slowly), which lets this run here with the GPU check off."""
+    pytest.importorskip("torchao", reason="the float8 conversion is torchao's: pip install torchao")
+    module = load_script("benchmarks/peers.py")
+    monkeypatch.setattr(module, "fp8_problem", lambda device: None)
+    args = module.parse_args([*TINY, "--fp8", "--threads", "1"])
+    config, peers = module.build_peers(args)
+    rows = module.model_rows(args, config, peers, dtype_name="bfloat16", gemm=1e9, bf16_ok=True)
+    cells = table_rows(module.table(rows))
+    vitrail, transformers_cell, timm_cell, *_, note = cells[FP8_ROW]
+    assert re.fullmatch(rf"{VALUE} \(\d+%\)", vitrail), vitrail
+    assert transformers_cell == timm_cell == "– (no fp8 switch)"
+    assert re.fullmatch(rf"speed-up over the bf16 step: {NUMBER}x", note), note
+    assert not any("Float8" in type(m).__name__ for m in peers["vitrail"].model.modules())
+
+
+def test_mfu_is_against_the_dense_bf16_peak_of_the_gpu_named():
+    module = load_script("benchmarks/peers.py")
+    peaks = {
+        "NVIDIA H200": 989e12,
+        "NVIDIA H100 80GB HBM3": 989e12,
+        "NVIDIA H100 PCIe": 756e12,
+        "NVIDIA H100 NVL": 835e12,
+        "NVIDIA A100-SXM4-80GB": None,
+    }
+    assert {name: module.bf16_dense_peak(name) for name in peaks} == peaks
+    row = module.Row(
+        "training step fp32 (fwd+bwd+AdamW)", "ms/step", flops=989e9, note="shared kernels alone"
+    )
+    row.values = {"vitrail": [2e-3, 4e-3, 3e-3], "timm": [1e-3] * 3}  # medians 3 ms and 1 ms
+    module.add_mfu(row, 989e12)
+    assert row.note == "shared kernels alone; MFU: vitrail 33.3%, timm 100.0%"
+    first_call = module.Row(
+        "inference bf16, torch.compile: first call (compiles)", "s", values={"vitrail": [9.0]}
+    )
+    module.add_mfu(first_call, 989e12)
+    assert first_call.note == ""
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_cuda_without_cuda_says_so(capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -212,7 +272,7 @@ def test_gpu_script_flags_parse(capsys):
     assert flags[:4] == ["--device", "cuda", "--dtype", "bfloat16"]
     module = load_script("benchmarks/peers.py")
     args = module.parse_args([*flags[:1], "cpu", *flags[2:]])
-    assert args.dtypes == ["bfloat16"] and args.compile == ["inference"]
+    assert args.dtypes == ["bfloat16"] and args.compile == ["inference"] and args.fp8
     assert args.sdpa_backends == ["flash", "efficient", "cudnn", "math"]
     assert module.parse_args([*flags[:1], "cpu", *flags[2:], "--compile"]).compile == [
         "inference",
@@ -239,8 +299,8 @@ def test_gpu_script_refuses_without_a_gpu(tmp_path):
 
 
 def test_gpu_script_runs_a_python_that_has_the_peers_without_installing(tmp_path):
-    """On a machine whose Python already has torch with CUDA and the peers (the lent GPU machines, which have no
-    network), gpu.sh makes no venv and installs nothing: it runs peers.py with its flags and any given after them,
+    """On a machine whose Python already has torch with CUDA and the peers (one without network access, say),
+    gpu.sh makes no venv and installs nothing: it runs peers.py with its flags and any given after them,
     vitrail from src/. Here a stand-in `nvidia-smi` and a stand-in Python that records how it was called."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

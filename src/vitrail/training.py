@@ -94,6 +94,13 @@ class ModelArguments:
     layer_decay: float | None = field(
         default=None, metadata={"help": "Layer-wise learning-rate decay (e.g. 0.75); None disables it."}
     )
+    fp8: bool = field(
+        default=False,
+        metadata={
+            "help": "Train the encoder's linear layers in float8 (torchao's float8 training; needs torchao, "
+            "--bf16 true and an NVIDIA GPU of compute capability 8.9 or later). Checkpoints stay plain."
+        },
+    )
 
 
 @dataclass
@@ -365,6 +372,53 @@ def check_arguments(model_args: ModelArguments) -> None:
     check_overrides(parse_overrides(model_args.config_overrides), image_size=model_args.image_size)
     if model_args.model_name_or_path:
         check_model_source(model_args.model_name_or_path)
+
+
+# float8 GEMMs need Ada (8.9) or Hopper (9.0) tensor cores or later.
+FP8_MIN_CAPABILITY = (8, 9)
+FP8_GPUS = "H100, H200, L4, RTX 40xx"
+
+
+def check_fp8(training_args: TrainingArguments) -> None:
+    """Refuse `--fp8 true` where float8 training cannot run: on a CPU, on an older GPU, without bf16, without
+    torchao."""
+    needs = f"fp8 training needs an NVIDIA GPU with compute capability 8.9 or later ({FP8_GPUS})"
+    if training_args.use_cpu or not torch.cuda.is_available():
+        raise ValueError(f"{needs}; this run is on CPU. Drop --fp8 (or train on such a GPU).")
+    capability = torch.cuda.get_device_capability()
+    if capability < FP8_MIN_CAPABILITY:
+        name = torch.cuda.get_device_name()
+        raise ValueError(
+            f"{needs}; this run's GPU, {name}, has {capability[0]}.{capability[1]}. Drop --fp8 and keep --bf16 true."
+        )
+    if not training_args.bf16:
+        raise ValueError(
+            "--fp8 true trains the encoder's linear layers in float8 and the rest in bf16: add --bf16 true."
+        )
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError as error:
+        raise ValueError(f"--fp8 true needs torchao: pip install torchao ({error}).") from error
+
+
+def fp8_layer(module: torch.nn.Module, name: str) -> bool:
+    """Whether `convert_to_fp8` converts this layer: the encoder's linear layers whose sides are multiples of 16
+    (float8 GEMMs need them), never the classifier head: the logits stay in bf16."""
+    return (
+        isinstance(module, torch.nn.Linear)
+        and ".encoder." in f".{name}."
+        and module.in_features % 16 == 0
+        and module.out_features % 16 == 0
+    )
+
+
+def convert_to_fp8(model: torch.nn.Module) -> torch.nn.Module:
+    """Swap `model`'s encoder linear layers (see `fp8_layer`) for torchao's float8 training layers, in place.
+    The float8 layers keep their `weight` and `bias` in the model's dtype under the same names, so checkpoints
+    load into a plain vitrail model."""
+    from torchao.float8 import convert_to_float8_training
+
+    return convert_to_float8_training(model, module_filter_fn=fp8_layer)
 
 
 # ---- data -------------------------------------------------------------------------------------------------------
@@ -1242,6 +1296,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     returns it without training; see `vitrail.run_folder.start_run` for resuming and refusing.
     """
     check_arguments(model_args)
+    if model_args.fp8:
+        check_fp8(training_args)
     output, data = open_run(data_args, training_args)
     labels = data.labels
     model, processor = build_model(model_args, labels)
@@ -1249,6 +1305,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         "model_name_or_path": _source_id(model_args.model_name_or_path),
         "config": model_settings(model.config),
     }
+    if model_args.fp8:  # recorded only when on, so runs without it keep their settings
+        source["fp8"] = True
+        convert_to_fp8(model)
     start = begin_run("train", source, data, data_args, training_args, layer_decay=model_args.layer_decay)
     if start.finished is not None:
         if training_args.push_to_hub and training_args.process_index == 0:
@@ -1599,6 +1658,7 @@ __all__ = [
     "argument_parser",
     "build_model",
     "closing_process_group",
+    "convert_to_fp8",
     "parameter_groups",
     "train",
 ]
