@@ -214,7 +214,10 @@ def test_fp8_row_times_the_converted_vitrail_where_fp8_runs(process_settings, mo
     """Where float8 runs, the row times vitrail's step with the layers `vitrail train --fp8 true` converts, on a
     copy (the bf16 model is left as it was), and gives its speed-up over the bf16 step; the peers have no such
     switch. torch runs float8 matmuls on a CPU too (slowly), which lets this run here with the GPU check off."""
-    pytest.importorskip("torchao", reason="the float8 conversion is torchao's: pip install torchao")
+    pytest.importorskip(
+        "torchao",
+        reason='the float8 conversion is torchao\'s, which is not installed: pip install "vitrail[fp8]"',
+    )
     module = load_script("benchmarks/peers.py")
     monkeypatch.setattr(module, "fp8_problem", lambda device: None)
     args = module.parse_args([*TINY, "--fp8", "--threads", "1"])

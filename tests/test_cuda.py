@@ -133,7 +133,7 @@ def fp8_unavailable() -> str | None:
     try:
         import torchao.float8  # noqa: F401
     except ImportError:
-        return "fp8 training needs torchao: pip install torchao"
+        return 'fp8 training needs torchao: pip install "vitrail[fp8]"'
     return None
 
 

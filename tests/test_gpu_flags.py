@@ -112,7 +112,7 @@ def test_fp8_without_torchao_is_refused(tmp_path, gpu, monkeypatch):
     # A None entry in sys.modules makes `import torchao` raise ImportError, as where it is not installed.
     monkeypatch.setitem(sys.modules, "torchao", None)
     monkeypatch.setitem(sys.modules, "torchao.float8", None)
-    with pytest.raises(ValueError, match="needs torchao: pip install torchao"):
+    with pytest.raises(ValueError, match=r'needs torchao: pip install "vitrail\[fp8\]"'):
         train(*args)
     assert not out.exists()
 
@@ -127,7 +127,10 @@ def test_fp8_filter_picks_the_encoder_linear_layers_with_sides_of_multiples_of_1
 
 
 def test_fp8_conversion_keeps_the_state_dict_and_saves_a_plain_checkpoint(tmp_path):
-    pytest.importorskip("torchao", reason="the float8 conversion is torchao's: pip install torchao")
+    pytest.importorskip(
+        "torchao",
+        reason='the float8 conversion is torchao\'s, which is not installed: pip install "vitrail[fp8]"',
+    )
     from torchao.float8.float8_linear import Float8Linear
 
     from vitrail.training import convert_to_fp8
@@ -157,7 +160,10 @@ def test_fp8_training_writes_a_plain_checkpoint(tmp_path, monkeypatch):
     """The whole `--fp8 true` path through the Trainer: the encoder's linear layers train in float8 and the saved
     folder is a plain vitrail checkpoint. torch runs float8 matmuls on a CPU too (slowly, and this is no measure of
     their accuracy), so with the GPU check off the path runs here; tests/test_cuda.py runs it on a GPU."""
-    pytest.importorskip("torchao", reason="the float8 conversion is torchao's: pip install torchao")
+    pytest.importorskip(
+        "torchao",
+        reason='the float8 conversion is torchao\'s, which is not installed: pip install "vitrail[fp8]"',
+    )
     import json
 
     from vitrail import training

@@ -37,6 +37,7 @@ EXTRAS = {
         "matplotlib": "matplotlib",
     },
     "export": {"onnx": "onnx", "onnxscript": "onnxscript", "onnxruntime": "onnxruntime"},
+    "fp8": {"torchao": "torchao"},
 }
 # Modules a job imports only when a flag asks for them, and how to get each.
 OPTIONAL = {"torchvision": "pip install torchvision (the release built for your torch)"}

@@ -398,7 +398,7 @@ def check_fp8(training_args: TrainingArguments) -> None:
     try:
         import torchao.float8  # noqa: F401
     except ImportError as error:
-        raise ValueError(f"--fp8 true needs torchao: pip install torchao ({error}).") from error
+        raise ValueError(f'--fp8 true needs torchao: pip install "vitrail[fp8]" ({error}).') from error
 
 
 def fp8_layer(module: torch.nn.Module, name: str) -> bool:
