@@ -62,8 +62,13 @@ def escape_html(text: str) -> str:
 
 
 def cell(text: str) -> str:
-    """Text for one cell of a Markdown table: one line, pipes escaped, no HTML."""
-    return escape_html(" ".join(str(text).split())).replace("|", "\\|")
+    """Text for one cell of a Markdown table: one line, pipes escaped, no HTML. Inside a code span an escaped pipe
+    would show its backslash, so a union type there reads `int or None`."""
+    parts = re.split(r"(`[^`]*`)", escape_html(" ".join(str(text).split())))
+    return "".join(
+        part.replace(" | ", " or ").replace("|", " or ") if part.startswith("`") else part.replace("|", "\\|")
+        for part in parts
+    )
 
 
 def code(value) -> str:
@@ -272,6 +277,7 @@ def _dataclass_sections(parser) -> list[str]:
                 "with its transformers default and meaning (booleans take `true`/`false` or no value): "
                 + ", ".join(code("--" + name) for name in accepted)
                 + ".",
+                "{: .flag-list }",  # attr_list: the flags in this paragraph are not broken at their hyphens
             ]
         else:
             lines += ["", f"**{kind.__name__}**:", "", *_field_rows(fields)]
