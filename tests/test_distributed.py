@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.test_training import OUTPUTS, QUIET, ROOT, TINY
 from vitrail.training import parse_args, train
@@ -345,3 +346,92 @@ def test_fully_shard_splits_the_model_and_trains_like_one_process(tmp_path):
         assert rank["losses"] == pytest.approx(rank["reference_losses"], abs=1e-5)
         assert rank["difference"] < 1e-5
         assert rank["losses"][-1] < rank["losses"][0]  # training makes progress
+
+
+# Runs scripts/train.py or scripts/pretrain_mim.py after hooks that record, per rank, the training steps taken on
+# batches with no readable image (`skip_step`), the steps of the optimizer, the images the rank left out, and the
+# weights it ends with.
+SKIPPING = """
+import json, os, runpy, sys
+import torch
+from vitrail import pretraining, training
+
+rank = int(os.environ.get("RANK", 0))
+script, out = sys.argv[1], sys.argv[2]
+record = {"rank": rank, "skip_steps": 0}
+skip = training.VitrailTrainer.skip_step
+
+
+def skip_step(self, model):
+    record["skip_steps"] += 1
+    return skip(self, model)
+
+
+def recorded(fit):
+    def fitted(trainer, start):
+        result = fit(trainer, start)
+        optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+        record["optimizer_steps"] = sorted({int(state["step"]) for state in optimizer.state.values()})
+        record["parameters"] = sum(1 for _ in trainer.model.parameters())
+        record["stepped_parameters"] = len(optimizer.state)
+        record["global_step"] = trainer.state.global_step
+        record["skipped"] = sorted(trainer.skipped_images)
+        torch.save({k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+                   os.path.join(out, f"rank{rank}.pt"))
+        return result
+    return fitted
+
+
+training.VitrailTrainer.skip_step = skip_step
+training.fit = recorded(training.fit)
+pretraining.fit = recorded(pretraining.fit)
+sys.argv = [script, *sys.argv[3:]]
+try:
+    runpy.run_path(script, run_name="__main__")
+finally:
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as file:
+        json.dump(record, file)
+"""
+
+
+@pytest.mark.parametrize(
+    "script, unused", [("train.py", "true"), ("pretrain_mim.py", "true"), ("pretrain_mim.py", "false")]
+)
+def test_a_rank_whose_batch_has_no_readable_image_keeps_step_with_the_other(tmp_path, script, unused):
+    """Two processes stream two shards, one each, and every image of train-001 is unreadable: its rank's stream is
+    eight placeholder rows (one per mapped chunk of 64), so each of its 4 batches of 2 has no readable image, while
+    the other rank trains on whole batches. Under --skip_bad_images that rank does a zero-weighted forward and
+    backward for each, so the other rank's gradient all-reduce is met: the run ends (no hang), both ranks take the
+    same 4 optimizer steps with every parameter, the weights stay identical on both ranks (DDP), and each of the 512
+    images is named once in all_results.json. The same for SimMIM pretraining, whose mask token the zero-weighted
+    step must reach too. (Each rank's stream lasts the 4 steps: a rank whose stream ran out would start its next
+    pass over the shards, shuffled for that pass, while the other is still on its first.)"""
+    from tests.test_streaming import stream_flags, write_shards
+
+    bad = {f"{i:06d}" for i in range(512, 1024)}
+    data = write_shards(tmp_path / "shards", shards=2, per_shard=512, bad=bad)
+    out, records = tmp_path / "out", tmp_path / "records"
+    records.mkdir()
+    (tmp_path / "driver.py").write_text(SKIPPING)
+    flags = stream_flags(
+        data, "--max_steps", "4", "--skip_bad_images", "true", "--dataloader_num_workers", "0"
+    )
+    flags[flags.index("--per_device_train_batch_size") + 1] = "2"
+    flags += ["--ddp_find_unused_parameters", unused]
+    command = [*LAUNCH, "--multi_gpu", str(tmp_path / "driver.py"), str(ROOT / "scripts" / script), str(records),
+               "--output_dir", str(out), "--config_overrides", TINY, *QUIET, *flags]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=240, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = rank_records(records)
+    assert sorted(rank["skip_steps"] for rank in ranks) == [0, 4]  # every step of train-001's rank
+    for rank in ranks:
+        assert rank["global_step"] == 4 and rank["optimizer_steps"] == [4]
+        assert rank["stepped_parameters"] == rank["parameters"]  # the mask token too, when pretraining
+    first, second = (torch.load(records / f"rank{r}.pt") for r in (0, 1))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    trained = json.loads((out / "all_results.json").read_text())
+    expected = sorted(f"train-001.tar/{key}" for key in bad)
+    assert sorted(trained["skipped_images"]) == expected
+    # Named by the rank that read them, and by it only.
+    assert sorted(ranks[0]["skipped"] + ranks[1]["skipped"]) == expected

@@ -18,6 +18,7 @@ from .training import (
     batch_augment,
     begin_run,
     check_overrides,
+    collect_skipped,
     fit,
     new_processor,
     open_run,
@@ -109,5 +110,7 @@ def pretrain(args: PretrainArguments, data_args: DataArguments, training_args: T
         augment=batch_augment(data_args, processor),
     )
     metrics = fit(trainer, start)
-    save_run(trainer, output, training_args, metrics)
-    return metrics
+    collect_skipped(trainer, data)
+    results = {**metrics, "skipped_images": data.skipped_images} if data.skipped_images else metrics
+    save_run(trainer, output, training_args, results)
+    return results

@@ -46,7 +46,7 @@ from .data import (
     tar_labels,
 )
 from .image_processing_vitrail import VitrailImageProcessor
-from .modeling_vitrail import VitrailForImageClassification
+from .modeling_vitrail import VitrailForImageClassification, VitrailForMaskedImageModeling
 from .run_folder import (
     DATA_SPLIT,
     PUSH_RECORD,
@@ -1174,7 +1174,15 @@ class VitrailTrainer(Trainer):
             # A forward and backward of one black image, times zero: DDP reduces gradients as after a real batch.
             config = self.model.config
             black = torch.zeros(1, config.num_channels, *config.image_hw, device=self.args.device)
-            self.accelerator.backward(model(pixel_values=black)[0].sum() * 0)
+            inputs = {"pixel_values": black}
+            if isinstance(self.model, VitrailForMaskedImageModeling):
+                # Nothing masked, yet the mask token takes part (with a zero gradient): DDP waits for every
+                # parameter unless it looks for unused ones (`--ddp_find_unused_parameters false`, the default
+                # under gradient checkpointing).
+                inputs["bool_masked_pos"] = torch.zeros(
+                    1, config.num_patches, dtype=torch.bool, device=self.args.device
+                )
+            self.accelerator.backward(model(**inputs)[0].sum() * 0)
         return torch.zeros((), device=self.args.device)
 
     def get_train_dataloader(self):
