@@ -511,6 +511,12 @@ def data_files(data_args: DataArguments) -> dict[str, list[str]]:
     return files
 
 
+def dataset_source(data_args: DataArguments) -> str:
+    """How the split record names a `--dataset_name` source: the name, and `:config` when one is given."""
+    config = data_args.dataset_config_name
+    return data_args.dataset_name + (f":{config}" if config else "")
+
+
 def _files_summary(files: list[str]) -> dict:
     """Names and sizes of data files (a listing, nothing read), hashed."""
     listing = "\n".join(
@@ -554,9 +560,7 @@ def load_splits(
             data_files=files or None,
             streaming=data_args.streaming,
         )
-        name = source = data_args.dataset_name
-        if data_args.dataset_config_name:
-            source += f":{data_args.dataset_config_name}"
+        name, source = data_args.dataset_name, dataset_source(data_args)
     else:
         splits = {"train": digits_dataset()}
         name = source = DEFAULT_DATASET
@@ -654,10 +658,7 @@ def recorded_stream(
     local = files and all(Path(path).is_file() for paths in files.values() for path in paths)
     if not local or not isinstance(earlier, dict) or not isinstance(earlier.get("splits"), list):
         return None
-    source = data_args.dataset_name + (
-        f":{data_args.dataset_config_name}" if data_args.dataset_config_name else ""
-    )
-    record = stream_record(data_args, source, files, earlier["splits"])
+    record = stream_record(data_args, dataset_source(data_args), files, earlier["splits"])
     known = {key: earlier.get(key) for key in ("class_names", "image_column", "label_column")}
     # The same keys (not, say, the files of one more split) with the same values.
     same = earlier.keys() == record.keys() | known.keys() and all(earlier[k] == v for k, v in record.items())
